@@ -1,0 +1,290 @@
+//! Commit: which offsets are safe to commit to Kafka.
+//!
+//! The ledger follows every record between its delivery by the consumer and the storing of its
+//! objects. Per partition it keeps the offsets not yet passed by the commit position, each
+//! delivered or not (a record found in the spool at start-up is known before the consumer
+//! delivers it again) and done or not. The commit position of a partition is the lowest
+//! delivered offset that is not done, or one past the highest delivered offset when all are done:
+//! a contiguous low watermark over what was delivered, so offsets the broker never delivers
+//! (compaction, transaction markers) do not hold it back, and a hole never gets skipped
+//! (design invariant 1: committed implies stored).
+//!
+//! The ledger also tells the consumer whether a delivered record needs to be spooled: one already
+//! in the spool or already stored is not spooled twice.
+
+use std::collections::{BTreeMap, HashMap};
+
+/// A topic-partition.
+pub type Tp = (String, i32);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    delivered: bool,
+    done: bool,
+}
+
+#[derive(Debug, Default)]
+struct PartitionState {
+    assigned: bool,
+    slots: BTreeMap<i64, Slot>,
+    /// The last position committed (or known committed) for this assignment.
+    committed: Option<i64>,
+    /// One past the highest offset delivered in this assignment.
+    next_delivery: Option<i64>,
+    /// The first offset delivered in this assignment: where the group's committed offset was.
+    start: Option<i64>,
+}
+
+/// What the consumer should do with a record it was just handed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// New: spool it.
+    Spool,
+    /// Already in the spool, being uploaded: nothing to do.
+    Pending,
+    /// Already stored: nothing to do.
+    Done,
+}
+
+/// Offsets delivered, stored and committable, for every partition this process handles.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    partitions: HashMap<Tp, PartitionState>,
+}
+
+impl Ledger {
+    pub fn new() -> Ledger {
+        Ledger::default()
+    }
+
+    /// The partition is now assigned to this process.
+    pub fn assign(&mut self, tp: &Tp) {
+        let p = self.partitions.entry(tp.clone()).or_default();
+        p.assigned = true;
+        p.committed = None;
+        p.next_delivery = None;
+        p.start = None;
+    }
+
+    /// The partition was revoked: stop committing it. Records still in the spool stay known,
+    /// so that if it comes back they are not spooled again.
+    pub fn revoke(&mut self, tp: &Tp) {
+        if let Some(p) = self.partitions.get_mut(tp) {
+            p.assigned = false;
+            p.committed = None;
+            p.next_delivery = None;
+            p.start = None;
+            p.slots.retain(|_, s| !s.done);
+            for s in p.slots.values_mut() {
+                s.delivered = false;
+            }
+        }
+    }
+
+    /// A record found in the spool at start-up: it will be uploaded before the consumer
+    /// delivers it again.
+    pub fn recover(&mut self, tp: &Tp, offset: i64) {
+        let p = self.partitions.entry(tp.clone()).or_default();
+        p.slots.entry(offset).or_insert(Slot {
+            delivered: false,
+            done: false,
+        });
+    }
+
+    /// The consumer delivered a record; `done` is true for one that needs no upload (a tombstone).
+    pub fn deliver(&mut self, tp: &Tp, offset: i64, done: bool) -> Delivery {
+        let p = self.partitions.entry(tp.clone()).or_default();
+        p.next_delivery = Some(p.next_delivery.map_or(offset + 1, |n| n.max(offset + 1)));
+        p.start.get_or_insert(offset);
+        if p.committed.is_some_and(|c| offset < c) {
+            // Fetched again below what is already committed (a seek back): it was stored.
+            return Delivery::Done;
+        }
+        match p.slots.get_mut(&offset) {
+            Some(slot) => {
+                slot.delivered = true;
+                slot.done |= done;
+                if slot.done {
+                    Delivery::Done
+                } else {
+                    Delivery::Pending
+                }
+            }
+            None => {
+                p.slots.insert(
+                    offset,
+                    Slot {
+                        delivered: true,
+                        done,
+                    },
+                );
+                if done {
+                    Delivery::Done
+                } else {
+                    Delivery::Spool
+                }
+            }
+        }
+    }
+
+    /// All objects of the record are stored.
+    pub fn complete(&mut self, tp: &Tp, offset: i64) {
+        if let Some(slot) = self
+            .partitions
+            .get_mut(tp)
+            .and_then(|p| p.slots.get_mut(&offset))
+        {
+            slot.done = true;
+        }
+    }
+
+    /// The position to commit for each assigned partition whose position moved since the last
+    /// call. Passed slots are forgotten.
+    pub fn to_commit(&mut self) -> Vec<(Tp, i64)> {
+        let mut out = Vec::new();
+        for (tp, p) in &mut self.partitions {
+            if !p.assigned {
+                continue;
+            }
+            let Some(position) = p.position() else {
+                continue;
+            };
+            if p.committed.or(p.start).is_some_and(|c| position <= c) {
+                continue;
+            }
+            p.slots.retain(|&o, _| o >= position);
+            p.committed = Some(position);
+            out.push((tp.clone(), position));
+        }
+        out.sort();
+        out
+    }
+
+    /// The positions that [`Ledger::to_commit`] would return, for the given partitions only,
+    /// without marking them committed (for a commit on revocation).
+    pub fn positions(&self, tps: &[Tp]) -> Vec<(Tp, i64)> {
+        tps.iter()
+            .filter_map(|tp| {
+                let p = self.partitions.get(tp)?;
+                let pos = p.position()?;
+                (p.assigned && p.committed.or(p.start).is_none_or(|c| pos > c))
+                    .then(|| (tp.clone(), pos))
+            })
+            .collect()
+    }
+
+    /// Records delivered and not yet stored, over all partitions.
+    pub fn in_flight(&self) -> usize {
+        self.partitions
+            .values()
+            .map(|p| p.slots.values().filter(|s| !s.done).count())
+            .sum()
+    }
+
+    /// The last committed position of a partition in this assignment, if any.
+    pub fn committed(&self, tp: &Tp) -> Option<i64> {
+        self.partitions.get(tp).and_then(|p| p.committed)
+    }
+}
+
+impl PartitionState {
+    fn position(&self) -> Option<i64> {
+        let lowest_open = self
+            .slots
+            .iter()
+            .find(|(_, s)| s.delivered && !s.done)
+            .map(|(&o, _)| o);
+        lowest_open.or(self.next_delivery)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tp() -> Tp {
+        ("t".to_string(), 0)
+    }
+
+    #[test]
+    fn commit_follows_the_contiguous_low_watermark() {
+        let mut l = Ledger::new();
+        l.assign(&tp());
+        for o in 0..5 {
+            assert_eq!(l.deliver(&tp(), o, false), Delivery::Spool);
+        }
+        assert!(
+            l.to_commit().is_empty(),
+            "nothing stored yet: nothing to commit"
+        );
+        l.complete(&tp(), 1);
+        l.complete(&tp(), 3);
+        assert!(l.to_commit().is_empty(), "offset 0 still open");
+        l.complete(&tp(), 0);
+        assert_eq!(l.to_commit(), vec![(tp(), 2)], "stops at the hole at 2");
+        l.complete(&tp(), 2);
+        l.complete(&tp(), 4);
+        assert_eq!(l.to_commit(), vec![(tp(), 5)]);
+        assert!(l.to_commit().is_empty(), "no change, no commit");
+    }
+
+    #[test]
+    fn gaps_the_broker_never_delivers_do_not_hold_it_back() {
+        let mut l = Ledger::new();
+        l.assign(&tp());
+        for o in [10, 11, 15, 20] {
+            l.deliver(&tp(), o, false);
+        }
+        for o in [10, 11, 15] {
+            l.complete(&tp(), o);
+        }
+        assert_eq!(l.to_commit(), vec![(tp(), 20)]);
+        l.complete(&tp(), 20);
+        assert_eq!(l.to_commit(), vec![(tp(), 21)]);
+    }
+
+    #[test]
+    fn tombstones_are_done_on_delivery() {
+        let mut l = Ledger::new();
+        l.assign(&tp());
+        assert_eq!(l.deliver(&tp(), 0, true), Delivery::Done);
+        assert_eq!(l.to_commit(), vec![(tp(), 1)]);
+    }
+
+    #[test]
+    fn recovered_records_are_not_spooled_twice() {
+        let mut l = Ledger::new();
+        l.recover(&tp(), 7);
+        l.recover(&tp(), 8);
+        l.complete(&tp(), 7);
+        l.assign(&tp());
+        assert_eq!(l.deliver(&tp(), 6, false), Delivery::Spool);
+        assert_eq!(l.deliver(&tp(), 7, false), Delivery::Done);
+        assert_eq!(l.deliver(&tp(), 8, false), Delivery::Pending);
+        l.complete(&tp(), 6);
+        assert_eq!(l.to_commit(), vec![(tp(), 8)]);
+        l.complete(&tp(), 8);
+        assert_eq!(l.to_commit(), vec![(tp(), 9)]);
+    }
+
+    #[test]
+    fn revoked_partitions_are_not_committed() {
+        let mut l = Ledger::new();
+        l.assign(&tp());
+        l.deliver(&tp(), 0, false);
+        l.deliver(&tp(), 1, false);
+        l.complete(&tp(), 0);
+        assert_eq!(l.positions(&[tp()]), vec![(tp(), 1)]);
+        l.revoke(&tp());
+        l.complete(&tp(), 1);
+        assert!(l.to_commit().is_empty());
+        // Back again from the committed offset (none: 0). Offset 0 was stored and forgotten, so
+        // it is spooled again (an identical upload); offset 1 is still known and now stored.
+        l.assign(&tp());
+        assert_eq!(l.deliver(&tp(), 0, false), Delivery::Spool);
+        assert_eq!(l.deliver(&tp(), 1, false), Delivery::Done);
+        assert!(l.to_commit().is_empty());
+        l.complete(&tp(), 0);
+        assert_eq!(l.to_commit(), vec![(tp(), 2)]);
+    }
+}

@@ -1,0 +1,899 @@
+//! Configuration: environment variables (also read from `.env`), or the equivalent flags,
+//! parsed and validated once at start-up into one typed [`Config`].
+//!
+//! Precedence: a command-line flag, then the process environment, then `.env` in the working
+//! directory, then the default. Every variable keeps the meaning and default it had in the Kafka
+//! Connect deployment's `.env`, so that file works unchanged. A bad value is reported with the
+//! variable's name and what is wrong; secrets are kept in [`Secret`], which never prints.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono_tz::Tz;
+use clap::Args;
+
+use crate::keys::Layout;
+
+/// A configuration value that is wrong, named by its environment variable.
+#[derive(Debug, thiserror::Error)]
+#[error("{var}: {message}")]
+pub struct ConfigError {
+    pub var: String,
+    pub message: String,
+}
+
+fn invalid(var: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        var: var.to_string(),
+        message: message.into(),
+    }
+}
+
+/// The raw settings as given on the command line or in the environment. Every field is a string
+/// so that validation, not the argument parser, reports a bad value with the variable's name.
+#[derive(Args, Debug, Clone, Default)]
+pub struct Settings {
+    /// Kafka broker: host, host:port or a comma-separated list (port 9092 by default).
+    #[arg(long = "broker", env = "BROKER_HOSTNAME")]
+    pub broker_hostname: Option<String>,
+    /// Topic to archive, or a comma-separated list.
+    #[arg(long = "topic", env = "KAFKA_TOPIC")]
+    pub kafka_topic: Option<String>,
+    /// Consumer group that holds the archiver's committed offsets.
+    #[arg(long, env = "GROUP_ID")]
+    pub group_id: Option<String>,
+    /// Object storage access key id.
+    #[arg(long, env = "AWS_ACCESS_KEY_ID", hide_env_values = true)]
+    pub aws_access_key_id: Option<String>,
+    /// Object storage secret key (AWS_SECRET_ACCESS_KEY is accepted too).
+    #[arg(long, env = "AWS_SECRET_KEY", hide_env_values = true)]
+    pub aws_secret_key: Option<String>,
+    /// Bucket name.
+    #[arg(long, env = "S3_BUCKET_NAME")]
+    pub s3_bucket_name: Option<String>,
+    /// Bucket region.
+    #[arg(long, env = "S3_REGION")]
+    pub s3_region: Option<String>,
+    /// Endpoint of an S3-compatible store, e.g. http://minio:9000 (path-style requests).
+    #[arg(long, env = "S3_ENDPOINT_URL")]
+    pub s3_endpoint_url: Option<String>,
+    /// Payload object extension.
+    #[arg(long, env = "S3_OBJECT_EXTENSION")]
+    pub s3_object_extension: Option<String>,
+    /// Appended to every object body; escapes \n \r \t \\ are understood; empty for none.
+    #[arg(long, env = "S3_OBJECT_SEPARATOR")]
+    pub s3_object_separator: Option<String>,
+    /// Local archive directory, used when no S3 bucket or endpoint is configured.
+    #[arg(long, env = "ARCHIVE_DIR")]
+    pub archive_dir: Option<String>,
+    /// Port of the HTTP endpoint (metrics, health).
+    #[arg(long, env = "REST_PORT")]
+    pub rest_port: Option<String>,
+    /// Address the HTTP endpoint binds to.
+    #[arg(long, env = "REST_BIND_ADDRESS")]
+    pub rest_bind_address: Option<String>,
+    /// Directory of the write-ahead spool.
+    #[arg(long, env = "SPOOL_DIR")]
+    pub spool_dir: Option<String>,
+    /// Object uploads in flight at once.
+    #[arg(long, env = "UPLOAD_WORKERS")]
+    pub upload_workers: Option<String>,
+    /// Time zone of the year=/month=/day=/hour= path.
+    #[arg(long, env = "PARTITION_TIMEZONE")]
+    pub partition_timezone: Option<String>,
+    /// What to do with a record that is not a SINETStream message: dead-letter, raw or stop.
+    #[arg(long, env = "UNDECODABLE")]
+    pub undecodable: Option<String>,
+    /// How often done offsets are committed to Kafka, in milliseconds.
+    #[arg(long, env = "COMMIT_INTERVAL_MS")]
+    pub commit_interval_ms: Option<String>,
+    /// Seconds in-flight uploads get to finish on shutdown.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT")]
+    pub shutdown_timeout: Option<String>,
+    /// Log format: text or json.
+    #[arg(long, env = "LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// A librdkafka property, name=value (repeatable); also KAFKA_PROPERTY_<NAME> variables.
+    #[arg(long = "kafka-property", value_name = "NAME=VALUE")]
+    pub kafka_property: Vec<String>,
+}
+
+/// A secret value: usable, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+/// Where the archive goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// Amazon S3 or an S3-compatible store.
+    S3 {
+        bucket: String,
+        region: String,
+        /// None: Amazon S3 (virtual-hosted style). Some: that endpoint, path-style.
+        endpoint: Option<String>,
+        access_key_id: Option<Secret>,
+        secret_key: Option<Secret>,
+    },
+    /// A local directory laid out as MinIO lays out a bucket: `<dir>/<bucket>/topics/...`.
+    Local { dir: PathBuf, bucket: String },
+}
+
+/// What to do with a record the contract cannot decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UndecodablePolicy {
+    /// Store the raw value under `errors/` with a reason object; keep archiving.
+    DeadLetter,
+    /// Archive the raw value as the payload, the Kafka timestamp as the timestamp object.
+    Raw,
+    /// Halt archiving with an error (the Kafka Connect behaviour).
+    Stop,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The validated configuration of one archiver process.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `host:port` of each bootstrap broker.
+    pub brokers: Vec<String>,
+    pub topics: Vec<String>,
+    pub group_id: String,
+    /// librdkafka properties passed through as given.
+    pub kafka_properties: Vec<(String, String)>,
+    pub store: StoreConfig,
+    pub layout: Layout,
+    pub spool_dir: PathBuf,
+    pub upload_workers: usize,
+    pub undecodable: UndecodablePolicy,
+    pub http_addr: SocketAddr,
+    pub commit_interval: Duration,
+    pub shutdown_timeout: Duration,
+    pub log_format: LogFormat,
+}
+
+pub const DEFAULT_GROUP_ID: &str = "kafka-s3-archiver";
+pub const DEFAULT_REGION: &str = "us-east-1";
+pub const DEFAULT_EXTENSION: &str = ".bin";
+pub const DEFAULT_SEPARATOR: &str = "\\n";
+pub const DEFAULT_ARCHIVE_DIR: &str = "./data";
+pub const DEFAULT_LOCAL_BUCKET: &str = "archive";
+pub const DEFAULT_REST_PORT: u16 = 8083;
+pub const DEFAULT_SPOOL_DIR: &str = "./spool";
+pub const DEFAULT_UPLOAD_WORKERS: usize = 32;
+pub const DEFAULT_TIMEZONE: &str = "Asia/Tokyo";
+pub const DEFAULT_COMMIT_INTERVAL_MS: u64 = 1000;
+pub const DEFAULT_SHUTDOWN_TIMEOUT_S: u64 = 30;
+/// Prefix of the environment variables passed through to librdkafka.
+pub const KAFKA_PROPERTY_PREFIX: &str = "KAFKA_PROPERTY_";
+
+/// Properties the archiver sets itself: a pass-through value would break its guarantees.
+const MANAGED_PROPERTIES: &[(&str, &str)] = &[
+    ("bootstrap.servers", "set BROKER_HOSTNAME"),
+    ("group.id", "set GROUP_ID"),
+    (
+        "enable.auto.commit",
+        "the archiver commits only what is stored",
+    ),
+    (
+        "enable.auto.offset.store",
+        "the archiver commits only what is stored",
+    ),
+];
+
+impl Config {
+    /// Validates the settings. `env` gives the process environment (for the variables that are
+    /// not flags: AWS_SECRET_ACCESS_KEY and KAFKA_PROPERTY_*).
+    pub fn from_settings(s: &Settings, env: &[(String, String)]) -> Result<Config, ConfigError> {
+        let brokers = parse_brokers(required(&s.broker_hostname, "BROKER_HOSTNAME")?)?;
+        let topics = parse_topics(required(&s.kafka_topic, "KAFKA_TOPIC")?)?;
+        let group_id = non_empty(&s.group_id, "GROUP_ID")?
+            .unwrap_or(DEFAULT_GROUP_ID)
+            .to_string();
+        let kafka_properties = parse_kafka_properties(&s.kafka_property, env)?;
+        let store = parse_store(s, env)?;
+        let timezone = parse_timezone(s.partition_timezone.as_deref())?;
+        let extension = s
+            .s3_object_extension
+            .clone()
+            .unwrap_or_else(|| DEFAULT_EXTENSION.to_string());
+        if extension.contains('/') {
+            return Err(invalid(
+                "S3_OBJECT_EXTENSION",
+                format!("{extension:?} contains '/': it must not add a folder"),
+            ));
+        }
+        let separator = unescape(
+            s.s3_object_separator
+                .as_deref()
+                .unwrap_or(DEFAULT_SEPARATOR),
+            "S3_OBJECT_SEPARATOR",
+        )?;
+        let spool_dir =
+            PathBuf::from(non_empty(&s.spool_dir, "SPOOL_DIR")?.unwrap_or(DEFAULT_SPOOL_DIR));
+        let upload_workers = parse_number(
+            &s.upload_workers,
+            "UPLOAD_WORKERS",
+            DEFAULT_UPLOAD_WORKERS as u64,
+            1,
+            4096,
+        )? as usize;
+        let undecodable = match non_empty(&s.undecodable, "UNDECODABLE")?.unwrap_or("dead-letter") {
+            "dead-letter" | "dead_letter" | "deadletter" => UndecodablePolicy::DeadLetter,
+            "raw" => UndecodablePolicy::Raw,
+            "stop" => UndecodablePolicy::Stop,
+            other => {
+                return Err(invalid(
+                    "UNDECODABLE",
+                    format!("{other:?} is not one of dead-letter, raw, stop"),
+                ));
+            }
+        };
+        let port = parse_number(
+            &s.rest_port,
+            "REST_PORT",
+            u64::from(DEFAULT_REST_PORT),
+            0,
+            65535,
+        )? as u16;
+        let bind: IpAddr = match non_empty(&s.rest_bind_address, "REST_BIND_ADDRESS")? {
+            None => IpAddr::from([0, 0, 0, 0]),
+            Some(a) => a.parse().map_err(|_| {
+                invalid(
+                    "REST_BIND_ADDRESS",
+                    format!("{a:?} is not an IP address (e.g. 0.0.0.0 or 127.0.0.1)"),
+                )
+            })?,
+        };
+        let commit_interval = Duration::from_millis(parse_number(
+            &s.commit_interval_ms,
+            "COMMIT_INTERVAL_MS",
+            DEFAULT_COMMIT_INTERVAL_MS,
+            10,
+            3_600_000,
+        )?);
+        let shutdown_timeout = Duration::from_secs(parse_number(
+            &s.shutdown_timeout,
+            "SHUTDOWN_TIMEOUT",
+            DEFAULT_SHUTDOWN_TIMEOUT_S,
+            0,
+            3600,
+        )?);
+        let log_format = match non_empty(&s.log_format, "LOG_FORMAT")?.unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(invalid(
+                    "LOG_FORMAT",
+                    format!("{other:?} is not one of text, json"),
+                ));
+            }
+        };
+        Ok(Config {
+            brokers,
+            topics,
+            group_id,
+            kafka_properties,
+            store,
+            layout: Layout {
+                timezone,
+                extension,
+                separator,
+            },
+            spool_dir,
+            upload_workers,
+            undecodable,
+            http_addr: SocketAddr::new(bind, port),
+            commit_interval,
+            shutdown_timeout,
+            log_format,
+        })
+    }
+
+    /// One line for the start-up log: the effective settings, secrets masked.
+    pub fn summary(&self) -> String {
+        let store = match &self.store {
+            StoreConfig::S3 {
+                bucket,
+                region,
+                endpoint,
+                access_key_id,
+                secret_key,
+            } => format!(
+                "s3 bucket={bucket} region={region} endpoint={} access_key_id={} secret_key={}",
+                endpoint.as_deref().unwrap_or("(AWS)"),
+                access_key_id
+                    .as_ref()
+                    .map_or("(unset)", |id| mask_key_id(id.expose())),
+                if secret_key.is_some() {
+                    "***"
+                } else {
+                    "(unset)"
+                },
+            ),
+            StoreConfig::Local { dir, bucket } => {
+                format!("local dir={} bucket={bucket}", dir.display())
+            }
+        };
+        format!(
+            "brokers={} topics={} group_id={} store=[{store}] extension={} separator={:?} timezone={} spool_dir={} \
+             upload_workers={} undecodable={:?} http={} commit_interval={:?} shutdown_timeout={:?} kafka_properties=[{}]",
+            self.brokers.join(","),
+            self.topics.join(","),
+            self.group_id,
+            self.layout.extension,
+            String::from_utf8_lossy(&self.layout.separator),
+            self.layout.timezone,
+            self.spool_dir.display(),
+            self.upload_workers,
+            self.undecodable,
+            self.http_addr,
+            self.commit_interval,
+            self.shutdown_timeout,
+            self.kafka_properties
+                .iter()
+                .map(|(k, v)| if is_secret_property(k) {
+                    format!("{k}=***")
+                } else {
+                    format!("{k}={v}")
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+        )
+    }
+}
+
+/// Shows only the first four characters of an access key id.
+fn mask_key_id(id: &str) -> &str {
+    id.get(..4).unwrap_or("***")
+}
+
+/// librdkafka properties whose values must never be logged.
+pub fn is_secret_property(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    n.contains("password") || n.contains("secret") || n.ends_with(".pem") || n.contains("key.pem")
+}
+
+fn required<'a>(value: &'a Option<String>, var: &str) -> Result<&'a str, ConfigError> {
+    non_empty(value, var)?.ok_or_else(|| {
+        invalid(
+            var,
+            "is required but not set (see the README's configuration table)",
+        )
+    })
+}
+
+/// An unset or blank value is treated as unset: an empty line in `.env` means "the default".
+fn non_empty<'a>(value: &'a Option<String>, _var: &str) -> Result<Option<&'a str>, ConfigError> {
+    Ok(value.as_deref().map(str::trim).filter(|v| !v.is_empty()))
+}
+
+fn parse_number(
+    value: &Option<String>,
+    var: &str,
+    default: u64,
+    min: u64,
+    max: u64,
+) -> Result<u64, ConfigError> {
+    let Some(v) = non_empty(value, var)? else {
+        return Ok(default);
+    };
+    let n: u64 = v
+        .parse()
+        .map_err(|_| invalid(var, format!("{v:?} is not a whole number")))?;
+    if n < min || n > max {
+        return Err(invalid(
+            var,
+            format!("{n} is out of range ({min} to {max})"),
+        ));
+    }
+    Ok(n)
+}
+
+fn parse_brokers(value: &str) -> Result<Vec<String>, ConfigError> {
+    let var = "BROKER_HOSTNAME";
+    let mut out = Vec::new();
+    for part in value.split(',').map(str::trim) {
+        if part.is_empty() {
+            return Err(invalid(var, format!("{value:?} has an empty entry")));
+        }
+        let (host, port) =
+            split_host_port(part).map_err(|m| invalid(var, format!("{part:?}: {m}")))?;
+        if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/') {
+            return Err(invalid(
+                var,
+                format!("{part:?} is not a host name (expected host or host:port)"),
+            ));
+        }
+        out.push(format!("{host}:{port}"));
+    }
+    Ok(out)
+}
+
+fn split_host_port(s: &str) -> Result<(&str, u16), String> {
+    let parse_port = |p: &str| match p.parse::<u16>() {
+        Ok(0) | Err(_) => Err(format!("port {p:?} is not a number from 1 to 65535")),
+        Ok(n) => Ok(n),
+    };
+    if let Some(rest) = s.strip_prefix('[') {
+        // [IPv6]:port
+        let (host, after) = rest
+            .split_once(']')
+            .ok_or("missing ']' after an IPv6 address")?;
+        return match after.strip_prefix(':') {
+            Some(p) => Ok((&s[..host.len() + 2], parse_port(p)?)),
+            None if after.is_empty() => Ok((&s[..host.len() + 2], 9092)),
+            None => Err("unexpected text after ']'".into()),
+        };
+    }
+    match s.rsplit_once(':') {
+        Some((host, _)) if host.contains(':') => {
+            Err("an IPv6 address needs brackets: [::1]:9092".into())
+        }
+        Some((host, p)) => Ok((host, parse_port(p)?)),
+        None => Ok((s, 9092)),
+    }
+}
+
+fn parse_topics(value: &str) -> Result<Vec<String>, ConfigError> {
+    let var = "KAFKA_TOPIC";
+    let mut out: Vec<String> = Vec::new();
+    for t in value.split(',').map(str::trim) {
+        if t.is_empty() {
+            return Err(invalid(var, format!("{value:?} has an empty entry")));
+        }
+        // Kafka's own rule; it also keeps topic names safe inside object keys.
+        let legal = t.len() <= 249
+            && t != "."
+            && t != ".."
+            && t.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+        if !legal {
+            return Err(invalid(
+                var,
+                format!(
+                    "{t:?} is not a legal Kafka topic name (letters, digits, '.', '_', '-'; at most 249)"
+                ),
+            ));
+        }
+        if !out.iter().any(|o| o == t) {
+            out.push(t.to_string());
+        }
+    }
+    Ok(out)
+}
+
+fn parse_timezone(value: Option<&str>) -> Result<Tz, ConfigError> {
+    let v = value
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .unwrap_or(DEFAULT_TIMEZONE);
+    v.parse::<Tz>().map_err(|_| {
+        invalid(
+            "PARTITION_TIMEZONE",
+            format!("{v:?} is not an IANA time zone name (e.g. Asia/Tokyo, UTC)"),
+        )
+    })
+}
+
+fn parse_store(s: &Settings, env: &[(String, String)]) -> Result<StoreConfig, ConfigError> {
+    let bucket = non_empty(&s.s3_bucket_name, "S3_BUCKET_NAME")?;
+    let endpoint = non_empty(&s.s3_endpoint_url, "S3_ENDPOINT_URL")?;
+    let archive_dir = non_empty(&s.archive_dir, "ARCHIVE_DIR")?;
+    if let Some(b) = bucket {
+        validate_bucket(b)?;
+    }
+    if archive_dir.is_some() && endpoint.is_some() {
+        return Err(invalid(
+            "ARCHIVE_DIR",
+            "set either ARCHIVE_DIR (local directory) or S3_ENDPOINT_URL (S3), not both",
+        ));
+    }
+    if archive_dir.is_some() || (bucket.is_none() && endpoint.is_none()) {
+        return Ok(StoreConfig::Local {
+            dir: PathBuf::from(archive_dir.unwrap_or(DEFAULT_ARCHIVE_DIR)),
+            bucket: bucket.unwrap_or(DEFAULT_LOCAL_BUCKET).to_string(),
+        });
+    }
+    let bucket = bucket
+        .ok_or_else(|| invalid("S3_BUCKET_NAME", "is required when S3_ENDPOINT_URL is set"))?;
+    let endpoint = endpoint.map(validate_endpoint).transpose()?;
+    let secret = non_empty(&s.aws_secret_key, "AWS_SECRET_KEY")?
+        .map(str::to_string)
+        .or_else(|| {
+            env.iter()
+                .find(|(k, _)| k == "AWS_SECRET_ACCESS_KEY")
+                .map(|(_, v)| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        });
+    let access_key_id =
+        non_empty(&s.aws_access_key_id, "AWS_ACCESS_KEY_ID")?.map(|id| Secret(id.to_string()));
+    if access_key_id.is_some() != secret.is_some() {
+        let missing = if access_key_id.is_some() {
+            "AWS_SECRET_KEY"
+        } else {
+            "AWS_ACCESS_KEY_ID"
+        };
+        return Err(invalid(
+            missing,
+            "is required when the other half of the key pair is set",
+        ));
+    }
+    let region = non_empty(&s.s3_region, "S3_REGION")?.unwrap_or(DEFAULT_REGION);
+    if !region
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
+        return Err(invalid(
+            "S3_REGION",
+            format!("{region:?} is not a region name (e.g. us-east-1)"),
+        ));
+    }
+    Ok(StoreConfig::S3 {
+        bucket: bucket.to_string(),
+        region: region.to_string(),
+        endpoint,
+        access_key_id,
+        secret_key: secret.map(Secret),
+    })
+}
+
+fn validate_bucket(b: &str) -> Result<(), ConfigError> {
+    let ok = (3..=63).contains(&b.len())
+        && b.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-')
+        && b.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && b.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            "S3_BUCKET_NAME",
+            format!("{b:?} is not a valid bucket name (3-63 lowercase letters, digits, '.', '-')"),
+        ))
+    }
+}
+
+fn validate_endpoint(e: &str) -> Result<String, ConfigError> {
+    let url = url::Url::parse(e).map_err(|err| {
+        invalid(
+            "S3_ENDPOINT_URL",
+            format!("{e:?} is not a URL ({err}); e.g. http://minio:9000"),
+        )
+    })?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(invalid(
+            "S3_ENDPOINT_URL",
+            format!("{e:?}: the scheme must be http or https"),
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(invalid("S3_ENDPOINT_URL", format!("{e:?} has no host")));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(invalid(
+            "S3_ENDPOINT_URL",
+            "must not carry credentials: use AWS_ACCESS_KEY_ID and AWS_SECRET_KEY",
+        ));
+    }
+    if url.path() != "/" || url.query().is_some() {
+        return Err(invalid(
+            "S3_ENDPOINT_URL",
+            format!("{e:?}: give only scheme, host and port (the bucket is S3_BUCKET_NAME)"),
+        ));
+    }
+    Ok(e.trim_end_matches('/').to_string())
+}
+
+/// Understands `\n`, `\r`, `\t` and `\\`, so a newline separator can be written in `.env`.
+fn unescape(value: &str, var: &str) -> Result<Bytes, ConfigError> {
+    let mut out = Vec::with_capacity(value.len());
+    let mut chars = value.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            let mut buf = [0; 4];
+            out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push(b'\n'),
+            Some('r') => out.push(b'\r'),
+            Some('t') => out.push(b'\t'),
+            Some('\\') => out.push(b'\\'),
+            other => {
+                return Err(invalid(
+                    var,
+                    format!(
+                        "unknown escape \\{} (use \\n, \\r, \\t or \\\\)",
+                        other.map(String::from).unwrap_or_default()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(Bytes::from(out))
+}
+
+fn parse_kafka_properties(
+    flags: &[String],
+    env: &[(String, String)],
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut props: Vec<(String, String, String)> = Vec::new();
+    for (k, v) in env {
+        if let Some(name) = k.strip_prefix(KAFKA_PROPERTY_PREFIX) {
+            props.push((
+                name.to_ascii_lowercase().replace('_', "."),
+                v.clone(),
+                k.clone(),
+            ));
+        }
+    }
+    props.sort();
+    for f in flags {
+        let (name, value) = f
+            .split_once('=')
+            .ok_or_else(|| invalid("--kafka-property", format!("{f:?} is not NAME=VALUE")))?;
+        props.push((
+            name.trim().to_string(),
+            value.to_string(),
+            "--kafka-property".into(),
+        ));
+    }
+    let mut out: Vec<(String, String)> = Vec::new();
+    for (name, value, var) in props {
+        if name.is_empty() {
+            return Err(invalid(&var, "the property name is empty"));
+        }
+        if let Some((_, why)) = MANAGED_PROPERTIES.iter().find(|(p, _)| *p == name) {
+            return Err(invalid(
+                &var,
+                format!("{name} cannot be passed through: {why}"),
+            ));
+        }
+        out.retain(|(n, _)| *n != name);
+        out.push((name, value));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Settings {
+        Settings {
+            broker_hostname: Some("kafka".into()),
+            kafka_topic: Some("sensor".into()),
+            ..Default::default()
+        }
+    }
+
+    fn err(s: Settings) -> String {
+        Config::from_settings(&s, &[]).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_match_the_seed() {
+        let c = Config::from_settings(&base(), &[]).unwrap();
+        assert_eq!(c.brokers, ["kafka:9092"]);
+        assert_eq!(c.topics, ["sensor"]);
+        assert_eq!(c.group_id, "kafka-s3-archiver");
+        assert_eq!(c.layout.extension, ".bin");
+        assert_eq!(&c.layout.separator[..], b"\n");
+        assert_eq!(c.layout.timezone, chrono_tz::Asia::Tokyo);
+        assert_eq!(c.http_addr.port(), 8083);
+        assert_eq!(c.undecodable, UndecodablePolicy::DeadLetter);
+        assert_eq!(
+            c.store,
+            StoreConfig::Local {
+                dir: "./data".into(),
+                bucket: "archive".into()
+            }
+        );
+    }
+
+    #[test]
+    fn s3_store_from_the_seed_env() {
+        let s = Settings {
+            s3_bucket_name: Some("mybucket".into()),
+            s3_endpoint_url: Some("http://minio:9000".into()),
+            aws_access_key_id: Some("AKIAIOSFODNN7EXAMPLE".into()),
+            ..base()
+        };
+        let env = vec![(
+            "AWS_SECRET_ACCESS_KEY".to_string(),
+            "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY".to_string(),
+        )];
+        let c = Config::from_settings(&s, &env).unwrap();
+        let StoreConfig::S3 {
+            bucket,
+            region,
+            endpoint,
+            secret_key,
+            ..
+        } = &c.store
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (bucket.as_str(), region.as_str(), endpoint.as_deref()),
+            ("mybucket", "us-east-1", Some("http://minio:9000"))
+        );
+        assert_eq!(
+            secret_key.as_ref().unwrap().expose(),
+            "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+        );
+        let shown = format!("{} {:?}", c.summary(), c);
+        assert!(!shown.contains("wJalrXUtnFEMI"), "{shown}");
+        assert!(!shown.contains("AKIAIOSFODNN7EXAMPLE"), "{shown}");
+    }
+
+    #[test]
+    fn brokers_and_topics_lists() {
+        let s = Settings {
+            broker_hostname: Some("a, b:9093,[::1]:9094".into()),
+            kafka_topic: Some("x,y,x".into()),
+            ..base()
+        };
+        let c = Config::from_settings(&s, &[]).unwrap();
+        assert_eq!(c.brokers, ["a:9092", "b:9093", "[::1]:9094"]);
+        assert_eq!(c.topics, ["x", "y"]);
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        assert!(
+            err(Settings {
+                broker_hostname: None,
+                ..base()
+            })
+            .starts_with("BROKER_HOSTNAME: is required")
+        );
+        assert!(
+            err(Settings {
+                broker_hostname: Some("h:99999".into()),
+                ..base()
+            })
+            .starts_with("BROKER_HOSTNAME:")
+        );
+        assert!(
+            err(Settings {
+                kafka_topic: Some("a/b".into()),
+                ..base()
+            })
+            .starts_with("KAFKA_TOPIC:")
+        );
+        assert!(
+            err(Settings {
+                rest_port: Some("80a".into()),
+                ..base()
+            })
+            .starts_with("REST_PORT:")
+        );
+        assert!(
+            err(Settings {
+                upload_workers: Some("0".into()),
+                ..base()
+            })
+            .starts_with("UPLOAD_WORKERS:")
+        );
+        assert!(
+            err(Settings {
+                partition_timezone: Some("Mars/Olympus".into()),
+                ..base()
+            })
+            .starts_with("PARTITION_TIMEZONE:")
+        );
+        assert!(
+            err(Settings {
+                undecodable: Some("ignore".into()),
+                ..base()
+            })
+            .starts_with("UNDECODABLE:")
+        );
+        assert!(
+            err(Settings {
+                s3_endpoint_url: Some("minio:9000".into()),
+                s3_bucket_name: Some("b12".into()),
+                ..base()
+            })
+            .starts_with("S3_ENDPOINT_URL:")
+        );
+        assert!(
+            err(Settings {
+                s3_endpoint_url: Some("http://minio:9000".into()),
+                ..base()
+            })
+            .starts_with("S3_BUCKET_NAME:")
+        );
+        assert!(
+            err(Settings {
+                s3_bucket_name: Some("My_Bucket".into()),
+                ..base()
+            })
+            .starts_with("S3_BUCKET_NAME:")
+        );
+        assert!(
+            err(Settings {
+                s3_object_separator: Some("\\x".into()),
+                ..base()
+            })
+            .starts_with("S3_OBJECT_SEPARATOR:")
+        );
+        assert!(
+            err(Settings {
+                kafka_property: vec!["group.id=x".into()],
+                ..base()
+            })
+            .starts_with("--kafka-property:")
+        );
+    }
+
+    #[test]
+    fn separator_escapes_and_empty() {
+        let c = Config::from_settings(
+            &Settings {
+                s3_object_separator: Some("\\r\\n".into()),
+                ..base()
+            },
+            &[],
+        )
+        .unwrap();
+        assert_eq!(&c.layout.separator[..], b"\r\n");
+        let c = Config::from_settings(
+            &Settings {
+                s3_object_separator: Some(String::new()),
+                ..base()
+            },
+            &[],
+        )
+        .unwrap();
+        assert!(c.layout.separator.is_empty());
+    }
+
+    #[test]
+    fn kafka_properties_pass_through() {
+        let env = vec![
+            (
+                "KAFKA_PROPERTY_SECURITY_PROTOCOL".to_string(),
+                "SASL_SSL".to_string(),
+            ),
+            (
+                "KAFKA_PROPERTY_SASL_PASSWORD".to_string(),
+                "hunter2".to_string(),
+            ),
+        ];
+        let s = Settings {
+            kafka_property: vec!["fetch.max.bytes=1048576".into()],
+            ..base()
+        };
+        let c = Config::from_settings(&s, &env).unwrap();
+        assert_eq!(
+            c.kafka_properties,
+            [
+                ("sasl.password".to_string(), "hunter2".to_string()),
+                ("security.protocol".to_string(), "SASL_SSL".to_string()),
+                ("fetch.max.bytes".to_string(), "1048576".to_string())
+            ]
+        );
+        assert!(!c.summary().contains("hunter2"));
+    }
+}

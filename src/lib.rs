@@ -1,0 +1,165 @@
+//! kafka-s3-archiver: archives Kafka topics into object storage, one object per offset,
+//! byte-for-byte as the Kafka Connect S3 sink deployment wrote them.
+//!
+//! # Layout
+//!
+//! One module per stage of the pipeline, in the order a record goes through them:
+//!
+//! ```text
+//! Kafka ──▶ consumer ──▶ spool ──▶ upload ──▶ store (S3 or a directory)
+//!              │    (sled)  decode, keys  │
+//!              └──── commit ◀─────────────┘  offsets committed once stored
+//! ```
+//!
+//! - [`config`]: environment and flags, validated once into [`config::Config`].
+//! - [`decode`]: SINETStream v2/v3 message → payload and tstamp.
+//! - [`keys`]: object keys and bodies of the archive contract.
+//! - [`consumer`]: rdkafka consumer thread; batches records into the spool.
+//! - [`spool`]: write-ahead queue on local disk (sled).
+//! - [`upload`]: tokio tasks that store each record's objects and retry until stored.
+//! - [`commit`]: the ledger that turns stored offsets into safe commit positions.
+//! - [`store`]: the object_store backend (S3 or local directory).
+//! - [`metrics`], [`http`]: what an operator sees.
+//!
+//! [`run`] wires the stages together and owns the shutdown: one cancellation token stops
+//! fetching; uploads in flight get SHUTDOWN_TIMEOUT; what is stored is committed; the spool is
+//! flushed.
+
+pub mod commit;
+pub mod config;
+pub mod consumer;
+pub mod decode;
+pub mod http;
+pub mod keys;
+pub mod metrics;
+pub mod spool;
+pub mod store;
+pub mod upload;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::commit::Ledger;
+use crate::config::Config;
+use crate::spool::Spool;
+
+/// sled's page cache: enough to keep recent records hot without letting a backlog grow memory.
+const SPOOL_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("cannot open the spool in SPOOL_DIR: {0}")]
+    Spool(#[from] spool::SpoolError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Http(#[from] http::HttpError),
+    #[error(transparent)]
+    Upload(#[from] upload::UploadError),
+    #[error(transparent)]
+    Consumer(#[from] consumer::ConsumerError),
+    #[error("the consumer thread panicked")]
+    ConsumerPanicked,
+}
+
+/// Runs the archiver until `shutdown` completes (or archiving must stop), then drains, commits
+/// and flushes. `metrics` is the installed Prometheus recorder's handle, served on `/metrics`.
+pub async fn run(
+    config: Config,
+    metrics: PrometheusHandle,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let client = consumer::client_config(&config)?;
+    let spool = Arc::new(Spool::open(&config.spool_dir, SPOOL_CACHE_BYTES)?);
+    let store = store::build(&config.store)?;
+    let ledger = Arc::new(Mutex::new(Ledger::new()));
+    let recovered = recover(&spool, &ledger)?;
+    if recovered > 0 {
+        tracing::info!(
+            records = recovered,
+            "uploading what the spool held from the last run first"
+        );
+    }
+
+    let stop = CancellationToken::new();
+    let http = http::serve(config.http_addr, metrics, stop.clone()).await?;
+    let http = tokio::spawn(http);
+
+    let drained = CancellationToken::new();
+    let uploader = upload::Uploader {
+        store,
+        spool: spool.clone(),
+        ledger: ledger.clone(),
+        layout: config.layout.clone(),
+        policy: config.undecodable,
+        workers: config.upload_workers,
+        shutdown_timeout: config.shutdown_timeout,
+    };
+    let mut uploads = tokio::spawn(uploader.run(stop.clone()));
+
+    let kafka = consumer::KafkaConsumer {
+        client,
+        topics: config.topics.clone(),
+        spool: spool.clone(),
+        ledger: ledger.clone(),
+        commit_interval: config.commit_interval,
+    };
+    let (consumer_stop, consumer_drained) = (stop.clone(), drained.clone());
+    let drain_wait = config.shutdown_timeout + Duration::from_secs(5);
+    let (consumer_done_tx, consumer_done_rx) = tokio::sync::oneshot::channel();
+    let consumer_thread = std::thread::Builder::new()
+        .name("kafka-consumer".into())
+        .spawn(move || {
+            let result = kafka.run(consumer_stop.clone(), consumer_drained, drain_wait);
+            consumer_stop.cancel();
+            let _ = consumer_done_tx.send(());
+            result
+        })
+        .expect("spawn the consumer thread");
+
+    // Wait for the signal, or for a stage that stops by itself (UNDECODABLE=stop, a fatal error).
+    let mut upload_result = None;
+    tokio::select! {
+        _ = shutdown => tracing::info!("shutting down: fetching stops, uploads in flight finish"),
+        r = &mut uploads => upload_result = Some(r),
+        _ = consumer_done_rx => {}
+    }
+    stop.cancel();
+    let upload_result = match upload_result {
+        Some(r) => r,
+        None => uploads.await,
+    };
+    drained.cancel();
+    let consumer_result = tokio::task::spawn_blocking(move || consumer_thread.join())
+        .await
+        .expect("join the consumer thread")
+        .map_err(|_| RunError::ConsumerPanicked)?;
+    spool.flush()?;
+    let _ = http.await;
+    tracing::info!(spool_records = spool.record_count(), "stopped");
+    match upload_result {
+        Ok(r) => r?,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+    consumer_result?;
+    Ok(())
+}
+
+/// Registers every record left in the spool, so the consumer does not spool it twice.
+fn recover(spool: &Spool, ledger: &Mutex<Ledger>) -> Result<u64, spool::SpoolError> {
+    let mut ledger = ledger.lock().expect("ledger lock");
+    let mut n = 0;
+    for key in spool.keys() {
+        let key = key?;
+        if let Some((topic, partition, offset)) = key.parts() {
+            ledger.recover(&(topic.to_string(), partition), offset);
+            n += 1;
+        }
+    }
+    Ok(n)
+}

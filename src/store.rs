@@ -1,0 +1,84 @@
+//! Store: the object storage the archive is written to, through object_store.
+//!
+//! Amazon S3 or an S3-compatible endpoint (path-style, plain HTTP allowed), or a local directory
+//! laid out as MinIO lays out a bucket (`<ARCHIVE_DIR>/<bucket>/topics/...`). Objects appear whole:
+//! S3 PUTs are atomic, and the local store writes a staging file then renames it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use object_store::ObjectStore;
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::{BackoffConfig, ClientOptions, RetryConfig};
+
+use crate::config::StoreConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create the archive directory {path}: {source}")]
+    Dir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot set up the object store: {0}")]
+    Build(#[from] object_store::Error),
+}
+
+/// Builds the store named by the configuration.
+pub fn build(config: &StoreConfig) -> Result<Arc<dyn ObjectStore>, StoreError> {
+    match config {
+        StoreConfig::Local { dir, bucket } => {
+            let root = dir.join(bucket);
+            std::fs::create_dir_all(&root).map_err(|source| StoreError::Dir {
+                path: root.display().to_string(),
+                source,
+            })?;
+            let root = root.canonicalize().map_err(|source| StoreError::Dir {
+                path: root.display().to_string(),
+                source,
+            })?;
+            Ok(Arc::new(LocalFileSystem::new_with_prefix(root)?))
+        }
+        StoreConfig::S3 {
+            bucket,
+            region,
+            endpoint,
+            access_key_id,
+            secret_key,
+        } => {
+            let mut b = AmazonS3Builder::new()
+                .with_bucket_name(bucket)
+                .with_region(region)
+                .with_retry(RetryConfig {
+                    // A short retry here; the uploader's own loop retries for as long as it takes,
+                    // logging each failure, so an outage is visible and never drops a record.
+                    backoff: BackoffConfig {
+                        init_backoff: Duration::from_millis(100),
+                        max_backoff: Duration::from_secs(5),
+                        base: 2.0,
+                    },
+                    max_retries: 3,
+                    retry_timeout: Duration::from_secs(30),
+                })
+                .with_client_options(
+                    ClientOptions::new()
+                        .with_timeout(Duration::from_secs(120))
+                        .with_connect_timeout(Duration::from_secs(5))
+                        .with_pool_max_idle_per_host(256),
+                );
+            if let Some(e) = endpoint {
+                b = b
+                    .with_endpoint(e)
+                    .with_allow_http(true)
+                    .with_virtual_hosted_style_request(false);
+            }
+            if let (Some(id), Some(secret)) = (access_key_id, secret_key) {
+                b = b
+                    .with_access_key_id(id.expose())
+                    .with_secret_access_key(secret.expose());
+            }
+            Ok(Arc::new(b.build()?))
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! Upload: drains the spool into object storage.
+//!
+//! A dispatcher takes records from the spool partition by partition, round robin, and starts one
+//! task per record, at most UPLOAD_WORKERS records and UPLOAD_WORKERS object PUTs in flight. A
+//! task decides the record's objects ([`plan`]), stores them all, and only then removes the
+//! record from the spool and marks it done in the commit ledger. A failed PUT is retried with
+//! exponential backoff and jitter for as long as it takes: a record is never abandoned except on
+//! shutdown, and then it stays in the spool and uncommitted (design invariant 4).
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use rand::Rng;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::commit::Ledger;
+use crate::config::UndecodablePolicy;
+use crate::decode::{self, Undecodable};
+use crate::keys::{Layout, Object, RecordPlace, micros_to_millis};
+use crate::metrics as m;
+use crate::spool::{Record, Spool, SpoolError, SpoolKey};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    #[error(
+        "archiving stopped (UNDECODABLE=stop): {topic} partition {partition} offset {offset}: {reason}. \
+         The record stays in the spool; set UNDECODABLE=dead-letter to keep it under errors/ and go on"
+    )]
+    Stopped {
+        topic: String,
+        partition: i32,
+        offset: i64,
+        reason: Undecodable,
+    },
+}
+
+/// What a record becomes in the store.
+#[derive(Debug)]
+pub enum Plan {
+    /// Store these objects.
+    Store {
+        objects: Vec<Object>,
+        undecodable: Option<Undecodable>,
+    },
+    /// UNDECODABLE=stop and the record cannot be decoded.
+    Stop(Undecodable),
+}
+
+/// Decides the objects of a record: its payload and timestamp objects when it is a SINETStream
+/// message, otherwise what the UNDECODABLE policy says.
+pub fn plan(record: &Record, layout: &Layout, policy: UndecodablePolicy) -> Plan {
+    let place = RecordPlace {
+        topic: &record.topic,
+        partition: record.partition,
+        offset: record.offset,
+        path_time_ms: record.time.millis(),
+    };
+    match decode::decode(&record.value) {
+        Ok(msg) => Plan::Store {
+            objects: vec![
+                layout.payload(&place, record.value.slice(msg.msg)),
+                layout.timestamp(&place, micros_to_millis(msg.tstamp_us)),
+            ],
+            undecodable: None,
+        },
+        Err(why) => match policy {
+            UndecodablePolicy::DeadLetter => Plan::Store {
+                objects: vec![
+                    layout.dead_letter(&place, record.value.clone()),
+                    layout.dead_letter_reason(&place, record.time.kafka(), &why.to_string()),
+                ],
+                undecodable: Some(why),
+            },
+            UndecodablePolicy::Raw => Plan::Store {
+                objects: vec![
+                    layout.payload(&place, record.value.clone()),
+                    layout.timestamp(&place, record.time.millis()),
+                ],
+                undecodable: Some(why),
+            },
+            UndecodablePolicy::Stop => Plan::Stop(why),
+        },
+    }
+}
+
+/// Everything the upload stage works with.
+#[derive(Debug, Clone)]
+pub struct Uploader {
+    pub store: Arc<dyn ObjectStore>,
+    pub spool: Arc<Spool>,
+    pub ledger: Arc<Mutex<Ledger>>,
+    pub layout: Layout,
+    pub policy: UndecodablePolicy,
+    pub workers: usize,
+    pub shutdown_timeout: Duration,
+}
+
+/// State shared by the dispatcher and its tasks.
+#[derive(Debug)]
+struct Shared {
+    up: Uploader,
+    in_flight: Mutex<HashSet<SpoolKey>>,
+    puts: Semaphore,
+    /// (topic, partition, reason) already logged: each decision is logged once, not per record.
+    logged: Mutex<HashSet<(String, i32, &'static str)>>,
+    /// Cancelled when in-flight uploads must give up (shutdown timeout passed).
+    abandon: CancellationToken,
+}
+
+impl Uploader {
+    /// Runs until `shutdown` is cancelled, then lets in-flight uploads finish within the
+    /// shutdown timeout. Returns an error when UNDECODABLE=stop meets an undecodable record, or the
+    /// spool fails.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), UploadError> {
+        let workers = self.workers;
+        let shared = Arc::new(Shared {
+            puts: Semaphore::new(workers),
+            in_flight: Mutex::new(HashSet::new()),
+            logged: Mutex::new(HashSet::new()),
+            abandon: CancellationToken::new(),
+            up: self,
+        });
+        let records = Arc::new(Semaphore::new(workers));
+        let mut tasks: JoinSet<Result<(), UploadError>> = JoinSet::new();
+        let mut result = Ok(());
+        'dispatch: loop {
+            while let Some(done) = tasks.try_join_next() {
+                if let Err(e) = flatten(done) {
+                    result = Err(e);
+                    break 'dispatch;
+                }
+            }
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let mut dispatched = 0;
+            for prefix in shared.up.spool.partitions() {
+                let room = records.available_permits().max(1);
+                let batch = {
+                    let in_flight = shared.in_flight.lock().expect("in-flight lock");
+                    shared
+                        .up
+                        .spool
+                        .pending(&prefix, |k| in_flight.contains(k), room)?
+                };
+                for (key, record) in batch {
+                    let permit = tokio::select! {
+                        p = records.clone().acquire_owned() => p.expect("semaphore is never closed"),
+                        _ = shutdown.cancelled() => break 'dispatch,
+                    };
+                    shared
+                        .in_flight
+                        .lock()
+                        .expect("in-flight lock")
+                        .insert(key.clone());
+                    let shared = shared.clone();
+                    tasks.spawn(async move {
+                        let r = upload_record(&shared, &key, record).await;
+                        shared
+                            .in_flight
+                            .lock()
+                            .expect("in-flight lock")
+                            .remove(&key);
+                        drop(permit);
+                        r
+                    });
+                    dispatched += 1;
+                }
+            }
+            gauge_spool(&shared.up.spool);
+            if dispatched == 0 {
+                tokio::select! {
+                    _ = shared.up.spool.inserted() => {}
+                    Some(done) = tasks.join_next() => {
+                        if let Err(e) = flatten(done) {
+                            result = Err(e);
+                            break;
+                        }
+                    }
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+        }
+        // Drain: in-flight uploads get the shutdown timeout, then are abandoned (their records
+        // stay in the spool and uncommitted).
+        let deadline = tokio::time::sleep(shared.up.shutdown_timeout);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                next = tasks.join_next() => match next {
+                    None => break,
+                    Some(done) => if let Err(e) = flatten(done) { if result.is_ok() { result = Err(e); } },
+                },
+                _ = &mut deadline => {
+                    tracing::warn!(in_flight = tasks.len(), "shutdown timeout: abandoning uploads in flight; their records stay in the spool");
+                    shared.abandon.cancel();
+                    tasks.abort_all();
+                    while tasks.join_next().await.is_some() {}
+                    break;
+                }
+            }
+        }
+        gauge_spool(&shared.up.spool);
+        result
+    }
+}
+
+fn flatten(r: Result<Result<(), UploadError>, tokio::task::JoinError>) -> Result<(), UploadError> {
+    match r {
+        Ok(r) => r,
+        Err(e) if e.is_cancelled() => Ok(()),
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+fn gauge_spool(spool: &Spool) {
+    metrics::gauge!(m::SPOOL_RECORDS).set(spool.record_count() as f64);
+    metrics::gauge!(m::SPOOL_BYTES).set(spool.byte_count() as f64);
+}
+
+async fn upload_record(shared: &Shared, key: &SpoolKey, record: Record) -> Result<(), UploadError> {
+    let up = &shared.up;
+    let (objects, undecodable) = match plan(&record, &up.layout, up.policy) {
+        Plan::Store {
+            objects,
+            undecodable,
+        } => (objects, undecodable),
+        Plan::Stop(reason) => {
+            return Err(UploadError::Stopped {
+                topic: record.topic.clone(),
+                partition: record.partition,
+                offset: record.offset,
+                reason,
+            });
+        }
+    };
+    if let Some(why) = &undecodable {
+        metrics::counter!(m::UNDECODABLE_RECORDS, "reason" => why.label()).increment(1);
+        let first = shared.logged.lock().expect("log lock").insert((
+            record.topic.clone(),
+            record.partition,
+            why.label(),
+        ));
+        if first {
+            let action = match up.policy {
+                UndecodablePolicy::Raw => "archived raw as the payload",
+                _ => "stored under errors/ with a reason object",
+            };
+            tracing::warn!(
+                topic = %record.topic, partition = record.partition, offset = record.offset, reason = %why,
+                "undecodable record {action}; further such records of this partition are counted, not logged"
+            );
+        }
+    }
+    if matches!(record.time, crate::spool::RecordTime::Consumed(_)) {
+        metrics::counter!(m::RECORDS_WITHOUT_TIMESTAMP).increment(1);
+    }
+    futures::future::try_join_all(objects.into_iter().map(|o| put_until_stored(shared, o))).await?;
+    up.spool.remove(key)?;
+    up.ledger
+        .lock()
+        .expect("ledger lock")
+        .complete(&(record.topic, record.partition), record.offset);
+    metrics::counter!(m::RECORDS_ARCHIVED).increment(1);
+    Ok(())
+}
+
+/// Stores one object, retrying with exponential backoff and full jitter until it is stored.
+async fn put_until_stored(shared: &Shared, object: Object) -> Result<(), UploadError> {
+    let path = Path::from(object.key.as_str());
+    let size = object.len() as u64;
+    let payload: PutPayload = object.body.into_iter().collect();
+    let mut attempt: u32 = 0;
+    loop {
+        let permit = shared
+            .puts
+            .acquire()
+            .await
+            .expect("semaphore is never closed");
+        let started = Instant::now();
+        let result = shared.up.store.put(&path, payload.clone()).await;
+        drop(permit);
+        match result {
+            Ok(_) => {
+                metrics::histogram!(m::UPLOAD_DURATION).record(started.elapsed().as_secs_f64());
+                metrics::counter!(m::OBJECTS_UPLOADED, "kind" => object.kind.label()).increment(1);
+                metrics::counter!(m::UPLOADED_BYTES).increment(size);
+                return Ok(());
+            }
+            Err(e) => {
+                let reason = error_reason(&e);
+                metrics::counter!(m::UPLOAD_ERRORS, "reason" => reason).increment(1);
+                attempt += 1;
+                let ceiling = Duration::from_millis(100)
+                    .saturating_mul(1 << attempt.min(9))
+                    .min(Duration::from_secs(30));
+                let wait = ceiling.mul_f64(rand::rng().random_range(0.5..=1.0));
+                if attempt == 1 || attempt.is_power_of_two() {
+                    tracing::warn!(key = %object.key, attempt, reason, error = %e, retry_in = ?wait, "upload failed; retrying");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shared.abandon.cancelled() => return Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// A bounded label for an object store error.
+fn error_reason(e: &object_store::Error) -> &'static str {
+    match e {
+        object_store::Error::NotFound { .. } => "not_found",
+        object_store::Error::PermissionDenied { .. } => "permission_denied",
+        object_store::Error::Unauthenticated { .. } => "unauthenticated",
+        object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => {
+            "conflict"
+        }
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::RecordTime;
+    use bytes::Bytes;
+
+    fn layout() -> Layout {
+        Layout {
+            timezone: chrono_tz::Asia::Tokyo,
+            extension: ".bin".into(),
+            separator: Bytes::from_static(b"\n"),
+        }
+    }
+
+    fn record(value: &[u8]) -> Record {
+        Record {
+            topic: "t".into(),
+            partition: 1,
+            offset: 2,
+            time: RecordTime::Kafka(0),
+            key: None,
+            value: Bytes::copy_from_slice(value),
+        }
+    }
+
+    #[test]
+    fn policies_for_undecodable_records() {
+        let r = record(b"{\"no\":\"envelope\"}");
+        let Plan::Store {
+            objects,
+            undecodable,
+        } = plan(&r, &layout(), UndecodablePolicy::DeadLetter)
+        else {
+            panic!()
+        };
+        assert_eq!(undecodable, Some(Undecodable::NoEnvelope));
+        assert_eq!(
+            objects[0].key,
+            "errors/t/year=1970/month=01/day=01/hour=09/t+1+0000000002.raw"
+        );
+        assert_eq!(objects[0].body_bytes(), r.value.to_vec());
+        assert!(
+            String::from_utf8(objects[1].body_bytes())
+                .unwrap()
+                .contains("no SINETStream envelope")
+        );
+
+        let Plan::Store { objects, .. } = plan(&r, &layout(), UndecodablePolicy::Raw) else {
+            panic!()
+        };
+        assert_eq!(
+            objects[0].key,
+            "topics/t/year=1970/month=01/day=01/hour=09/t+1+0000000002.bin"
+        );
+        assert_eq!(objects[0].body_bytes(), [&r.value[..], b"\n"].concat());
+        assert_eq!(objects[1].body_bytes(), b"1970-01-01T00:00:00.000\n");
+
+        assert!(matches!(
+            plan(&r, &layout(), UndecodablePolicy::Stop),
+            Plan::Stop(Undecodable::NoEnvelope)
+        ));
+    }
+}
