@@ -2,7 +2,7 @@
 //!
 //! Amazon S3 or an S3-compatible endpoint (path-style, plain HTTP allowed), or a local directory
 //! laid out as MinIO lays out a bucket (`<ARCHIVE_DIR>/<bucket>/topics/...`). Objects appear whole:
-//! S3 PUTs are atomic, and the local store writes a staging file then renames it.
+//! S3 PUTs are atomic, and the local store writes a staging file (`key#N`), fsyncs it and renames it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,7 +38,11 @@ pub fn build(config: &StoreConfig) -> Result<Arc<dyn ObjectStore>, StoreError> {
                 path: root.display().to_string(),
                 source,
             })?;
-            Ok(Arc::new(LocalFileSystem::new_with_prefix(root)?))
+            // fsync: an object counts as stored (and its offset may be committed) only once it is
+            // durable, as it is on S3.
+            Ok(Arc::new(
+                LocalFileSystem::new_with_prefix(root)?.with_fsync(true),
+            ))
         }
         StoreConfig::S3 {
             bucket,

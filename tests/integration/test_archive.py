@@ -47,7 +47,7 @@ def produce_sinetstream(bootstrap, topic, params, messages):
 
 def produce_raw(bootstrap, topic, items):
     """items: [(partition, value or None, timestamp_ms)]; librdkafka producer."""
-    p = ck.Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    p = ck.Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "message.max.bytes": 16 << 20})
     errors = []
     for partition, value, ts in items:
         p.produce(topic, value=value, partition=partition, timestamp=ts,
@@ -120,7 +120,8 @@ def test_archive_is_byte_exact_and_restart_adds_only_new_records(broker, bucket,
     run = uuid.uuid4().hex[:8]
     topic, fx_topic, group = f"sensor.{run}", f"fixtures.{run}", f"archiver-{run}"
     broker.create_topic(topic, 3)
-    broker.create_topic(fx_topic, 4)
+    fixtures = oracle.fixture_records()
+    broker.create_topic(fx_topic, max(4, 1 + max(r["partition"] for r in fixtures)))
 
     # The real producer, every message format it offers, spread over 3 partitions by its client.
     messages = 0
@@ -130,7 +131,6 @@ def test_archive_is_byte_exact_and_restart_adds_only_new_records(broker, bucket,
         messages += len(batch)
     # The fixture records exactly as SINETStream wrote them, with their Kafka timestamps, plus a
     # tombstone and an empty value.
-    fixtures = oracle.fixture_records()
     raw = [(r["partition"], bytes.fromhex(r["record_value_hex"]), r["kafka_timestamp_ms"]) for r in fixtures]
     raw += [(1, None, 1795545118000), (2, b"", 1795545118001)]
     produce_raw(broker.bootstrap, fx_topic, raw)
@@ -235,3 +235,42 @@ def test_bad_configuration_is_reported_by_name(archiver_bin, tmp_path):
     r = subprocess.run([str(archiver_bin)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "BROKER_HOSTNAME" in r.stderr and "port" in r.stderr
     assert "top-secret-value-123" not in r.stdout + r.stderr
+
+
+def test_undecodable_stop_halts_and_raw_archives_the_value(broker, run_archiver, tmp_path):
+    """UNDECODABLE=stop halts at the record, as Kafka Connect did, without committing past it;
+    UNDECODABLE=raw archives the value itself with the Kafka timestamp."""
+    run = uuid.uuid4().hex[:8]
+    topic = f"mixed.{run}"
+    broker.create_topic(topic, 1)
+    good = v3_message(1650250000123456, b'{"ok": 1}')
+    plain = b'{"no": "envelope"}'
+    produce_raw(broker.bootstrap, topic, [(0, good, 1795545116000), (0, plain, 1795545116001), (0, good, 1795545116002)])
+    records = oracle.read_topic(broker.bootstrap, topic, 3)
+
+    stop_dir, group = tmp_path / "stop", f"stop-{run}"
+    a = run_archiver(BROKER_HOSTNAME=broker.bootstrap, KAFKA_TOPIC=topic, GROUP_ID=group, UNDECODABLE="stop",
+                     SPOOL_DIR=stop_dir / "spool", ARCHIVE_DIR=stop_dir / "data")
+    code = a.proc.wait(60)
+    assert code == 1, a.logs()
+    assert f"{topic} partition 0 offset 1" in a.logs() and "UNDECODABLE=stop" in a.logs()
+    assert oracle.committed(broker.bootstrap, group, topic, [0]) == {0: 1}, "committed past the stop"
+    # Offset 0 is archived, offset 1 is not; offset 2 may have been in flight in parallel, and if
+    # it was stored its objects are exact (a rerun rewrites the same bytes).
+    first, _ = oracle.expected_objects(topic, records[:1])
+    later, _ = oracle.expected_objects(topic, records[2:])
+    got = Bucket("local", root=stop_dir / "data").read_all()
+    assert all(got.get(k) == v for k, v in first.items()), got.keys()
+    assert all(k in first or later.get(k) == v for k, v in got.items()), got.keys()
+    assert not any("+0+0000000001" in k for k in got), got.keys()
+
+    raw_dir = tmp_path / "raw"
+    a = run_archiver(BROKER_HOSTNAME=broker.bootstrap, KAFKA_TOPIC=topic, GROUP_ID=f"raw-{run}", UNDECODABLE="raw",
+                     SPOOL_DIR=raw_dir / "spool", ARCHIVE_DIR=raw_dir / "data")
+    a.wait_archived(3)
+    assert a.stop() == 0, a.logs()
+    expected, _ = oracle.expected_objects(topic, records[:1] + records[2:])
+    s = oracle.stem("topics", topic, 0, 1, 1795545116001)
+    expected[s + ".bin"] = plain + b"\n"
+    expected[s + "-timestamp.txt"] = oracle.ts_text(1795545116001 * 1000).encode() + b"\n"
+    assert Bucket("local", root=raw_dir / "data").read_all() == expected
