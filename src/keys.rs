@@ -27,6 +27,17 @@ pub struct Layout {
     pub separator: Bytes,
 }
 
+impl Default for Layout {
+    /// The Kafka Connect deployment's settings: Asia/Tokyo, `.bin`, `\n`.
+    fn default() -> Layout {
+        Layout {
+            timezone: chrono_tz::Asia::Tokyo,
+            extension: ".bin".into(),
+            separator: Bytes::from_static(b"\n"),
+        }
+    }
+}
+
 /// What an object is, for metrics and logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ObjectKind {
@@ -229,11 +240,7 @@ mod tests {
     use super::*;
 
     fn layout() -> Layout {
-        Layout {
-            timezone: chrono_tz::Asia::Tokyo,
-            extension: ".bin".into(),
-            separator: Bytes::from_static(b"\n"),
-        }
+        Layout::default()
     }
 
     #[test]

@@ -334,11 +334,7 @@ mod tests {
     use bytes::Bytes;
 
     fn layout() -> Layout {
-        Layout {
-            timezone: chrono_tz::Asia::Tokyo,
-            extension: ".bin".into(),
-            separator: Bytes::from_static(b"\n"),
-        }
+        Layout::default()
     }
 
     fn record(value: &[u8]) -> Record {

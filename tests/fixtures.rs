@@ -36,11 +36,7 @@ fn hex_field(r: &Value, name: &str) -> Option<Vec<u8>> {
 }
 
 fn layout() -> Layout {
-    Layout {
-        timezone: chrono_tz::Asia::Tokyo,
-        extension: ".bin".into(),
-        separator: Bytes::from_static(b"\n"),
-    }
+    Layout::default()
 }
 
 #[test]
