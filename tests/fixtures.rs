@@ -1,8 +1,9 @@
 //! Every real SINETStream record of the fixtures decodes to what the Kafka Connect deployment
 //! stored: the Avro msg bytes as carried and the timestamp text; undecodable ones get a reason.
-//! Reads the repository's copy and, when present, every file of `../shared/fixtures/`.
+//! Reads the repository's copy and, when present, every file of `../shared/fixtures/` and of the
+//! directory named by `EXTRA_FIXTURES` (more records made with `gen_sinetstream_vectors.py`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use kafka_s3_archiver::config::UndecodablePolicy;
@@ -15,9 +16,11 @@ use serde_json::Value;
 fn fixture_records() -> Vec<Value> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut files = vec![root.join("tests/fixtures/sinetstream-records.json")];
-    if let Ok(dir) = std::fs::read_dir(root.join("../shared/fixtures")) {
+    let mut dirs = vec![root.join("../shared/fixtures")];
+    dirs.extend(std::env::var_os("EXTRA_FIXTURES").map(PathBuf::from));
+    for d in dirs.iter().filter_map(|d| std::fs::read_dir(d).ok()) {
         files.extend(
-            dir.flatten()
+            d.flatten()
                 .map(|e| e.path())
                 .filter(|p| p.extension().is_some_and(|e| e == "json")),
         );
@@ -28,6 +31,7 @@ fn fixture_records() -> Vec<Value> {
         out.extend(doc["records"].as_array().unwrap().iter().cloned());
     }
     assert!(out.len() >= 30, "fixtures found: {}", out.len());
+    eprintln!("{} fixture records", out.len());
     out
 }
 

@@ -6,6 +6,7 @@ docs/compat.md.
 """
 import datetime
 import json
+import os
 import time
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -21,9 +22,11 @@ REPO_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 def fixture_records():
-    """Every record of the fixture files: the repository's copy, and the shared ones if present."""
+    """Every record of the fixture files: the repository's copy, the shared ones if present, and
+    those in the directory named by EXTRA_FIXTURES (made with gen_sinetstream_vectors.py)."""
     records, seen = [], set()
-    for d in (SHARED_FIXTURES, REPO_FIXTURES):
+    extra = [Path(os.environ["EXTRA_FIXTURES"])] if os.environ.get("EXTRA_FIXTURES") else []
+    for d in (SHARED_FIXTURES, REPO_FIXTURES, *extra):
         for f in sorted(d.glob("*.json")) if d.is_dir() else []:
             for r in json.loads(f.read_text())["records"]:
                 ident = (r["topic"], r["partition"], r["offset"], r["record_value_hex"])
