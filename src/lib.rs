@@ -77,6 +77,21 @@ pub async fn run(
     let client = consumer::client_config(&config)?;
     let spool = Arc::new(Spool::open(&config.spool_dir, SPOOL_CACHE_BYTES)?);
     let store = store::build(&config.store)?;
+    if let config::StoreConfig::Local { dir, bucket } = &config.store {
+        let (root, started) = (dir.join(bucket), std::time::SystemTime::now());
+        tokio::task::spawn_blocking(move || {
+            match store::remove_stale_staging_files(&root, started) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    files = n,
+                    "removed staging files an interrupted run left in the archive directory"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot clean staging files in the archive directory")
+                }
+            }
+        });
+    }
     let ledger = Arc::new(Mutex::new(Ledger::new()));
     let recovered = recover(&spool, &ledger)?;
     if recovered > 0 {

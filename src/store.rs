@@ -4,8 +4,9 @@
 //! laid out as MinIO lays out a bucket (`<ARCHIVE_DIR>/<bucket>/topics/...`). Objects appear whole:
 //! S3 PUTs are atomic, and the local store writes a staging file (`key#N`), fsyncs it and renames it.
 
+use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use object_store::ObjectStore;
 use object_store::aws::AmazonS3Builder;
@@ -84,5 +85,53 @@ pub fn build(config: &StoreConfig) -> Result<Arc<dyn ObjectStore>, StoreError> {
             }
             Ok(Arc::new(b.build()?))
         }
+    }
+}
+
+/// Removes the staging files (`key#N`) that a crash of an earlier run left in a local store.
+/// Object keys never contain `#` (Kafka topic names cannot), so such a file is never an object.
+/// Only files older than `before` are removed, so this run's writes in progress are left alone.
+pub fn remove_stale_staging_files(root: &Path, before: SystemTime) -> std::io::Result<usize> {
+    let mut removed = 0;
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                dirs.push(entry.path());
+            } else if entry.file_name().to_string_lossy().contains('#')
+                && entry.metadata()?.modified()? < before
+            {
+                std::fs::remove_file(entry.path())?;
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_staging_files_go_and_objects_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let hour = dir
+            .path()
+            .join("topics/t/year=2022/month=04/day=18/hour=10");
+        std::fs::create_dir_all(&hour).unwrap();
+        std::fs::write(hour.join("t+0+0000000000.bin"), b"x\n").unwrap();
+        std::fs::write(hour.join("t+0+0000000001.bin#3"), b"partial").unwrap();
+        assert_eq!(
+            remove_stale_staging_files(dir.path(), SystemTime::UNIX_EPOCH).unwrap(),
+            0,
+            "newer than the cut-off"
+        );
+        let later = SystemTime::now() + Duration::from_secs(1);
+        assert_eq!(remove_stale_staging_files(dir.path(), later).unwrap(), 1);
+        assert!(hour.join("t+0+0000000000.bin").exists());
+        assert!(!hour.join("t+0+0000000001.bin#3").exists());
     }
 }
