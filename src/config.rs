@@ -78,6 +78,12 @@ pub struct Settings {
     /// Directory of the write-ahead spool.
     #[arg(long, env = "SPOOL_DIR")]
     pub spool_dir: Option<String>,
+    /// Spool size above which consumption pauses, e.g. 1GiB or 500MB.
+    #[arg(long, env = "SPOOL_MAX_BYTES")]
+    pub spool_max_bytes: Option<String>,
+    /// Records in the spool above which consumption pauses.
+    #[arg(long, env = "SPOOL_MAX_RECORDS")]
+    pub spool_max_records: Option<String>,
     /// Object uploads in flight at once.
     #[arg(long, env = "UPLOAD_WORKERS")]
     pub upload_workers: Option<String>,
@@ -150,6 +156,26 @@ pub enum LogFormat {
     Json,
 }
 
+/// Bounds of the spool: consumption pauses at the high watermarks (90 % of a maximum) and
+/// resumes below the low ones (70 %).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpoolLimits {
+    pub max_bytes: u64,
+    pub max_records: u64,
+}
+
+impl SpoolLimits {
+    /// At or above either high watermark: pause.
+    pub fn is_full(&self, bytes: u64, records: u64) -> bool {
+        bytes >= self.max_bytes / 10 * 9 || records >= self.max_records / 10 * 9
+    }
+
+    /// At or below both low watermarks: resume.
+    pub fn has_room(&self, bytes: u64, records: u64) -> bool {
+        bytes <= self.max_bytes / 10 * 7 && records <= self.max_records / 10 * 7
+    }
+}
+
 /// The validated configuration of one archiver process.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -162,6 +188,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub layout: Layout,
     pub spool_dir: PathBuf,
+    pub spool_limits: SpoolLimits,
     pub upload_workers: usize,
     pub undecodable: UndecodablePolicy,
     pub http_addr: SocketAddr,
@@ -179,6 +206,8 @@ pub const DEFAULT_LOCAL_BUCKET: &str = "archive";
 pub const DEFAULT_REST_PORT: u16 = 8083;
 pub const DEFAULT_SPOOL_DIR: &str = "./spool";
 pub const DEFAULT_UPLOAD_WORKERS: usize = 32;
+pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 1 << 30;
+pub const DEFAULT_SPOOL_MAX_RECORDS: u64 = 500_000;
 pub const DEFAULT_TIMEZONE: &str = "Asia/Tokyo";
 pub const DEFAULT_COMMIT_INTERVAL_MS: u64 = 1000;
 pub const DEFAULT_SHUTDOWN_TIMEOUT_S: u64 = 30;
@@ -229,6 +258,20 @@ impl Config {
         )?;
         let spool_dir =
             PathBuf::from(non_empty(&s.spool_dir, "SPOOL_DIR")?.unwrap_or(DEFAULT_SPOOL_DIR));
+        let spool_limits = SpoolLimits {
+            max_bytes: parse_size(
+                &s.spool_max_bytes,
+                "SPOOL_MAX_BYTES",
+                DEFAULT_SPOOL_MAX_BYTES,
+            )?,
+            max_records: parse_number(
+                &s.spool_max_records,
+                "SPOOL_MAX_RECORDS",
+                DEFAULT_SPOOL_MAX_RECORDS,
+                10,
+                1 << 40,
+            )?,
+        };
         let upload_workers = parse_number(
             &s.upload_workers,
             "UPLOAD_WORKERS",
@@ -299,6 +342,7 @@ impl Config {
                 separator,
             },
             spool_dir,
+            spool_limits,
             upload_workers,
             undecodable,
             http_addr: SocketAddr::new(bind, port),
@@ -335,7 +379,7 @@ impl Config {
         };
         format!(
             "brokers={} topics={} group_id={} store=[{store}] extension={} separator={:?} timezone={} spool_dir={} \
-             upload_workers={} undecodable={:?} http={} commit_interval={:?} shutdown_timeout={:?} kafka_properties=[{}]",
+             spool_max_bytes={} spool_max_records={} upload_workers={} undecodable={:?} http={} commit_interval={:?} shutdown_timeout={:?} kafka_properties=[{}]",
             self.brokers.join(","),
             self.topics.join(","),
             self.group_id,
@@ -343,6 +387,8 @@ impl Config {
             String::from_utf8_lossy(&self.layout.separator),
             self.layout.timezone,
             self.spool_dir.display(),
+            self.spool_limits.max_bytes,
+            self.spool_limits.max_records,
             self.upload_workers,
             self.undecodable,
             self.http_addr,
@@ -406,6 +452,23 @@ fn parse_number(
         ));
     }
     Ok(n)
+}
+
+/// A size in bytes: a number with an optional unit (`1GiB`, `500 MB`, `65536`).
+fn parse_size(value: &Option<String>, var: &str, default: u64) -> Result<u64, ConfigError> {
+    let Some(v) = non_empty(value, var)? else {
+        return Ok(default);
+    };
+    let size: bytesize::ByteSize = v.parse().map_err(|_| {
+        invalid(
+            var,
+            format!("{v:?} is not a size (e.g. 1GiB, 500MB, 65536)"),
+        )
+    })?;
+    if size.as_u64() < 1 << 20 {
+        return Err(invalid(var, format!("{v:?} is below the minimum of 1MiB")));
+    }
+    Ok(size.as_u64())
 }
 
 fn parse_brokers(value: &str) -> Result<Vec<String>, ConfigError> {
@@ -845,6 +908,32 @@ mod tests {
             })
             .starts_with("--kafka-property:")
         );
+    }
+
+    #[test]
+    fn spool_sizes_with_units() {
+        let c = Config::from_settings(
+            &Settings {
+                spool_max_bytes: Some("2GiB".into()),
+                ..base()
+            },
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.spool_limits.max_bytes, 2 << 30);
+        let c = Config::from_settings(
+            &Settings {
+                spool_max_bytes: Some("500 MB".into()),
+                ..base()
+            },
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.spool_limits.max_bytes, 500_000_000);
+        let l = c.spool_limits;
+        assert!(l.is_full(450_000_000, 0) && !l.is_full(449_999_999, 0));
+        assert!(l.has_room(350_000_000, 0) && !l.has_room(350_000_001, 0));
+        assert!(l.is_full(0, 450_000) && !l.has_room(0, 350_001));
     }
 
     #[test]

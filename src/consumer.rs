@@ -4,7 +4,9 @@
 //! in the commit ledger, and writes the new ones to the spool in one batch. Tombstones (null
 //! values) are counted and marked done. It also commits: every COMMIT_INTERVAL the positions
 //! the ledger says are stored, and on revocation, synchronously, what is done for the revoked
-//! partitions before they go (design invariant 6). On shutdown it stops fetching, waits until the
+//! partitions before they go (design invariant 6). It pauses its partitions while the spool is
+//! over its high watermark or cannot be written (a full disk), and resumes below the low
+//! watermark (design invariant 5). On shutdown it stops fetching, waits until the
 //! uploaders have drained, and commits what they finished.
 
 use std::collections::HashSet;
@@ -20,7 +22,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::commit::{Delivery, Ledger, Tp};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, SpoolLimits};
 use crate::metrics as m;
 use crate::spool::{Record, RecordTime, Spool};
 
@@ -147,6 +149,7 @@ pub struct KafkaConsumer {
     pub spool: Arc<Spool>,
     pub ledger: Arc<Mutex<Ledger>>,
     pub commit_interval: Duration,
+    pub limits: SpoolLimits,
 }
 
 impl KafkaConsumer {
@@ -168,6 +171,11 @@ impl KafkaConsumer {
         let mut last_commit = Instant::now();
         let mut tombstones_logged: HashSet<Tp> = HashSet::new();
         let mut batch: Vec<BorrowedMessage<'_>> = Vec::with_capacity(MAX_BATCH);
+        // Registered in the ledger but not yet written to the spool (the write failed).
+        let mut unspooled: Vec<Record> = Vec::new();
+        let mut spool_failures = 0u32;
+        let mut paused = false;
+        let mut last_pause = Instant::now();
         while !shutdown.is_cancelled() {
             let mut wait = Duration::from_millis(100);
             while batch.len() < MAX_BATCH {
@@ -181,7 +189,60 @@ impl KafkaConsumer {
                 }
                 wait = Duration::ZERO;
             }
-            self.spool_batch(&mut batch, &mut tombstones_logged, &shutdown);
+            unspooled.extend(self.register(&mut batch, &mut tombstones_logged));
+            if !unspooled.is_empty() {
+                match self.spool.insert_batch(&unspooled) {
+                    Ok(()) => {
+                        if spool_failures > 0 {
+                            tracing::info!("the spool accepts writes again");
+                        }
+                        unspooled.clear();
+                        spool_failures = 0;
+                    }
+                    Err(e) => {
+                        // Disk full or an I/O error: keep the records, pause, retry. Nothing is lost:
+                        // they are registered, so nothing past them is committed.
+                        spool_failures += 1;
+                        if spool_failures.is_power_of_two() {
+                            tracing::error!(error = %e, records = unspooled.len(), attempt = spool_failures,
+                                "cannot write to the spool in SPOOL_DIR (disk full?); consumption is paused until it can");
+                        }
+                    }
+                }
+            }
+            // Backpressure: pause at the spool's high watermark or while it cannot be written;
+            // resume below the low watermark. Paused partitions keep the group membership alive.
+            let (bytes, records) = (self.spool.byte_count(), self.spool.record_count());
+            metrics::gauge!(m::SPOOL_BYTES).set(bytes as f64);
+            metrics::gauge!(m::SPOOL_RECORDS).set(records as f64);
+            let want_pause = !unspooled.is_empty()
+                || self.limits.is_full(bytes, records)
+                || (paused && !self.limits.has_room(bytes, records));
+            // A rebalance may assign partitions that were never paused: pause again now and then.
+            if want_pause != paused || (paused && last_pause.elapsed() >= Duration::from_secs(1)) {
+                let assignment = consumer.assignment()?;
+                if want_pause {
+                    consumer.pause(&assignment)?;
+                } else {
+                    consumer.resume(&assignment)?;
+                }
+                if want_pause != paused {
+                    tracing::info!(
+                        spool_bytes = bytes,
+                        spool_records = records,
+                        unspooled = unspooled.len(),
+                        "{}",
+                        if want_pause {
+                            "pausing consumption: the spool is full or cannot be written"
+                        } else {
+                            "resuming consumption"
+                        }
+                    );
+                    metrics::gauge!(m::CONSUMER_PAUSED).set(if want_pause { 1.0 } else { 0.0 });
+                }
+                paused = want_pause;
+                last_pause = Instant::now();
+            }
             if last_commit.elapsed() >= self.commit_interval {
                 let positions = self.ledger.lock().expect("ledger lock").to_commit();
                 if !positions.is_empty() {
@@ -189,6 +250,12 @@ impl KafkaConsumer {
                 }
                 last_commit = Instant::now();
             }
+        }
+        if !unspooled.is_empty() && self.spool.insert_batch(&unspooled).is_err() {
+            tracing::error!(
+                records = unspooled.len(),
+                "the spool still cannot be written; these records are not committed and will be fetched again"
+            );
         }
         // Stop fetching; keep serving the client while the uploaders drain.
         let assignment = consumer.assignment()?;
@@ -210,69 +277,50 @@ impl KafkaConsumer {
         Ok(())
     }
 
-    /// Registers a polled batch in the ledger and spools the records that are new.
-    fn spool_batch(
+    /// Registers a polled batch in the ledger; returns the records that are new and must be spooled.
+    fn register(
         &self,
         batch: &mut Vec<BorrowedMessage<'_>>,
         tombstones_logged: &mut HashSet<Tp>,
-        shutdown: &CancellationToken,
-    ) {
+    ) -> Vec<Record> {
         if batch.is_empty() {
-            return;
+            return Vec::new();
         }
         metrics::counter!(m::RECORDS_CONSUMED).increment(batch.len() as u64);
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
         let mut records = Vec::with_capacity(batch.len());
-        {
-            let mut ledger = self.ledger.lock().expect("ledger lock");
-            for msg in batch.iter() {
-                let tp = (msg.topic().to_string(), msg.partition());
-                let Some(value) = msg.payload() else {
-                    metrics::counter!(m::TOMBSTONES).increment(1);
-                    if tombstones_logged.insert(tp.clone()) {
-                        tracing::info!(topic = %tp.0, partition = tp.1, offset = msg.offset(),
-                            "tombstone (null value) skipped; further ones of this partition are counted, not logged");
-                    }
-                    ledger.deliver(&tp, msg.offset(), true);
-                    continue;
-                };
-                if ledger.deliver(&tp, msg.offset(), false) != Delivery::Spool {
-                    continue;
+        let mut ledger = self.ledger.lock().expect("ledger lock");
+        for msg in batch.drain(..) {
+            let tp = (msg.topic().to_string(), msg.partition());
+            let Some(value) = msg.payload() else {
+                metrics::counter!(m::TOMBSTONES).increment(1);
+                if tombstones_logged.insert(tp.clone()) {
+                    tracing::info!(topic = %tp.0, partition = tp.1, offset = msg.offset(),
+                        "tombstone (null value) skipped; further ones of this partition are counted, not logged");
                 }
-                let time = match msg.timestamp() {
-                    Timestamp::CreateTime(ms) | Timestamp::LogAppendTime(ms) if ms >= 0 => {
-                        RecordTime::Kafka(ms)
-                    }
-                    _ => RecordTime::Consumed(now_ms),
-                };
-                records.push(Record {
-                    topic: tp.0,
-                    partition: tp.1,
-                    offset: msg.offset(),
-                    time,
-                    key: msg.key().map(Bytes::copy_from_slice),
-                    value: Bytes::copy_from_slice(value),
-                });
+                ledger.deliver(&tp, msg.offset(), true);
+                continue;
+            };
+            if ledger.deliver(&tp, msg.offset(), false) != Delivery::Spool {
+                continue;
             }
+            let time = match msg.timestamp() {
+                Timestamp::CreateTime(ms) | Timestamp::LogAppendTime(ms) if ms >= 0 => {
+                    RecordTime::Kafka(ms)
+                }
+                _ => RecordTime::Consumed(now_ms),
+            };
+            records.push(Record {
+                topic: tp.0,
+                partition: tp.1,
+                offset: msg.offset(),
+                time,
+                key: msg.key().map(Bytes::copy_from_slice),
+                value: Bytes::copy_from_slice(value),
+            });
         }
-        batch.clear();
-        // A spool that cannot write (disk full, I/O error) is retried: the records are registered
-        // and must not be lost. Fetching waits meanwhile.
-        let mut attempt = 0u32;
-        while let Err(e) = self.spool.insert_batch(&records) {
-            attempt += 1;
-            if attempt == 1 || attempt.is_power_of_two() {
-                tracing::error!(error = %e, records = records.len(), attempt, "cannot write to the spool; retrying");
-            }
-            if shutdown.is_cancelled() && attempt > 3 {
-                tracing::error!(
-                    "giving up on the spool write at shutdown; these records are not committed and will be fetched again"
-                );
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(200).saturating_mul(attempt.min(25)));
-        }
+        records
     }
 }

@@ -123,6 +123,7 @@ pub async fn run(
         spool: spool.clone(),
         ledger: ledger.clone(),
         commit_interval: config.commit_interval,
+        limits: config.spool_limits,
     };
     let (consumer_stop, consumer_drained) = (stop.clone(), drained.clone());
     let drain_wait = config.shutdown_timeout + Duration::from_secs(5);

@@ -16,6 +16,7 @@ pub const TOMBSTONES: &str = "kafka_s3_archiver_tombstones_total";
 pub const RECORDS_WITHOUT_TIMESTAMP: &str = "kafka_s3_archiver_records_without_timestamp_total";
 pub const SPOOL_RECORDS: &str = "kafka_s3_archiver_spool_records";
 pub const SPOOL_BYTES: &str = "kafka_s3_archiver_spool_bytes";
+pub const CONSUMER_PAUSED: &str = "kafka_s3_archiver_consumer_paused";
 pub const COMMITS: &str = "kafka_s3_archiver_commits_total";
 pub const COMMIT_ERRORS: &str = "kafka_s3_archiver_commit_errors_total";
 
@@ -55,6 +56,10 @@ pub fn describe() {
         SPOOL_BYTES,
         Unit::Bytes,
         "Size of the records in the spool."
+    );
+    describe_gauge!(
+        CONSUMER_PAUSED,
+        "1 while consumption is paused (spool full or not writable), else 0."
     );
     describe_counter!(COMMITS, "Offset commits sent to Kafka.");
     describe_counter!(COMMIT_ERRORS, "Offset commits that failed.");

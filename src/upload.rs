@@ -174,7 +174,6 @@ impl Uploader {
                     dispatched += 1;
                 }
             }
-            gauge_spool(&shared.up.spool);
             if dispatched == 0 {
                 tokio::select! {
                     _ = shared.up.spool.inserted() => {}
@@ -300,7 +299,7 @@ async fn put_until_stored(shared: &Shared, object: Object) -> Result<(), UploadE
                 attempt += 1;
                 let ceiling = Duration::from_millis(100)
                     .saturating_mul(1 << attempt.min(9))
-                    .min(Duration::from_secs(30));
+                    .min(Duration::from_secs(10));
                 let wait = ceiling.mul_f64(rand::rng().random_range(0.5..=1.0));
                 if attempt == 1 || attempt.is_power_of_two() {
                     tracing::warn!(key = %object.key, attempt, reason, error = %e, retry_in = ?wait, "upload failed; retrying");

@@ -71,15 +71,20 @@ def test_sigkill_cycles_lose_nothing_and_duplicate_nothing(broker, crash_bucket,
                UPLOAD_WORKERS=16, COMMIT_INTERVAL_MS=100, **crash_bucket.env())
     producer = Producer(broker.bootstrap, topic, partitions)
     producer.start()
-    started = time.time()
+    started, terms = time.time(), 0
     for _ in range(cycles):
         a = run_archiver(**env)
         # Up to a little past the group join (about 3 s with a 6 s session), so kills land before,
         # during and after the join, with uploads and commits in flight.
         time.sleep(rng.uniform(0.5, 8.0))
         assert a.proc.poll() is None, a.logs()
-        a.proc.send_signal(signal.SIGKILL)
-        a.proc.wait()
+        # Mostly SIGKILL; now and then a graceful SIGTERM, which must exit 0.
+        if rng.random() < 0.25:
+            terms += 1
+            assert a.stop(signal.SIGTERM) == 0, a.logs()
+        else:
+            a.proc.send_signal(signal.SIGKILL)
+            a.proc.wait()
     producer.stop_event.set()
     producer.join()
     assert producer.error is None, producer.error
@@ -102,7 +107,7 @@ def test_sigkill_cycles_lose_nothing_and_duplicate_nothing(broker, crash_bucket,
     wrong = {k for k in set(expected) & set(got) if got[k] != expected[k]}
     per_offset = Counter(KEY.match(k).group(3, 4) for k in got if KEY.match(k))
     duplicates = sum(1 for n in per_offset.values() if n > 2)
-    print(f"\nCRASH {crash_bucket.kind}: {cycles} SIGKILL cycles, {produced} records produced, "
+    print(f"\nCRASH {crash_bucket.kind}: {cycles} cycles ({cycles - terms} SIGKILL, {terms} SIGTERM), {produced} records produced, "
           f"{len(expected)} objects expected; lost={len(missing)} duplicate={duplicates} extra={len(extra)} "
           f"wrong={len(wrong)}; committed == end offsets {ends}; {recover_s:.0f}s in all")
     assert not missing, sorted(missing)[:5]

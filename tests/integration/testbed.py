@@ -185,3 +185,76 @@ def scrape(port):
             name, _, value = line.rpartition(" ")
             out[name] = float(value)
     return out
+
+
+class TcpProxy:
+    """A TCP proxy on loopback in front of a server; down() refuses and cuts connections, up()
+    serves again on the same port: a store outage as the archiver sees it."""
+
+    def __init__(self, upstream_port):
+        import threading
+        self.upstream_port, self.port = upstream_port, free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.lock, self.conns, self.listener = threading.Lock(), set(), None
+        self.up()
+
+    def up(self):
+        import threading
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", self.port))
+        s.listen(256)
+        self.listener = s
+        threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+
+    def down(self):
+        s, self.listener = self.listener, None
+        s.close()
+        with self.lock:
+            for c in list(self.conns):
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                c.close()
+            self.conns.clear()
+
+    def _accept(self, listener):
+        import threading
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.conns.update((client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            with self.lock:
+                self.conns.discard(src)
+                self.conns.discard(dst)
+
+
+def rss_bytes(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
