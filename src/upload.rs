@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use rand::Rng;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -271,10 +271,16 @@ async fn upload_record(shared: &Shared, key: &SpoolKey, record: Record) -> Resul
     Ok(())
 }
 
-/// Stores one object, retrying with exponential backoff and full jitter until it is stored.
+/// Bodies at least this large are stored with a multipart upload.
+pub const MULTIPART_THRESHOLD: usize = 16 << 20;
+/// Part size of a multipart upload (S3 wants at least 5 MiB per part but the last).
+const PART_SIZE: usize = 8 << 20;
+
+/// Stores one object, retrying with exponential backoff and jitter until it is stored.
 async fn put_until_stored(shared: &Shared, object: Object) -> Result<(), UploadError> {
     let path = Path::from(object.key.as_str());
     let size = object.len() as u64;
+    let multipart = object.len() >= MULTIPART_THRESHOLD;
     let payload: PutPayload = object.body.into_iter().collect();
     let mut attempt: u32 = 0;
     loop {
@@ -284,7 +290,11 @@ async fn put_until_stored(shared: &Shared, object: Object) -> Result<(), UploadE
             .await
             .expect("semaphore is never closed");
         let started = Instant::now();
-        let result = shared.up.store.put(&path, payload.clone()).await;
+        let result = if multipart {
+            put_multipart(shared.up.store.as_ref(), &path, &payload).await
+        } else {
+            shared.up.store.put(&path, payload.clone()).await.map(drop)
+        };
         drop(permit);
         match result {
             Ok(_) => {
@@ -311,6 +321,20 @@ async fn put_until_stored(shared: &Shared, object: Object) -> Result<(), UploadE
             }
         }
     }
+}
+
+/// One object as a multipart upload (parts in parallel); a failed part aborts the upload.
+async fn put_multipart(
+    store: &dyn ObjectStore,
+    path: &Path,
+    payload: &PutPayload,
+) -> object_store::Result<()> {
+    let upload = store.put_multipart(path).await?;
+    let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+    for chunk in payload {
+        writer.put(chunk.clone());
+    }
+    writer.finish().await.map(drop)
 }
 
 /// A bounded label for an object store error.
@@ -345,6 +369,22 @@ mod tests {
             key: None,
             value: Bytes::copy_from_slice(value),
         }
+    }
+
+    #[tokio::test]
+    async fn large_bodies_go_up_in_parts_and_arrive_whole() {
+        let store = object_store::memory::InMemory::new();
+        let body: Vec<u8> = (0..(MULTIPART_THRESHOLD + 3 * PART_SIZE / 2))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let payload: PutPayload = vec![Bytes::from(body.clone()), Bytes::from_static(b"\n")]
+            .into_iter()
+            .collect();
+        let path = Path::from("topics/t/x+0+0000000000.bin");
+        put_multipart(&store, &path, &payload).await.unwrap();
+        let got = store.get(&path).await.unwrap().bytes().await.unwrap();
+        assert_eq!(got.len(), body.len() + 1);
+        assert!(got[..body.len()] == body[..] && got[body.len()] == b'\n');
     }
 
     #[test]
