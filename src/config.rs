@@ -60,6 +60,9 @@ pub struct Settings {
     /// Endpoint of an S3-compatible store, e.g. http://minio:9000 (path-style requests).
     #[arg(long, env = "S3_ENDPOINT_URL")]
     pub s3_endpoint_url: Option<String>,
+    /// Write-once uploads (If-None-Match): true or false.
+    #[arg(long, env = "S3_CONDITIONAL_PUT")]
+    pub s3_conditional_put: Option<String>,
     /// Payload object extension.
     #[arg(long, env = "S3_OBJECT_EXTENSION")]
     pub s3_object_extension: Option<String>,
@@ -190,6 +193,8 @@ pub struct Config {
     pub spool_dir: PathBuf,
     pub spool_limits: SpoolLimits,
     pub upload_workers: usize,
+    /// Upload with If-None-Match so an existing object is never overwritten (S3_CONDITIONAL_PUT).
+    pub conditional_put: bool,
     pub undecodable: UndecodablePolicy,
     pub http_addr: SocketAddr,
     pub commit_interval: Duration,
@@ -279,6 +284,19 @@ impl Config {
             1,
             4096,
         )? as usize;
+        let conditional_put = match non_empty(&s.s3_conditional_put, "S3_CONDITIONAL_PUT")?
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            None | Some("false" | "0" | "no" | "off") => false,
+            Some("true" | "1" | "yes" | "on") => true,
+            Some(other) => {
+                return Err(invalid(
+                    "S3_CONDITIONAL_PUT",
+                    format!("{other:?} is not true or false"),
+                ));
+            }
+        };
         let undecodable = match non_empty(&s.undecodable, "UNDECODABLE")?.unwrap_or("dead-letter") {
             "dead-letter" | "dead_letter" | "deadletter" => UndecodablePolicy::DeadLetter,
             "raw" => UndecodablePolicy::Raw,
@@ -344,6 +362,7 @@ impl Config {
             spool_dir,
             spool_limits,
             upload_workers,
+            conditional_put,
             undecodable,
             http_addr: SocketAddr::new(bind, port),
             commit_interval,
@@ -379,7 +398,7 @@ impl Config {
         };
         format!(
             "brokers={} topics={} group_id={} store=[{store}] extension={} separator={:?} timezone={} spool_dir={} \
-             spool_max_bytes={} spool_max_records={} upload_workers={} undecodable={:?} http={} commit_interval={:?} shutdown_timeout={:?} kafka_properties=[{}]",
+             spool_max_bytes={} spool_max_records={} upload_workers={} conditional_put={} undecodable={:?} http={} commit_interval={:?} shutdown_timeout={:?} kafka_properties=[{}]",
             self.brokers.join(","),
             self.topics.join(","),
             self.group_id,
@@ -390,6 +409,7 @@ impl Config {
             self.spool_limits.max_bytes,
             self.spool_limits.max_records,
             self.upload_workers,
+            self.conditional_put,
             self.undecodable,
             self.http_addr,
             self.commit_interval,

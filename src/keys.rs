@@ -164,6 +164,31 @@ impl Layout {
         }
     }
 
+    /// For a write-once conflict: the object under `errors/` (same path, `errors` root), and a
+    /// text beside it naming the key whose bytes differed.
+    pub fn conflict(&self, object: &Object) -> [Object; 2] {
+        let key = format!(
+            "errors/{}",
+            object.key.strip_prefix("topics/").unwrap_or(&object.key)
+        );
+        let text = format!(
+            "key: {}\nreason: write-once conflict: the key already held other bytes; they were kept, and these are the archiver's\n",
+            object.key
+        );
+        [
+            Object {
+                kind: ObjectKind::DeadLetter,
+                key: key.clone(),
+                body: object.body.clone(),
+            },
+            Object {
+                kind: ObjectKind::DeadLetterReason,
+                key: format!("{key}-conflict.txt"),
+                body: vec![Bytes::from(text)],
+            },
+        ]
+    }
+
     fn with_separator(&self, body: Bytes) -> Vec<Bytes> {
         if self.separator.is_empty() {
             vec![body]

@@ -114,6 +114,7 @@ pub async fn run(
         policy: config.undecodable,
         workers: config.upload_workers,
         shutdown_timeout: config.shutdown_timeout,
+        conditional_put: config.conditional_put,
     };
     let mut uploads = tokio::spawn(uploader.run(stop.clone()));
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use object_store::ObjectStore;
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
 use object_store::local::LocalFileSystem;
 use object_store::{BackoffConfig, ClientOptions, RetryConfig};
 
@@ -55,6 +55,7 @@ pub fn build(config: &StoreConfig) -> Result<Arc<dyn ObjectStore>, StoreError> {
             let mut b = AmazonS3Builder::new()
                 .with_bucket_name(bucket)
                 .with_region(region)
+                .with_conditional_put(S3ConditionalPut::ETagMatch)
                 .with_retry(RetryConfig {
                     // A short retry here; the uploader's own loop retries for as long as it takes,
                     // logging each failure, so an outage is visible and never drops a record.

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload, WriteMultipart};
 use rand::Rng;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -100,6 +100,8 @@ pub struct Uploader {
     pub policy: UndecodablePolicy,
     pub workers: usize,
     pub shutdown_timeout: Duration,
+    /// Write-once: PUT with If-None-Match, compare on conflict (S3_CONDITIONAL_PUT).
+    pub conditional_put: bool,
 }
 
 /// State shared by the dispatcher and its tasks.
@@ -261,7 +263,24 @@ async fn upload_record(shared: &Shared, key: &SpoolKey, record: Record) -> Resul
     if matches!(record.time, crate::spool::RecordTime::Consumed(_)) {
         metrics::counter!(m::RECORDS_WITHOUT_TIMESTAMP).increment(1);
     }
-    futures::future::try_join_all(objects.into_iter().map(|o| put_until_stored(shared, o))).await?;
+    let conditional = up.conditional_put;
+    let stored = futures::future::join_all(
+        objects
+            .into_iter()
+            .map(|o| put_until_stored(shared, o, conditional)),
+    )
+    .await;
+    for outcome in stored {
+        if let Stored::Conflict(object) = outcome? {
+            // Write-once and the key holds other bytes: keep them, and keep ours beside them.
+            metrics::counter!(m::UPLOAD_CONFLICTS).increment(1);
+            tracing::error!(key = %object.key,
+                "conflict: the object exists with other bytes; it is kept, and the archiver's bytes go under errors/");
+            for o in up.layout.conflict(&object) {
+                put_until_stored(shared, o, false).await?;
+            }
+        }
+    }
     up.spool.remove(key)?;
     up.ledger
         .lock()
@@ -276,12 +295,26 @@ pub const MULTIPART_THRESHOLD: usize = 16 << 20;
 /// Part size of a multipart upload (S3 wants at least 5 MiB per part but the last).
 const PART_SIZE: usize = 8 << 20;
 
+/// How a PUT ended.
+#[derive(Debug)]
+enum Stored {
+    /// The object is stored (or, write-once, was already there with the same bytes).
+    Done,
+    /// Write-once, and the key already holds other bytes.
+    Conflict(Object),
+}
+
 /// Stores one object, retrying with exponential backoff and jitter until it is stored.
-async fn put_until_stored(shared: &Shared, object: Object) -> Result<(), UploadError> {
+/// `conditional`: never overwrite (If-None-Match); an existing object is compared instead.
+async fn put_until_stored(
+    shared: &Shared,
+    object: Object,
+    conditional: bool,
+) -> Result<Stored, UploadError> {
     let path = Path::from(object.key.as_str());
     let size = object.len() as u64;
     let multipart = object.len() >= MULTIPART_THRESHOLD;
-    let payload: PutPayload = object.body.into_iter().collect();
+    let payload: PutPayload = object.body.iter().cloned().collect();
     let mut attempt: u32 = 0;
     loop {
         let permit = shared
@@ -290,18 +323,53 @@ async fn put_until_stored(shared: &Shared, object: Object) -> Result<(), UploadE
             .await
             .expect("semaphore is never closed");
         let started = Instant::now();
-        let result = if multipart {
-            put_multipart(shared.up.store.as_ref(), &path, &payload).await
-        } else {
-            shared.up.store.put(&path, payload.clone()).await.map(drop)
+        let store = shared.up.store.as_ref();
+        let result = match (conditional, multipart) {
+            (false, false) => store.put(&path, payload.clone()).await.map(drop),
+            (false, true) => put_multipart(store, &path, &payload).await,
+            (true, false) => store
+                .put_opts(&path, payload.clone(), PutMode::Create.into())
+                .await
+                .map(drop),
+            // Multipart uploads have no If-None-Match: look first (a race with another writer
+            // remains possible for these large objects only).
+            (true, true) => match store.head(&path).await {
+                Ok(_) => Err(object_store::Error::AlreadyExists {
+                    path: path.to_string(),
+                    source: "exists".into(),
+                }),
+                Err(object_store::Error::NotFound { .. }) => {
+                    put_multipart(store, &path, &payload).await
+                }
+                Err(e) => Err(e),
+            },
         };
         drop(permit);
         match result {
-            Ok(_) => {
+            Ok(()) => {
                 metrics::histogram!(m::UPLOAD_DURATION).record(started.elapsed().as_secs_f64());
                 metrics::counter!(m::OBJECTS_UPLOADED, "kind" => object.kind.label()).increment(1);
                 metrics::counter!(m::UPLOADED_BYTES).increment(size);
-                return Ok(());
+                return Ok(Stored::Done);
+            }
+            Err(object_store::Error::AlreadyExists { .. }) if conditional => {
+                match store.get(&path).await {
+                    Ok(existing) => match existing.bytes().await {
+                        Ok(bytes) if same_bytes(&bytes, &payload) => {
+                            metrics::counter!(m::ALREADY_STORED).increment(1);
+                            return Ok(Stored::Done);
+                        }
+                        Ok(_) => return Ok(Stored::Conflict(object)),
+                        Err(e) => {
+                            tracing::warn!(key = %object.key, error = %e, "cannot read the existing object; retrying")
+                        }
+                    },
+                    Err(e) => {
+                        tracing::warn!(key = %object.key, error = %e, "cannot read the existing object; retrying")
+                    }
+                }
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
             Err(e) => {
                 let reason = error_reason(&e);
@@ -316,11 +384,16 @@ async fn put_until_stored(shared: &Shared, object: Object) -> Result<(), UploadE
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
-                    _ = shared.abandon.cancelled() => return Ok(()),
+                    _ = shared.abandon.cancelled() => return Ok(Stored::Done),
                 }
             }
         }
     }
+}
+
+fn same_bytes(stored: &[u8], payload: &PutPayload) -> bool {
+    stored.len() == payload.content_length()
+        && payload.iter().flat_map(|b| b.iter()).eq(stored.iter())
 }
 
 /// One object as a multipart upload (parts in parallel); a failed part aborts the upload.

@@ -305,3 +305,49 @@ def test_large_messages_arrive_exact(broker, store, run_archiver, tmp_path, requ
                  for k in expected if k.endswith(".bin")}
         parts = sorted(int(e.rpartition("-")[2]) if "-" in e else 1 for e in etags.values())
         assert parts == [1, 3, 4], etags  # 1 MiB in one PUT; 17 and 24 MiB in 8 MiB parts
+
+
+def test_conditional_put_is_write_once_on_moto(broker, moto, run_archiver, tmp_path):
+    """S3_CONDITIONAL_PUT=true: a rerun over an archive finds its own objects (same bytes, stored);
+    an object someone changed is kept, reported as a conflict, and the archiver's bytes go to errors/."""
+    run = uuid.uuid4().hex[:8]
+    topic = f"once.{run}"
+    broker.create_topic(topic, 2)
+    bucket = Bucket("moto", server=moto, name=f"once-{run}")
+    moto.create_bucket(bucket.name)
+    rng = random.Random(6)
+    produce_raw(broker.bootstrap, topic, [(i % 2, v3_message(1650250000123456 + i, rng.randbytes(100)), 1795545116000 + i)
+                                          for i in range(20)])
+    records = oracle.read_topic(broker.bootstrap, topic, 20)
+    expected, reasons = oracle.expected_objects(topic, records)
+
+    def archive(group):
+        a = run_archiver(BROKER_HOSTNAME=broker.bootstrap, KAFKA_TOPIC=topic, GROUP_ID=group, S3_CONDITIONAL_PUT="true",
+                         SPOOL_DIR=tmp_path / group, **bucket.env())
+        a.wait_archived(20)
+        m = a.metrics()
+        assert a.stop() == 0, a.logs()
+        return m, a.logs()
+
+    m, _ = archive(f"first-{run}")
+    assert m.get("kafka_s3_archiver_objects_already_stored_total", 0) == 0
+    check_archive(bucket, expected, reasons)
+
+    # A second group reads everything again: every object is there with the same bytes.
+    m, _ = archive(f"second-{run}")
+    assert m["kafka_s3_archiver_objects_already_stored_total"] == 40
+    assert m.get("kafka_s3_archiver_upload_conflicts_total", 0) == 0
+    check_archive(bucket, expected, reasons)
+
+    # Someone rewrites one payload: it is kept, and the conflict is reported, not overwritten.
+    victim = sorted(k for k in expected if k.endswith(".bin"))[3]
+    s3 = moto.client()
+    s3.put_object(Bucket=bucket.name, Key=victim, Body=b"changed by someone else\n")
+    m, logs = archive(f"third-{run}")
+    assert m["kafka_s3_archiver_upload_conflicts_total"] == 1
+    assert "conflict" in logs and victim in logs
+    got = bucket.read_all()
+    assert got[victim] == b"changed by someone else\n"
+    copy = "errors/" + victim.removeprefix("topics/")
+    assert got[copy] == expected[victim]
+    assert victim in got[copy + "-conflict.txt"].decode()
