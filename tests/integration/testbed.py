@@ -57,7 +57,7 @@ class Server:
         self.proc = None
 
     def spawn(self, args, **kw):
-        log = open(self.dir / "server.log", "wb")
+        log = open(self.dir / "server.log", "ab")
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **kw)
 
     def stop(self):
@@ -72,15 +72,33 @@ class Server:
 
 
 class Tansu(Server):
-    """A Kafka-compatible broker with in-memory storage."""
+    """A Kafka-compatible broker: in-memory storage, or kept in an S3 bucket (`s3_store`, a Moto)
+    so that it survives a restart."""
 
-    def __init__(self):
+    def __init__(self, s3_store=None):
         super().__init__()
         self.port = free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
+        self.env, self.storage = dict(os.environ), []
+        if s3_store is not None:
+            s3_store.create_bucket("tansu")
+            self.env.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY, AWS_ENDPOINT=s3_store.endpoint,
+                            AWS_ALLOW_HTTP="true", AWS_DEFAULT_REGION=REGION, AWS_REGION=REGION)
+            self.storage = ["--storage-engine", "s3://tansu/"]
+        self.start()
+
+    def start(self):
         url = f"tcp://127.0.0.1:{self.port}"
-        self.spawn([str(tansu_path()), "broker", "--listener-url", url, "--advertised-listener-url", url])
+        self.spawn([str(tansu_path()), "broker", "--listener-url", url, "--advertised-listener-url", url, *self.storage],
+                   env=self.env)
         wait_for_port(self.port, self.proc, "tansu")
+
+    def restart(self, down_seconds):
+        """Stops the broker, waits, starts it again on the same port (S3 storage keeps the data)."""
+        self.proc.terminate()
+        self.proc.wait(10)
+        time.sleep(down_seconds)
+        self.start()
 
     def create_topic(self, name, partitions):
         subprocess.run([str(tansu_path()), "topic", "create", name, "--partitions", str(partitions),
