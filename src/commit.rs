@@ -85,10 +85,7 @@ impl Ledger {
     /// delivers it again.
     pub fn recover(&mut self, tp: &Tp, offset: i64) {
         let p = self.partitions.entry(tp.clone()).or_default();
-        p.slots.entry(offset).or_insert(Slot {
-            delivered: false,
-            done: false,
-        });
+        p.slots.entry(offset).or_insert(Slot { delivered: false, done: false });
     }
 
     /// The consumer delivered a record; `done` is true for one that needs no upload (a tombstone).
@@ -104,36 +101,18 @@ impl Ledger {
             Some(slot) => {
                 slot.delivered = true;
                 slot.done |= done;
-                if slot.done {
-                    Delivery::Done
-                } else {
-                    Delivery::Pending
-                }
+                if slot.done { Delivery::Done } else { Delivery::Pending }
             }
             None => {
-                p.slots.insert(
-                    offset,
-                    Slot {
-                        delivered: true,
-                        done,
-                    },
-                );
-                if done {
-                    Delivery::Done
-                } else {
-                    Delivery::Spool
-                }
+                p.slots.insert(offset, Slot { delivered: true, done });
+                if done { Delivery::Done } else { Delivery::Spool }
             }
         }
     }
 
     /// All objects of the record are stored.
     pub fn complete(&mut self, tp: &Tp, offset: i64) {
-        if let Some(slot) = self
-            .partitions
-            .get_mut(tp)
-            .and_then(|p| p.slots.get_mut(&offset))
-        {
+        if let Some(slot) = self.partitions.get_mut(tp).and_then(|p| p.slots.get_mut(&offset)) {
             slot.done = true;
         }
     }
@@ -167,18 +146,14 @@ impl Ledger {
             .filter_map(|tp| {
                 let p = self.partitions.get(tp)?;
                 let pos = p.position()?;
-                (p.assigned && p.committed.or(p.start).is_none_or(|c| pos > c))
-                    .then(|| (tp.clone(), pos))
+                (p.assigned && p.committed.or(p.start).is_none_or(|c| pos > c)).then(|| (tp.clone(), pos))
             })
             .collect()
     }
 
     /// Records delivered and not yet stored, over all partitions.
     pub fn in_flight(&self) -> usize {
-        self.partitions
-            .values()
-            .map(|p| p.slots.values().filter(|s| !s.done).count())
-            .sum()
+        self.partitions.values().map(|p| p.slots.values().filter(|s| !s.done).count()).sum()
     }
 
     /// The last committed position of a partition in this assignment, if any.
@@ -189,11 +164,7 @@ impl Ledger {
 
 impl PartitionState {
     fn position(&self) -> Option<i64> {
-        let lowest_open = self
-            .slots
-            .iter()
-            .find(|(_, s)| s.delivered && !s.done)
-            .map(|(&o, _)| o);
+        let lowest_open = self.slots.iter().find(|(_, s)| s.delivered && !s.done).map(|(&o, _)| o);
         lowest_open.or(self.next_delivery)
     }
 }
@@ -213,10 +184,7 @@ mod tests {
         for o in 0..5 {
             assert_eq!(l.deliver(&tp(), o, false), Delivery::Spool);
         }
-        assert!(
-            l.to_commit().is_empty(),
-            "nothing stored yet: nothing to commit"
-        );
+        assert!(l.to_commit().is_empty(), "nothing stored yet: nothing to commit");
         l.complete(&tp(), 1);
         l.complete(&tp(), 3);
         assert!(l.to_commit().is_empty(), "offset 0 still open");

@@ -26,10 +26,7 @@ pub struct ConfigError {
 }
 
 fn invalid(var: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError {
-        var: var.to_string(),
-        message: message.into(),
-    }
+    ConfigError { var: var.to_string(), message: message.into() }
 }
 
 /// The raw settings as given on the command line or in the environment. Every field is a string
@@ -63,6 +60,9 @@ pub struct Settings {
     /// Write-once uploads (If-None-Match): true or false.
     #[arg(long, env = "S3_CONDITIONAL_PUT")]
     pub s3_conditional_put: Option<String>,
+    /// PEM file of the certificate authority (or bundle) that signs an HTTPS endpoint's certificate.
+    #[arg(long, env = "S3_CA_FILE")]
+    pub s3_ca_file: Option<String>,
     /// Payload object extension.
     #[arg(long, env = "S3_OBJECT_EXTENSION")]
     pub s3_object_extension: Option<String>,
@@ -137,6 +137,8 @@ pub enum StoreConfig {
         endpoint: Option<String>,
         access_key_id: Option<Secret>,
         secret_key: Option<Secret>,
+        /// Extra trusted certificate authorities (PEM), for an HTTPS endpoint with a private CA.
+        ca_pem: Option<Vec<u8>>,
     },
     /// A local directory laid out as MinIO lays out a bucket: `<dir>/<bucket>/topics/...`.
     Local { dir: PathBuf, bucket: String },
@@ -223,14 +225,8 @@ pub const KAFKA_PROPERTY_PREFIX: &str = "KAFKA_PROPERTY_";
 const MANAGED_PROPERTIES: &[(&str, &str)] = &[
     ("bootstrap.servers", "set BROKER_HOSTNAME"),
     ("group.id", "set GROUP_ID"),
-    (
-        "enable.auto.commit",
-        "the archiver commits only what is stored",
-    ),
-    (
-        "enable.auto.offset.store",
-        "the archiver commits only what is stored",
-    ),
+    ("enable.auto.commit", "the archiver commits only what is stored"),
+    ("enable.auto.offset.store", "the archiver commits only what is stored"),
 ];
 
 impl Config {
@@ -239,36 +235,21 @@ impl Config {
     pub fn from_settings(s: &Settings, env: &[(String, String)]) -> Result<Config, ConfigError> {
         let brokers = parse_brokers(required(&s.broker_hostname, "BROKER_HOSTNAME")?)?;
         let topics = parse_topics(required(&s.kafka_topic, "KAFKA_TOPIC")?)?;
-        let group_id = non_empty(&s.group_id, "GROUP_ID")?
-            .unwrap_or(DEFAULT_GROUP_ID)
-            .to_string();
+        let group_id = non_empty(&s.group_id, "GROUP_ID")?.unwrap_or(DEFAULT_GROUP_ID).to_string();
         let kafka_properties = parse_kafka_properties(&s.kafka_property, env)?;
         let store = parse_store(s, env)?;
         let timezone = parse_timezone(s.partition_timezone.as_deref())?;
-        let extension = s
-            .s3_object_extension
-            .clone()
-            .unwrap_or_else(|| DEFAULT_EXTENSION.to_string());
+        let extension = s.s3_object_extension.clone().unwrap_or_else(|| DEFAULT_EXTENSION.to_string());
         if extension.contains('/') {
             return Err(invalid(
                 "S3_OBJECT_EXTENSION",
                 format!("{extension:?} contains '/': it must not add a folder"),
             ));
         }
-        let separator = unescape(
-            s.s3_object_separator
-                .as_deref()
-                .unwrap_or(DEFAULT_SEPARATOR),
-            "S3_OBJECT_SEPARATOR",
-        )?;
-        let spool_dir =
-            PathBuf::from(non_empty(&s.spool_dir, "SPOOL_DIR")?.unwrap_or(DEFAULT_SPOOL_DIR));
+        let separator = unescape(s.s3_object_separator.as_deref().unwrap_or(DEFAULT_SEPARATOR), "S3_OBJECT_SEPARATOR")?;
+        let spool_dir = PathBuf::from(non_empty(&s.spool_dir, "SPOOL_DIR")?.unwrap_or(DEFAULT_SPOOL_DIR));
         let spool_limits = SpoolLimits {
-            max_bytes: parse_size(
-                &s.spool_max_bytes,
-                "SPOOL_MAX_BYTES",
-                DEFAULT_SPOOL_MAX_BYTES,
-            )?,
+            max_bytes: parse_size(&s.spool_max_bytes, "SPOOL_MAX_BYTES", DEFAULT_SPOOL_MAX_BYTES)?,
             max_records: parse_number(
                 &s.spool_max_records,
                 "SPOOL_MAX_RECORDS",
@@ -277,51 +258,29 @@ impl Config {
                 1 << 40,
             )?,
         };
-        let upload_workers = parse_number(
-            &s.upload_workers,
-            "UPLOAD_WORKERS",
-            DEFAULT_UPLOAD_WORKERS as u64,
-            1,
-            4096,
-        )? as usize;
-        let conditional_put = match non_empty(&s.s3_conditional_put, "S3_CONDITIONAL_PUT")?
-            .map(str::to_ascii_lowercase)
-            .as_deref()
-        {
-            None | Some("false" | "0" | "no" | "off") => false,
-            Some("true" | "1" | "yes" | "on") => true,
-            Some(other) => {
-                return Err(invalid(
-                    "S3_CONDITIONAL_PUT",
-                    format!("{other:?} is not true or false"),
-                ));
-            }
-        };
+        let upload_workers =
+            parse_number(&s.upload_workers, "UPLOAD_WORKERS", DEFAULT_UPLOAD_WORKERS as u64, 1, 4096)? as usize;
+        let conditional_put =
+            match non_empty(&s.s3_conditional_put, "S3_CONDITIONAL_PUT")?.map(str::to_ascii_lowercase).as_deref() {
+                None | Some("false" | "0" | "no" | "off") => false,
+                Some("true" | "1" | "yes" | "on") => true,
+                Some(other) => {
+                    return Err(invalid("S3_CONDITIONAL_PUT", format!("{other:?} is not true or false")));
+                }
+            };
         let undecodable = match non_empty(&s.undecodable, "UNDECODABLE")?.unwrap_or("dead-letter") {
             "dead-letter" | "dead_letter" | "deadletter" => UndecodablePolicy::DeadLetter,
             "raw" => UndecodablePolicy::Raw,
             "stop" => UndecodablePolicy::Stop,
             other => {
-                return Err(invalid(
-                    "UNDECODABLE",
-                    format!("{other:?} is not one of dead-letter, raw, stop"),
-                ));
+                return Err(invalid("UNDECODABLE", format!("{other:?} is not one of dead-letter, raw, stop")));
             }
         };
-        let port = parse_number(
-            &s.rest_port,
-            "REST_PORT",
-            u64::from(DEFAULT_REST_PORT),
-            0,
-            65535,
-        )? as u16;
+        let port = parse_number(&s.rest_port, "REST_PORT", u64::from(DEFAULT_REST_PORT), 0, 65535)? as u16;
         let bind: IpAddr = match non_empty(&s.rest_bind_address, "REST_BIND_ADDRESS")? {
             None => IpAddr::from([0, 0, 0, 0]),
             Some(a) => a.parse().map_err(|_| {
-                invalid(
-                    "REST_BIND_ADDRESS",
-                    format!("{a:?} is not an IP address (e.g. 0.0.0.0 or 127.0.0.1)"),
-                )
+                invalid("REST_BIND_ADDRESS", format!("{a:?} is not an IP address (e.g. 0.0.0.0 or 127.0.0.1)"))
             })?,
         };
         let commit_interval = Duration::from_millis(parse_number(
@@ -342,10 +301,7 @@ impl Config {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
             other => {
-                return Err(invalid(
-                    "LOG_FORMAT",
-                    format!("{other:?} is not one of text, json"),
-                ));
+                return Err(invalid("LOG_FORMAT", format!("{other:?} is not one of text, json")));
             }
         };
         Ok(Config {
@@ -354,11 +310,7 @@ impl Config {
             group_id,
             kafka_properties,
             store,
-            layout: Layout {
-                timezone,
-                extension,
-                separator,
-            },
+            layout: Layout { timezone, extension, separator },
             spool_dir,
             spool_limits,
             upload_workers,
@@ -374,23 +326,12 @@ impl Config {
     /// One line for the start-up log: the effective settings, secrets masked.
     pub fn summary(&self) -> String {
         let store = match &self.store {
-            StoreConfig::S3 {
-                bucket,
-                region,
-                endpoint,
-                access_key_id,
-                secret_key,
-            } => format!(
-                "s3 bucket={bucket} region={region} endpoint={} access_key_id={} secret_key={}",
+            StoreConfig::S3 { bucket, region, endpoint, access_key_id, secret_key, ca_pem } => format!(
+                "s3 bucket={bucket} region={region} endpoint={} access_key_id={} secret_key={} custom_ca={}",
                 endpoint.as_deref().unwrap_or("(AWS)"),
-                access_key_id
-                    .as_ref()
-                    .map_or("(unset)", |id| mask_key_id(id.expose())),
-                if secret_key.is_some() {
-                    "***"
-                } else {
-                    "(unset)"
-                },
+                access_key_id.as_ref().map_or("(unset)", |id| mask_key_id(id.expose())),
+                if secret_key.is_some() { "***" } else { "(unset)" },
+                ca_pem.is_some(),
             ),
             StoreConfig::Local { dir, bucket } => {
                 format!("local dir={} bucket={bucket}", dir.display())
@@ -416,11 +357,7 @@ impl Config {
             self.shutdown_timeout,
             self.kafka_properties
                 .iter()
-                .map(|(k, v)| if is_secret_property(k) {
-                    format!("{k}=***")
-                } else {
-                    format!("{k}={v}")
-                })
+                .map(|(k, v)| if is_secret_property(k) { format!("{k}=***") } else { format!("{k}={v}") })
                 .collect::<Vec<_>>()
                 .join(","),
         )
@@ -439,12 +376,7 @@ pub fn is_secret_property(name: &str) -> bool {
 }
 
 fn required<'a>(value: &'a Option<String>, var: &str) -> Result<&'a str, ConfigError> {
-    non_empty(value, var)?.ok_or_else(|| {
-        invalid(
-            var,
-            "is required but not set (see the README's configuration table)",
-        )
-    })
+    non_empty(value, var)?.ok_or_else(|| invalid(var, "is required but not set (see the README's configuration table)"))
 }
 
 /// An unset or blank value is treated as unset: an empty line in `.env` means "the default".
@@ -452,24 +384,13 @@ fn non_empty<'a>(value: &'a Option<String>, _var: &str) -> Result<Option<&'a str
     Ok(value.as_deref().map(str::trim).filter(|v| !v.is_empty()))
 }
 
-fn parse_number(
-    value: &Option<String>,
-    var: &str,
-    default: u64,
-    min: u64,
-    max: u64,
-) -> Result<u64, ConfigError> {
+fn parse_number(value: &Option<String>, var: &str, default: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
     let Some(v) = non_empty(value, var)? else {
         return Ok(default);
     };
-    let n: u64 = v
-        .parse()
-        .map_err(|_| invalid(var, format!("{v:?} is not a whole number")))?;
+    let n: u64 = v.parse().map_err(|_| invalid(var, format!("{v:?} is not a whole number")))?;
     if n < min || n > max {
-        return Err(invalid(
-            var,
-            format!("{n} is out of range ({min} to {max})"),
-        ));
+        return Err(invalid(var, format!("{n} is out of range ({min} to {max})")));
     }
     Ok(n)
 }
@@ -479,12 +400,8 @@ fn parse_size(value: &Option<String>, var: &str, default: u64) -> Result<u64, Co
     let Some(v) = non_empty(value, var)? else {
         return Ok(default);
     };
-    let size: bytesize::ByteSize = v.parse().map_err(|_| {
-        invalid(
-            var,
-            format!("{v:?} is not a size (e.g. 1GiB, 500MB, 65536)"),
-        )
-    })?;
+    let size: bytesize::ByteSize =
+        v.parse().map_err(|_| invalid(var, format!("{v:?} is not a size (e.g. 1GiB, 500MB, 65536)")))?;
     if size.as_u64() < 1 << 20 {
         return Err(invalid(var, format!("{v:?} is below the minimum of 1MiB")));
     }
@@ -498,13 +415,9 @@ fn parse_brokers(value: &str) -> Result<Vec<String>, ConfigError> {
         if part.is_empty() {
             return Err(invalid(var, format!("{value:?} has an empty entry")));
         }
-        let (host, port) =
-            split_host_port(part).map_err(|m| invalid(var, format!("{part:?}: {m}")))?;
+        let (host, port) = split_host_port(part).map_err(|m| invalid(var, format!("{part:?}: {m}")))?;
         if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/') {
-            return Err(invalid(
-                var,
-                format!("{part:?} is not a host name (expected host or host:port)"),
-            ));
+            return Err(invalid(var, format!("{part:?} is not a host name (expected host or host:port)")));
         }
         out.push(format!("{host}:{port}"));
     }
@@ -518,9 +431,7 @@ fn split_host_port(s: &str) -> Result<(&str, u16), String> {
     };
     if let Some(rest) = s.strip_prefix('[') {
         // [IPv6]:port
-        let (host, after) = rest
-            .split_once(']')
-            .ok_or("missing ']' after an IPv6 address")?;
+        let (host, after) = rest.split_once(']').ok_or("missing ']' after an IPv6 address")?;
         return match after.strip_prefix(':') {
             Some(p) => Ok((&s[..host.len() + 2], parse_port(p)?)),
             None if after.is_empty() => Ok((&s[..host.len() + 2], 9092)),
@@ -528,9 +439,7 @@ fn split_host_port(s: &str) -> Result<(&str, u16), String> {
         };
     }
     match s.rsplit_once(':') {
-        Some((host, _)) if host.contains(':') => {
-            Err("an IPv6 address needs brackets: [::1]:9092".into())
-        }
+        Some((host, _)) if host.contains(':') => Err("an IPv6 address needs brackets: [::1]:9092".into()),
         Some((host, p)) => Ok((host, parse_port(p)?)),
         None => Ok((s, 9092)),
     }
@@ -547,14 +456,11 @@ fn parse_topics(value: &str) -> Result<Vec<String>, ConfigError> {
         let legal = t.len() <= 249
             && t != "."
             && t != ".."
-            && t.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+            && t.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
         if !legal {
             return Err(invalid(
                 var,
-                format!(
-                    "{t:?} is not a legal Kafka topic name (letters, digits, '.', '_', '-'; at most 249)"
-                ),
+                format!("{t:?} is not a legal Kafka topic name (letters, digits, '.', '_', '-'; at most 249)"),
             ));
         }
         if !out.iter().any(|o| o == t) {
@@ -565,15 +471,9 @@ fn parse_topics(value: &str) -> Result<Vec<String>, ConfigError> {
 }
 
 fn parse_timezone(value: Option<&str>) -> Result<Tz, ConfigError> {
-    let v = value
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .unwrap_or(DEFAULT_TIMEZONE);
+    let v = value.map(str::trim).filter(|v| !v.is_empty()).unwrap_or(DEFAULT_TIMEZONE);
     v.parse::<Tz>().map_err(|_| {
-        invalid(
-            "PARTITION_TIMEZONE",
-            format!("{v:?} is not an IANA time zone name (e.g. Asia/Tokyo, UTC)"),
-        )
+        invalid("PARTITION_TIMEZONE", format!("{v:?} is not an IANA time zone name (e.g. Asia/Tokyo, UTC)"))
     })
 }
 
@@ -596,53 +496,46 @@ fn parse_store(s: &Settings, env: &[(String, String)]) -> Result<StoreConfig, Co
             bucket: bucket.unwrap_or(DEFAULT_LOCAL_BUCKET).to_string(),
         });
     }
-    let bucket = bucket
-        .ok_or_else(|| invalid("S3_BUCKET_NAME", "is required when S3_ENDPOINT_URL is set"))?;
+    let bucket = bucket.ok_or_else(|| invalid("S3_BUCKET_NAME", "is required when S3_ENDPOINT_URL is set"))?;
     let endpoint = endpoint.map(validate_endpoint).transpose()?;
-    let secret = non_empty(&s.aws_secret_key, "AWS_SECRET_KEY")?
-        .map(str::to_string)
-        .or_else(|| {
-            env.iter()
-                .find(|(k, _)| k == "AWS_SECRET_ACCESS_KEY")
-                .map(|(_, v)| v.trim().to_string())
-                .filter(|v| !v.is_empty())
-        });
-    let access_key_id =
-        non_empty(&s.aws_access_key_id, "AWS_ACCESS_KEY_ID")?.map(|id| Secret(id.to_string()));
+    let secret = non_empty(&s.aws_secret_key, "AWS_SECRET_KEY")?.map(str::to_string).or_else(|| {
+        env.iter()
+            .find(|(k, _)| k == "AWS_SECRET_ACCESS_KEY")
+            .map(|(_, v)| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    });
+    let access_key_id = non_empty(&s.aws_access_key_id, "AWS_ACCESS_KEY_ID")?.map(|id| Secret(id.to_string()));
     if access_key_id.is_some() != secret.is_some() {
-        let missing = if access_key_id.is_some() {
-            "AWS_SECRET_KEY"
-        } else {
-            "AWS_ACCESS_KEY_ID"
-        };
-        return Err(invalid(
-            missing,
-            "is required when the other half of the key pair is set",
-        ));
+        let missing = if access_key_id.is_some() { "AWS_SECRET_KEY" } else { "AWS_ACCESS_KEY_ID" };
+        return Err(invalid(missing, "is required when the other half of the key pair is set"));
     }
     let region = non_empty(&s.s3_region, "S3_REGION")?.unwrap_or(DEFAULT_REGION);
-    if !region
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '-')
-    {
-        return Err(invalid(
-            "S3_REGION",
-            format!("{region:?} is not a region name (e.g. us-east-1)"),
-        ));
+    if !region.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        return Err(invalid("S3_REGION", format!("{region:?} is not a region name (e.g. us-east-1)")));
     }
+    let ca_pem = match non_empty(&s.s3_ca_file, "S3_CA_FILE")? {
+        None => None,
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| invalid("S3_CA_FILE", format!("cannot read {path:?}: {e}")))?;
+            match object_store::Certificate::from_pem_bundle(&pem) {
+                Ok(certs) if !certs.is_empty() => Some(pem),
+                _ => return Err(invalid("S3_CA_FILE", format!("{path:?} holds no PEM certificate"))),
+            }
+        }
+    };
     Ok(StoreConfig::S3 {
         bucket: bucket.to_string(),
         region: region.to_string(),
         endpoint,
         access_key_id,
         secret_key: secret.map(Secret),
+        ca_pem,
     })
 }
 
 fn validate_bucket(b: &str) -> Result<(), ConfigError> {
     let ok = (3..=63).contains(&b.len())
-        && b.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-')
+        && b.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-')
         && b.starts_with(|c: char| c.is_ascii_alphanumeric())
         && b.ends_with(|c: char| c.is_ascii_alphanumeric());
     if ok {
@@ -656,26 +549,16 @@ fn validate_bucket(b: &str) -> Result<(), ConfigError> {
 }
 
 fn validate_endpoint(e: &str) -> Result<String, ConfigError> {
-    let url = url::Url::parse(e).map_err(|err| {
-        invalid(
-            "S3_ENDPOINT_URL",
-            format!("{e:?} is not a URL ({err}); e.g. http://minio:9000"),
-        )
-    })?;
+    let url = url::Url::parse(e)
+        .map_err(|err| invalid("S3_ENDPOINT_URL", format!("{e:?} is not a URL ({err}); e.g. http://minio:9000")))?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(invalid(
-            "S3_ENDPOINT_URL",
-            format!("{e:?}: the scheme must be http or https"),
-        ));
+        return Err(invalid("S3_ENDPOINT_URL", format!("{e:?}: the scheme must be http or https")));
     }
     if url.host_str().is_none_or(str::is_empty) {
         return Err(invalid("S3_ENDPOINT_URL", format!("{e:?} has no host")));
     }
     if !url.username().is_empty() || url.password().is_some() {
-        return Err(invalid(
-            "S3_ENDPOINT_URL",
-            "must not carry credentials: use AWS_ACCESS_KEY_ID and AWS_SECRET_KEY",
-        ));
+        return Err(invalid("S3_ENDPOINT_URL", "must not carry credentials: use AWS_ACCESS_KEY_ID and AWS_SECRET_KEY"));
     }
     if url.path() != "/" || url.query().is_some() {
         return Err(invalid(
@@ -715,30 +598,18 @@ fn unescape(value: &str, var: &str) -> Result<Bytes, ConfigError> {
     Ok(Bytes::from(out))
 }
 
-fn parse_kafka_properties(
-    flags: &[String],
-    env: &[(String, String)],
-) -> Result<Vec<(String, String)>, ConfigError> {
+fn parse_kafka_properties(flags: &[String], env: &[(String, String)]) -> Result<Vec<(String, String)>, ConfigError> {
     let mut props: Vec<(String, String, String)> = Vec::new();
     for (k, v) in env {
         if let Some(name) = k.strip_prefix(KAFKA_PROPERTY_PREFIX) {
-            props.push((
-                name.to_ascii_lowercase().replace('_', "."),
-                v.clone(),
-                k.clone(),
-            ));
+            props.push((name.to_ascii_lowercase().replace('_', "."), v.clone(), k.clone()));
         }
     }
     props.sort();
     for f in flags {
-        let (name, value) = f
-            .split_once('=')
-            .ok_or_else(|| invalid("--kafka-property", format!("{f:?} is not NAME=VALUE")))?;
-        props.push((
-            name.trim().to_string(),
-            value.to_string(),
-            "--kafka-property".into(),
-        ));
+        let (name, value) =
+            f.split_once('=').ok_or_else(|| invalid("--kafka-property", format!("{f:?} is not NAME=VALUE")))?;
+        props.push((name.trim().to_string(), value.to_string(), "--kafka-property".into()));
     }
     let mut out: Vec<(String, String)> = Vec::new();
     for (name, value, var) in props {
@@ -746,10 +617,7 @@ fn parse_kafka_properties(
             return Err(invalid(&var, "the property name is empty"));
         }
         if let Some((_, why)) = MANAGED_PROPERTIES.iter().find(|(p, _)| *p == name) {
-            return Err(invalid(
-                &var,
-                format!("{name} cannot be passed through: {why}"),
-            ));
+            return Err(invalid(&var, format!("{name} cannot be passed through: {why}")));
         }
         out.retain(|(n, _)| *n != name);
         out.push((name, value));
@@ -762,11 +630,7 @@ mod tests {
     use super::*;
 
     fn base() -> Settings {
-        Settings {
-            broker_hostname: Some("kafka".into()),
-            kafka_topic: Some("sensor".into()),
-            ..Default::default()
-        }
+        Settings { broker_hostname: Some("kafka".into()), kafka_topic: Some("sensor".into()), ..Default::default() }
     }
 
     fn err(s: Settings) -> String {
@@ -784,13 +648,7 @@ mod tests {
         assert_eq!(c.layout.timezone, chrono_tz::Asia::Tokyo);
         assert_eq!(c.http_addr.port(), 8083);
         assert_eq!(c.undecodable, UndecodablePolicy::DeadLetter);
-        assert_eq!(
-            c.store,
-            StoreConfig::Local {
-                dir: "./data".into(),
-                bucket: "archive".into()
-            }
-        );
+        assert_eq!(c.store, StoreConfig::Local { dir: "./data".into(), bucket: "archive".into() });
     }
 
     #[test]
@@ -801,29 +659,14 @@ mod tests {
             aws_access_key_id: Some("AKIAIOSFODNN7EXAMPLE".into()),
             ..base()
         };
-        let env = vec![(
-            "AWS_SECRET_ACCESS_KEY".to_string(),
-            "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY".to_string(),
-        )];
+        let env = vec![("AWS_SECRET_ACCESS_KEY".to_string(), "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY".to_string())];
         let c = Config::from_settings(&s, &env).unwrap();
-        let StoreConfig::S3 {
-            bucket,
-            region,
-            endpoint,
-            secret_key,
-            ..
-        } = &c.store
-        else {
-            panic!()
-        };
+        let StoreConfig::S3 { bucket, region, endpoint, secret_key, .. } = &c.store else { panic!() };
         assert_eq!(
             (bucket.as_str(), region.as_str(), endpoint.as_deref()),
             ("mybucket", "us-east-1", Some("http://minio:9000"))
         );
-        assert_eq!(
-            secret_key.as_ref().unwrap().expose(),
-            "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
-        );
+        assert_eq!(secret_key.as_ref().unwrap().expose(), "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY");
         let shown = format!("{} {:?}", c.summary(), c);
         assert!(!shown.contains("wJalrXUtnFEMI"), "{shown}");
         assert!(!shown.contains("AKIAIOSFODNN7EXAMPLE"), "{shown}");
@@ -843,112 +686,36 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_variable() {
+        assert!(err(Settings { broker_hostname: None, ..base() }).starts_with("BROKER_HOSTNAME: is required"));
+        assert!(err(Settings { broker_hostname: Some("h:99999".into()), ..base() }).starts_with("BROKER_HOSTNAME:"));
+        assert!(err(Settings { kafka_topic: Some("a/b".into()), ..base() }).starts_with("KAFKA_TOPIC:"));
+        assert!(err(Settings { rest_port: Some("80a".into()), ..base() }).starts_with("REST_PORT:"));
+        assert!(err(Settings { upload_workers: Some("0".into()), ..base() }).starts_with("UPLOAD_WORKERS:"));
         assert!(
-            err(Settings {
-                broker_hostname: None,
-                ..base()
-            })
-            .starts_with("BROKER_HOSTNAME: is required")
+            err(Settings { partition_timezone: Some("Mars/Olympus".into()), ..base() })
+                .starts_with("PARTITION_TIMEZONE:")
+        );
+        assert!(err(Settings { undecodable: Some("ignore".into()), ..base() }).starts_with("UNDECODABLE:"));
+        assert!(
+            err(Settings { s3_endpoint_url: Some("minio:9000".into()), s3_bucket_name: Some("b12".into()), ..base() })
+                .starts_with("S3_ENDPOINT_URL:")
         );
         assert!(
-            err(Settings {
-                broker_hostname: Some("h:99999".into()),
-                ..base()
-            })
-            .starts_with("BROKER_HOSTNAME:")
+            err(Settings { s3_endpoint_url: Some("http://minio:9000".into()), ..base() })
+                .starts_with("S3_BUCKET_NAME:")
         );
+        assert!(err(Settings { s3_bucket_name: Some("My_Bucket".into()), ..base() }).starts_with("S3_BUCKET_NAME:"));
         assert!(
-            err(Settings {
-                kafka_topic: Some("a/b".into()),
-                ..base()
-            })
-            .starts_with("KAFKA_TOPIC:")
+            err(Settings { s3_object_separator: Some("\\x".into()), ..base() }).starts_with("S3_OBJECT_SEPARATOR:")
         );
-        assert!(
-            err(Settings {
-                rest_port: Some("80a".into()),
-                ..base()
-            })
-            .starts_with("REST_PORT:")
-        );
-        assert!(
-            err(Settings {
-                upload_workers: Some("0".into()),
-                ..base()
-            })
-            .starts_with("UPLOAD_WORKERS:")
-        );
-        assert!(
-            err(Settings {
-                partition_timezone: Some("Mars/Olympus".into()),
-                ..base()
-            })
-            .starts_with("PARTITION_TIMEZONE:")
-        );
-        assert!(
-            err(Settings {
-                undecodable: Some("ignore".into()),
-                ..base()
-            })
-            .starts_with("UNDECODABLE:")
-        );
-        assert!(
-            err(Settings {
-                s3_endpoint_url: Some("minio:9000".into()),
-                s3_bucket_name: Some("b12".into()),
-                ..base()
-            })
-            .starts_with("S3_ENDPOINT_URL:")
-        );
-        assert!(
-            err(Settings {
-                s3_endpoint_url: Some("http://minio:9000".into()),
-                ..base()
-            })
-            .starts_with("S3_BUCKET_NAME:")
-        );
-        assert!(
-            err(Settings {
-                s3_bucket_name: Some("My_Bucket".into()),
-                ..base()
-            })
-            .starts_with("S3_BUCKET_NAME:")
-        );
-        assert!(
-            err(Settings {
-                s3_object_separator: Some("\\x".into()),
-                ..base()
-            })
-            .starts_with("S3_OBJECT_SEPARATOR:")
-        );
-        assert!(
-            err(Settings {
-                kafka_property: vec!["group.id=x".into()],
-                ..base()
-            })
-            .starts_with("--kafka-property:")
-        );
+        assert!(err(Settings { kafka_property: vec!["group.id=x".into()], ..base() }).starts_with("--kafka-property:"));
     }
 
     #[test]
     fn spool_sizes_with_units() {
-        let c = Config::from_settings(
-            &Settings {
-                spool_max_bytes: Some("2GiB".into()),
-                ..base()
-            },
-            &[],
-        )
-        .unwrap();
+        let c = Config::from_settings(&Settings { spool_max_bytes: Some("2GiB".into()), ..base() }, &[]).unwrap();
         assert_eq!(c.spool_limits.max_bytes, 2 << 30);
-        let c = Config::from_settings(
-            &Settings {
-                spool_max_bytes: Some("500 MB".into()),
-                ..base()
-            },
-            &[],
-        )
-        .unwrap();
+        let c = Config::from_settings(&Settings { spool_max_bytes: Some("500 MB".into()), ..base() }, &[]).unwrap();
         assert_eq!(c.spool_limits.max_bytes, 500_000_000);
         let l = c.spool_limits;
         assert!(l.is_full(450_000_000, 0) && !l.is_full(449_999_999, 0));
@@ -957,43 +724,34 @@ mod tests {
     }
 
     #[test]
+    fn store_options_are_checked() {
+        let s3 = || Settings { s3_bucket_name: Some("bucket-x".into()), ..base() };
+        assert!(
+            err(Settings { s3_ca_file: Some("/nonexistent/ca.pem".into()), ..s3() })
+                .starts_with("S3_CA_FILE: cannot read")
+        );
+        assert!(err(Settings { s3_ca_file: Some("Cargo.toml".into()), ..s3() }).starts_with("S3_CA_FILE:"));
+        assert!(err(Settings { s3_conditional_put: Some("maybe".into()), ..s3() }).starts_with("S3_CONDITIONAL_PUT:"));
+        let c = Config::from_settings(&Settings { s3_conditional_put: Some("TRUE".into()), ..s3() }, &[]).unwrap();
+        assert!(c.conditional_put);
+        assert!(!Config::from_settings(&s3(), &[]).unwrap().conditional_put);
+    }
+
+    #[test]
     fn separator_escapes_and_empty() {
-        let c = Config::from_settings(
-            &Settings {
-                s3_object_separator: Some("\\r\\n".into()),
-                ..base()
-            },
-            &[],
-        )
-        .unwrap();
+        let c = Config::from_settings(&Settings { s3_object_separator: Some("\\r\\n".into()), ..base() }, &[]).unwrap();
         assert_eq!(&c.layout.separator[..], b"\r\n");
-        let c = Config::from_settings(
-            &Settings {
-                s3_object_separator: Some(String::new()),
-                ..base()
-            },
-            &[],
-        )
-        .unwrap();
+        let c = Config::from_settings(&Settings { s3_object_separator: Some(String::new()), ..base() }, &[]).unwrap();
         assert!(c.layout.separator.is_empty());
     }
 
     #[test]
     fn kafka_properties_pass_through() {
         let env = vec![
-            (
-                "KAFKA_PROPERTY_SECURITY_PROTOCOL".to_string(),
-                "SASL_SSL".to_string(),
-            ),
-            (
-                "KAFKA_PROPERTY_SASL_PASSWORD".to_string(),
-                "hunter2".to_string(),
-            ),
+            ("KAFKA_PROPERTY_SECURITY_PROTOCOL".to_string(), "SASL_SSL".to_string()),
+            ("KAFKA_PROPERTY_SASL_PASSWORD".to_string(), "hunter2".to_string()),
         ];
-        let s = Settings {
-            kafka_property: vec!["fetch.max.bytes=1048576".into()],
-            ..base()
-        };
+        let s = Settings { kafka_property: vec!["fetch.max.bytes=1048576".into()], ..base() };
         let c = Config::from_settings(&s, &env).unwrap();
         assert_eq!(
             c.kafka_properties,

@@ -108,17 +108,11 @@ impl ConsumerContext for ArchiverContext {
 }
 
 fn tps_of(tpl: &TopicPartitionList) -> Vec<Tp> {
-    tpl.elements()
-        .iter()
-        .map(|e| (e.topic().to_string(), e.partition()))
-        .collect()
+    tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect()
 }
 
 fn describe(tps: &[Tp]) -> String {
-    tps.iter()
-        .map(|(t, p)| format!("{t}[{p}]"))
-        .collect::<Vec<_>>()
-        .join(",")
+    tps.iter().map(|(t, p)| format!("{t}[{p}]")).collect::<Vec<_>>().join(",")
 }
 
 fn commit(consumer: &BaseConsumer<ArchiverContext>, positions: &[(Tp, i64)], mode: CommitMode) {
@@ -162,9 +156,7 @@ impl KafkaConsumer {
         drain_wait: Duration,
     ) -> Result<(), ConsumerError> {
         let consumer: BaseConsumer<ArchiverContext> =
-            self.client.create_with_context(ArchiverContext {
-                ledger: self.ledger.clone(),
-            })?;
+            self.client.create_with_context(ArchiverContext { ledger: self.ledger.clone() })?;
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         tracing::info!(topics = %self.topics.join(","), "subscribed");
@@ -278,18 +270,12 @@ impl KafkaConsumer {
     }
 
     /// Registers a polled batch in the ledger; returns the records that are new and must be spooled.
-    fn register(
-        &self,
-        batch: &mut Vec<BorrowedMessage<'_>>,
-        tombstones_logged: &mut HashSet<Tp>,
-    ) -> Vec<Record> {
+    fn register(&self, batch: &mut Vec<BorrowedMessage<'_>>, tombstones_logged: &mut HashSet<Tp>) -> Vec<Record> {
         if batch.is_empty() {
             return Vec::new();
         }
         metrics::counter!(m::RECORDS_CONSUMED).increment(batch.len() as u64);
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
+        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
         let mut records = Vec::with_capacity(batch.len());
         let mut ledger = self.ledger.lock().expect("ledger lock");
         for msg in batch.drain(..) {
@@ -307,9 +293,7 @@ impl KafkaConsumer {
                 continue;
             }
             let time = match msg.timestamp() {
-                Timestamp::CreateTime(ms) | Timestamp::LogAppendTime(ms) if ms >= 0 => {
-                    RecordTime::Kafka(ms)
-                }
+                Timestamp::CreateTime(ms) | Timestamp::LogAppendTime(ms) if ms >= 0 => RecordTime::Kafka(ms),
                 _ => RecordTime::Consumed(now_ms),
             };
             records.push(Record {

@@ -48,9 +48,7 @@ pub enum Format {
 /// stable label (used in metrics and logs) plus detail for the dead-letter reason object.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Undecodable {
-    #[error(
-        "encrypted SINETStream v3 message (key version {0}): it cannot be decoded without the key"
-    )]
+    #[error("encrypted SINETStream v3 message (key version {0}): it cannot be decoded without the key")]
     Encrypted(u16),
     #[error("no SINETStream envelope: the value starts with neither DF 03 (v3) nor C3 01 (v2)")]
     NoEnvelope,
@@ -134,15 +132,9 @@ fn decode_v2(value: &[u8]) -> Result<Message, Undecodable> {
     }
     let end = pos + len as usize;
     if end != value.len() {
-        return Err(Undecodable::Malformed(
-            "trailing bytes after the Avro record",
-        ));
+        return Err(Undecodable::Malformed("trailing bytes after the Avro record"));
     }
-    Ok(Message {
-        tstamp_us,
-        msg: pos..end,
-        format: Format::V2,
-    })
+    Ok(Message { tstamp_us, msg: pos..end, format: Format::V2 })
 }
 
 /// Reads an Avro long: a zigzag-encoded base-128 varint of at most 10 bytes.
@@ -165,11 +157,7 @@ fn read_long(buf: &[u8], pos: &mut usize) -> Result<i64, Undecodable> {
 }
 
 fn hex_string(bytes: &[u8]) -> String {
-    bytes
-        .iter()
-        .map(|b| format!("{b:02X}"))
-        .collect::<Vec<_>>()
-        .join(" ")
+    bytes.iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]
@@ -226,24 +214,15 @@ mod tests {
         assert_eq!(decode(&enc), Err(Undecodable::Encrypted(1)));
         assert_eq!(decode(b"{\"a\":1}"), Err(Undecodable::NoEnvelope));
         assert_eq!(decode(b""), Err(Undecodable::NoEnvelope));
-        assert_eq!(
-            decode(&[0xDF, 0x03, 0x01, 0x00, 0, 0]),
-            Err(Undecodable::WrongMarker)
-        );
+        assert_eq!(decode(&[0xDF, 0x03, 0x01, 0x00, 0, 0]), Err(Undecodable::WrongMarker));
         assert!(matches!(decode(&[0xDF]), Err(Undecodable::Truncated(_))));
-        assert!(matches!(
-            decode(&[0xDF, 0x03, 0x00]),
-            Err(Undecodable::Truncated(_))
-        ));
+        assert!(matches!(decode(&[0xDF, 0x03, 0x00]), Err(Undecodable::Truncated(_))));
         let mut fp = v2(1, b"x");
         fp[3] ^= 0xFF;
         assert!(matches!(decode(&fp), Err(Undecodable::WrongFingerprint(_))));
         let full = v2(1, b"payload");
         for cut in 1..full.len() {
-            assert!(
-                matches!(decode(&full[..cut]), Err(Undecodable::Truncated(_))),
-                "cut {cut}"
-            );
+            assert!(matches!(decode(&full[..cut]), Err(Undecodable::Truncated(_))), "cut {cut}");
         }
         let mut trailing = full.clone();
         trailing.push(0);
@@ -261,10 +240,7 @@ mod tests {
         neg.extend_from_slice(&SCHEMA_FINGERPRINT);
         neg.extend(zigzag(5));
         neg.extend(zigzag(-3));
-        assert_eq!(
-            decode(&neg),
-            Err(Undecodable::Malformed("negative msg length"))
-        );
+        assert_eq!(decode(&neg), Err(Undecodable::Malformed("negative msg length")));
         let mut long = V2_MARKER.to_vec();
         long.extend_from_slice(&SCHEMA_FINGERPRINT);
         long.extend([0xFF; 11]);

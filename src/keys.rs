@@ -30,11 +30,7 @@ pub struct Layout {
 impl Default for Layout {
     /// The Kafka Connect deployment's settings: Asia/Tokyo, `.bin`, `\n`.
     fn default() -> Layout {
-        Layout {
-            timezone: chrono_tz::Asia::Tokyo,
-            extension: ".bin".into(),
-            separator: Bytes::from_static(b"\n"),
-        }
+        Layout { timezone: chrono_tz::Asia::Tokyo, extension: ".bin".into(), separator: Bytes::from_static(b"\n") }
     }
 }
 
@@ -95,12 +91,7 @@ impl Layout {
     /// `topics/T/year=…/hour=HH/T+P+OOOOOOOOOO`: the payload and timestamp keys without suffix.
     fn stem(&self, root: &str, place: &RecordPlace<'_>) -> String {
         let t = place.topic;
-        format!(
-            "{root}/{t}/{}/{t}+{}+{:010}",
-            self.hour_path(place.path_time_ms),
-            place.partition,
-            place.offset
-        )
+        format!("{root}/{t}/{}/{t}+{}+{:010}", self.hour_path(place.path_time_ms), place.partition, place.offset)
     }
 
     /// `year=YYYY/month=MM/day=dd/hour=HH` of a millisecond timestamp in the layout's time zone.
@@ -109,13 +100,7 @@ impl Layout {
             .or_else(|| DateTime::from_timestamp_millis(0))
             .expect("epoch is representable");
         let local = self.timezone.from_utc_datetime(&utc.naive_utc());
-        format!(
-            "year={:04}/month={:02}/day={:02}/hour={:02}",
-            local.year(),
-            local.month(),
-            local.day(),
-            local.hour()
-        )
+        format!("year={:04}/month={:02}/day={:02}/hour={:02}", local.year(), local.month(), local.day(), local.hour())
     }
 
     /// The payload object: the Avro `msg` bytes as carried, then the separator.
@@ -138,20 +123,11 @@ impl Layout {
 
     /// The dead letter: the raw record value, stored as is (no separator: it is not an archive body).
     pub fn dead_letter(&self, place: &RecordPlace<'_>, value: Bytes) -> Object {
-        Object {
-            kind: ObjectKind::DeadLetter,
-            key: format!("{}.raw", self.stem("errors", place)),
-            body: vec![value],
-        }
+        Object { kind: ObjectKind::DeadLetter, key: format!("{}.raw", self.stem("errors", place)), body: vec![value] }
     }
 
     /// A short text beside the dead letter saying where it came from and why it was set aside.
-    pub fn dead_letter_reason(
-        &self,
-        place: &RecordPlace<'_>,
-        kafka_ts: Option<i64>,
-        reason: &str,
-    ) -> Object {
+    pub fn dead_letter_reason(&self, place: &RecordPlace<'_>, kafka_ts: Option<i64>, reason: &str) -> Object {
         let ts = kafka_ts.map_or_else(|| "none".to_string(), |ms| ms.to_string());
         let text = format!(
             "topic: {}\npartition: {}\noffset: {}\nkafka_timestamp_ms: {ts}\nreason: {reason}\n",
@@ -167,20 +143,13 @@ impl Layout {
     /// For a write-once conflict: the object under `errors/` (same path, `errors` root), and a
     /// text beside it naming the key whose bytes differed.
     pub fn conflict(&self, object: &Object) -> [Object; 2] {
-        let key = format!(
-            "errors/{}",
-            object.key.strip_prefix("topics/").unwrap_or(&object.key)
-        );
+        let key = format!("errors/{}", object.key.strip_prefix("topics/").unwrap_or(&object.key));
         let text = format!(
             "key: {}\nreason: write-once conflict: the key already held other bytes; they were kept, and these are the archiver's\n",
             object.key
         );
         [
-            Object {
-                kind: ObjectKind::DeadLetter,
-                key: key.clone(),
-                body: object.body.clone(),
-            },
+            Object { kind: ObjectKind::DeadLetter, key: key.clone(), body: object.body.clone() },
             Object {
                 kind: ObjectKind::DeadLetterReason,
                 key: format!("{key}-conflict.txt"),
@@ -190,11 +159,7 @@ impl Layout {
     }
 
     fn with_separator(&self, body: Bytes) -> Vec<Bytes> {
-        if self.separator.is_empty() {
-            vec![body]
-        } else {
-            vec![body, self.separator.clone()]
-        }
+        if self.separator.is_empty() { vec![body] } else { vec![body, self.separator.clone()] }
     }
 }
 
@@ -214,11 +179,8 @@ pub fn timestamp_text(ms: i64) -> String {
     const GREGORIAN_CUTOVER_MS: i64 = -12_219_292_800_000;
     let days = ms.div_euclid(86_400_000);
     let ms_of_day = ms.rem_euclid(86_400_000);
-    let (year, month, day) = if ms >= GREGORIAN_CUTOVER_MS {
-        gregorian_from_days(days)
-    } else {
-        julian_from_days(days)
-    };
+    let (year, month, day) =
+        if ms >= GREGORIAN_CUTOVER_MS { gregorian_from_days(days) } else { julian_from_days(days) };
     let year_of_era = if year <= 0 { 1 - year } else { year };
     format!(
         "{year_of_era:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}",
@@ -271,16 +233,9 @@ mod tests {
     #[test]
     fn keys_follow_the_seed_example() {
         // 2022-04-18T01:00:00Z is 10:00 in Tokyo, as in the seed's listing.
-        let place = RecordPlace {
-            topic: "sinetstream.sensor",
-            partition: 0,
-            offset: 0,
-            path_time_ms: 1_650_243_600_000,
-        };
-        let l = Layout {
-            extension: ".json".into(),
-            ..layout()
-        };
+        let place =
+            RecordPlace { topic: "sinetstream.sensor", partition: 0, offset: 0, path_time_ms: 1_650_243_600_000 };
+        let l = Layout { extension: ".json".into(), ..layout() };
         assert_eq!(
             l.payload(&place, Bytes::new()).key,
             "topics/sinetstream.sensor/year=2022/month=04/day=18/hour=10/sinetstream.sensor+0+0000000000.json"
@@ -293,12 +248,7 @@ mod tests {
 
     #[test]
     fn wide_offsets_are_written_in_full_and_errors_have_their_own_root() {
-        let place = RecordPlace {
-            topic: "t",
-            partition: 12,
-            offset: 12_345_678_901,
-            path_time_ms: 0,
-        };
+        let place = RecordPlace { topic: "t", partition: 12, offset: 12_345_678_901, path_time_ms: 0 };
         let l = layout();
         assert_eq!(
             l.payload(&place, Bytes::new()).key,
@@ -316,86 +266,35 @@ mod tests {
 
     #[test]
     fn bodies_end_with_the_separator_or_not() {
-        let place = RecordPlace {
-            topic: "t",
-            partition: 0,
-            offset: 1,
-            path_time_ms: 0,
-        };
+        let place = RecordPlace { topic: "t", partition: 0, offset: 1, path_time_ms: 0 };
         let l = layout();
-        assert_eq!(
-            l.payload(&place, Bytes::from_static(b"abc")).body_bytes(),
-            b"abc\n"
-        );
-        assert_eq!(
-            l.timestamp(&place, 1_650_250_000_123).body_bytes(),
-            b"2022-04-18T02:46:40.123\n"
-        );
+        assert_eq!(l.payload(&place, Bytes::from_static(b"abc")).body_bytes(), b"abc\n");
+        assert_eq!(l.timestamp(&place, 1_650_250_000_123).body_bytes(), b"2022-04-18T02:46:40.123\n");
         assert_eq!(l.timestamp(&place, 0).len(), 24);
-        let bare = Layout {
-            separator: Bytes::new(),
-            ..layout()
-        };
-        assert_eq!(
-            bare.payload(&place, Bytes::from_static(b"abc"))
-                .body_bytes(),
-            b"abc"
-        );
+        let bare = Layout { separator: Bytes::new(), ..layout() };
+        assert_eq!(bare.payload(&place, Bytes::from_static(b"abc")).body_bytes(), b"abc");
     }
 
     #[test]
     fn timestamp_text_matches_java() {
-        assert_eq!(
-            timestamp_text(micros_to_millis(1_650_250_000_123_456)),
-            "2022-04-18T02:46:40.123"
-        );
-        assert_eq!(
-            timestamp_text(micros_to_millis(4_102_444_800_000_001)),
-            "2100-01-01T00:00:00.000"
-        );
+        assert_eq!(timestamp_text(micros_to_millis(1_650_250_000_123_456)), "2022-04-18T02:46:40.123");
+        assert_eq!(timestamp_text(micros_to_millis(4_102_444_800_000_001)), "2100-01-01T00:00:00.000");
         // Java truncates toward zero: -1 µs is 0 ms, -1500 µs is -1 ms.
-        assert_eq!(
-            timestamp_text(micros_to_millis(-1)),
-            "1970-01-01T00:00:00.000"
-        );
-        assert_eq!(
-            timestamp_text(micros_to_millis(-1500)),
-            "1969-12-31T23:59:59.999"
-        );
+        assert_eq!(timestamp_text(micros_to_millis(-1)), "1970-01-01T00:00:00.000");
+        assert_eq!(timestamp_text(micros_to_millis(-1500)), "1969-12-31T23:59:59.999");
         // The Gregorian cutover and the Julian calendar before it, as GregorianCalendar prints them.
-        assert_eq!(
-            timestamp_text(-12_219_292_800_000),
-            "1582-10-15T00:00:00.000"
-        );
-        assert_eq!(
-            timestamp_text(-12_219_292_800_001),
-            "1582-10-04T23:59:59.999"
-        );
+        assert_eq!(timestamp_text(-12_219_292_800_000), "1582-10-15T00:00:00.000");
+        assert_eq!(timestamp_text(-12_219_292_800_001), "1582-10-04T23:59:59.999");
         // 0001-01-01 (Julian) and the day before it, 1 BC, printed as year of era.
-        assert_eq!(
-            timestamp_text(-62_135_769_600_000),
-            "0001-01-01T00:00:00.000"
-        );
-        assert_eq!(
-            timestamp_text(-62_135_769_600_001),
-            "0001-12-31T23:59:59.999"
-        );
+        assert_eq!(timestamp_text(-62_135_769_600_000), "0001-01-01T00:00:00.000");
+        assert_eq!(timestamp_text(-62_135_769_600_001), "0001-12-31T23:59:59.999");
         // Far future: more than four year digits, past chrono's range.
-        assert_eq!(
-            timestamp_text(253_402_300_800_000),
-            "10000-01-01T00:00:00.000"
-        );
+        assert_eq!(timestamp_text(253_402_300_800_000), "10000-01-01T00:00:00.000");
         // Expected texts printed by Java 17's SimpleDateFormat for the same milliseconds.
         assert_eq!(timestamp_text(i64::MAX / 1000), "294247-01-10T04:00:54.775");
         assert_eq!(timestamp_text(i64::MIN / 1000), "290303-12-10T19:59:05.225");
-        assert_eq!(
-            timestamp_text(-62_198_755_200_000),
-            "0002-01-03T00:00:00.000"
-        );
-        assert_eq!(
-            timestamp_text(-100_000_000_000_000),
-            "1200-02-26T14:13:20.000"
-        );
+        assert_eq!(timestamp_text(-62_198_755_200_000), "0002-01-03T00:00:00.000");
+        assert_eq!(timestamp_text(-100_000_000_000_000), "1200-02-26T14:13:20.000");
     }
 
     #[test]
@@ -404,10 +303,7 @@ mod tests {
             let ms = days * 86_400_000 + 45_296_789;
             let d = DateTime::from_timestamp_millis(ms).unwrap();
             if ms >= -12_219_292_800_000 {
-                assert_eq!(
-                    timestamp_text(ms),
-                    d.format("%Y-%m-%dT%H:%M:%S%.3f").to_string()
-                );
+                assert_eq!(timestamp_text(ms), d.format("%Y-%m-%dT%H:%M:%S%.3f").to_string());
             }
         }
     }
@@ -416,21 +312,9 @@ mod tests {
     fn hour_path_is_in_the_layout_time_zone() {
         let l = layout();
         // 2022-04-18T14:59:59.999Z is 23:59 in Tokyo; a millisecond later is the next day.
-        assert_eq!(
-            l.hour_path(1_650_293_999_999),
-            "year=2022/month=04/day=18/hour=23"
-        );
-        assert_eq!(
-            l.hour_path(1_650_294_000_000),
-            "year=2022/month=04/day=19/hour=00"
-        );
-        let utc = Layout {
-            timezone: chrono_tz::UTC,
-            ..layout()
-        };
-        assert_eq!(
-            utc.hour_path(1_650_294_000_000),
-            "year=2022/month=04/day=18/hour=15"
-        );
+        assert_eq!(l.hour_path(1_650_293_999_999), "year=2022/month=04/day=18/hour=23");
+        assert_eq!(l.hour_path(1_650_294_000_000), "year=2022/month=04/day=19/hour=00");
+        let utc = Layout { timezone: chrono_tz::UTC, ..layout() };
+        assert_eq!(utc.hour_path(1_650_294_000_000), "year=2022/month=04/day=18/hour=15");
     }
 }

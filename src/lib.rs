@@ -79,26 +79,20 @@ pub async fn run(
     let store = store::build(&config.store)?;
     if let config::StoreConfig::Local { dir, bucket } = &config.store {
         let (root, started) = (dir.join(bucket), std::time::SystemTime::now());
-        tokio::task::spawn_blocking(move || {
-            match store::remove_stale_staging_files(&root, started) {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(
-                    files = n,
-                    "removed staging files an interrupted run left in the archive directory"
-                ),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot clean staging files in the archive directory")
-                }
+        tokio::task::spawn_blocking(move || match store::remove_stale_staging_files(&root, started) {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(files = n, "removed staging files an interrupted run left in the archive directory")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot clean staging files in the archive directory")
             }
         });
     }
     let ledger = Arc::new(Mutex::new(Ledger::new()));
     let recovered = recover(&spool, &ledger)?;
     if recovered > 0 {
-        tracing::info!(
-            records = recovered,
-            "uploading what the spool held from the last run first"
-        );
+        tracing::info!(records = recovered, "uploading what the spool held from the last run first");
     }
 
     let stop = CancellationToken::new();

@@ -30,39 +30,18 @@ pub fn describe() {
         "Records whose objects are all stored (payload and timestamp, or dead letter)."
     );
     describe_counter!(OBJECTS_UPLOADED, "Objects stored, by kind.");
-    describe_counter!(
-        UPLOADED_BYTES,
-        Unit::Bytes,
-        "Bytes of object bodies stored."
-    );
-    describe_histogram!(
-        UPLOAD_DURATION,
-        Unit::Seconds,
-        "Time of one object PUT that succeeded."
-    );
-    describe_counter!(
-        UPLOAD_ERRORS,
-        "Failed object PUTs (each is retried), by reason."
-    );
-    describe_counter!(
-        UNDECODABLE_RECORDS,
-        "Records that are not a decodable SINETStream message, by reason."
-    );
+    describe_counter!(UPLOADED_BYTES, Unit::Bytes, "Bytes of object bodies stored.");
+    describe_histogram!(UPLOAD_DURATION, Unit::Seconds, "Time of one object PUT that succeeded.");
+    describe_counter!(UPLOAD_ERRORS, "Failed object PUTs (each is retried), by reason.");
+    describe_counter!(UNDECODABLE_RECORDS, "Records that are not a decodable SINETStream message, by reason.");
     describe_counter!(TOMBSTONES, "Records with a null value, skipped.");
     describe_counter!(
         RECORDS_WITHOUT_TIMESTAMP,
         "Records without a Kafka timestamp; their path uses the time they were consumed."
     );
     describe_gauge!(SPOOL_RECORDS, "Records in the spool waiting for upload.");
-    describe_gauge!(
-        SPOOL_BYTES,
-        Unit::Bytes,
-        "Size of the records in the spool."
-    );
-    describe_gauge!(
-        CONSUMER_PAUSED,
-        "1 while consumption is paused (spool full or not writable), else 0."
-    );
+    describe_gauge!(SPOOL_BYTES, Unit::Bytes, "Size of the records in the spool.");
+    describe_gauge!(CONSUMER_PAUSED, "1 while consumption is paused (spool full or not writable), else 0.");
     describe_counter!(COMMITS, "Offset commits sent to Kafka.");
     describe_counter!(COMMIT_ERRORS, "Offset commits that failed.");
 }

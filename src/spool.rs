@@ -107,10 +107,7 @@ impl SpoolKey {
 
 /// The key prefix shared by all records of one partition.
 pub fn partition_prefix(topic: &str, partition: i32) -> Vec<u8> {
-    debug_assert!(
-        topic.len() <= 255,
-        "Kafka topic names are at most 249 bytes"
-    );
+    debug_assert!(topic.len() <= 255, "Kafka topic names are at most 249 bytes");
     let mut k = Vec::with_capacity(1 + topic.len() + 12);
     k.push(topic.len() as u8);
     k.extend_from_slice(topic.as_bytes());
@@ -164,10 +161,7 @@ pub fn encode_value(r: &Record) -> Vec<u8> {
 
 /// Decodes a spool entry back into a record.
 pub fn decode_entry(key: &SpoolKey, raw: &[u8]) -> Result<Record, SpoolError> {
-    let corrupt = |why| SpoolError::Corrupt {
-        key: key.describe(),
-        why,
-    };
+    let corrupt = |why| SpoolError::Corrupt { key: key.describe(), why };
     let (topic, partition, offset) = key.parts().ok_or_else(|| corrupt("bad key"))?;
     if raw.len() < 10 || raw[0] != FORMAT_VERSION {
         return Err(corrupt("unknown format"));
@@ -176,9 +170,7 @@ pub fn decode_entry(key: &SpoolKey, raw: &[u8]) -> Result<Record, SpoolError> {
     let ms = i64::from_be_bytes(raw[2..10].try_into().expect("8 bytes"));
     let mut rest = &raw[10..];
     let take_len = |rest: &mut &[u8]| -> Result<usize, SpoolError> {
-        let (n, tail) = rest
-            .split_first_chunk::<4>()
-            .ok_or_else(|| corrupt("cut short"))?;
+        let (n, tail) = rest.split_first_chunk::<4>().ok_or_else(|| corrupt("cut short"))?;
         *rest = tail;
         Ok(u32::from_be_bytes(*n) as usize)
     };
@@ -199,19 +191,8 @@ pub fn decode_entry(key: &SpoolKey, raw: &[u8]) -> Result<Record, SpoolError> {
     } else {
         Bytes::copy_from_slice(rest)
     };
-    let time = if flags & FLAG_CONSUMED_TIME != 0 {
-        RecordTime::Consumed(ms)
-    } else {
-        RecordTime::Kafka(ms)
-    };
-    Ok(Record {
-        topic: topic.to_string(),
-        partition,
-        offset,
-        time,
-        key: record_key,
-        value,
-    })
+    let time = if flags & FLAG_CONSUMED_TIME != 0 { RecordTime::Consumed(ms) } else { RecordTime::Kafka(ms) };
+    Ok(Record { topic: topic.to_string(), partition, offset, time, key: record_key, value })
 }
 
 /// The spool: a sled database with one tree of records.
@@ -231,11 +212,7 @@ impl Spool {
     /// Opens (or creates) the spool in `dir`. `cache_bytes` bounds sled's page cache.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Spool, SpoolError> {
         std::fs::create_dir_all(dir)?;
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(cache_bytes)
-            .flush_every_ms(Some(500))
-            .open()?;
+        let db = sled::Config::new().path(dir).cache_capacity(cache_bytes).flush_every_ms(Some(500)).open()?;
         let records = db.open_tree("records")?;
         let (mut count, mut bytes) = (0, 0);
         let mut partitions = BTreeSet::new();
@@ -270,10 +247,7 @@ impl Spool {
             let value = encode_value(r);
             added += (key.0.len() + value.len()) as u64;
             must_flush |= matches!(r.time, RecordTime::Consumed(_));
-            if prefixes
-                .last()
-                .is_none_or(|p: &Vec<u8>| p.as_slice() != key.prefix())
-            {
+            if prefixes.last().is_none_or(|p: &Vec<u8>| p.as_slice() != key.prefix()) {
                 prefixes.push(key.prefix().to_vec());
             }
             batch.insert(key.0, value);
@@ -282,8 +256,7 @@ impl Spool {
         if must_flush {
             self.records.flush()?;
         }
-        self.count
-            .fetch_add(records.len() as u64, Ordering::Relaxed);
+        self.count.fetch_add(records.len() as u64, Ordering::Relaxed);
         self.bytes.fetch_add(added, Ordering::Relaxed);
         self.partitions.lock().expect("spool lock").extend(prefixes);
         self.inserted.notify_one();
@@ -315,18 +288,14 @@ impl Spool {
 
     /// Every key in the spool (start-up recovery).
     pub fn keys(&self) -> impl Iterator<Item = Result<SpoolKey, SpoolError>> + '_ {
-        self.records
-            .iter()
-            .keys()
-            .map(|k| Ok(SpoolKey(k?.to_vec())))
+        self.records.iter().keys().map(|k| Ok(SpoolKey(k?.to_vec())))
     }
 
     /// Removes a record whose objects are stored.
     pub fn remove(&self, key: &SpoolKey) -> Result<(), SpoolError> {
         if let Some(old) = self.records.remove(&key.0)? {
             self.count.fetch_sub(1, Ordering::Relaxed);
-            self.bytes
-                .fetch_sub((key.0.len() + old.len()) as u64, Ordering::Relaxed);
+            self.bytes.fetch_sub((key.0.len() + old.len()) as u64, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -394,9 +363,7 @@ mod tests {
         let enc = encode_value(&big);
         assert!(enc.len() < 10_000, "compressible values shrink");
         assert_eq!(decode_entry(&key, &enc).unwrap(), big);
-        let noise: Vec<u8> = (0..100_000u32)
-            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-            .collect();
+        let noise: Vec<u8> = (0..100_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
         let random = rec("t", 0, 5, noise);
         assert_eq!(decode_entry(&key, &encode_value(&random)).unwrap(), random);
         assert!(decode_entry(&key, &[9, 0]).is_err());
@@ -419,16 +386,11 @@ mod tests {
         }
         let s = Spool::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(s.record_count(), 2);
-        assert_eq!(
-            s.partitions(),
-            vec![partition_prefix("a", 0), partition_prefix("b", 3)]
-        );
+        assert_eq!(s.partitions(), vec![partition_prefix("a", 0), partition_prefix("b", 3)]);
         let got = s.pending(&partition_prefix("a", 0), |_| false, 10).unwrap();
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].1.value, Bytes::from_static(b"x"));
-        let skipped = s
-            .pending(&partition_prefix("a", 0), |k| k.parts().unwrap().2 == 1, 10)
-            .unwrap();
+        let skipped = s.pending(&partition_prefix("a", 0), |k| k.parts().unwrap().2 == 1, 10).unwrap();
         assert!(skipped.is_empty());
     }
 }

@@ -11,17 +11,14 @@ use std::time::{Duration, SystemTime};
 use object_store::ObjectStore;
 use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
 use object_store::local::LocalFileSystem;
-use object_store::{BackoffConfig, ClientOptions, RetryConfig};
+use object_store::{BackoffConfig, Certificate, ClientOptions, RetryConfig};
 
 use crate::config::StoreConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot create the archive directory {path}: {source}")]
-    Dir {
-        path: String,
-        source: std::io::Error,
-    },
+    Dir { path: String, source: std::io::Error },
     #[error("cannot set up the object store: {0}")]
     Build(#[from] object_store::Error),
 }
@@ -31,27 +28,24 @@ pub fn build(config: &StoreConfig) -> Result<Arc<dyn ObjectStore>, StoreError> {
     match config {
         StoreConfig::Local { dir, bucket } => {
             let root = dir.join(bucket);
-            std::fs::create_dir_all(&root).map_err(|source| StoreError::Dir {
-                path: root.display().to_string(),
-                source,
-            })?;
-            let root = root.canonicalize().map_err(|source| StoreError::Dir {
-                path: root.display().to_string(),
-                source,
-            })?;
+            std::fs::create_dir_all(&root)
+                .map_err(|source| StoreError::Dir { path: root.display().to_string(), source })?;
+            let root =
+                root.canonicalize().map_err(|source| StoreError::Dir { path: root.display().to_string(), source })?;
             // fsync: an object counts as stored (and its offset may be committed) only once it is
             // durable, as it is on S3.
-            Ok(Arc::new(
-                LocalFileSystem::new_with_prefix(root)?.with_fsync(true),
-            ))
+            Ok(Arc::new(LocalFileSystem::new_with_prefix(root)?.with_fsync(true)))
         }
-        StoreConfig::S3 {
-            bucket,
-            region,
-            endpoint,
-            access_key_id,
-            secret_key,
-        } => {
+        StoreConfig::S3 { bucket, region, endpoint, access_key_id, secret_key, ca_pem } => {
+            let mut client = ClientOptions::new()
+                .with_timeout(Duration::from_secs(120))
+                .with_connect_timeout(Duration::from_secs(5))
+                .with_pool_max_idle_per_host(256);
+            if let Some(pem) = ca_pem {
+                for cert in Certificate::from_pem_bundle(pem)? {
+                    client = client.with_root_certificate(cert);
+                }
+            }
             let mut b = AmazonS3Builder::new()
                 .with_bucket_name(bucket)
                 .with_region(region)
@@ -67,22 +61,12 @@ pub fn build(config: &StoreConfig) -> Result<Arc<dyn ObjectStore>, StoreError> {
                     max_retries: 3,
                     retry_timeout: Duration::from_secs(30),
                 })
-                .with_client_options(
-                    ClientOptions::new()
-                        .with_timeout(Duration::from_secs(120))
-                        .with_connect_timeout(Duration::from_secs(5))
-                        .with_pool_max_idle_per_host(256),
-                );
+                .with_client_options(client);
             if let Some(e) = endpoint {
-                b = b
-                    .with_endpoint(e)
-                    .with_allow_http(true)
-                    .with_virtual_hosted_style_request(false);
+                b = b.with_endpoint(e).with_allow_http(true).with_virtual_hosted_style_request(false);
             }
             if let (Some(id), Some(secret)) = (access_key_id, secret_key) {
-                b = b
-                    .with_access_key_id(id.expose())
-                    .with_secret_access_key(secret.expose());
+                b = b.with_access_key_id(id.expose()).with_secret_access_key(secret.expose());
             }
             Ok(Arc::new(b.build()?))
         }
@@ -101,9 +85,7 @@ pub fn remove_stale_staging_files(root: &Path, before: SystemTime) -> std::io::R
             let kind = entry.file_type()?;
             if kind.is_dir() {
                 dirs.push(entry.path());
-            } else if entry.file_name().to_string_lossy().contains('#')
-                && entry.metadata()?.modified()? < before
-            {
+            } else if entry.file_name().to_string_lossy().contains('#') && entry.metadata()?.modified()? < before {
                 std::fs::remove_file(entry.path())?;
                 removed += 1;
             }
@@ -119,9 +101,7 @@ mod tests {
     #[test]
     fn stale_staging_files_go_and_objects_stay() {
         let dir = tempfile::tempdir().unwrap();
-        let hour = dir
-            .path()
-            .join("topics/t/year=2022/month=04/day=18/hour=10");
+        let hour = dir.path().join("topics/t/year=2022/month=04/day=18/hour=10");
         std::fs::create_dir_all(&hour).unwrap();
         std::fs::write(hour.join("t+0+0000000000.bin"), b"x\n").unwrap();
         std::fs::write(hour.join("t+0+0000000001.bin#3"), b"partial").unwrap();

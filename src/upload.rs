@@ -33,22 +33,14 @@ pub enum UploadError {
         "archiving stopped (UNDECODABLE=stop): {topic} partition {partition} offset {offset}: {reason}. \
          The record stays in the spool; set UNDECODABLE=dead-letter to keep it under errors/ and go on"
     )]
-    Stopped {
-        topic: String,
-        partition: i32,
-        offset: i64,
-        reason: Undecodable,
-    },
+    Stopped { topic: String, partition: i32, offset: i64, reason: Undecodable },
 }
 
 /// What a record becomes in the store.
 #[derive(Debug)]
 pub enum Plan {
     /// Store these objects.
-    Store {
-        objects: Vec<Object>,
-        undecodable: Option<Undecodable>,
-    },
+    Store { objects: Vec<Object>, undecodable: Option<Undecodable> },
     /// UNDECODABLE=stop and the record cannot be decoded.
     Stop(Undecodable),
 }
@@ -147,29 +139,18 @@ impl Uploader {
                 let room = records.available_permits().max(1);
                 let batch = {
                     let in_flight = shared.in_flight.lock().expect("in-flight lock");
-                    shared
-                        .up
-                        .spool
-                        .pending(&prefix, |k| in_flight.contains(k), room)?
+                    shared.up.spool.pending(&prefix, |k| in_flight.contains(k), room)?
                 };
                 for (key, record) in batch {
                     let permit = tokio::select! {
                         p = records.clone().acquire_owned() => p.expect("semaphore is never closed"),
                         _ = shutdown.cancelled() => break 'dispatch,
                     };
-                    shared
-                        .in_flight
-                        .lock()
-                        .expect("in-flight lock")
-                        .insert(key.clone());
+                    shared.in_flight.lock().expect("in-flight lock").insert(key.clone());
                     let shared = shared.clone();
                     tasks.spawn(async move {
                         let r = upload_record(&shared, &key, record).await;
-                        shared
-                            .in_flight
-                            .lock()
-                            .expect("in-flight lock")
-                            .remove(&key);
+                        shared.in_flight.lock().expect("in-flight lock").remove(&key);
                         drop(permit);
                         r
                     });
@@ -229,10 +210,7 @@ fn gauge_spool(spool: &Spool) {
 async fn upload_record(shared: &Shared, key: &SpoolKey, record: Record) -> Result<(), UploadError> {
     let up = &shared.up;
     let (objects, undecodable) = match plan(&record, &up.layout, up.policy) {
-        Plan::Store {
-            objects,
-            undecodable,
-        } => (objects, undecodable),
+        Plan::Store { objects, undecodable } => (objects, undecodable),
         Plan::Stop(reason) => {
             return Err(UploadError::Stopped {
                 topic: record.topic.clone(),
@@ -244,11 +222,8 @@ async fn upload_record(shared: &Shared, key: &SpoolKey, record: Record) -> Resul
     };
     if let Some(why) = &undecodable {
         metrics::counter!(m::UNDECODABLE_RECORDS, "reason" => why.label()).increment(1);
-        let first = shared.logged.lock().expect("log lock").insert((
-            record.topic.clone(),
-            record.partition,
-            why.label(),
-        ));
+        let first =
+            shared.logged.lock().expect("log lock").insert((record.topic.clone(), record.partition, why.label()));
         if first {
             let action = match up.policy {
                 UndecodablePolicy::Raw => "archived raw as the payload",
@@ -264,12 +239,7 @@ async fn upload_record(shared: &Shared, key: &SpoolKey, record: Record) -> Resul
         metrics::counter!(m::RECORDS_WITHOUT_TIMESTAMP).increment(1);
     }
     let conditional = up.conditional_put;
-    let stored = futures::future::join_all(
-        objects
-            .into_iter()
-            .map(|o| put_until_stored(shared, o, conditional)),
-    )
-    .await;
+    let stored = futures::future::join_all(objects.into_iter().map(|o| put_until_stored(shared, o, conditional))).await;
     for outcome in stored {
         if let Stored::Conflict(object) = outcome? {
             // Write-once and the key holds other bytes: keep them, and keep ours beside them.
@@ -282,10 +252,7 @@ async fn upload_record(shared: &Shared, key: &SpoolKey, record: Record) -> Resul
         }
     }
     up.spool.remove(key)?;
-    up.ledger
-        .lock()
-        .expect("ledger lock")
-        .complete(&(record.topic, record.partition), record.offset);
+    up.ledger.lock().expect("ledger lock").complete(&(record.topic, record.partition), record.offset);
     metrics::counter!(m::RECORDS_ARCHIVED).increment(1);
     Ok(())
 }
@@ -306,41 +273,25 @@ enum Stored {
 
 /// Stores one object, retrying with exponential backoff and jitter until it is stored.
 /// `conditional`: never overwrite (If-None-Match); an existing object is compared instead.
-async fn put_until_stored(
-    shared: &Shared,
-    object: Object,
-    conditional: bool,
-) -> Result<Stored, UploadError> {
+async fn put_until_stored(shared: &Shared, object: Object, conditional: bool) -> Result<Stored, UploadError> {
     let path = Path::from(object.key.as_str());
     let size = object.len() as u64;
     let multipart = object.len() >= MULTIPART_THRESHOLD;
     let payload: PutPayload = object.body.iter().cloned().collect();
     let mut attempt: u32 = 0;
     loop {
-        let permit = shared
-            .puts
-            .acquire()
-            .await
-            .expect("semaphore is never closed");
+        let permit = shared.puts.acquire().await.expect("semaphore is never closed");
         let started = Instant::now();
         let store = shared.up.store.as_ref();
         let result = match (conditional, multipart) {
             (false, false) => store.put(&path, payload.clone()).await.map(drop),
             (false, true) => put_multipart(store, &path, &payload).await,
-            (true, false) => store
-                .put_opts(&path, payload.clone(), PutMode::Create.into())
-                .await
-                .map(drop),
+            (true, false) => store.put_opts(&path, payload.clone(), PutMode::Create.into()).await.map(drop),
             // Multipart uploads have no If-None-Match: look first (a race with another writer
             // remains possible for these large objects only).
             (true, true) => match store.head(&path).await {
-                Ok(_) => Err(object_store::Error::AlreadyExists {
-                    path: path.to_string(),
-                    source: "exists".into(),
-                }),
-                Err(object_store::Error::NotFound { .. }) => {
-                    put_multipart(store, &path, &payload).await
-                }
+                Ok(_) => Err(object_store::Error::AlreadyExists { path: path.to_string(), source: "exists".into() }),
+                Err(object_store::Error::NotFound { .. }) => put_multipart(store, &path, &payload).await,
                 Err(e) => Err(e),
             },
         };
@@ -375,9 +326,8 @@ async fn put_until_stored(
                 let reason = error_reason(&e);
                 metrics::counter!(m::UPLOAD_ERRORS, "reason" => reason).increment(1);
                 attempt += 1;
-                let ceiling = Duration::from_millis(100)
-                    .saturating_mul(1 << attempt.min(9))
-                    .min(Duration::from_secs(10));
+                let ceiling =
+                    Duration::from_millis(100).saturating_mul(1 << attempt.min(9)).min(Duration::from_secs(10));
                 let wait = ceiling.mul_f64(rand::rng().random_range(0.5..=1.0));
                 if attempt == 1 || attempt.is_power_of_two() {
                     tracing::warn!(key = %object.key, attempt, reason, error = %e, retry_in = ?wait, "upload failed; retrying");
@@ -392,16 +342,11 @@ async fn put_until_stored(
 }
 
 fn same_bytes(stored: &[u8], payload: &PutPayload) -> bool {
-    stored.len() == payload.content_length()
-        && payload.iter().flat_map(|b| b.iter()).eq(stored.iter())
+    stored.len() == payload.content_length() && payload.iter().flat_map(|b| b.iter()).eq(stored.iter())
 }
 
 /// One object as a multipart upload (parts in parallel); a failed part aborts the upload.
-async fn put_multipart(
-    store: &dyn ObjectStore,
-    path: &Path,
-    payload: &PutPayload,
-) -> object_store::Result<()> {
+async fn put_multipart(store: &dyn ObjectStore, path: &Path, payload: &PutPayload) -> object_store::Result<()> {
     let upload = store.put_multipart(path).await?;
     let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
     for chunk in payload {
@@ -416,9 +361,7 @@ fn error_reason(e: &object_store::Error) -> &'static str {
         object_store::Error::NotFound { .. } => "not_found",
         object_store::Error::PermissionDenied { .. } => "permission_denied",
         object_store::Error::Unauthenticated { .. } => "unauthenticated",
-        object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => {
-            "conflict"
-        }
+        object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => "conflict",
         _ => "other",
     }
 }
@@ -447,12 +390,8 @@ mod tests {
     #[tokio::test]
     async fn large_bodies_go_up_in_parts_and_arrive_whole() {
         let store = object_store::memory::InMemory::new();
-        let body: Vec<u8> = (0..(MULTIPART_THRESHOLD + 3 * PART_SIZE / 2))
-            .map(|i| (i % 251) as u8)
-            .collect();
-        let payload: PutPayload = vec![Bytes::from(body.clone()), Bytes::from_static(b"\n")]
-            .into_iter()
-            .collect();
+        let body: Vec<u8> = (0..(MULTIPART_THRESHOLD + 3 * PART_SIZE / 2)).map(|i| (i % 251) as u8).collect();
+        let payload: PutPayload = vec![Bytes::from(body.clone()), Bytes::from_static(b"\n")].into_iter().collect();
         let path = Path::from("topics/t/x+0+0000000000.bin");
         put_multipart(&store, &path, &payload).await.unwrap();
         let got = store.get(&path).await.unwrap().bytes().await.unwrap();
@@ -463,38 +402,17 @@ mod tests {
     #[test]
     fn policies_for_undecodable_records() {
         let r = record(b"{\"no\":\"envelope\"}");
-        let Plan::Store {
-            objects,
-            undecodable,
-        } = plan(&r, &layout(), UndecodablePolicy::DeadLetter)
-        else {
-            panic!()
-        };
+        let Plan::Store { objects, undecodable } = plan(&r, &layout(), UndecodablePolicy::DeadLetter) else { panic!() };
         assert_eq!(undecodable, Some(Undecodable::NoEnvelope));
-        assert_eq!(
-            objects[0].key,
-            "errors/t/year=1970/month=01/day=01/hour=09/t+1+0000000002.raw"
-        );
+        assert_eq!(objects[0].key, "errors/t/year=1970/month=01/day=01/hour=09/t+1+0000000002.raw");
         assert_eq!(objects[0].body_bytes(), r.value.to_vec());
-        assert!(
-            String::from_utf8(objects[1].body_bytes())
-                .unwrap()
-                .contains("no SINETStream envelope")
-        );
+        assert!(String::from_utf8(objects[1].body_bytes()).unwrap().contains("no SINETStream envelope"));
 
-        let Plan::Store { objects, .. } = plan(&r, &layout(), UndecodablePolicy::Raw) else {
-            panic!()
-        };
-        assert_eq!(
-            objects[0].key,
-            "topics/t/year=1970/month=01/day=01/hour=09/t+1+0000000002.bin"
-        );
+        let Plan::Store { objects, .. } = plan(&r, &layout(), UndecodablePolicy::Raw) else { panic!() };
+        assert_eq!(objects[0].key, "topics/t/year=1970/month=01/day=01/hour=09/t+1+0000000002.bin");
         assert_eq!(objects[0].body_bytes(), [&r.value[..], b"\n"].concat());
         assert_eq!(objects[1].body_bytes(), b"1970-01-01T00:00:00.000\n");
 
-        assert!(matches!(
-            plan(&r, &layout(), UndecodablePolicy::Stop),
-            Plan::Stop(Undecodable::NoEnvelope)
-        ));
+        assert!(matches!(plan(&r, &layout(), UndecodablePolicy::Stop), Plan::Stop(Undecodable::NoEnvelope)));
     }
 }

@@ -19,11 +19,7 @@ fn fixture_records() -> Vec<Value> {
     let mut dirs = vec![root.join("../shared/fixtures")];
     dirs.extend(std::env::var_os("EXTRA_FIXTURES").map(PathBuf::from));
     for d in dirs.iter().filter_map(|d| std::fs::read_dir(d).ok()) {
-        files.extend(
-            d.flatten()
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|e| e == "json")),
-        );
+        files.extend(d.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "json")));
     }
     let mut out = Vec::new();
     for f in files {
@@ -62,40 +58,16 @@ fn every_fixture_record_gives_the_stored_payload_and_timestamp() {
             Some(avro_msg) => {
                 let m = decode(&value).unwrap_or_else(|e| panic!("{label}: {e}"));
                 assert_eq!(&value[m.msg.clone()], &avro_msg[..], "{label}: payload");
-                assert_eq!(
-                    m.tstamp_us,
-                    r["tstamp_us"].as_i64().unwrap(),
-                    "{label}: tstamp"
-                );
+                assert_eq!(m.tstamp_us, r["tstamp_us"].as_i64().unwrap(), "{label}: tstamp");
                 let text = r["timestamp_text"].as_str().unwrap();
-                assert_eq!(
-                    timestamp_text(micros_to_millis(m.tstamp_us)),
-                    text,
-                    "{label}: timestamp text"
-                );
-                let Plan::Store {
-                    objects,
-                    undecodable: None,
-                } = plan(&record, &layout(), UndecodablePolicy::Stop)
+                assert_eq!(timestamp_text(micros_to_millis(m.tstamp_us)), text, "{label}: timestamp text");
+                let Plan::Store { objects, undecodable: None } = plan(&record, &layout(), UndecodablePolicy::Stop)
                 else {
                     panic!("{label}: not archived")
                 };
-                assert_eq!(
-                    objects[0].body_bytes(),
-                    [&avro_msg[..], b"\n"].concat(),
-                    "{label}: payload body"
-                );
-                assert_eq!(
-                    objects[1].body_bytes(),
-                    format!("{text}\n").into_bytes(),
-                    "{label}: timestamp body"
-                );
-                assert!(
-                    objects[0]
-                        .key
-                        .starts_with(&format!("topics/{}/year=", record.topic)),
-                    "{label}"
-                );
+                assert_eq!(objects[0].body_bytes(), [&avro_msg[..], b"\n"].concat(), "{label}: payload body");
+                assert_eq!(objects[1].body_bytes(), format!("{text}\n").into_bytes(), "{label}: timestamp body");
+                assert!(objects[0].key.starts_with(&format!("topics/{}/year=", record.topic)), "{label}");
             }
             None => {
                 let why = decode(&value).expect_err(&label);
@@ -103,25 +75,16 @@ fn every_fixture_record_gives_the_stored_payload_and_timestamp() {
                     "aes" => assert!(matches!(why, Undecodable::Encrypted(1..)), "{label}: {why}"),
                     _ => assert!(!matches!(why, Undecodable::Encrypted(_)), "{label}: {why}"),
                 }
-                let Plan::Store { objects, .. } =
-                    plan(&record, &layout(), UndecodablePolicy::DeadLetter)
-                else {
+                let Plan::Store { objects, .. } = plan(&record, &layout(), UndecodablePolicy::DeadLetter) else {
                     panic!()
                 };
                 assert!(objects[0].key.starts_with("errors/"), "{label}");
-                assert_eq!(
-                    objects[0].body_bytes(),
-                    value,
-                    "{label}: dead letter keeps the raw value"
-                );
+                assert_eq!(objects[0].body_bytes(), value, "{label}: dead letter keeps the raw value");
             }
         }
         *by_variant.entry(variant).or_default() += 1;
     }
     for v in ["v3", "v2", "zstd", "gzip", "aes", "raw"] {
-        assert!(
-            by_variant.get(v).copied().unwrap_or(0) > 0,
-            "no {v} fixture"
-        );
+        assert!(by_variant.get(v).copied().unwrap_or(0) > 0, "no {v} fixture");
     }
 }

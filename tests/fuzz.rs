@@ -30,23 +30,10 @@ fn framed() -> impl Strategy<Value = Vec<u8>> {
         Just(vec![]),
         Just(V2_MARKER.to_vec()),
         Just([&V2_MARKER[..], &SCHEMA_FINGERPRINT[..]].concat()),
-        Just(
-            [
-                &V3_MARKER[..],
-                &[0, 0],
-                &V2_MARKER[..],
-                &SCHEMA_FINGERPRINT[..]
-            ]
-            .concat()
-        ),
+        Just([&V3_MARKER[..], &[0, 0], &V2_MARKER[..], &SCHEMA_FINGERPRINT[..]].concat()),
         any::<u16>().prop_map(|kv| [&V3_MARKER[..], &kv.to_be_bytes()[..]].concat()),
     ];
-    (
-        header,
-        any::<i64>(),
-        any::<i64>(),
-        prop::collection::vec(any::<u8>(), 0..64),
-    )
+    (header, any::<i64>(), any::<i64>(), prop::collection::vec(any::<u8>(), 0..64))
         .prop_map(|(h, ts, len, tail)| [h, zigzag(ts), zigzag(len), tail].concat())
 }
 

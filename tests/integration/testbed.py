@@ -209,10 +209,16 @@ class TcpProxy:
     """A TCP proxy on loopback in front of a server; down() refuses and cuts connections, up()
     serves again on the same port: a store outage as the archiver sees it."""
 
-    def __init__(self, upstream_port):
+    def __init__(self, upstream_port, tls=None):
+        """tls: (certfile, keyfile) to serve HTTPS in front of a plain HTTP server."""
+        import ssl
         import threading
         self.upstream_port, self.port = upstream_port, free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.tls = None
+        if tls:
+            self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.tls.load_cert_chain(*tls)
+        self.endpoint = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.lock, self.conns, self.listener = threading.Lock(), set(), None
         self.up()
 
@@ -244,15 +250,21 @@ class TcpProxy:
                 client, _ = listener.accept()
             except OSError:
                 return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            except OSError:
-                client.close()
-                continue
-            with self.lock:
-                self.conns.update((client, upstream))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            threading.Thread(target=self._connect, args=(client,), daemon=True).start()
+
+    def _connect(self, client):
+        import threading
+        try:
+            if self.tls:
+                client = self.tls.wrap_socket(client, server_side=True)
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+        except OSError:
+            client.close()
+            return
+        with self.lock:
+            self.conns.update((client, upstream))
+        for a, b in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
     def _pump(self, src, dst):
         try:
@@ -276,3 +288,17 @@ def rss_bytes(pid):
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def make_ca_and_cert(directory):
+    """A private CA and a certificate for 127.0.0.1 signed by it (openssl CLI). Returns
+    (ca.pem, cert.pem, key.pem)."""
+    d = Path(directory)
+    run = lambda *a: subprocess.run(a, cwd=d, check=True, capture_output=True)
+    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test CA",
+        "-keyout", "ca.key", "-out", "ca.pem")
+    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "key.pem", "-out", "req.pem")
+    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+    run("openssl", "x509", "-req", "-in", "req.pem", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
+        "-extfile", "ext.cnf", "-out", "cert.pem")
+    return d / "ca.pem", d / "cert.pem", d / "key.pem"

@@ -1,0 +1,57 @@
+"""HTTPS to the store with a private CA, and secrets that never leave the process."""
+import random
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import oracle
+import testbed
+from test_archive import Bucket, check_archive, produce_raw, v3_message
+
+SECRET_SASL = "sasl-password-never-shown-42"
+
+
+def test_https_store_with_a_private_ca_and_no_secret_in_logs_or_http(broker, garage, run_archiver, tmp_path):
+    ca, cert, key = testbed.make_ca_and_cert(tmp_path)
+    proxy = testbed.TcpProxy(garage.s3_port, tls=(str(cert), str(key)))
+    run = uuid.uuid4().hex[:8]
+    topic, name = f"tls.{run}", f"tls-{run}"
+    broker.create_topic(topic, 2)
+    garage.create_bucket(name)
+    bucket = Bucket("garage", server=garage, name=name)
+    rng = random.Random(9)
+    produce_raw(broker.bootstrap, topic, [(i % 2, v3_message(1650250000123456 + i, rng.randbytes(64)), 1795545116000 + i)
+                                          for i in range(10)])
+    records = oracle.read_topic(broker.bootstrap, topic, 10)
+    expected, reasons = oracle.expected_objects(topic, records)
+    env = dict(BROKER_HOSTNAME=broker.bootstrap, KAFKA_TOPIC=topic, S3_BUCKET_NAME=name, S3_ENDPOINT_URL=proxy.endpoint,
+               AWS_ACCESS_KEY_ID=testbed.ACCESS_KEY, AWS_SECRET_KEY=testbed.SECRET_KEY,
+               KAFKA_PROPERTY_SASL_USERNAME="archiver", KAFKA_PROPERTY_SASL_PASSWORD=SECRET_SASL,
+               KAFKA_PROPERTY_DEBUG="conf,generic", RUST_LOG="debug")
+
+    # Without the CA the certificate is refused: nothing is stored, and the log says why.
+    a = run_archiver(GROUP_ID=f"noca-{run}", SPOOL_DIR=tmp_path / "spool-noca", **env)
+    time.sleep(10)
+    assert a.archived() == 0
+    assert a.stop() == 0
+    assert "certificate" in a.logs().lower(), a.logs()
+    assert bucket.read_all() == {}
+
+    a = run_archiver(GROUP_ID=f"ca-{run}", SPOOL_DIR=tmp_path / "spool-ca", S3_CA_FILE=ca, **env)
+    a.wait_archived(10)
+    responses = []
+    for path in ("/metrics", "/healthz", "/nonexistent"):
+        try:
+            responses.append(urllib.request.urlopen(f"http://127.0.0.1:{a.rest_port}{path}", timeout=5).read().decode())
+        except urllib.error.HTTPError as e:
+            responses.append(e.read().decode())
+    assert a.stop() == 0, a.logs()
+    check_archive(bucket, expected, reasons)
+
+    logs = a.log_path.read_text(errors="replace")
+    assert "sasl.password=***" in logs and "secret_key=***" in logs  # the configuration is logged, masked...
+    for secret in (testbed.SECRET_KEY, SECRET_SASL):
+        assert secret not in logs, "a secret is in the log"  # ...without its secrets
+        assert all(secret not in r for r in responses), "a secret is in an HTTP response"
+    assert testbed.ACCESS_KEY not in logs
