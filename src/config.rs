@@ -84,6 +84,9 @@ pub struct Settings {
     /// Spool size above which consumption pauses, e.g. 1GiB or 500MB.
     #[arg(long, env = "SPOOL_MAX_BYTES")]
     pub spool_max_bytes: Option<String>,
+    /// Free space on SPOOL_DIR's file system below which consumption pauses, e.g. 256MiB.
+    #[arg(long, env = "SPOOL_MIN_FREE_BYTES")]
+    pub spool_min_free_bytes: Option<String>,
     /// Records in the spool above which consumption pauses.
     #[arg(long, env = "SPOOL_MAX_RECORDS")]
     pub spool_max_records: Option<String>,
@@ -167,6 +170,8 @@ pub enum LogFormat {
 pub struct SpoolLimits {
     pub max_bytes: u64,
     pub max_records: u64,
+    /// Pause when the spool's file system has less free space than this.
+    pub min_free_bytes: u64,
 }
 
 impl SpoolLimits {
@@ -215,6 +220,7 @@ pub const DEFAULT_SPOOL_DIR: &str = "./spool";
 pub const DEFAULT_UPLOAD_WORKERS: usize = 32;
 pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 1 << 30;
 pub const DEFAULT_SPOOL_MAX_RECORDS: u64 = 500_000;
+pub const DEFAULT_SPOOL_MIN_FREE_BYTES: u64 = 256 << 20;
 pub const DEFAULT_TIMEZONE: &str = "Asia/Tokyo";
 pub const DEFAULT_COMMIT_INTERVAL_MS: u64 = 1000;
 pub const DEFAULT_SHUTDOWN_TIMEOUT_S: u64 = 30;
@@ -250,6 +256,7 @@ impl Config {
         let spool_dir = PathBuf::from(non_empty(&s.spool_dir, "SPOOL_DIR")?.unwrap_or(DEFAULT_SPOOL_DIR));
         let spool_limits = SpoolLimits {
             max_bytes: parse_size(&s.spool_max_bytes, "SPOOL_MAX_BYTES", DEFAULT_SPOOL_MAX_BYTES)?,
+            min_free_bytes: parse_size(&s.spool_min_free_bytes, "SPOOL_MIN_FREE_BYTES", DEFAULT_SPOOL_MIN_FREE_BYTES)?,
             max_records: parse_number(
                 &s.spool_max_records,
                 "SPOOL_MAX_RECORDS",
@@ -339,7 +346,7 @@ impl Config {
         };
         format!(
             "brokers={} topics={} group_id={} store=[{store}] extension={} separator={:?} timezone={} spool_dir={} \
-             spool_max_bytes={} spool_max_records={} upload_workers={} conditional_put={} undecodable={:?} http={} commit_interval={:?} shutdown_timeout={:?} kafka_properties=[{}]",
+             spool_max_bytes={} spool_max_records={} spool_min_free_bytes={} upload_workers={} conditional_put={} undecodable={:?} http={} commit_interval={:?} shutdown_timeout={:?} kafka_properties=[{}]",
             self.brokers.join(","),
             self.topics.join(","),
             self.group_id,
@@ -349,6 +356,7 @@ impl Config {
             self.spool_dir.display(),
             self.spool_limits.max_bytes,
             self.spool_limits.max_records,
+            self.spool_limits.min_free_bytes,
             self.upload_workers,
             self.conditional_put,
             self.undecodable,

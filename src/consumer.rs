@@ -166,7 +166,7 @@ impl KafkaConsumer {
         // Registered in the ledger but not yet written to the spool (the write failed).
         let mut unspooled: Vec<Record> = Vec::new();
         let mut spool_failures = 0u32;
-        let mut paused = false;
+        let mut backpressure = Backpressure::new(self.limits);
         let mut last_pause = Instant::now();
         while !shutdown.is_cancelled() {
             let mut wait = Duration::from_millis(100);
@@ -202,38 +202,25 @@ impl KafkaConsumer {
                     }
                 }
             }
-            // Backpressure: pause at the spool's high watermark or while it cannot be written;
-            // resume below the low watermark. Paused partitions keep the group membership alive.
+            // Backpressure (design invariant 5): paused partitions keep the group membership alive.
             let (bytes, records) = (self.spool.byte_count(), self.spool.record_count());
             metrics::gauge!(m::SPOOL_BYTES).set(bytes as f64);
             metrics::gauge!(m::SPOOL_RECORDS).set(records as f64);
-            let want_pause = !unspooled.is_empty()
-                || self.limits.is_full(bytes, records)
-                || (paused && !self.limits.has_room(bytes, records));
+            let state = SpoolState { bytes, records, free: self.spool.available_space(), unwritten: unspooled.len() };
+            let change = backpressure.update(&state);
             // A rebalance may assign partitions that were never paused: pause again now and then.
-            if want_pause != paused || (paused && last_pause.elapsed() >= Duration::from_secs(1)) {
+            if change.is_some() || (backpressure.paused && last_pause.elapsed() >= Duration::from_secs(1)) {
                 let assignment = consumer.assignment()?;
-                if want_pause {
+                if backpressure.paused {
                     consumer.pause(&assignment)?;
                 } else {
                     consumer.resume(&assignment)?;
                 }
-                if want_pause != paused {
-                    tracing::info!(
-                        spool_bytes = bytes,
-                        spool_records = records,
-                        unspooled = unspooled.len(),
-                        "{}",
-                        if want_pause {
-                            "pausing consumption: the spool is full or cannot be written"
-                        } else {
-                            "resuming consumption"
-                        }
-                    );
-                    metrics::gauge!(m::CONSUMER_PAUSED).set(if want_pause { 1.0 } else { 0.0 });
-                }
-                paused = want_pause;
                 last_pause = Instant::now();
+            }
+            if let Some(why) = change {
+                tracing::info!(spool_bytes = bytes, spool_records = records, free_bytes = state.free, "{why}");
+                metrics::gauge!(m::CONSUMER_PAUSED).set(if backpressure.paused { 1.0 } else { 0.0 });
             }
             if last_commit.elapsed() >= self.commit_interval {
                 let positions = self.ledger.lock().expect("ledger lock").to_commit();
@@ -306,5 +293,116 @@ impl KafkaConsumer {
             });
         }
         records
+    }
+}
+
+/// What the spool looks like to the backpressure decision.
+#[derive(Debug, Clone, Copy)]
+struct SpoolState {
+    bytes: u64,
+    records: u64,
+    /// Free space on SPOOL_DIR's file system.
+    free: u64,
+    /// Records registered but not yet written (the spool refused them).
+    unwritten: usize,
+}
+
+/// Decides when consumption pauses and resumes.
+#[derive(Debug)]
+struct Backpressure {
+    limits: SpoolLimits,
+    paused: bool,
+    /// Spool size when a pause for low disk space began.
+    low_disk_at: Option<u64>,
+}
+
+impl Backpressure {
+    fn new(limits: SpoolLimits) -> Backpressure {
+        Backpressure { limits, paused: false, low_disk_at: None }
+    }
+
+    /// Updates the state; returns the reason when it changed.
+    fn update(&mut self, s: &SpoolState) -> Option<String> {
+        let l = self.limits;
+        let low_disk = s.free < l.min_free_bytes;
+        if low_disk && self.low_disk_at.is_none() {
+            self.low_disk_at = Some(s.bytes);
+        }
+        // sled reuses the space of removed records but does not give it back to the file system,
+        // so free space may not return: a spool drained to half of what it held also has room.
+        if let Some(at) = self.low_disk_at
+            && (s.free >= l.min_free_bytes / 4 * 5 || s.bytes <= at / 2)
+        {
+            self.low_disk_at = None;
+        }
+        let reason = if s.unwritten > 0 {
+            Some(format!(
+                "pausing consumption: the spool in SPOOL_DIR cannot be written ({} records wait)",
+                s.unwritten
+            ))
+        } else if self.low_disk_at.is_some() {
+            Some(format!(
+                "pausing consumption: {} MiB free on SPOOL_DIR's disk, below SPOOL_MIN_FREE_BYTES ({} MiB)",
+                s.free >> 20,
+                l.min_free_bytes >> 20
+            ))
+        } else if l.is_full(s.bytes, s.records) || (self.paused && !l.has_room(s.bytes, s.records)) {
+            Some(format!(
+                "pausing consumption: the spool is at its high watermark (SPOOL_MAX_BYTES {} MiB, SPOOL_MAX_RECORDS {})",
+                l.max_bytes >> 20,
+                l.max_records
+            ))
+        } else {
+            None
+        };
+        let pause = reason.is_some();
+        if pause == self.paused {
+            return None;
+        }
+        self.paused = pause;
+        Some(reason.unwrap_or_else(|| "resuming consumption: the spool has room again".to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn limits() -> SpoolLimits {
+        SpoolLimits { max_bytes: 100 * MIB, max_records: 1000, min_free_bytes: 10 * MIB }
+    }
+
+    fn state(bytes: u64, records: u64, free: u64) -> SpoolState {
+        SpoolState { bytes, records, free, unwritten: 0 }
+    }
+
+    #[test]
+    fn pauses_at_the_high_watermark_and_resumes_at_the_low_one() {
+        let mut b = Backpressure::new(limits());
+        assert_eq!(b.update(&state(80 * MIB, 10, u64::MAX)), None);
+        assert!(b.update(&state(90 * MIB, 10, u64::MAX)).unwrap().contains("high watermark"));
+        assert_eq!(b.update(&state(71 * MIB, 10, u64::MAX)), None, "still above the low watermark");
+        assert!(b.update(&state(70 * MIB, 10, u64::MAX)).unwrap().starts_with("resuming"));
+        assert!(b.update(&state(0, 900, u64::MAX)).unwrap().contains("SPOOL_MAX_RECORDS"));
+    }
+
+    #[test]
+    fn pauses_while_the_spool_cannot_be_written() {
+        let mut b = Backpressure::new(limits());
+        assert!(b.update(&SpoolState { unwritten: 5, ..state(0, 0, u64::MAX) }).unwrap().contains("cannot be written"));
+        assert!(b.update(&state(0, 0, u64::MAX)).unwrap().starts_with("resuming"));
+    }
+
+    #[test]
+    fn low_disk_resumes_on_free_space_or_a_drained_spool() {
+        let mut b = Backpressure::new(limits());
+        assert!(b.update(&state(40 * MIB, 10, 9 * MIB)).unwrap().contains("SPOOL_MIN_FREE_BYTES"));
+        assert_eq!(b.update(&state(30 * MIB, 10, 11 * MIB)), None, "hysteresis: 12.5 MiB needed");
+        assert!(b.update(&state(30 * MIB, 10, 13 * MIB)).unwrap().starts_with("resuming"));
+        // The disk stays full (sled keeps its file), but the spool drained to half: room again.
+        assert!(b.update(&state(40 * MIB, 10, 9 * MIB)).is_some());
+        assert!(b.update(&state(20 * MIB, 10, 9 * MIB)).unwrap().starts_with("resuming"));
     }
 }

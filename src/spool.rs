@@ -198,6 +198,7 @@ pub fn decode_entry(key: &SpoolKey, raw: &[u8]) -> Result<Record, SpoolError> {
 /// The spool: a sled database with one tree of records.
 #[derive(Debug)]
 pub struct Spool {
+    dir: std::path::PathBuf,
     db: sled::Db,
     records: sled::Tree,
     /// Partition prefixes that have (or recently had) records.
@@ -224,6 +225,7 @@ impl Spool {
             partitions.insert(key.prefix().to_vec());
         }
         Ok(Spool {
+            dir: dir.to_path_buf(),
             db,
             records,
             partitions: Mutex::new(partitions),
@@ -318,6 +320,11 @@ impl Spool {
 
     pub fn byte_count(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Free space on the spool's file system (`u64::MAX` when it cannot be read).
+    pub fn available_space(&self) -> u64 {
+        fs4::available_space(&self.dir).unwrap_or(u64::MAX)
     }
 
     /// Makes every earlier write durable.

@@ -57,7 +57,7 @@ class Archiver:
         self.log = open(self.log_path, "wb")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "S3_", "AWS_"))}
         env.update(self.env)
-        env.setdefault("RUST_LOG", "info")
+        env.setdefault("RUST_LOG", "info,object_store=warn")
         self.started = time.time()
         self.proc = subprocess.Popen([str(self.binary)], cwd=self.workdir, env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT)
@@ -66,11 +66,15 @@ class Archiver:
     def metrics(self):
         return testbed.scrape(self.rest_port)
 
-    def archived(self):
+    def metric(self, name, default=0):
+        """One value from /metrics; `default` while the endpoint is not up yet."""
         try:
-            return self.metrics().get("kafka_s3_archiver_records_archived_total", 0)
+            return self.metrics().get(name, default)
         except OSError:
-            return 0
+            return default
+
+    def archived(self):
+        return self.metric("kafka_s3_archiver_records_archived_total")
 
     def wait_archived(self, n, timeout=120):
         deadline = time.time() + timeout

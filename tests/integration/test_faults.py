@@ -6,6 +6,8 @@ is exact. OUTAGE_SECONDS (default 20 in CI; the full run uses 60) sets the outag
 """
 import os
 import random
+import shutil
+import subprocess
 import threading
 import time
 import uuid
@@ -133,3 +135,46 @@ def test_broker_restart_under_load_loses_and_duplicates_nothing(moto, garage, ru
               f"all committed {recovered:.1f}s after the broker went down; lost=0 duplicate=0 extra=0")
     finally:
         broker.stop()
+
+
+def test_full_spool_disk_pauses_and_loses_nothing(broker, garage, run_archiver, tmp_path):
+    """SPOOL_DIR on a small file system (tmpfs, 48 MiB): with the store down the spool grows until
+    free space falls under SPOOL_MIN_FREE_BYTES; consumption pauses with a log line saying so, and
+    resumes once the store is back and the spool drains."""
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(disk)], check=True)
+    try:
+        run = uuid.uuid4().hex[:8]
+        topic, group, name = f"disk.{run}", f"disk-{run}", f"disk-{run}"
+        broker.create_topic(topic, 2)
+        garage.create_bucket(name)
+        proxy = testbed.TcpProxy(garage.s3_port)
+        proxy.down()
+        a = run_archiver(BROKER_HOSTNAME=broker.bootstrap, KAFKA_TOPIC=topic, GROUP_ID=group, SPOOL_DIR=disk / "spool",
+                         SPOOL_MIN_FREE_BYTES="32MiB", S3_BUCKET_NAME=name, S3_ENDPOINT_URL=proxy.endpoint,
+                         AWS_ACCESS_KEY_ID=testbed.ACCESS_KEY, AWS_SECRET_KEY=testbed.SECRET_KEY)
+        producer = SteadyProducer(broker.bootstrap, topic, 2, rate=1000)
+        producer.start()
+        deadline = time.time() + 60
+        while a.metric("kafka_s3_archiver_consumer_paused") != 1:
+            assert time.time() < deadline and a.proc.poll() is None, a.logs()
+            time.sleep(0.5)
+        free = shutil.disk_usage(disk).free
+        time.sleep(5)
+        assert shutil.disk_usage(disk).free >= free - (2 << 20), "the spool kept growing while paused"
+        assert "below SPOOL_MIN_FREE_BYTES" in a.log_path.read_text()
+        proxy.up()
+        time.sleep(3)
+        producer.stop_event.set()
+        producer.join()
+        records = oracle.read_topic(broker.bootstrap, topic, producer.count)
+        ends = oracle.end_offsets(records)
+        assert wait_committed(broker.bootstrap, group, topic, ends, timeout=240) == ends, a.logs()
+        assert a.stop() == 0, a.logs()
+        expected, reasons = oracle.expected_objects(topic, records)
+        check_archive(Bucket("garage", server=garage, name=name), expected, reasons)
+        print(f"\nDISK FULL: paused with {free >> 20} MiB free of 48 MiB; {producer.count} records archived after "
+              f"the store returned; lost=0 duplicate=0 extra=0")
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
