@@ -220,21 +220,6 @@ async fn upload_record(shared: &Shared, key: &SpoolKey, record: Record) -> Resul
             });
         }
     };
-    if let Some(why) = &undecodable {
-        metrics::counter!(m::UNDECODABLE_RECORDS, "reason" => why.label()).increment(1);
-        let first =
-            shared.logged.lock().expect("log lock").insert((record.topic.clone(), record.partition, why.label()));
-        if first {
-            let action = match up.policy {
-                UndecodablePolicy::Raw => "archived raw as the payload",
-                _ => "stored under errors/ with a reason object",
-            };
-            tracing::warn!(
-                topic = %record.topic, partition = record.partition, offset = record.offset, reason = %why,
-                "undecodable record {action}; further such records of this partition are counted, not logged"
-            );
-        }
-    }
     if matches!(record.time, crate::spool::RecordTime::Consumed(_)) {
         metrics::counter!(m::RECORDS_WITHOUT_TIMESTAMP).increment(1);
     }
@@ -251,6 +236,9 @@ async fn upload_record(shared: &Shared, key: &SpoolKey, record: Record) -> Resul
             }
         }
     }
+    if let Some(why) = &undecodable {
+        log_undecodable(shared, &record, why);
+    }
     up.spool.remove(key)?;
     up.ledger.lock().expect("ledger lock").complete(&(record.topic, record.partition), record.offset);
     metrics::counter!(m::RECORDS_ARCHIVED).increment(1);
@@ -261,6 +249,22 @@ async fn upload_record(shared: &Shared, key: &SpoolKey, record: Record) -> Resul
 pub const MULTIPART_THRESHOLD: usize = 16 << 20;
 /// Part size of a multipart upload (S3 wants at least 5 MiB per part but the last).
 const PART_SIZE: usize = 8 << 20;
+
+/// Counts an undecodable record once stored; logs the first of each kind per partition.
+fn log_undecodable(shared: &Shared, record: &Record, why: &Undecodable) {
+    metrics::counter!(m::UNDECODABLE_RECORDS, "reason" => why.label()).increment(1);
+    let first = shared.logged.lock().expect("log lock").insert((record.topic.clone(), record.partition, why.label()));
+    if first {
+        let action = match shared.up.policy {
+            UndecodablePolicy::Raw => "archived raw as the payload",
+            _ => "stored under errors/ with a reason object",
+        };
+        tracing::warn!(
+            topic = %record.topic, partition = record.partition, offset = record.offset, reason = %why,
+            "undecodable record {action}; further such records of this partition are counted, not logged"
+        );
+    }
+}
 
 /// How a PUT ended.
 #[derive(Debug)]
@@ -330,7 +334,12 @@ async fn put_until_stored(shared: &Shared, object: Object, conditional: bool) ->
                     Duration::from_millis(100).saturating_mul(1 << attempt.min(9)).min(Duration::from_secs(10));
                 let wait = ceiling.mul_f64(rand::rng().random_range(0.5..=1.0));
                 if attempt == 1 || attempt.is_power_of_two() {
-                    tracing::warn!(key = %object.key, attempt, reason, error = %e, retry_in = ?wait, "upload failed; retrying");
+                    match fix_for(reason) {
+                        Some(fix) => tracing::error!(key = %object.key, attempt, reason, error = %e, retry_in = ?wait,
+                            "upload refused: {fix}; retrying until it is accepted"),
+                        None => tracing::warn!(key = %object.key, attempt, reason, error = %e, retry_in = ?wait,
+                            "upload failed; retrying"),
+                    }
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
@@ -353,6 +362,20 @@ async fn put_multipart(store: &dyn ObjectStore, path: &Path, payload: &PutPayloa
         writer.put(chunk.clone());
     }
     writer.finish().await.map(drop)
+}
+
+/// What the operator should check for an error that retrying alone will not fix.
+fn fix_for(reason: &str) -> Option<&'static str> {
+    match reason {
+        "permission_denied" => Some(
+            "the store denied access (403): check AWS_ACCESS_KEY_ID / AWS_SECRET_KEY and that the key may write to S3_BUCKET_NAME",
+        ),
+        "unauthenticated" => {
+            Some("the store did not accept the credentials (401): check AWS_ACCESS_KEY_ID / AWS_SECRET_KEY")
+        }
+        "not_found" => Some("the bucket was not found (404): create S3_BUCKET_NAME or correct it"),
+        _ => None,
+    }
 }
 
 /// A bounded label for an object store error.

@@ -55,3 +55,33 @@ def test_https_store_with_a_private_ca_and_no_secret_in_logs_or_http(broker, gar
         assert secret not in logs, "a secret is in the log"  # ...without its secrets
         assert all(secret not in r for r in responses), "a secret is in an HTTP response"
     assert testbed.ACCESS_KEY not in logs
+
+
+def test_refused_credentials_are_reported_and_nothing_is_lost(broker, garage, run_archiver, tmp_path):
+    """A wrong secret key: uploads are refused (403), the log says what to check, nothing is
+    committed; after a restart with the right key the spooled records are archived."""
+    run = uuid.uuid4().hex[:8]
+    topic, group, name = f"auth.{run}", f"auth-{run}", f"auth-{run}"
+    broker.create_topic(topic, 1)
+    garage.create_bucket(name)
+    produce_raw(broker.bootstrap, topic, [(0, v3_message(1650250000123456 + i, b"x" * i), 1795545116000 + i)
+                                          for i in range(5)])
+    records = oracle.read_topic(broker.bootstrap, topic, 5)
+    env = dict(BROKER_HOSTNAME=broker.bootstrap, KAFKA_TOPIC=topic, GROUP_ID=group, SPOOL_DIR=tmp_path / "spool",
+               S3_BUCKET_NAME=name, S3_ENDPOINT_URL=garage.endpoint, AWS_ACCESS_KEY_ID=testbed.ACCESS_KEY)
+    a = run_archiver(AWS_SECRET_KEY="0" * 64, **env)
+    deadline = time.time() + 30
+    while "upload refused" not in a.log_path.read_text():
+        assert time.time() < deadline, a.logs()
+        time.sleep(0.5)
+    assert a.archived() == 0
+    assert a.stop() == 0, a.logs()
+    logs = a.log_path.read_text()
+    assert "ERROR" in logs and "check AWS_ACCESS_KEY_ID / AWS_SECRET_KEY" in logs, logs[-3000:]
+    assert oracle.committed(broker.bootstrap, group, topic, [0])[0] < 0, "nothing may be committed"
+
+    a = run_archiver(AWS_SECRET_KEY=testbed.SECRET_KEY, **env)
+    a.wait_archived(5)
+    assert a.stop() == 0, a.logs()
+    expected, reasons = oracle.expected_objects(topic, records)
+    check_archive(Bucket("garage", server=garage, name=name), expected, reasons)
