@@ -367,6 +367,37 @@ impl Backpressure {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Settings;
+
+    #[test]
+    fn tls_and_sasl_properties_are_accepted_by_librdkafka() {
+        // librdkafka refuses these at configuration time when built without OpenSSL or SASL.
+        for (protocol, mechanism) in
+            [("SASL_SSL", "SCRAM-SHA-512"), ("SASL_SSL", "SCRAM-SHA-256"), ("SASL_PLAINTEXT", "PLAIN")]
+        {
+            let env = vec![
+                ("KAFKA_PROPERTY_SECURITY_PROTOCOL".to_string(), protocol.to_string()),
+                ("KAFKA_PROPERTY_SASL_MECHANISM".to_string(), mechanism.to_string()),
+                ("KAFKA_PROPERTY_SASL_USERNAME".to_string(), "archiver".to_string()),
+                ("KAFKA_PROPERTY_SASL_PASSWORD".to_string(), "secret".to_string()),
+            ];
+            let s =
+                Settings { broker_hostname: Some("kafka".into()), kafka_topic: Some("t".into()), ..Default::default() };
+            let config = Config::from_settings(&s, &env).unwrap();
+            client_config(&config).unwrap_or_else(|e| panic!("{protocol}/{mechanism}: {e}"));
+        }
+        let env = vec![("KAFKA_PROPERTY_SECURITY_PROTOCOL".to_string(), "SSL".to_string())];
+        let s = Settings {
+            broker_hostname: Some("kafka".into()),
+            kafka_topic: Some("t".into()),
+            kafka_property: vec!["ssl.endpoint.identification.algorithm=https".into()],
+            ..Default::default()
+        };
+        client_config(&Config::from_settings(&s, &env).unwrap()).unwrap();
+        let bad = Settings { kafka_property: vec!["no.such.property=1".into()], ..s };
+        let err = client_config(&Config::from_settings(&bad, &[]).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("no.such.property"), "{err}");
+    }
 
     const MIB: u64 = 1 << 20;
 
