@@ -62,8 +62,8 @@ def end_offsets(records):
     return ends
 
 
-def committed(bootstrap, group, topic, partitions):
-    c = ck.Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+def committed(bootstrap, group, topic, partitions, **conf):
+    c = ck.Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False, **conf})
     try:
         got = c.committed([ck.TopicPartition(topic, p) for p in partitions], timeout=10)
         return {tp.partition: tp.offset for tp in got}

@@ -5,6 +5,8 @@ import urllib.error
 import urllib.request
 import uuid
 
+import confluent_kafka as ck
+
 import oracle
 import testbed
 from test_archive import Bucket, check_archive, produce_raw, v3_message
@@ -85,3 +87,37 @@ def test_refused_credentials_are_reported_and_nothing_is_lost(broker, garage, ru
     assert a.stop() == 0, a.logs()
     expected, reasons = oracle.expected_objects(topic, records)
     check_archive(Bucket("garage", server=garage, name=name), expected, reasons)
+
+
+def test_kafka_over_tls_with_a_private_ca(run_archiver, tmp_path):
+    """The broker is reached only through TLS (a TLS proxy that the broker advertises), with a
+    private CA given to librdkafka through KAFKA_PROPERTY_SSL_CA_LOCATION."""
+    ca, cert, key = testbed.make_ca_and_cert(tmp_path)
+    tls_port = testbed.free_port()
+    broker = testbed.Tansu(advertised_port=tls_port)
+    proxy = testbed.TcpProxy(broker.port, tls=(str(cert), str(key)), port=tls_port)
+    try:
+        tls = {"security.protocol": "SSL", "ssl.ca.location": str(ca)}
+        bootstrap = f"127.0.0.1:{tls_port}"
+        topic, group = f"tls.{uuid.uuid4().hex[:8]}", "tls-archiver"
+        broker.create_topic(topic, 2)
+        delivered = []
+        p = ck.Producer({"bootstrap.servers": bootstrap, **tls})
+        for i in range(10):
+            value = v3_message(1650250000123456 + i, f"over tls {i}".encode())
+            p.produce(topic, value=value, partition=i % 2, timestamp=1795545116000 + i,
+                      on_delivery=lambda err, m: delivered.append((m.partition(), m.offset(), m.timestamp()[1], m.value(), None)))
+        assert p.flush(30) == 0 and len(delivered) == 10
+        expected, reasons = oracle.expected_objects(topic, sorted(delivered))
+
+        a = run_archiver(BROKER_HOSTNAME=bootstrap, KAFKA_TOPIC=topic, GROUP_ID=group, SPOOL_DIR=tmp_path / "spool",
+                         ARCHIVE_DIR=tmp_path / "data", KAFKA_PROPERTY_SECURITY_PROTOCOL="SSL",
+                         KAFKA_PROPERTY_SSL_CA_LOCATION=ca)
+        a.wait_archived(10)
+        assert a.stop() == 0, a.logs()
+        check_archive(Bucket("local", root=tmp_path / "data"), expected, reasons)
+        ends = oracle.end_offsets(delivered)
+        assert oracle.committed(bootstrap, group, topic, list(ends), **tls) == ends
+    finally:
+        proxy.down()
+        broker.stop()

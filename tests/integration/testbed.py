@@ -75,10 +75,12 @@ class Tansu(Server):
     """A Kafka-compatible broker: in-memory storage, or kept in an S3 bucket (`s3_store`, a Moto)
     so that it survives a restart."""
 
-    def __init__(self, s3_store=None):
+    def __init__(self, s3_store=None, advertised_port=None):
+        """advertised_port: the port clients are told to use (a TLS proxy in front of this one)."""
         super().__init__()
         self.port = free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
+        self.advertised = f"tcp://127.0.0.1:{advertised_port or self.port}"
         self.env, self.storage = dict(os.environ), []
         if s3_store is not None:
             s3_store.create_bucket("tansu")
@@ -89,8 +91,8 @@ class Tansu(Server):
 
     def start(self):
         url = f"tcp://127.0.0.1:{self.port}"
-        self.spawn([str(tansu_path()), "broker", "--listener-url", url, "--advertised-listener-url", url, *self.storage],
-                   env=self.env)
+        self.spawn([str(tansu_path()), "broker", "--listener-url", url, "--advertised-listener-url", self.advertised,
+                    *self.storage], env=self.env)
         wait_for_port(self.port, self.proc, "tansu")
 
     def restart(self, down_seconds):
@@ -209,11 +211,11 @@ class TcpProxy:
     """A TCP proxy on loopback in front of a server; down() refuses and cuts connections, up()
     serves again on the same port: a store outage as the archiver sees it."""
 
-    def __init__(self, upstream_port, tls=None):
-        """tls: (certfile, keyfile) to serve HTTPS in front of a plain HTTP server."""
+    def __init__(self, upstream_port, tls=None, port=None):
+        """tls: (certfile, keyfile) to serve TLS in front of a plain server; port: where to listen."""
         import ssl
         import threading
-        self.upstream_port, self.port = upstream_port, free_port()
+        self.upstream_port, self.port = upstream_port, port or free_port()
         self.tls = None
         if tls:
             self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
