@@ -27,8 +27,11 @@ struct Slot {
 struct PartitionState {
     assigned: bool,
     slots: BTreeMap<i64, Slot>,
-    /// The last position committed (or known committed) for this assignment.
+    /// The last position sent to Kafka for this assignment.
     committed: Option<i64>,
+    /// The last position Kafka confirmed; a failed commit falls back to it, so the position is
+    /// sent again even if no new record arrives.
+    acked: Option<i64>,
     /// One past the highest offset delivered in this assignment.
     next_delivery: Option<i64>,
     /// The first offset delivered in this assignment: where the group's committed offset was.
@@ -62,6 +65,7 @@ impl Ledger {
         let p = self.partitions.entry(tp.clone()).or_default();
         p.assigned = true;
         p.committed = None;
+        p.acked = None;
         p.next_delivery = None;
         p.start = None;
     }
@@ -72,6 +76,7 @@ impl Ledger {
         if let Some(p) = self.partitions.get_mut(tp) {
             p.assigned = false;
             p.committed = None;
+            p.acked = None;
             p.next_delivery = None;
             p.start = None;
             p.slots.retain(|_, s| !s.done);
@@ -156,9 +161,23 @@ impl Ledger {
         self.partitions.values().map(|p| p.slots.values().filter(|s| !s.done).count()).sum()
     }
 
-    /// The last committed position of a partition in this assignment, if any.
+    /// Kafka confirmed a commit.
+    pub fn commit_succeeded(&mut self, tp: &Tp, position: i64) {
+        if let Some(p) = self.partitions.get_mut(tp).filter(|p| p.assigned) {
+            p.acked = Some(p.acked.map_or(position, |a| a.max(position)));
+        }
+    }
+
+    /// A commit failed: the partition's position will be sent again at the next commit.
+    pub fn commit_failed(&mut self, tp: &Tp) {
+        if let Some(p) = self.partitions.get_mut(tp) {
+            p.committed = p.acked;
+        }
+    }
+
+    /// The last position Kafka confirmed for a partition in this assignment, if any.
     pub fn committed(&self, tp: &Tp) -> Option<i64> {
-        self.partitions.get(tp).and_then(|p| p.committed)
+        self.partitions.get(tp).and_then(|p| p.acked)
     }
 }
 
@@ -233,6 +252,22 @@ mod tests {
         assert_eq!(l.to_commit(), vec![(tp(), 8)]);
         l.complete(&tp(), 8);
         assert_eq!(l.to_commit(), vec![(tp(), 9)]);
+    }
+
+    #[test]
+    fn a_failed_commit_is_sent_again_without_new_records() {
+        let mut l = Ledger::new();
+        l.assign(&tp());
+        l.deliver(&tp(), 0, false);
+        l.complete(&tp(), 0);
+        assert_eq!(l.to_commit(), vec![(tp(), 1)]);
+        assert!(l.to_commit().is_empty(), "sent, waiting for the answer");
+        l.commit_failed(&tp());
+        assert_eq!(l.to_commit(), vec![(tp(), 1)], "sent again although nothing new arrived");
+        l.commit_succeeded(&tp(), 1);
+        assert_eq!(l.committed(&tp()), Some(1));
+        l.commit_failed(&tp()); // a late failure of an older commit
+        assert!(l.to_commit().is_empty(), "1 is confirmed: nothing to resend");
     }
 
     #[test]

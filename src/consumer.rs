@@ -100,9 +100,23 @@ impl ConsumerContext for ArchiverContext {
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        if let Err(e) = result {
-            metrics::counter!(m::COMMIT_ERRORS).increment(1);
-            tracing::warn!(error = %e, partitions = %describe(&tps_of(offsets)), "offset commit failed; it is retried with the next commit");
+        let mut ledger = self.ledger.lock().expect("ledger lock");
+        match result {
+            Ok(()) => {
+                for e in offsets.elements() {
+                    if let Offset::Offset(position) = e.offset() {
+                        ledger.commit_succeeded(&(e.topic().to_string(), e.partition()), position);
+                    }
+                }
+            }
+            Err(e) => {
+                let tps = tps_of(offsets);
+                for tp in &tps {
+                    ledger.commit_failed(tp);
+                }
+                metrics::counter!(m::COMMIT_ERRORS).increment(1);
+                tracing::warn!(error = %e, partitions = %describe(&tps), "offset commit failed; it is sent again at the next commit");
+            }
         }
     }
 }
@@ -123,14 +137,24 @@ fn commit(consumer: &BaseConsumer<ArchiverContext>, positions: &[(Tp, i64)], mod
             return;
         }
     }
-    match consumer.commit(&tpl, mode) {
+    let result = consumer.commit(&tpl, mode);
+    let mut ledger = consumer.context().ledger.lock().expect("ledger lock");
+    match result {
         Ok(()) => {
             metrics::counter!(m::COMMITS).increment(1);
             tracing::debug!(?positions, "committed");
+            if matches!(mode, CommitMode::Sync) {
+                for (tp, position) in positions {
+                    ledger.commit_succeeded(tp, *position);
+                }
+            }
         }
         Err(e) => {
+            for (tp, _) in positions {
+                ledger.commit_failed(tp);
+            }
             metrics::counter!(m::COMMIT_ERRORS).increment(1);
-            tracing::warn!(error = %e, "offset commit failed; it is retried with the next commit");
+            tracing::warn!(error = %e, "offset commit failed; it is sent again at the next commit");
         }
     }
 }

@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -52,6 +53,7 @@ class Archiver:
         self.log_path = self.workdir / f"archiver-{time.time_ns()}.log"
         self.proc = None
         self.started = None
+        self.peak_rss = self.peak_spool = 0
 
     def start(self):
         self.log = open(self.log_path, "wb")
@@ -61,7 +63,18 @@ class Archiver:
         self.started = time.time()
         self.proc = subprocess.Popen([str(self.binary)], cwd=self.workdir, env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT)
+        threading.Thread(target=self._sample, daemon=True).start()
         return self
+
+    def _sample(self):
+        """Peak RSS and spool size while the process runs."""
+        while self.proc.poll() is None:
+            try:
+                self.peak_rss = max(self.peak_rss, testbed.rss_bytes(self.proc.pid))
+            except OSError:
+                return
+            self.peak_spool = max(self.peak_spool, self.metric("kafka_s3_archiver_spool_bytes"))
+            time.sleep(0.5)
 
     def metrics(self):
         return testbed.scrape(self.rest_port)

@@ -3,9 +3,11 @@
 import json
 import os
 import random
+import re
 import subprocess
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import confluent_kafka as ck
@@ -89,6 +91,28 @@ def bucket(request, tmp_path):
     name = f"archive-{uuid.uuid4().hex[:12]}"
     server.create_bucket(name)
     return Bucket(kind, server=server, name=name)
+
+
+KEY = re.compile(r"^(topics|errors)/([^/]+)/year=\d{4}/month=\d\d/day=\d\d/hour=\d\d/\2\+(\d+)\+(\d{10,})")
+
+
+def audit(got, expected, reasons):
+    """(lost, duplicate, extra, wrong): objects missing; offsets with more than their two objects;
+    objects not expected; objects with other bytes."""
+    lost = len(set(expected) - set(got))
+    extra = len(set(got) - set(expected) - reasons)
+    wrong = sum(1 for k in set(expected) & set(got) if got[k] != expected[k])
+    per_offset = Counter(KEY.match(k).group(2, 3, 4) for k in got if KEY.match(k))
+    duplicate = sum(1 for n in per_offset.values() if n > 2)
+    return lost, duplicate, extra, wrong
+
+
+def summary(name, records, got, expected, reasons, archivers, recover_s):
+    lost, duplicate, extra, wrong = audit(got, expected, reasons)
+    print(f"\nSUMMARY {name}: records={records} objects={len(got)} lost={lost} duplicate={duplicate} extra={extra} "
+          f"wrong={wrong} peak_rss={max(a.peak_rss for a in archivers) / 2**20:.1f}MiB "
+          f"peak_spool={max(a.peak_spool for a in archivers) / 2**20:.1f}MiB recover={recover_s:.1f}s")
+    return lost, duplicate, extra, wrong
 
 
 def check_archive(bucket, expected, reasons):

@@ -16,7 +16,7 @@ import confluent_kafka as ck
 
 import oracle
 import testbed
-from test_archive import Bucket, check_archive, v3_message, wait_committed
+from test_archive import Bucket, check_archive, summary, v3_message, wait_committed
 
 
 class SteadyProducer(threading.Thread):
@@ -83,7 +83,8 @@ def test_store_outage_pauses_at_the_spool_bound_and_drains_after(broker, garage,
     catch_up = time.time() - t_up
     assert a.stop() == 0, a.logs()
     expected, reasons = oracle.expected_objects(topic, records)
-    check_archive(bucket, expected, reasons)
+    got = check_archive(bucket, expected, reasons)
+    summary(f"store outage {outage}s", producer.count, got, expected, reasons, [a], catch_up)
 
     peak_spool = max(s[1] for s in samples)
     paused_at = next((s[0] for s in samples if s[3] == 1), None)
@@ -119,19 +120,22 @@ def test_broker_restart_under_load_loses_and_duplicates_nothing(moto, garage, ru
         before = a.archived()
         assert before > 0, a.logs()
         t_down = time.time()
-        broker.restart(down_seconds=5)
+        broker.restart(down_seconds=8)  # longer than the 6 s session: revoke, rejoin, reassign
         time.sleep(8)
         producer.stop_event.set()
         producer.join()
         assert producer.error is None, producer.error
         records = oracle.read_topic(broker.bootstrap, topic, producer.count)
         ends = oracle.end_offsets(records)
-        assert wait_committed(broker.bootstrap, group, topic, ends, timeout=120) == ends, a.logs()
+        got = wait_committed(broker.bootstrap, group, topic, ends, timeout=120)
+        assert got == ends, f"committed {got} != ends {ends}; archived {a.archived()}; consumed " \
+            f"{a.metric('kafka_s3_archiver_records_consumed_total')}\n{a.logs()}"
         recovered = time.time() - t_down
         assert a.stop() == 0, a.logs()
         expected, reasons = oracle.expected_objects(topic, records)
-        check_archive(bucket, expected, reasons)
-        print(f"\nBROKER RESTART: down 5s under 100 records/s; {before:.0f} archived before, {producer.count} in all; "
+        got = check_archive(bucket, expected, reasons)
+        summary("broker restart 8s", producer.count, got, expected, reasons, [a], recovered)
+        print(f"\nBROKER RESTART: down 8s under 100 records/s; {before:.0f} archived before, {producer.count} in all; "
               f"all committed {recovered:.1f}s after the broker went down; lost=0 duplicate=0 extra=0")
     finally:
         broker.stop()
@@ -165,6 +169,7 @@ def test_full_spool_disk_pauses_and_loses_nothing(broker, garage, run_archiver, 
         assert shutil.disk_usage(disk).free >= free - (2 << 20), "the spool kept growing while paused"
         assert "below SPOOL_MIN_FREE_BYTES" in a.log_path.read_text()
         proxy.up()
+        t_up = time.time()
         time.sleep(3)
         producer.stop_event.set()
         producer.join()
@@ -173,7 +178,8 @@ def test_full_spool_disk_pauses_and_loses_nothing(broker, garage, run_archiver, 
         assert wait_committed(broker.bootstrap, group, topic, ends, timeout=240) == ends, a.logs()
         assert a.stop() == 0, a.logs()
         expected, reasons = oracle.expected_objects(topic, records)
-        check_archive(Bucket("garage", server=garage, name=name), expected, reasons)
+        got = check_archive(Bucket("garage", server=garage, name=name), expected, reasons)
+        summary("spool disk full", producer.count, got, expected, reasons, [a], time.time() - t_up)
         print(f"\nDISK FULL: paused with {free >> 20} MiB free of 48 MiB; {producer.count} records archived after "
               f"the store returned; lost=0 duplicate=0 extra=0")
     finally:

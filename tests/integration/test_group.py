@@ -8,7 +8,7 @@ import uuid
 
 import oracle
 import testbed
-from test_archive import Bucket, check_archive, wait_committed
+from test_archive import Bucket, check_archive, summary, wait_committed
 from test_faults import SteadyProducer
 
 
@@ -34,6 +34,7 @@ def test_three_instances_share_the_topic_and_survive_losing_one(broker, garage, 
     shares = [m.archived() for m in members]
 
     victim = members.pop(random.Random(8).randrange(3))
+    t_kill = time.time()
     victim.proc.send_signal(signal.SIGKILL)
     victim.proc.wait()
     before = [m.archived() for m in members]
@@ -45,11 +46,13 @@ def test_three_instances_share_the_topic_and_survive_losing_one(broker, garage, 
     records = oracle.read_topic(broker.bootstrap, topic, producer.count)
     ends = oracle.end_offsets(records)
     assert wait_committed(broker.bootstrap, group, topic, ends, timeout=120) == ends, members[0].logs()
+    recover_s = time.time() - t_kill
     after = [m.archived() for m in members]
     for m in members:
         assert m.stop() == 0, m.logs()
     expected, reasons = oracle.expected_objects(topic, records)
-    check_archive(bucket, expected, reasons)
+    got = check_archive(bucket, expected, reasons)
+    summary("scale-out 3 instances, 1 killed", producer.count, got, expected, reasons, members + [victim], recover_s)
     print(f"\nGROUP: 3 instances on {partitions} partitions, archived {shares} each before one was killed; "
           f"the 2 survivors went from {before} to {after}; {producer.count} records, archive exact, "
           f"committed == end offsets")
