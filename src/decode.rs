@@ -156,6 +156,32 @@ fn read_long(buf: &[u8], pos: &mut usize) -> Result<i64, Undecodable> {
     Err(Undecodable::Malformed("varint longer than 10 bytes"))
 }
 
+/// Encodes a SINETStream message: v3 with key version 0 (the default since SINETStream 1.6), or
+/// v2. The inverse of [`decode`]; used to re-create messages from an archive, and by tests.
+pub fn encode(tstamp_us: i64, msg: &[u8], format: Format) -> Vec<u8> {
+    let mut out = Vec::with_capacity(6 + 10 + 20 + msg.len());
+    if format == Format::V3 {
+        out.extend_from_slice(&V3_MARKER);
+        out.extend_from_slice(&[0, 0]);
+    }
+    out.extend_from_slice(&V2_MARKER);
+    out.extend_from_slice(&SCHEMA_FINGERPRINT);
+    write_long(&mut out, tstamp_us);
+    write_long(&mut out, msg.len() as i64);
+    out.extend_from_slice(msg);
+    out
+}
+
+/// Writes an Avro long: zigzag, then base-128 varint.
+pub fn write_long(out: &mut Vec<u8>, v: i64) {
+    let mut n = ((v << 1) ^ (v >> 63)) as u64;
+    while n >= 0x80 {
+        out.push((n as u8 & 0x7F) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
 fn hex_string(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(" ")
 }
@@ -165,26 +191,13 @@ mod tests {
     use super::*;
 
     fn zigzag(v: i64) -> Vec<u8> {
-        let mut n = ((v << 1) ^ (v >> 63)) as u64;
         let mut out = Vec::new();
-        loop {
-            let b = (n & 0x7F) as u8;
-            n >>= 7;
-            if n == 0 {
-                out.push(b);
-                return out;
-            }
-            out.push(b | 0x80);
-        }
+        write_long(&mut out, v);
+        out
     }
 
     fn v2(tstamp: i64, msg: &[u8]) -> Vec<u8> {
-        let mut v = V2_MARKER.to_vec();
-        v.extend_from_slice(&SCHEMA_FINGERPRINT);
-        v.extend(zigzag(tstamp));
-        v.extend(zigzag(msg.len() as i64));
-        v.extend_from_slice(msg);
-        v
+        encode(tstamp, msg, Format::V2)
     }
 
     #[test]
@@ -199,9 +212,8 @@ mod tests {
 
     #[test]
     fn v3_with_key_version_zero_wraps_v2() {
-        let mut value = V3_MARKER.to_vec();
-        value.extend([0, 0]);
-        value.extend(v2(7, b"hello"));
+        let value = encode(7, b"hello", Format::V3);
+        assert_eq!(value[..6], [0xDF, 0x03, 0, 0, 0, 0]);
         let m = decode(&value).unwrap();
         assert_eq!(m.format, Format::V3);
         assert_eq!(&value[m.msg], b"hello");

@@ -182,7 +182,13 @@ impl Uploader {
                 },
                 _ = &mut deadline => {
                     tracing::warn!(in_flight = tasks.len(), "shutdown timeout: abandoning uploads in flight; their records stay in the spool");
+                    // Retrying uploads stop at once (their records stay); a PUT still on the wire
+                    // gets a moment, then is aborted.
                     shared.abandon.cancel();
+                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                        while tasks.join_next().await.is_some() {}
+                    })
+                    .await;
                     tasks.abort_all();
                     while tasks.join_next().await.is_some() {}
                     break;
@@ -225,14 +231,21 @@ async fn upload_record(shared: &Shared, key: &SpoolKey, record: Record) -> Resul
     }
     let conditional = up.conditional_put;
     let stored = futures::future::join_all(objects.into_iter().map(|o| put_until_stored(shared, o, conditional))).await;
+    let stored = stored.into_iter().collect::<Result<Vec<_>, _>>()?;
+    if stored.iter().any(|s| matches!(s, Stored::Abandoned)) {
+        // Not stored: the record must stay in the spool and hold the commit back.
+        return Ok(());
+    }
     for outcome in stored {
-        if let Stored::Conflict(object) = outcome? {
+        if let Stored::Conflict(object) = outcome {
             // Write-once and the key holds other bytes: keep them, and keep ours beside them.
             metrics::counter!(m::UPLOAD_CONFLICTS).increment(1);
             tracing::error!(key = %object.key,
                 "conflict: the object exists with other bytes; it is kept, and the archiver's bytes go under errors/");
             for o in up.layout.conflict(&object) {
-                put_until_stored(shared, o, false).await?;
+                if matches!(put_until_stored(shared, o, false).await?, Stored::Abandoned) {
+                    return Ok(());
+                }
             }
         }
     }
@@ -273,6 +286,8 @@ enum Stored {
     Done,
     /// Write-once, and the key already holds other bytes.
     Conflict(Object),
+    /// Given up at the shutdown timeout: not stored. The record stays in the spool, uncommitted.
+    Abandoned,
 }
 
 /// Stores one object, retrying with exponential backoff and jitter until it is stored.
@@ -343,7 +358,7 @@ async fn put_until_stored(shared: &Shared, object: Object, conditional: bool) ->
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
-                    _ = shared.abandon.cancelled() => return Ok(Stored::Done),
+                    _ = shared.abandon.cancelled() => return Ok(Stored::Abandoned),
                 }
             }
         }
@@ -399,6 +414,12 @@ mod tests {
         Layout::default()
     }
 
+    impl Record {
+        fn at(self, offset: i64) -> Record {
+            Record { topic: "t".into(), partition: 0, offset, ..self }
+        }
+    }
+
     fn record(value: &[u8]) -> Record {
         Record {
             topic: "t".into(),
@@ -408,6 +429,45 @@ mod tests {
             key: None,
             value: Bytes::copy_from_slice(value),
         }
+    }
+
+    #[tokio::test]
+    async fn uploads_abandoned_at_shutdown_stay_in_the_spool_and_uncommitted() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path(), 1 << 20).unwrap());
+        let value = Bytes::from(crate::decode::encode(1, b"payload", crate::decode::Format::V3));
+        let tp = ("t".to_string(), 0);
+        spool.insert_batch(&[Record { value, ..record(b"") }.at(0)]).unwrap();
+        let ledger = Arc::new(Mutex::new(Ledger::new()));
+        ledger.lock().unwrap().assign(&tp);
+        ledger.lock().unwrap().deliver(&tp, 0, false);
+        // Nothing listens on port 1: every PUT fails, and is retried until the shutdown timeout.
+        let store = crate::store::build(&crate::config::StoreConfig::S3 {
+            bucket: "bucket-x".into(),
+            region: "us-east-1".into(),
+            endpoint: Some("http://127.0.0.1:1".into()),
+            access_key_id: None,
+            secret_key: None,
+            ca_pem: None,
+        })
+        .unwrap();
+        let up = Uploader {
+            store,
+            spool: spool.clone(),
+            ledger: ledger.clone(),
+            layout: Layout::default(),
+            policy: UndecodablePolicy::DeadLetter,
+            workers: 4,
+            shutdown_timeout: Duration::from_millis(200),
+            conditional_put: false,
+        };
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(up.run(stop.clone()));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stop.cancel();
+        run.await.unwrap().unwrap();
+        assert_eq!(spool.record_count(), 1, "the record stays in the spool");
+        assert!(ledger.lock().unwrap().to_commit().is_empty(), "and nothing is committed");
     }
 
     #[tokio::test]

@@ -15,6 +15,7 @@ import pytest
 
 import oracle
 import testbed
+from load import v3_message
 
 HERE = Path(__file__).parent
 
@@ -49,7 +50,7 @@ def produce_sinetstream(bootstrap, topic, params, messages):
 
 def produce_raw(bootstrap, topic, items):
     """items: [(partition, value or None, timestamp_ms)]; librdkafka producer."""
-    p = ck.Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "message.max.bytes": 64 << 20})
+    p = ck.Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "message.max.bytes": 64 << 20, "log_level": 2})
     errors = []
     for partition, value, ts in items:
         p.produce(topic, value=value, partition=partition, timestamp=ts,
@@ -195,17 +196,6 @@ def test_archive_is_byte_exact_and_restart_adds_only_new_records(broker, bucket,
     assert a.stop() == 0, a.logs()
     check_archive(bucket, expected, reasons)
     assert wait_committed(broker.bootstrap, group, topic, oracle.end_offsets(records)) == oracle.end_offsets(records)
-
-
-def v3_message(tstamp_us, payload):
-    def zigzag(v):
-        n, out = (v << 1) ^ (v >> 63), bytearray()
-        while True:
-            b, n = n & 0x7F, n >> 7
-            out.append(b | (0x80 if n else 0))
-            if not n:
-                return bytes(out)
-    return (bytes.fromhex("df0300000000c3011f9c0c91eb33664f") + zigzag(tstamp_us) + zigzag(len(payload)) + payload)
 
 
 def test_throughput_on_garage(broker, garage, run_archiver, tmp_path):

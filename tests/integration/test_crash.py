@@ -8,43 +8,14 @@ CRASH_CYCLES (default 5 in CI; the full run uses 20 or more) sets the number of 
 import os
 import random
 import signal
-import threading
 import time
 import uuid
 
-import confluent_kafka as ck
 import pytest
 
 import oracle
-from test_archive import Bucket, summary, v3_message
-
-
-class Producer(threading.Thread):
-    """Produces SINETStream v3 records (and a few undecodable ones) at a steady rate until stopped."""
-
-    def __init__(self, bootstrap, topic, partitions, rate=300):
-        super().__init__(daemon=True)
-        self.bootstrap, self.topic, self.partitions, self.rate = bootstrap, topic, partitions, rate
-        self.stop_event, self.count, self.error = threading.Event(), 0, None
-
-    def run(self):
-        rng = random.Random(11)
-        p = ck.Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5})
-        try:
-            while not self.stop_event.is_set():
-                batch = []
-                for _ in range(self.rate // 10):
-                    i = self.count + len(batch)
-                    size = rng.choice([10, 200, 1000, 20_000])
-                    value = v3_message(1650250000000000 + i, rng.randbytes(size)) if i % 50 else rng.randbytes(size)
-                    batch.append((rng.randrange(self.partitions), value, int(time.time() * 1000)))
-                for partition, value, ts in batch:
-                    p.produce(self.topic, value=value, partition=partition, timestamp=ts)
-                assert p.flush(30) == 0, "produce did not complete"
-                self.count += len(batch)
-                time.sleep(0.1)
-        except Exception as e:  # reported by the test
-            self.error = e
+from load import Producer
+from test_archive import Bucket, summary
 
 
 @pytest.fixture(params=["garage", "local"])
@@ -65,9 +36,9 @@ def test_sigkill_cycles_lose_nothing_and_duplicate_nothing(broker, crash_bucket,
     broker.create_topic(topic, partitions)
     env = dict(BROKER_HOSTNAME=broker.bootstrap, KAFKA_TOPIC=topic, GROUP_ID=group, SPOOL_DIR=tmp_path / "spool",
                UPLOAD_WORKERS=16, COMMIT_INTERVAL_MS=100, **crash_bucket.env())
-    producer = Producer(broker.bootstrap, topic, partitions)
+    producer = Producer(broker.bootstrap, topic, partitions, rate=300, sizes=(10, 200, 1000, 20_000), undecodable_every=50)
     producer.start()
-    started, terms, archivers = time.time(), 0, []
+    terms, archivers = 0, []
     for _ in range(cycles):
         a = run_archiver(**env)
         archivers.append(a)
@@ -82,10 +53,7 @@ def test_sigkill_cycles_lose_nothing_and_duplicate_nothing(broker, crash_bucket,
         else:
             a.proc.send_signal(signal.SIGKILL)
             a.proc.wait()
-    producer.stop_event.set()
-    producer.join()
-    assert producer.error is None, producer.error
-    produced = producer.count
+    produced = producer.stop()
 
     records = oracle.read_topic(broker.bootstrap, topic, produced)
     ends = oracle.end_offsets(records)

@@ -9,7 +9,7 @@ import uuid
 import oracle
 import testbed
 from test_archive import Bucket, check_archive, summary, wait_committed
-from test_faults import SteadyProducer
+from load import Producer
 
 
 def test_three_instances_share_the_topic_and_survive_losing_one(broker, garage, run_archiver, tmp_path):
@@ -18,7 +18,7 @@ def test_three_instances_share_the_topic_and_survive_losing_one(broker, garage, 
     broker.create_topic(topic, partitions)
     garage.create_bucket(name)
     bucket = Bucket("garage", server=garage, name=name)
-    producer = SteadyProducer(broker.bootstrap, topic, partitions, rate=300)
+    producer = Producer(broker.bootstrap, topic, partitions, rate=300)
     producer.start()
 
     def instance(i):
@@ -39,9 +39,7 @@ def test_three_instances_share_the_topic_and_survive_losing_one(broker, garage, 
     victim.proc.wait()
     before = [m.archived() for m in members]
     time.sleep(15)  # the victim's session (6 s) expires, the survivors take its partitions
-    producer.stop_event.set()
-    producer.join()
-    assert producer.error is None, producer.error
+    producer.stop()
 
     records = oracle.read_topic(broker.bootstrap, topic, producer.count)
     ends = oracle.end_offsets(records)

@@ -9,7 +9,8 @@ import confluent_kafka as ck
 
 import oracle
 import testbed
-from test_archive import Bucket, check_archive, produce_raw, v3_message
+from load import v3_message
+from test_archive import Bucket, check_archive, produce_raw
 
 SECRET_SASL = "sasl-password-never-shown-42"
 
@@ -80,7 +81,8 @@ def test_refused_credentials_are_reported_and_nothing_is_lost(broker, garage, ru
     assert a.stop() == 0, a.logs()
     logs = a.log_path.read_text()
     assert "ERROR" in logs and "check AWS_ACCESS_KEY_ID / AWS_SECRET_KEY" in logs, logs[-3000:]
-    assert oracle.committed(broker.bootstrap, group, topic, [0])[0] < 0, "nothing may be committed"
+    got = oracle.committed(broker.bootstrap, group, topic, [0])
+    assert got[0] < 0, f"nothing may be committed: {got}"
 
     a = run_archiver(AWS_SECRET_KEY=testbed.SECRET_KEY, **env)
     a.wait_archived(5)
