@@ -48,7 +48,10 @@ pub fn client_config(config: &Config) -> Result<ClientConfig, ConfigError> {
         // As Kafka Connect's sink: a new group starts from the oldest record.
         .set("auto.offset.reset", "earliest")
         // librdkafka prefetches up to 64 MiB per partition set by default; keep memory modest.
-        .set("queued.max.messages.kbytes", "16384");
+        .set("queued.max.messages.kbytes", "16384")
+        // Also the rebalance timeout: how long a rebalance waits for a member that crashed. The
+        // consumer polls at least every 100 ms, even when paused, so a minute is ample (default 5).
+        .set("max.poll.interval.ms", "60000");
     for (k, v) in &config.kafka_properties {
         c.set(k, v);
     }

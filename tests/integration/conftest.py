@@ -117,6 +117,8 @@ def run_archiver(archiver_bin, tmp_path):
         env.setdefault("REST_BIND_ADDRESS", "127.0.0.1")
         env.setdefault("COMMIT_INTERVAL_MS", "200")
         env.setdefault("KAFKA_PROPERTY_SESSION_TIMEOUT_MS", "6000")
+        # A rebalance waits this long for members that were killed (the crash and group tests).
+        env.setdefault("KAFKA_PROPERTY_MAX_POLL_INTERVAL_MS", "10000")
         a = Archiver(archiver_bin, env, tmp_path)
         runs.append(a)
         return a.start()
