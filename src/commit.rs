@@ -156,11 +156,6 @@ impl Ledger {
             .collect()
     }
 
-    /// Records delivered and not yet stored, over all partitions.
-    pub fn in_flight(&self) -> usize {
-        self.partitions.values().map(|p| p.slots.values().filter(|s| !s.done).count()).sum()
-    }
-
     /// Kafka confirmed a commit.
     pub fn commit_succeeded(&mut self, tp: &Tp, position: i64) {
         if let Some(p) = self.partitions.get_mut(tp).filter(|p| p.assigned) {
