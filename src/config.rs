@@ -241,7 +241,7 @@ impl Config {
     pub fn from_settings(s: &Settings, env: &[(String, String)]) -> Result<Config, ConfigError> {
         let brokers = parse_brokers(required(&s.broker_hostname, "BROKER_HOSTNAME")?)?;
         let topics = parse_topics(required(&s.kafka_topic, "KAFKA_TOPIC")?)?;
-        let group_id = non_empty(&s.group_id, "GROUP_ID")?.unwrap_or(DEFAULT_GROUP_ID).to_string();
+        let group_id = non_empty(&s.group_id).unwrap_or(DEFAULT_GROUP_ID).to_string();
         let kafka_properties = parse_kafka_properties(&s.kafka_property, env)?;
         let store = parse_store(s, env)?;
         let timezone = parse_timezone(s.partition_timezone.as_deref())?;
@@ -253,7 +253,7 @@ impl Config {
             ));
         }
         let separator = unescape(s.s3_object_separator.as_deref().unwrap_or(DEFAULT_SEPARATOR), "S3_OBJECT_SEPARATOR")?;
-        let spool_dir = PathBuf::from(non_empty(&s.spool_dir, "SPOOL_DIR")?.unwrap_or(DEFAULT_SPOOL_DIR));
+        let spool_dir = PathBuf::from(non_empty(&s.spool_dir).unwrap_or(DEFAULT_SPOOL_DIR));
         let spool_limits = SpoolLimits {
             max_bytes: parse_size(&s.spool_max_bytes, "SPOOL_MAX_BYTES", DEFAULT_SPOOL_MAX_BYTES)?,
             min_free_bytes: parse_size(&s.spool_min_free_bytes, "SPOOL_MIN_FREE_BYTES", DEFAULT_SPOOL_MIN_FREE_BYTES)?,
@@ -267,15 +267,14 @@ impl Config {
         };
         let upload_workers =
             parse_number(&s.upload_workers, "UPLOAD_WORKERS", DEFAULT_UPLOAD_WORKERS as u64, 1, 4096)? as usize;
-        let conditional_put =
-            match non_empty(&s.s3_conditional_put, "S3_CONDITIONAL_PUT")?.map(str::to_ascii_lowercase).as_deref() {
-                None | Some("false" | "0" | "no" | "off") => false,
-                Some("true" | "1" | "yes" | "on") => true,
-                Some(other) => {
-                    return Err(invalid("S3_CONDITIONAL_PUT", format!("{other:?} is not true or false")));
-                }
-            };
-        let undecodable = match non_empty(&s.undecodable, "UNDECODABLE")?.unwrap_or("dead-letter") {
+        let conditional_put = match non_empty(&s.s3_conditional_put).map(str::to_ascii_lowercase).as_deref() {
+            None | Some("false" | "0" | "no" | "off") => false,
+            Some("true" | "1" | "yes" | "on") => true,
+            Some(other) => {
+                return Err(invalid("S3_CONDITIONAL_PUT", format!("{other:?} is not true or false")));
+            }
+        };
+        let undecodable = match non_empty(&s.undecodable).unwrap_or("dead-letter") {
             "dead-letter" | "dead_letter" | "deadletter" => UndecodablePolicy::DeadLetter,
             "raw" => UndecodablePolicy::Raw,
             "stop" => UndecodablePolicy::Stop,
@@ -284,7 +283,7 @@ impl Config {
             }
         };
         let port = parse_number(&s.rest_port, "REST_PORT", u64::from(DEFAULT_REST_PORT), 0, 65535)? as u16;
-        let bind: IpAddr = match non_empty(&s.rest_bind_address, "REST_BIND_ADDRESS")? {
+        let bind: IpAddr = match non_empty(&s.rest_bind_address) {
             None => IpAddr::from([0, 0, 0, 0]),
             Some(a) => a.parse().map_err(|_| {
                 invalid("REST_BIND_ADDRESS", format!("{a:?} is not an IP address (e.g. 0.0.0.0 or 127.0.0.1)"))
@@ -304,7 +303,7 @@ impl Config {
             0,
             3600,
         )?);
-        let log_format = match non_empty(&s.log_format, "LOG_FORMAT")?.unwrap_or("text") {
+        let log_format = match non_empty(&s.log_format).unwrap_or("text") {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
             other => {
@@ -384,16 +383,16 @@ pub fn is_secret_property(name: &str) -> bool {
 }
 
 fn required<'a>(value: &'a Option<String>, var: &str) -> Result<&'a str, ConfigError> {
-    non_empty(value, var)?.ok_or_else(|| invalid(var, "is required but not set (see the README's configuration table)"))
+    non_empty(value).ok_or_else(|| invalid(var, "is required but not set (see the README's configuration table)"))
 }
 
 /// An unset or blank value is treated as unset: an empty line in `.env` means "the default".
-fn non_empty<'a>(value: &'a Option<String>, _var: &str) -> Result<Option<&'a str>, ConfigError> {
-    Ok(value.as_deref().map(str::trim).filter(|v| !v.is_empty()))
+fn non_empty(value: &Option<String>) -> Option<&str> {
+    value.as_deref().map(str::trim).filter(|v| !v.is_empty())
 }
 
 fn parse_number(value: &Option<String>, var: &str, default: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
-    let Some(v) = non_empty(value, var)? else {
+    let Some(v) = non_empty(value) else {
         return Ok(default);
     };
     let n: u64 = v.parse().map_err(|_| invalid(var, format!("{v:?} is not a whole number")))?;
@@ -405,7 +404,7 @@ fn parse_number(value: &Option<String>, var: &str, default: u64, min: u64, max: 
 
 /// A size in bytes: a number with an optional unit (`1GiB`, `500 MB`, `65536`).
 fn parse_size(value: &Option<String>, var: &str, default: u64) -> Result<u64, ConfigError> {
-    let Some(v) = non_empty(value, var)? else {
+    let Some(v) = non_empty(value) else {
         return Ok(default);
     };
     let size: bytesize::ByteSize =
@@ -486,9 +485,9 @@ fn parse_timezone(value: Option<&str>) -> Result<Tz, ConfigError> {
 }
 
 fn parse_store(s: &Settings, env: &[(String, String)]) -> Result<StoreConfig, ConfigError> {
-    let bucket = non_empty(&s.s3_bucket_name, "S3_BUCKET_NAME")?;
-    let endpoint = non_empty(&s.s3_endpoint_url, "S3_ENDPOINT_URL")?;
-    let archive_dir = non_empty(&s.archive_dir, "ARCHIVE_DIR")?;
+    let bucket = non_empty(&s.s3_bucket_name);
+    let endpoint = non_empty(&s.s3_endpoint_url);
+    let archive_dir = non_empty(&s.archive_dir);
     if let Some(b) = bucket {
         validate_bucket(b)?;
     }
@@ -506,22 +505,22 @@ fn parse_store(s: &Settings, env: &[(String, String)]) -> Result<StoreConfig, Co
     }
     let bucket = bucket.ok_or_else(|| invalid("S3_BUCKET_NAME", "is required when S3_ENDPOINT_URL is set"))?;
     let endpoint = endpoint.map(validate_endpoint).transpose()?;
-    let secret = non_empty(&s.aws_secret_key, "AWS_SECRET_KEY")?.map(str::to_string).or_else(|| {
+    let secret = non_empty(&s.aws_secret_key).map(str::to_string).or_else(|| {
         env.iter()
             .find(|(k, _)| k == "AWS_SECRET_ACCESS_KEY")
             .map(|(_, v)| v.trim().to_string())
             .filter(|v| !v.is_empty())
     });
-    let access_key_id = non_empty(&s.aws_access_key_id, "AWS_ACCESS_KEY_ID")?.map(|id| Secret(id.to_string()));
+    let access_key_id = non_empty(&s.aws_access_key_id).map(|id| Secret(id.to_string()));
     if access_key_id.is_some() != secret.is_some() {
         let missing = if access_key_id.is_some() { "AWS_SECRET_KEY" } else { "AWS_ACCESS_KEY_ID" };
         return Err(invalid(missing, "is required when the other half of the key pair is set"));
     }
-    let region = non_empty(&s.s3_region, "S3_REGION")?.unwrap_or(DEFAULT_REGION);
+    let region = non_empty(&s.s3_region).unwrap_or(DEFAULT_REGION);
     if !region.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
         return Err(invalid("S3_REGION", format!("{region:?} is not a region name (e.g. us-east-1)")));
     }
-    let ca_pem = match non_empty(&s.s3_ca_file, "S3_CA_FILE")? {
+    let ca_pem = match non_empty(&s.s3_ca_file) {
         None => None,
         Some(path) => {
             let pem = std::fs::read(path).map_err(|e| invalid("S3_CA_FILE", format!("cannot read {path:?}: {e}")))?;

@@ -195,7 +195,6 @@ impl Uploader {
                 }
             }
         }
-        gauge_spool(&shared.up.spool);
         result
     }
 }
@@ -206,11 +205,6 @@ fn flatten(r: Result<Result<(), UploadError>, tokio::task::JoinError>) -> Result
         Err(e) if e.is_cancelled() => Ok(()),
         Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
-}
-
-fn gauge_spool(spool: &Spool) {
-    metrics::gauge!(m::SPOOL_RECORDS).set(spool.record_count() as f64);
-    metrics::gauge!(m::SPOOL_BYTES).set(spool.byte_count() as f64);
 }
 
 async fn upload_record(shared: &Shared, key: &SpoolKey, record: Record) -> Result<(), UploadError> {

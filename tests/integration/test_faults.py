@@ -16,6 +16,19 @@ from load import Producer
 from test_archive import Bucket, check_archive, summary, wait_committed
 
 
+def drain(broker, group, topic, producer, archiver, timeout):
+    """Stops the producer, waits until the archiver has committed every record, stops it (exit 0).
+    Returns the records as read back from the broker."""
+    producer.stop()
+    records = oracle.read_topic(broker.bootstrap, topic, producer.count)
+    ends = oracle.end_offsets(records)
+    got = wait_committed(broker.bootstrap, group, topic, ends, timeout=timeout)
+    assert got == ends, f"committed {got} != ends {ends}; archived {archiver.archived()}; consumed " \
+        f"{archiver.metric('kafka_s3_archiver_records_consumed_total')}\n{archiver.logs()}"
+    assert archiver.stop() == 0, archiver.logs()
+    return records
+
+
 def test_store_outage_pauses_at_the_spool_bound_and_drains_after(broker, garage, run_archiver, tmp_path):
     outage = int(os.environ.get("OUTAGE_SECONDS", "20"))
     run = uuid.uuid4().hex[:8]
@@ -45,13 +58,8 @@ def test_store_outage_pauses_at_the_spool_bound_and_drains_after(broker, garage,
     proxy.up()
     t_up = time.time()
     time.sleep(3)
-    producer.stop()
-
-    records = oracle.read_topic(broker.bootstrap, topic, producer.count)
-    ends = oracle.end_offsets(records)
-    assert wait_committed(broker.bootstrap, group, topic, ends, timeout=300) == ends, a.logs()
+    records = drain(broker, group, topic, producer, a, timeout=300)
     catch_up = time.time() - t_up
-    assert a.stop() == 0, a.logs()
     expected, reasons = oracle.expected_objects(topic, records)
     got = check_archive(bucket, expected, reasons)
     summary(f"store outage {outage}s", producer.count, got, expected, reasons, [a], catch_up)
@@ -93,14 +101,8 @@ def test_broker_restart_under_load_loses_and_duplicates_nothing(moto, garage, ru
         t_down = time.time()
         broker.restart(down_seconds=8)  # longer than the 6 s session: revoke, rejoin, reassign
         time.sleep(8)
-        producer.stop()
-        records = oracle.read_topic(broker.bootstrap, topic, producer.count)
-        ends = oracle.end_offsets(records)
-        got = wait_committed(broker.bootstrap, group, topic, ends, timeout=120)
-        assert got == ends, f"committed {got} != ends {ends}; archived {a.archived()}; consumed " \
-            f"{a.metric('kafka_s3_archiver_records_consumed_total')}\n{a.logs()}"
+        records = drain(broker, group, topic, producer, a, timeout=120)
         recovered = time.time() - t_down
-        assert a.stop() == 0, a.logs()
         expected, reasons = oracle.expected_objects(topic, records)
         got = check_archive(bucket, expected, reasons)
         summary("broker restart 8s", producer.count, got, expected, reasons, [a], recovered)
@@ -140,11 +142,7 @@ def test_full_spool_disk_pauses_and_loses_nothing(broker, garage, run_archiver, 
         proxy.up()
         t_up = time.time()
         time.sleep(3)
-        producer.stop()
-        records = oracle.read_topic(broker.bootstrap, topic, producer.count)
-        ends = oracle.end_offsets(records)
-        assert wait_committed(broker.bootstrap, group, topic, ends, timeout=240) == ends, a.logs()
-        assert a.stop() == 0, a.logs()
+        records = drain(broker, group, topic, producer, a, timeout=240)
         expected, reasons = oracle.expected_objects(topic, records)
         got = check_archive(Bucket("garage", server=garage, name=name), expected, reasons)
         summary("spool disk full", producer.count, got, expected, reasons, [a], time.time() - t_up)
