@@ -21,6 +21,8 @@ pub type Tp = (String, i32);
 struct Slot {
     delivered: bool,
     done: bool,
+    /// The record's Kafka timestamp (ms), for the end-to-end latency measured at commit.
+    time_ms: Option<i64>,
 }
 
 #[derive(Debug, Default)]
@@ -53,6 +55,20 @@ pub enum Delivery {
 #[derive(Debug, Default)]
 pub struct Ledger {
     partitions: HashMap<Tp, PartitionState>,
+    /// Kafka timestamps of the records passed by commits since the last [`Ledger::take_committed_times`].
+    committed_times: Vec<i64>,
+}
+
+/// One assigned partition as the ledger sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartitionView {
+    pub tp: Tp,
+    /// The last position Kafka confirmed (the group's committed offset), once known.
+    pub committed: Option<i64>,
+    /// One past the highest offset delivered in this assignment.
+    pub next_delivery: Option<i64>,
+    /// Records delivered or recovered and not yet stored.
+    pub pending: usize,
 }
 
 impl Ledger {
@@ -90,11 +106,12 @@ impl Ledger {
     /// delivers it again.
     pub fn recover(&mut self, tp: &Tp, offset: i64) {
         let p = self.partitions.entry(tp.clone()).or_default();
-        p.slots.entry(offset).or_insert(Slot { delivered: false, done: false });
+        p.slots.entry(offset).or_insert(Slot { delivered: false, done: false, time_ms: None });
     }
 
     /// The consumer delivered a record; `done` is true for one that needs no upload (a tombstone).
-    pub fn deliver(&mut self, tp: &Tp, offset: i64, done: bool) -> Delivery {
+    /// `time_ms` is its Kafka timestamp, if it has one.
+    pub fn deliver(&mut self, tp: &Tp, offset: i64, done: bool, time_ms: Option<i64>) -> Delivery {
         let p = self.partitions.entry(tp.clone()).or_default();
         p.next_delivery = Some(p.next_delivery.map_or(offset + 1, |n| n.max(offset + 1)));
         p.start.get_or_insert(offset);
@@ -106,10 +123,11 @@ impl Ledger {
             Some(slot) => {
                 slot.delivered = true;
                 slot.done |= done;
+                slot.time_ms = time_ms;
                 if slot.done { Delivery::Done } else { Delivery::Pending }
             }
             None => {
-                p.slots.insert(offset, Slot { delivered: true, done });
+                p.slots.insert(offset, Slot { delivered: true, done, time_ms });
                 if done { Delivery::Done } else { Delivery::Spool }
             }
         }
@@ -136,6 +154,8 @@ impl Ledger {
             if p.committed.or(p.start).is_some_and(|c| position <= c) {
                 continue;
             }
+            let passed = p.slots.range(..position).filter(|(_, s)| s.delivered).filter_map(|(_, s)| s.time_ms);
+            self.committed_times.extend(passed);
             p.slots.retain(|&o, _| o >= position);
             p.committed = Some(position);
             out.push((tp.clone(), position));
@@ -163,6 +183,18 @@ impl Ledger {
         }
     }
 
+    /// What Kafka holds as the group's committed offset of a partition, read back. It confirms
+    /// the commits sent up to there; a position sent but not held (its commit was lost) is sent
+    /// again at the next commit.
+    pub fn confirmed(&mut self, tp: &Tp, position: i64) {
+        if let Some(p) = self.partitions.get_mut(tp).filter(|p| p.assigned) {
+            p.acked = Some(p.acked.map_or(position, |a| a.max(position)));
+            if p.committed.is_some_and(|c| c > position) {
+                p.committed = p.acked;
+            }
+        }
+    }
+
     /// A commit failed: the partition's position will be sent again at the next commit.
     pub fn commit_failed(&mut self, tp: &Tp) {
         if let Some(p) = self.partitions.get_mut(tp) {
@@ -173,6 +205,21 @@ impl Ledger {
     /// The last position Kafka confirmed for a partition in this assignment, if any.
     pub fn committed(&self, tp: &Tp) -> Option<i64> {
         self.partitions.get(tp).and_then(|p| p.acked)
+    }
+
+    /// The Kafka timestamps of the records whose offsets were committed since the last call.
+    pub fn take_committed_times(&mut self) -> Vec<i64> {
+        std::mem::take(&mut self.committed_times)
+    }
+
+    /// The partitions assigned to this process.
+    pub fn assigned(&self) -> impl Iterator<Item = PartitionView> + '_ {
+        self.partitions.iter().filter(|(_, p)| p.assigned).map(|(tp, p)| PartitionView {
+            tp: tp.clone(),
+            committed: p.acked,
+            next_delivery: p.next_delivery,
+            pending: p.slots.values().filter(|s| !s.done).count(),
+        })
     }
 }
 
@@ -196,7 +243,7 @@ mod tests {
         let mut l = Ledger::new();
         l.assign(&tp());
         for o in 0..5 {
-            assert_eq!(l.deliver(&tp(), o, false), Delivery::Spool);
+            assert_eq!(l.deliver(&tp(), o, false, None), Delivery::Spool);
         }
         assert!(l.to_commit().is_empty(), "nothing stored yet: nothing to commit");
         l.complete(&tp(), 1);
@@ -215,7 +262,7 @@ mod tests {
         let mut l = Ledger::new();
         l.assign(&tp());
         for o in [10, 11, 15, 20] {
-            l.deliver(&tp(), o, false);
+            l.deliver(&tp(), o, false, None);
         }
         for o in [10, 11, 15] {
             l.complete(&tp(), o);
@@ -229,7 +276,7 @@ mod tests {
     fn tombstones_are_done_on_delivery() {
         let mut l = Ledger::new();
         l.assign(&tp());
-        assert_eq!(l.deliver(&tp(), 0, true), Delivery::Done);
+        assert_eq!(l.deliver(&tp(), 0, true, None), Delivery::Done);
         assert_eq!(l.to_commit(), vec![(tp(), 1)]);
     }
 
@@ -240,9 +287,9 @@ mod tests {
         l.recover(&tp(), 8);
         l.complete(&tp(), 7);
         l.assign(&tp());
-        assert_eq!(l.deliver(&tp(), 6, false), Delivery::Spool);
-        assert_eq!(l.deliver(&tp(), 7, false), Delivery::Done);
-        assert_eq!(l.deliver(&tp(), 8, false), Delivery::Pending);
+        assert_eq!(l.deliver(&tp(), 6, false, None), Delivery::Spool);
+        assert_eq!(l.deliver(&tp(), 7, false, None), Delivery::Done);
+        assert_eq!(l.deliver(&tp(), 8, false, None), Delivery::Pending);
         l.complete(&tp(), 6);
         assert_eq!(l.to_commit(), vec![(tp(), 8)]);
         l.complete(&tp(), 8);
@@ -253,7 +300,7 @@ mod tests {
     fn a_failed_commit_is_sent_again_without_new_records() {
         let mut l = Ledger::new();
         l.assign(&tp());
-        l.deliver(&tp(), 0, false);
+        l.deliver(&tp(), 0, false, None);
         l.complete(&tp(), 0);
         assert_eq!(l.to_commit(), vec![(tp(), 1)]);
         assert!(l.to_commit().is_empty(), "sent, waiting for the answer");
@@ -266,11 +313,47 @@ mod tests {
     }
 
     #[test]
+    fn a_commit_that_kafka_does_not_hold_is_sent_again() {
+        let mut l = Ledger::new();
+        l.assign(&tp());
+        l.deliver(&tp(), 0, false, None);
+        l.deliver(&tp(), 1, false, None);
+        l.complete(&tp(), 0);
+        l.complete(&tp(), 1);
+        assert_eq!(l.to_commit(), vec![(tp(), 2)]);
+        l.confirmed(&tp(), 0);
+        assert_eq!(l.committed(&tp()), Some(0));
+        assert_eq!(l.to_commit(), vec![(tp(), 2)], "Kafka holds 0: the commit of 2 was lost");
+        l.confirmed(&tp(), 2);
+        assert_eq!(l.committed(&tp()), Some(2));
+        assert!(l.to_commit().is_empty());
+        l.confirmed(&tp(), 1); // an older read: changes nothing
+        assert_eq!(l.committed(&tp()), Some(2));
+        assert!(l.to_commit().is_empty());
+    }
+
+    #[test]
+    fn commits_hand_over_the_timestamps_of_the_records_they_pass() {
+        let mut l = Ledger::new();
+        l.assign(&tp());
+        l.deliver(&tp(), 0, false, Some(100));
+        l.deliver(&tp(), 1, true, Some(150));
+        l.deliver(&tp(), 2, false, Some(200));
+        l.complete(&tp(), 0);
+        assert_eq!(l.to_commit(), vec![(tp(), 2)]);
+        assert_eq!(l.take_committed_times(), vec![100, 150], "the tombstone counts too; 2 is not committed");
+        assert!(l.take_committed_times().is_empty());
+        l.complete(&tp(), 2);
+        l.to_commit();
+        assert_eq!(l.take_committed_times(), vec![200]);
+    }
+
+    #[test]
     fn revoked_partitions_are_not_committed() {
         let mut l = Ledger::new();
         l.assign(&tp());
-        l.deliver(&tp(), 0, false);
-        l.deliver(&tp(), 1, false);
+        l.deliver(&tp(), 0, false, None);
+        l.deliver(&tp(), 1, false, None);
         l.complete(&tp(), 0);
         assert_eq!(l.positions(&[tp()]), vec![(tp(), 1)]);
         l.revoke(&tp());
@@ -279,8 +362,8 @@ mod tests {
         // Back again from the committed offset (none: 0). Offset 0 was stored and forgotten, so
         // it is spooled again (an identical upload); offset 1 is still known and now stored.
         l.assign(&tp());
-        assert_eq!(l.deliver(&tp(), 0, false), Delivery::Spool);
-        assert_eq!(l.deliver(&tp(), 1, false), Delivery::Done);
+        assert_eq!(l.deliver(&tp(), 0, false, None), Delivery::Spool);
+        assert_eq!(l.deliver(&tp(), 1, false, None), Delivery::Done);
         assert!(l.to_commit().is_empty());
         l.complete(&tp(), 0);
         assert_eq!(l.to_commit(), vec![(tp(), 2)]);

@@ -9,7 +9,8 @@
 //! watermark (design invariant 5). On shutdown it stops fetching, waits until the
 //! uploaders have drained, and commits what they finished.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -25,6 +26,7 @@ use crate::commit::{Delivery, Ledger, Tp};
 use crate::config::{Config, ConfigError, SpoolLimits};
 use crate::metrics as m;
 use crate::spool::{Record, RecordTime, Spool};
+use crate::status::Status;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
@@ -36,6 +38,11 @@ pub enum ConsumerError {
 
 /// Most records taken from one poll round before they are spooled together.
 const MAX_BATCH: usize = 1000;
+
+/// How often the group's committed offsets are read back from Kafka. rust-rdkafka 0.39 never
+/// calls the commit callback for an asynchronous commit (fede1024/rust-rdkafka#856), so this is
+/// how a lost commit is noticed (and sent again) and how `/status` knows what Kafka holds.
+const VERIFY_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The librdkafka configuration: the archiver's settings, then the pass-through properties.
 pub fn client_config(config: &Config) -> Result<ClientConfig, ConfigError> {
@@ -51,7 +58,9 @@ pub fn client_config(config: &Config) -> Result<ClientConfig, ConfigError> {
         .set("queued.max.messages.kbytes", "16384")
         // Also the rebalance timeout: how long a rebalance waits for a member that crashed. The
         // consumer polls at least every 100 ms, even when paused, so a minute is ample (default 5).
-        .set("max.poll.interval.ms", "60000");
+        .set("max.poll.interval.ms", "60000")
+        // The partitions' end offsets for /status and the lag gauge come with the statistics.
+        .set("statistics.interval.ms", "5000");
     for (k, v) in &config.kafka_properties {
         c.set(k, v);
     }
@@ -67,9 +76,44 @@ pub fn client_config(config: &Config) -> Result<ClientConfig, ConfigError> {
 /// once, then never again.
 struct ArchiverContext {
     ledger: Arc<Mutex<Ledger>>,
+    status: Arc<Status>,
+    /// Set on assignment: the group's committed offsets are read back at once.
+    assigned: AtomicBool,
 }
 
-impl ClientContext for ArchiverContext {}
+impl ClientContext for ArchiverContext {
+    /// librdkafka's statistics (every `statistics.interval.ms`): the partitions' high watermarks
+    /// for `/status` and the lag gauge. Only those fields are read, so a field that another
+    /// librdkafka version adds or drops does not matter.
+    fn stats_raw(&self, json: &[u8]) {
+        #[derive(serde::Deserialize)]
+        struct Stats {
+            #[serde(default)]
+            topics: HashMap<String, TopicStats>,
+        }
+        #[derive(serde::Deserialize)]
+        struct TopicStats {
+            #[serde(default)]
+            partitions: HashMap<String, PartitionStats>,
+        }
+        #[derive(serde::Deserialize)]
+        struct PartitionStats {
+            partition: i32,
+            hi_offset: i64,
+        }
+        match serde_json::from_slice::<Stats>(json) {
+            Ok(stats) => {
+                for (topic, t) in stats.topics {
+                    // Partition -1 is librdkafka's internal "unassigned" queue.
+                    for p in t.partitions.values().filter(|p| p.partition >= 0 && p.hi_offset >= 0) {
+                        self.status.set_end(&(topic.clone(), p.partition), p.hi_offset);
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot read librdkafka's statistics"),
+        }
+    }
+}
 
 impl ConsumerContext for ArchiverContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -95,13 +139,18 @@ impl ConsumerContext for ArchiverContext {
                 for tp in &tps {
                     ledger.assign(tp);
                 }
+                self.assigned.store(true, Ordering::Relaxed);
                 tracing::info!(partitions = %describe(&tps), "partitions assigned");
             }
-            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+            Rebalance::Error(e) => {
+                self.status.error(None, format!("rebalance error: {e}"));
+                tracing::warn!(error = %e, "rebalance error")
+            }
             Rebalance::Revoke(_) => {}
         }
     }
 
+    /// Called for synchronous commits only, as of rust-rdkafka 0.39 (see [`VERIFY_INTERVAL`]).
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
         let mut ledger = self.ledger.lock().expect("ledger lock");
         match result {
@@ -116,6 +165,7 @@ impl ConsumerContext for ArchiverContext {
                 let tps = tps_of(offsets);
                 for tp in &tps {
                     ledger.commit_failed(tp);
+                    self.status.error(Some(tp), format!("offset commit failed: {e}"));
                 }
                 metrics::counter!(m::COMMIT_ERRORS).increment(1);
                 tracing::warn!(error = %e, partitions = %describe(&tps), "offset commit failed; it is sent again at the next commit");
@@ -155,6 +205,7 @@ fn commit(consumer: &BaseConsumer<ArchiverContext>, positions: &[(Tp, i64)], mod
         Err(e) => {
             for (tp, _) in positions {
                 ledger.commit_failed(tp);
+                consumer.context().status.error(Some(tp), format!("offset commit failed: {e}"));
             }
             metrics::counter!(m::COMMIT_ERRORS).increment(1);
             tracing::warn!(error = %e, "offset commit failed; it is sent again at the next commit");
@@ -169,6 +220,7 @@ pub struct KafkaConsumer {
     pub topics: Vec<String>,
     pub spool: Arc<Spool>,
     pub ledger: Arc<Mutex<Ledger>>,
+    pub status: Arc<Status>,
     pub commit_interval: Duration,
     pub limits: SpoolLimits,
 }
@@ -182,8 +234,11 @@ impl KafkaConsumer {
         drained: CancellationToken,
         drain_wait: Duration,
     ) -> Result<(), ConsumerError> {
-        let consumer: BaseConsumer<ArchiverContext> =
-            self.client.create_with_context(ArchiverContext { ledger: self.ledger.clone() })?;
+        let consumer: BaseConsumer<ArchiverContext> = self.client.create_with_context(ArchiverContext {
+            ledger: self.ledger.clone(),
+            status: self.status.clone(),
+            assigned: AtomicBool::new(false),
+        })?;
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         tracing::info!(topics = %self.topics.join(","), "subscribed");
@@ -195,12 +250,14 @@ impl KafkaConsumer {
         let mut spool_failures = 0u32;
         let mut backpressure = Backpressure::new(self.limits);
         let mut last_pause = Instant::now();
+        let mut last_verify = Instant::now();
         while !shutdown.is_cancelled() {
             let mut wait = Duration::from_millis(100);
             while batch.len() < MAX_BATCH {
                 match consumer.poll(wait) {
                     Some(Ok(msg)) => batch.push(msg),
                     Some(Err(e)) => {
+                        self.status.error(None, format!("Kafka consumer error: {e}"));
                         tracing::warn!(error = %e, "Kafka consumer error");
                         break;
                     }
@@ -222,6 +279,7 @@ impl KafkaConsumer {
                         // Disk full or an I/O error: keep the records, pause, retry. Nothing is lost:
                         // they are registered, so nothing past them is committed.
                         spool_failures += 1;
+                        self.status.error(None, format!("cannot write to the spool in SPOOL_DIR: {e}"));
                         if spool_failures.is_power_of_two() {
                             tracing::error!(error = %e, records = unspooled.len(), attempt = spool_failures,
                                 "cannot write to the spool in SPOOL_DIR (disk full?); consumption is paused until it can");
@@ -231,8 +289,6 @@ impl KafkaConsumer {
             }
             // Backpressure (design invariant 5): paused partitions keep the group membership alive.
             let (bytes, records) = (self.spool.byte_count(), self.spool.record_count());
-            metrics::gauge!(m::SPOOL_BYTES).set(bytes as f64);
-            metrics::gauge!(m::SPOOL_RECORDS).set(records as f64);
             let state = SpoolState { bytes, records, free: self.spool.available_space(), unwritten: unspooled.len() };
             let change = backpressure.update(&state);
             // A rebalance may assign partitions that were never paused: pause again now and then.
@@ -247,14 +303,19 @@ impl KafkaConsumer {
             }
             if let Some(why) = change {
                 tracing::info!(spool_bytes = bytes, spool_records = records, free_bytes = state.free, "{why}");
-                metrics::gauge!(m::CONSUMER_PAUSED).set(if backpressure.paused { 1.0 } else { 0.0 });
+                self.status.set_paused(backpressure.paused.then_some(why));
             }
             if last_commit.elapsed() >= self.commit_interval {
                 let positions = self.ledger.lock().expect("ledger lock").to_commit();
                 if !positions.is_empty() {
                     commit(&consumer, &positions, CommitMode::Async);
                 }
+                self.record_latencies();
                 last_commit = Instant::now();
+            }
+            if consumer.context().assigned.swap(false, Ordering::Relaxed) || last_verify.elapsed() >= VERIFY_INTERVAL {
+                self.verify_commits(&consumer)?;
+                last_verify = Instant::now();
             }
         }
         if !unspooled.is_empty() && self.spool.insert_batch(&unspooled).is_err() {
@@ -279,7 +340,39 @@ impl KafkaConsumer {
         if !positions.is_empty() {
             commit(&consumer, &positions, CommitMode::Sync);
         }
+        self.record_latencies();
         tracing::info!(committed = ?positions, "consumer stopped");
+        Ok(())
+    }
+
+    /// End-to-end latency of the records whose offsets were just committed.
+    fn record_latencies(&self) {
+        let times = self.ledger.lock().expect("ledger lock").take_committed_times();
+        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let histogram = metrics::histogram!(m::END_TO_END_LATENCY);
+        for t in times {
+            histogram.record((now_ms - t).max(0) as f64 / 1000.0);
+        }
+    }
+
+    /// Reads the group's committed offsets back from Kafka (see [`VERIFY_INTERVAL`]).
+    fn verify_commits(&self, consumer: &BaseConsumer<ArchiverContext>) -> KafkaResult<()> {
+        let assignment = consumer.assignment()?;
+        if assignment.count() == 0 {
+            return Ok(());
+        }
+        // Short: the consumer thread also keeps the group membership and the backpressure going.
+        match consumer.committed_offsets(assignment, Duration::from_secs(2)) {
+            Ok(tpl) => {
+                let mut ledger = self.ledger.lock().expect("ledger lock");
+                for e in tpl.elements() {
+                    if let Offset::Offset(o) = e.offset() {
+                        ledger.confirmed(&(e.topic().to_string(), e.partition()), o);
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot read the committed offsets back; trying again later"),
+        }
         Ok(())
     }
 
@@ -300,16 +393,13 @@ impl KafkaConsumer {
                     tracing::info!(topic = %tp.0, partition = tp.1, offset = msg.offset(),
                         "tombstone (null value) skipped; further ones of this partition are counted, not logged");
                 }
-                ledger.deliver(&tp, msg.offset(), true);
+                ledger.deliver(&tp, msg.offset(), true, kafka_time(&msg));
                 continue;
             };
-            if ledger.deliver(&tp, msg.offset(), false) != Delivery::Spool {
+            if ledger.deliver(&tp, msg.offset(), false, kafka_time(&msg)) != Delivery::Spool {
                 continue;
             }
-            let time = match msg.timestamp() {
-                Timestamp::CreateTime(ms) | Timestamp::LogAppendTime(ms) if ms >= 0 => RecordTime::Kafka(ms),
-                _ => RecordTime::Consumed(now_ms),
-            };
+            let time = kafka_time(&msg).map_or(RecordTime::Consumed(now_ms), RecordTime::Kafka);
             records.push(Record {
                 topic: tp.0,
                 partition: tp.1,
@@ -320,6 +410,13 @@ impl KafkaConsumer {
             });
         }
         records
+    }
+}
+
+fn kafka_time(msg: &BorrowedMessage<'_>) -> Option<i64> {
+    match msg.timestamp() {
+        Timestamp::CreateTime(ms) | Timestamp::LogAppendTime(ms) if ms >= 0 => Some(ms),
+        _ => None,
     }
 }
 

@@ -19,12 +19,15 @@
 //! - [`upload`]: tokio tasks that store each record's objects and retry until stored.
 //! - [`commit`]: the ledger that turns stored offsets into safe commit positions.
 //! - [`store`]: the object_store backend (S3 or local directory).
-//! - [`metrics`], [`http`]: what an operator sees.
+//! - [`metrics`], [`status`], [`http`]: what an operator sees.
+//! - [`check`]: the preflight check of a configuration (`kafka-s3-archiver check`).
 //!
 //! [`run`] wires the stages together and owns the shutdown: one cancellation token stops
 //! fetching; uploads in flight get SHUTDOWN_TIMEOUT; what is stored is committed; the spool is
-//! flushed.
+//! flushed. When archiving stops by itself (UNDECODABLE=stop, a fatal error) the process stays
+//! up, reporting FAILED over HTTP as a Kafka Connect worker does, until it is signalled.
 
+pub mod check;
 pub mod commit;
 pub mod config;
 pub mod consumer;
@@ -33,6 +36,7 @@ pub mod http;
 pub mod keys;
 pub mod metrics;
 pub mod spool;
+pub mod status;
 pub mod store;
 pub mod upload;
 
@@ -45,6 +49,7 @@ use tokio_util::sync::CancellationToken;
 use crate::commit::Ledger;
 use crate::config::Config;
 use crate::spool::Spool;
+use crate::status::Status;
 
 /// sled's page cache: enough to keep recent records hot without letting a backlog grow memory.
 const SPOOL_CACHE_BYTES: u64 = 64 * 1024 * 1024;
@@ -95,15 +100,21 @@ pub async fn run(
         tracing::info!(records = recovered, "uploading what the spool held from the last run first");
     }
 
+    let status = Arc::new(Status::new());
     let stop = CancellationToken::new();
-    let http = http::serve(config.http_addr, metrics, stop.clone()).await?;
+    // The HTTP server outlives the pipeline's stop: a FAILED state stays visible until the signal.
+    let http_stop = CancellationToken::new();
+    let view = http::View { metrics, status: status.clone(), ledger: ledger.clone(), spool: spool.clone() };
+    let http = http::serve(config.http_addr, view, http_stop.clone()).await?;
     let http = tokio::spawn(http);
+    tokio::spawn(upload::watch_store(store.clone(), status.clone(), stop.clone()));
 
     let drained = CancellationToken::new();
     let uploader = upload::Uploader {
         store,
         spool: spool.clone(),
         ledger: ledger.clone(),
+        status: status.clone(),
         layout: config.layout.clone(),
         policy: config.undecodable,
         workers: config.upload_workers,
@@ -117,6 +128,7 @@ pub async fn run(
         topics: config.topics.clone(),
         spool: spool.clone(),
         ledger: ledger.clone(),
+        status: status.clone(),
         commit_interval: config.commit_interval,
         limits: config.spool_limits,
     };
@@ -135,8 +147,13 @@ pub async fn run(
 
     // Wait for the signal, or for a stage that stops by itself (UNDECODABLE=stop, a fatal error).
     let mut upload_result = None;
+    let mut signalled = false;
+    tokio::pin!(shutdown);
     tokio::select! {
-        _ = shutdown => tracing::info!("shutting down: fetching stops, uploads in flight finish"),
+        _ = &mut shutdown => {
+            signalled = true;
+            tracing::info!("shutting down: fetching stops, uploads in flight finish");
+        }
         r = &mut uploads => upload_result = Some(r),
         _ = consumer_done_rx => {}
     }
@@ -151,14 +168,22 @@ pub async fn run(
         .expect("join the consumer thread")
         .map_err(|_| RunError::ConsumerPanicked)?;
     spool.flush()?;
+    let result = match upload_result {
+        Ok(r) => r.map_err(RunError::from).and(consumer_result.map_err(RunError::from)),
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    };
+    if let Err(e) = &result
+        && !signalled
+    {
+        status.fail(format!("{e}"));
+        tracing::error!(error = %e,
+            "archiving stopped; the process stays up to report FAILED on /status and /connectors until it is stopped (exit code 1)");
+        shutdown.await;
+    }
+    http_stop.cancel();
     let _ = http.await;
     tracing::info!(spool_records = spool.record_count(), "stopped");
-    match upload_result {
-        Ok(r) => r?,
-        Err(e) => std::panic::resume_unwind(e.into_panic()),
-    }
-    consumer_result?;
-    Ok(())
+    result
 }
 
 /// Registers every record left in the spool, so the consumer does not spool it twice.

@@ -1,35 +1,61 @@
 //! The `kafka-s3-archiver` command: parses the command line, sets up logging and metrics, and
-//! runs the archiver until SIGINT or SIGTERM.
+//! runs the archiver until SIGINT or SIGTERM, or checks a configuration (`check`).
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use kafka_s3_archiver::config::{Config, LogFormat, Settings};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "kafka-s3-archiver",
     version,
-    about = "Archives Kafka topics into object storage, one object per offset"
+    about = "Archives Kafka topics into object storage, one object per offset",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     #[command(flatten)]
     settings: Settings,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Runs the archiver (what the command does without a subcommand).
+    Run(Settings),
+    /// Checks the configuration: spool directory, REST port, brokers and topics, and the bucket
+    /// (writes, reads back and deletes a probe object). Exit status 0 when every check passes.
+    Check(Settings),
 }
 
 fn main() -> ExitCode {
     // `.env` fills in what the process environment does not set; it never overrides it.
     let dotenv = dotenvy::dotenv();
     let cli = Cli::parse();
+    let (settings, checking) = match cli.command {
+        None => (cli.settings, false),
+        Some(Command::Run(s)) => (s, false),
+        Some(Command::Check(s)) => (s, true),
+    };
     let env: Vec<(String, String)> = std::env::vars().collect();
-    let config = match Config::from_settings(&cli.settings, &env) {
+    let config = match Config::from_settings(&settings, &env) {
         Ok(c) => c,
+        Err(e) if checking => {
+            println!("FAIL  configuration: {e}");
+            return ExitCode::FAILURE;
+        }
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(2);
         }
     };
-    init_logging(config.log_format);
+    if checking {
+        // Only real trouble on stderr: each check prints its own outcome.
+        init_logging(config.log_format, "warn,object_store=error,librdkafka=off,rdkafka=off");
+        return check(config);
+    }
+    init_logging(config.log_format, "info,object_store=warn");
     if let Err(e) = dotenv
         && !e.not_found()
     {
@@ -45,10 +71,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// `default_filter` applies unless RUST_LOG is set. The archiver's default keeps object_store at
+/// WARN: it logs every one of its retries, and the archiver logs its own, rate-limited.
+fn init_logging(format: LogFormat, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        // object_store logs every one of its retries; the archiver logs its own, rate-limited.
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,object_store=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     // Colours only on a terminal: a log file or journald gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
@@ -58,9 +85,22 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+fn check(config: Config) -> ExitCode {
+    println!("kafka-s3-archiver {} check", env!("CARGO_PKG_VERSION"));
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("start the tokio runtime");
+    let lines = runtime.block_on(kafka_s3_archiver::check::run(&config, |line| println!("{line}")));
+    if kafka_s3_archiver::check::passed(&lines) {
+        println!("all checks passed: start the archiver with `kafka-s3-archiver`");
+        ExitCode::SUCCESS
+    } else {
+        let n = lines.iter().filter(|l| l.outcome == kafka_s3_archiver::check::Outcome::Fail).count();
+        println!("{n} problem(s): fix them and run `kafka-s3-archiver check` again");
+        ExitCode::FAILURE
+    }
+}
+
 fn run(config: Config) -> anyhow::Result<()> {
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
-    kafka_s3_archiver::metrics::describe();
+    let metrics = kafka_s3_archiver::metrics::install()?;
     tracing::info!(config = %config.summary(), version = env!("CARGO_PKG_VERSION"), "starting");
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {

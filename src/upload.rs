@@ -18,12 +18,13 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::commit::Ledger;
+use crate::commit::{Ledger, Tp};
 use crate::config::UndecodablePolicy;
 use crate::decode::{self, Undecodable};
 use crate::keys::{Layout, Object, RecordPlace, micros_to_millis};
 use crate::metrics as m;
 use crate::spool::{Record, Spool, SpoolError, SpoolKey};
+use crate::status::{STORE_FRESHNESS, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
@@ -88,6 +89,7 @@ pub struct Uploader {
     pub store: Arc<dyn ObjectStore>,
     pub spool: Arc<Spool>,
     pub ledger: Arc<Mutex<Ledger>>,
+    pub status: Arc<Status>,
     pub layout: Layout,
     pub policy: UndecodablePolicy,
     pub workers: usize,
@@ -224,7 +226,9 @@ async fn upload_record(shared: &Shared, key: &SpoolKey, record: Record) -> Resul
         metrics::counter!(m::RECORDS_WITHOUT_TIMESTAMP).increment(1);
     }
     let conditional = up.conditional_put;
-    let stored = futures::future::join_all(objects.into_iter().map(|o| put_until_stored(shared, o, conditional))).await;
+    let tp = (record.topic.clone(), record.partition);
+    let stored =
+        futures::future::join_all(objects.into_iter().map(|o| put_until_stored(shared, &tp, o, conditional))).await;
     let stored = stored.into_iter().collect::<Result<Vec<_>, _>>()?;
     if stored.iter().any(|s| matches!(s, Stored::Abandoned)) {
         // Not stored: the record must stay in the spool and hold the commit back.
@@ -234,10 +238,11 @@ async fn upload_record(shared: &Shared, key: &SpoolKey, record: Record) -> Resul
         if let Stored::Conflict(object) = outcome {
             // Write-once and the key holds other bytes: keep them, and keep ours beside them.
             metrics::counter!(m::UPLOAD_CONFLICTS).increment(1);
+            up.status.error(Some(&tp), format!("conflict: {} exists with other bytes", object.key));
             tracing::error!(key = %object.key,
                 "conflict: the object exists with other bytes; it is kept, and the archiver's bytes go under errors/");
             for o in up.layout.conflict(&object) {
-                if matches!(put_until_stored(shared, o, false).await?, Stored::Abandoned) {
+                if matches!(put_until_stored(shared, &tp, o, false).await?, Stored::Abandoned) {
                     return Ok(());
                 }
             }
@@ -260,6 +265,10 @@ const PART_SIZE: usize = 8 << 20;
 /// Counts an undecodable record once stored; logs the first of each kind per partition.
 fn log_undecodable(shared: &Shared, record: &Record, why: &Undecodable) {
     metrics::counter!(m::UNDECODABLE_RECORDS, "reason" => why.label()).increment(1);
+    shared.up.status.error(
+        Some(&(record.topic.clone(), record.partition)),
+        format!("offset {}: undecodable record ({why})", record.offset),
+    );
     let first = shared.logged.lock().expect("log lock").insert((record.topic.clone(), record.partition, why.label()));
     if first {
         let action = match shared.up.policy {
@@ -286,13 +295,16 @@ enum Stored {
 
 /// Stores one object, retrying with exponential backoff and jitter until it is stored.
 /// `conditional`: never overwrite (If-None-Match); an existing object is compared instead.
-async fn put_until_stored(shared: &Shared, object: Object, conditional: bool) -> Result<Stored, UploadError> {
+async fn put_until_stored(shared: &Shared, tp: &Tp, object: Object, conditional: bool) -> Result<Stored, UploadError> {
     let path = Path::from(object.key.as_str());
     let size = object.len() as u64;
     let multipart = object.len() >= MULTIPART_THRESHOLD;
     let payload: PutPayload = object.body.iter().cloned().collect();
     let mut attempt: u32 = 0;
     loop {
+        if attempt > 0 {
+            metrics::counter!(m::UPLOAD_RETRIES).increment(1);
+        }
         let permit = shared.puts.acquire().await.expect("semaphore is never closed");
         let started = Instant::now();
         let store = shared.up.store.as_ref();
@@ -311,12 +323,14 @@ async fn put_until_stored(shared: &Shared, object: Object, conditional: bool) ->
         drop(permit);
         match result {
             Ok(()) => {
+                shared.up.status.store_ok();
                 metrics::histogram!(m::UPLOAD_DURATION).record(started.elapsed().as_secs_f64());
                 metrics::counter!(m::OBJECTS_UPLOADED, "kind" => object.kind.label()).increment(1);
                 metrics::counter!(m::UPLOADED_BYTES).increment(size);
                 return Ok(Stored::Done);
             }
             Err(object_store::Error::AlreadyExists { .. }) if conditional => {
+                shared.up.status.store_ok();
                 match store.get(&path).await {
                     Ok(existing) => match existing.bytes().await {
                         Ok(bytes) if same_bytes(&bytes, &payload) => {
@@ -338,6 +352,12 @@ async fn put_until_stored(shared: &Shared, object: Object, conditional: bool) ->
             Err(e) => {
                 let reason = error_reason(&e);
                 metrics::counter!(m::UPLOAD_ERRORS, "reason" => reason).increment(1);
+                let problem = match fix_for(reason) {
+                    Some(fix) => format!("upload of {} refused: {fix}", object.key),
+                    None => format!("upload of {} failed: {e}", object.key),
+                };
+                shared.up.status.error(Some(tp), problem.clone());
+                shared.up.status.store_error(problem);
                 attempt += 1;
                 let ceiling =
                     Duration::from_millis(100).saturating_mul(1 << attempt.min(9)).min(Duration::from_secs(10));
@@ -359,6 +379,32 @@ async fn put_until_stored(shared: &Shared, object: Object, conditional: bool) ->
     }
 }
 
+/// Where the probe looks: a key outside the archive's prefixes that is never written.
+const PROBE_KEY: &str = ".kafka-s3-archiver/probe";
+
+/// Keeps the store's reachability known for `/readyz` while no uploads run: every
+/// [`STORE_FRESHNESS`] without an answer from the store, asks for an object that does not exist.
+pub async fn watch_store(store: Arc<dyn ObjectStore>, status: Arc<Status>, shutdown: CancellationToken) {
+    let path = Path::from(PROBE_KEY);
+    loop {
+        if !status.store_answered_within(STORE_FRESHNESS) {
+            match tokio::time::timeout(Duration::from_secs(20), store.head(&path)).await {
+                // "Not found" is an answer from the bucket: it is there and the credentials work.
+                Ok(Ok(_)) | Ok(Err(object_store::Error::NotFound { .. })) => status.store_ok(),
+                Ok(Err(e)) => status.store_error(match fix_for(error_reason(&e)) {
+                    Some(fix) => format!("probe refused: {fix}"),
+                    None => format!("probe failed: {e}"),
+                }),
+                Err(_) => status.store_error("probe timed out after 20 s: check S3_ENDPOINT_URL and the network"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(STORE_FRESHNESS / 3) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
 fn same_bytes(stored: &[u8], payload: &PutPayload) -> bool {
     stored.len() == payload.content_length() && payload.iter().flat_map(|b| b.iter()).eq(stored.iter())
 }
@@ -374,7 +420,7 @@ async fn put_multipart(store: &dyn ObjectStore, path: &Path, payload: &PutPayloa
 }
 
 /// What the operator should check for an error that retrying alone will not fix.
-fn fix_for(reason: &str) -> Option<&'static str> {
+pub(crate) fn fix_for(reason: &str) -> Option<&'static str> {
     match reason {
         "permission_denied" => Some(
             "the store denied access (403): check AWS_ACCESS_KEY_ID / AWS_SECRET_KEY and that the key may write to S3_BUCKET_NAME",
@@ -388,7 +434,7 @@ fn fix_for(reason: &str) -> Option<&'static str> {
 }
 
 /// A bounded label for an object store error.
-fn error_reason(e: &object_store::Error) -> &'static str {
+pub(crate) fn error_reason(e: &object_store::Error) -> &'static str {
     match e {
         object_store::Error::NotFound { .. } => "not_found",
         object_store::Error::PermissionDenied { .. } => "permission_denied",
@@ -434,7 +480,7 @@ mod tests {
         spool.insert_batch(&[Record { value, ..record(b"") }.at(0)]).unwrap();
         let ledger = Arc::new(Mutex::new(Ledger::new()));
         ledger.lock().unwrap().assign(&tp);
-        ledger.lock().unwrap().deliver(&tp, 0, false);
+        ledger.lock().unwrap().deliver(&tp, 0, false, None);
         // Nothing listens on port 1: every PUT fails, and is retried until the shutdown timeout.
         let store = crate::store::build(&crate::config::StoreConfig::S3 {
             bucket: "bucket-x".into(),
@@ -445,10 +491,12 @@ mod tests {
             ca_pem: None,
         })
         .unwrap();
+        let status = Arc::new(Status::new());
         let up = Uploader {
             store,
             spool: spool.clone(),
             ledger: ledger.clone(),
+            status: status.clone(),
             layout: Layout::default(),
             policy: UndecodablePolicy::DeadLetter,
             workers: 4,
@@ -462,6 +510,8 @@ mod tests {
         run.await.unwrap().unwrap();
         assert_eq!(spool.record_count(), 1, "the record stays in the spool");
         assert!(ledger.lock().unwrap().to_commit().is_empty(), "and nothing is committed");
+        let why = status.not_ready(&ledger.lock().unwrap());
+        assert!(why.iter().any(|w| w.starts_with("the object store is not reachable: upload of")), "{why:?}");
     }
 
     #[tokio::test]
@@ -474,6 +524,35 @@ mod tests {
         let got = store.get(&path).await.unwrap().bytes().await.unwrap();
         assert_eq!(got.len(), body.len() + 1);
         assert!(got[..body.len()] == body[..] && got[body.len()] == b'\n');
+    }
+
+    #[test]
+    fn every_label_value_is_one_the_metrics_module_initialises() {
+        use crate::keys::ObjectKind;
+        for kind in [ObjectKind::Payload, ObjectKind::Timestamp, ObjectKind::DeadLetter, ObjectKind::DeadLetterReason] {
+            assert!(m::OBJECT_KINDS.contains(&kind.label()), "{}", kind.label());
+        }
+        let errors = [
+            object_store::Error::NotFound { path: "p".into(), source: "x".into() },
+            object_store::Error::PermissionDenied { path: "p".into(), source: "x".into() },
+            object_store::Error::Unauthenticated { path: "p".into(), source: "x".into() },
+            object_store::Error::AlreadyExists { path: "p".into(), source: "x".into() },
+            object_store::Error::Generic { store: "S3", source: "x".into() },
+        ];
+        for e in &errors {
+            assert!(m::UPLOAD_ERROR_REASONS.contains(&error_reason(e)), "{}", error_reason(e));
+        }
+        let undecodable = [
+            Undecodable::Encrypted(1),
+            Undecodable::NoEnvelope,
+            Undecodable::WrongMarker,
+            Undecodable::WrongFingerprint("f".into()),
+            Undecodable::Truncated("t"),
+            Undecodable::Malformed("m"),
+        ];
+        for why in &undecodable {
+            assert!(m::UNDECODABLE_REASONS.contains(&why.label()), "{}", why.label());
+        }
     }
 
     #[test]

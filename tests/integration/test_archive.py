@@ -6,6 +6,8 @@ import random
 import re
 import subprocess
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -265,8 +267,19 @@ def test_undecodable_stop_halts_and_raw_archives_the_value(broker, run_archiver,
     stop_dir, group = tmp_path / "stop", f"stop-{run}"
     a = run_archiver(BROKER_HOSTNAME=broker.bootstrap, KAFKA_TOPIC=topic, GROUP_ID=group, UNDECODABLE="stop",
                      SPOOL_DIR=stop_dir / "spool", ARCHIVE_DIR=stop_dir / "data")
-    code = a.proc.wait(60)
-    assert code == 1, a.logs()
+    # As a Kafka Connect worker whose task failed: the process stays up and reports FAILED.
+    deadline = time.time() + 60
+    while a.metric("kafka_s3_archiver_failed") != 1:
+        assert time.time() < deadline and a.proc.poll() is None, a.logs()
+        time.sleep(0.2)
+    status = json.loads(urllib.request.urlopen(
+        f"http://127.0.0.1:{a.rest_port}/connectors/s3-sink-data/status", timeout=5).read())
+    assert status["connector"]["state"] == "FAILED" and status["tasks"][0]["state"] == "FAILED", status
+    assert f"{topic} partition 0 offset 1" in status["tasks"][0]["trace"], status
+    with pytest.raises(urllib.error.HTTPError) as not_ready:
+        urllib.request.urlopen(f"http://127.0.0.1:{a.rest_port}/readyz", timeout=5)
+    assert not_ready.value.code == 503 and b"archiving stopped" in not_ready.value.read()
+    assert a.stop() == 1, a.logs()
     assert f"{topic} partition 0 offset 1" in a.logs() and "UNDECODABLE=stop" in a.logs()
     assert oracle.committed(broker.bootstrap, group, topic, [0]) == {0: 1}, "committed past the stop"
     # Offset 0 is archived, offset 1 is not; offset 2 may have been in flight in parallel, and if

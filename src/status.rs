@@ -1,0 +1,318 @@
+//! Status: what the pipeline reports about itself.
+//!
+//! The stages note here what the commit ledger and the spool do not know: the end offset of each
+//! partition, the last error of each partition and of the store, whether consumption is paused,
+//! and whether archiving stopped. [`Status::report`] joins these notes with the ledger and the
+//! spool into the answer of `/status`; [`Status::set_gauges`] turns the same snapshot into the
+//! gauges of `/metrics`, so the two never disagree.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+
+use crate::commit::{Ledger, Tp};
+use crate::metrics as m;
+use crate::spool::Spool;
+
+/// A store that answered within this long counts as reachable without a probe.
+pub const STORE_FRESHNESS: Duration = Duration::from_secs(30);
+
+/// An error and when it happened.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Note {
+    pub message: String,
+    /// RFC 3339, UTC.
+    pub time: String,
+}
+
+impl Note {
+    fn now(message: impl Into<String>) -> Note {
+        Note { message: message.into(), time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true) }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Notes {
+    paused: Option<String>,
+    failure: Option<Note>,
+    last_error: Option<Note>,
+    store_ok_at: Option<Instant>,
+    store_reachable: Option<bool>,
+    store_error: Option<Note>,
+    /// High watermark of each partition, as last seen by the consumer.
+    ends: HashMap<Tp, i64>,
+    partition_errors: HashMap<Tp, Note>,
+}
+
+/// Shared by every stage; cheap to update from hot paths (one uncontended lock).
+#[derive(Debug)]
+pub struct Status {
+    started: SystemTime,
+    notes: Mutex<Notes>,
+}
+
+impl Default for Status {
+    fn default() -> Status {
+        Status::new()
+    }
+}
+
+/// The answer of `/status`.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// RUNNING, or FAILED once archiving stopped with an error.
+    pub state: &'static str,
+    pub version: &'static str,
+    pub started: String,
+    pub uptime_seconds: u64,
+    pub ready: bool,
+    pub consumer: ConsumerReport,
+    pub spool: SpoolReport,
+    pub store: StoreReport,
+    pub failure: Option<Note>,
+    pub last_error: Option<Note>,
+    pub partitions: Vec<PartitionReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConsumerReport {
+    pub assigned_partitions: usize,
+    pub paused: bool,
+    pub pause_reason: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SpoolReport {
+    pub records: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StoreReport {
+    /// None until the first request or probe answered.
+    pub reachable: Option<bool>,
+    pub last_error: Option<Note>,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct PartitionReport {
+    pub topic: String,
+    pub partition: i32,
+    /// The group's committed offset (the next offset to archive), once known.
+    pub committed: Option<i64>,
+    /// One past the last offset in the partition, as far as the consumer has seen.
+    pub end: Option<i64>,
+    /// `end - committed`: records not yet archived and committed.
+    pub lag: Option<i64>,
+    /// Records of this partition consumed but not yet stored.
+    pub spool_records: usize,
+    pub last_error: Option<Note>,
+}
+
+impl Status {
+    pub fn new() -> Status {
+        Status { started: SystemTime::now(), notes: Mutex::new(Notes::default()) }
+    }
+
+    fn notes(&self) -> std::sync::MutexGuard<'_, Notes> {
+        self.notes.lock().expect("status lock")
+    }
+
+    /// Something went wrong with a partition (or, with `None`, with the pipeline as a whole).
+    pub fn error(&self, tp: Option<&Tp>, message: impl Into<String>) {
+        let note = Note::now(message);
+        let mut n = self.notes();
+        if let Some(tp) = tp {
+            n.partition_errors.insert(tp.clone(), note.clone());
+        }
+        n.last_error = Some(note);
+    }
+
+    /// A request to the store succeeded.
+    pub fn store_ok(&self) {
+        let mut n = self.notes();
+        n.store_ok_at = Some(Instant::now());
+        n.store_reachable = Some(true);
+    }
+
+    /// A request to the store failed; the message says what to check.
+    pub fn store_error(&self, message: impl Into<String>) {
+        let note = Note::now(message);
+        let mut n = self.notes();
+        n.store_reachable = Some(false);
+        n.store_error = Some(note.clone());
+        n.last_error = Some(note);
+    }
+
+    /// Whether the store answered recently, so no probe is needed.
+    pub fn store_answered_within(&self, d: Duration) -> bool {
+        self.notes().store_ok_at.is_some_and(|t| t.elapsed() < d)
+    }
+
+    /// The consumer's latest high watermark of a partition.
+    pub fn set_end(&self, tp: &Tp, end: i64) {
+        self.notes().ends.insert(tp.clone(), end);
+    }
+
+    /// Consumption paused (with the reason) or resumed (`None`).
+    pub fn set_paused(&self, reason: Option<String>) {
+        self.notes().paused = reason;
+    }
+
+    /// Archiving stopped with this error: the process reports FAILED until it is restarted.
+    pub fn fail(&self, message: impl Into<String>) {
+        let note = Note::now(message);
+        let mut n = self.notes();
+        n.last_error = Some(note.clone());
+        n.failure = Some(note);
+    }
+
+    /// The error archiving stopped with, if it did.
+    pub fn failure(&self) -> Option<Note> {
+        self.notes().failure.clone()
+    }
+
+    /// Why the process is not ready to archive, if it is not: it must have partitions assigned,
+    /// a reachable store, and not have stopped.
+    pub fn not_ready(&self, ledger: &Ledger) -> Vec<String> {
+        let n = self.notes();
+        let mut why = Vec::new();
+        if let Some(f) = &n.failure {
+            why.push(format!("archiving stopped: {}", f.message));
+        }
+        if ledger.assigned().next().is_none() {
+            why.push(
+                "no partitions assigned (the group is still joining, the topic is missing, or there are \
+                 more instances than partitions)"
+                    .into(),
+            );
+        }
+        match n.store_reachable {
+            Some(true) => {}
+            Some(false) => why.push(format!(
+                "the object store is not reachable: {}",
+                n.store_error.as_ref().map_or("", |e| e.message.as_str())
+            )),
+            None => why.push("the object store has not answered yet".into()),
+        }
+        why
+    }
+
+    /// A snapshot for `/status`.
+    pub fn report(&self, ledger: &Ledger, spool: &Spool) -> Report {
+        let partitions = self.partitions(ledger);
+        let ready = self.not_ready(ledger).is_empty();
+        let n = self.notes();
+        Report {
+            state: if n.failure.is_some() { "FAILED" } else { "RUNNING" },
+            version: env!("CARGO_PKG_VERSION"),
+            started: chrono::DateTime::<chrono::Utc>::from(self.started)
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            uptime_seconds: self.started.elapsed().map_or(0, |d| d.as_secs()),
+            ready,
+            consumer: ConsumerReport {
+                assigned_partitions: partitions.len(),
+                paused: n.paused.is_some(),
+                pause_reason: n.paused.clone(),
+            },
+            spool: SpoolReport { records: spool.record_count(), bytes: spool.byte_count() },
+            store: StoreReport { reachable: n.store_reachable, last_error: n.store_error.clone() },
+            failure: n.failure.clone(),
+            last_error: n.last_error.clone(),
+            partitions,
+        }
+    }
+
+    /// The assigned partitions, in topic and partition order.
+    fn partitions(&self, ledger: &Ledger) -> Vec<PartitionReport> {
+        let n = self.notes();
+        let mut out: Vec<PartitionReport> = ledger
+            .assigned()
+            .map(|v| {
+                // The consumer's watermark can lag what it has already delivered (and some brokers
+                // report it low); nothing before a delivered or committed offset can be missing.
+                let end = [n.ends.get(&v.tp).copied(), v.next_delivery, v.committed].into_iter().flatten().max();
+                PartitionReport {
+                    topic: v.tp.0.clone(),
+                    partition: v.tp.1,
+                    committed: v.committed,
+                    end,
+                    lag: v.committed.zip(end).map(|(c, e)| (e - c).max(0)),
+                    spool_records: v.pending,
+                    last_error: n.partition_errors.get(&v.tp).cloned(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        out
+    }
+
+    /// Sets every gauge from the current state; called before each scrape of `/metrics`.
+    pub fn set_gauges(&self, ledger: &Ledger, spool: &Spool) {
+        let partitions = self.partitions(ledger);
+        metrics::gauge!(m::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        metrics::gauge!(m::ASSIGNED_PARTITIONS).set(partitions.len() as f64);
+        for p in &partitions {
+            let labels = [("topic", p.topic.clone()), ("partition", p.partition.to_string())];
+            if let Some(c) = p.committed {
+                metrics::gauge!(m::COMMITTED_OFFSET, &labels).set(c as f64);
+            }
+            if let Some(lag) = p.lag {
+                metrics::gauge!(m::CONSUMER_LAG, &labels).set(lag as f64);
+            }
+        }
+        metrics::gauge!(m::SPOOL_RECORDS).set(spool.record_count() as f64);
+        metrics::gauge!(m::SPOOL_BYTES).set(spool.byte_count() as f64);
+        let n = self.notes();
+        metrics::gauge!(m::CONSUMER_PAUSED).set(if n.paused.is_some() { 1.0 } else { 0.0 });
+        metrics::gauge!(m::STORE_REACHABLE).set(if n.store_reachable == Some(true) { 1.0 } else { 0.0 });
+        metrics::gauge!(m::FAILED).set(if n.failure.is_some() { 1.0 } else { 0.0 });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tp(p: i32) -> Tp {
+        ("t".to_string(), p)
+    }
+
+    #[test]
+    fn lag_is_end_minus_committed_and_never_below_what_was_delivered() {
+        let (status, mut ledger) = (Status::new(), Ledger::new());
+        ledger.assign(&tp(0));
+        ledger.assign(&tp(1));
+        for o in 10..15 {
+            ledger.deliver(&tp(0), o, false, Some(0));
+        }
+        ledger.complete(&tp(0), 10);
+        ledger.to_commit();
+        ledger.commit_succeeded(&tp(0), 11);
+        // The broker's watermark (12) is behind what was delivered (up to 14).
+        status.set_end(&tp(0), 12);
+        status.error(Some(&tp(0)), "upload failed");
+        let ps = status.partitions(&ledger);
+        assert_eq!(ps.len(), 2);
+        assert_eq!((ps[0].committed, ps[0].end, ps[0].lag, ps[0].spool_records), (Some(11), Some(15), Some(4), 4));
+        assert_eq!(ps[0].last_error.as_ref().unwrap().message, "upload failed");
+        assert_eq!((ps[1].committed, ps[1].end, ps[1].lag), (None, None, None), "nothing known yet");
+    }
+
+    #[test]
+    fn ready_needs_partitions_a_reachable_store_and_no_failure() {
+        let (status, mut ledger) = (Status::new(), Ledger::new());
+        assert_eq!(status.not_ready(&ledger).len(), 2);
+        ledger.assign(&tp(0));
+        status.store_error("refused (403): check AWS_ACCESS_KEY_ID");
+        let why = status.not_ready(&ledger);
+        assert_eq!(why.len(), 1);
+        assert!(why[0].contains("403"), "{why:?}");
+        status.store_ok();
+        assert!(status.not_ready(&ledger).is_empty());
+        status.fail("archiving stopped (UNDECODABLE=stop)");
+        assert!(status.not_ready(&ledger)[0].starts_with("archiving stopped"));
+    }
+}
