@@ -1,0 +1,66 @@
+"""The README keeps up with the code: every metric and every warning or error the archiver can log
+is documented, and nothing documented is gone from the code. No servers needed."""
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+README = (REPO / "README.md").read_text()
+
+
+def section(title):
+    """The README's text under `## title`, up to the next `## ` heading."""
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", README, re.M | re.S)
+    assert match, f"the README has no '## {title}' section"
+    return match.group(1)
+
+
+def metric_names():
+    src = (REPO / "src" / "metrics.rs").read_text()
+    return set(re.findall(r'pub const [A-Z_]+: &str = "(kafka_s3_archiver_[a-z_]+)";', src))
+
+
+def logged_problems():
+    """The message of every tracing::warn! and tracing::error! in src/, up to its first `{`."""
+    out = {}
+    for path in sorted((REPO / "src").glob("*.rs")):
+        src = path.read_text()
+        for m in re.finditer(r"tracing::(warn|error)!\(", src):
+            literals, depth, i = [], 1, m.end()
+            while depth:
+                if src[i] == '"':
+                    end = re.compile(r'"((?:[^"\\]|\\.)*)"').match(src, i)
+                    literals.append(end.group(1))
+                    i = end.end()
+                    continue
+                depth += {"(": 1, ")": -1}.get(src[i], 0)
+                i += 1
+            # The message is the macro's last string literal; "{e:#}" alone repeats an error documented elsewhere.
+            message = literals[-1].split("{")[0].strip() if literals else ""
+            if message:
+                out[message] = f"{path.name}:{src[:m.start()].count(chr(10)) + 1}"
+    return out
+
+
+def test_the_monitoring_section_lists_exactly_the_metrics_the_code_defines():
+    documented = set(re.findall(r"^\| `(kafka_s3_archiver_[a-z_]+)` \|", section("Monitoring"), re.M))
+    assert len(metric_names()) >= 20
+    assert documented == metric_names(), (
+        f"undocumented: {metric_names() - documented}; documented but gone: {documented - metric_names()}")
+
+
+def test_every_logged_warning_and_error_is_in_troubleshooting():
+    text = section("Troubleshooting")
+    problems = logged_problems()
+    assert len(problems) >= 15, problems
+    missing = {m: where for m, where in problems.items() if m not in text}
+    assert not missing, f"logged but not in the README's Troubleshooting section: {missing}"
+
+
+def test_every_configuration_error_is_covered_by_name():
+    """Configuration errors read `VARIABLE: what is wrong`; the section explains that form, and
+    every variable a configuration error can name is in the configuration table."""
+    assert "(any `VARIABLE: …`)" in section("Troubleshooting")
+    src = (REPO / "src" / "config.rs").read_text()
+    named = set(re.findall(r'invalid\(\s*"([A-Z_]+)"', src))
+    table = set(re.findall(r"^\| `([A-Z_<>]+)` \|", section("Configuration"), re.M))
+    assert named and named <= table, named - table
