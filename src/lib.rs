@@ -21,12 +21,14 @@
 //! - [`store`]: the object_store backend (S3 or local directory).
 //! - [`metrics`], [`status`], [`http`]: what an operator sees.
 //! - [`check`]: the preflight check of a configuration (`kafka-s3-archiver check`).
+//! - [`bench`]: the store's raw PUT rate (`kafka-s3-archiver bench-store`).
 //!
 //! [`run`] wires the stages together and owns the shutdown: one cancellation token stops
 //! fetching; uploads in flight get SHUTDOWN_TIMEOUT; what is stored is committed; the spool is
 //! flushed. When archiving stops by itself (UNDECODABLE=stop, a fatal error) the process stays
 //! up, reporting FAILED over HTTP as a Kafka Connect worker does, until it is signalled.
 
+pub mod bench;
 pub mod check;
 pub mod commit;
 pub mod config;

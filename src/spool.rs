@@ -12,7 +12,8 @@
 //! comes from the time it was consumed: [`Spool::insert_batch`] flushes before returning when a
 //! batch holds one, so a retry never sees another time.
 //!
-//! Large values are compressed with zstd when that saves at least an eighth of them.
+//! Large values are compressed with zstd when that saves at least an eighth of them
+//! ([`SpoolOptions::compress_min_bytes`]).
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -124,8 +125,27 @@ const COMPRESS_MIN_BYTES: usize = 16 * 1024;
 /// Largest value the spool accepts back from disk (guards decompression against corruption).
 const MAX_VALUE_BYTES: usize = 1 << 31;
 
+/// How the spool stores records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpoolOptions {
+    /// Values at least this large are tried with zstd; `None` stores every value as is.
+    pub compress_min_bytes: Option<usize>,
+}
+
+impl Default for SpoolOptions {
+    /// Values of 16 KiB and more are tried with zstd.
+    fn default() -> SpoolOptions {
+        SpoolOptions { compress_min_bytes: Some(COMPRESS_MIN_BYTES) }
+    }
+}
+
 /// Encodes a record's value side: version, flags, time, optional key, value.
 pub fn encode_value(r: &Record) -> Vec<u8> {
+    encode_value_with(r, SpoolOptions::default())
+}
+
+/// [`encode_value`] with the given options.
+fn encode_value_with(r: &Record, options: SpoolOptions) -> Vec<u8> {
     let mut flags = 0;
     if matches!(r.time, RecordTime::Consumed(_)) {
         flags |= FLAG_CONSUMED_TIME;
@@ -133,7 +153,9 @@ pub fn encode_value(r: &Record) -> Vec<u8> {
     if r.key.is_some() {
         flags |= FLAG_KEY;
     }
-    let compressed = (r.value.len() >= COMPRESS_MIN_BYTES)
+    let compressed = options
+        .compress_min_bytes
+        .is_some_and(|min| r.value.len() >= min)
         .then(|| zstd::bulk::compress(&r.value, 1).ok())
         .flatten()
         .filter(|c| c.len() + r.value.len() / 8 <= r.value.len());
@@ -199,6 +221,7 @@ pub fn decode_entry(key: &SpoolKey, raw: &[u8]) -> Result<Record, SpoolError> {
 #[derive(Debug)]
 pub struct Spool {
     dir: std::path::PathBuf,
+    options: SpoolOptions,
     db: sled::Db,
     records: sled::Tree,
     /// Partition prefixes that have (or recently had) records.
@@ -212,6 +235,12 @@ pub struct Spool {
 impl Spool {
     /// Opens (or creates) the spool in `dir`. `cache_bytes` bounds sled's page cache.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Spool, SpoolError> {
+        Spool::open_with(dir, cache_bytes, SpoolOptions::default())
+    }
+
+    /// [`Spool::open`] with the given options. They apply to the records inserted from now on;
+    /// records already in the spool are read back whatever options wrote them.
+    pub fn open_with(dir: &Path, cache_bytes: u64, options: SpoolOptions) -> Result<Spool, SpoolError> {
         std::fs::create_dir_all(dir)?;
         let db = sled::Config::new().path(dir).cache_capacity(cache_bytes).flush_every_ms(Some(500)).open()?;
         let records = db.open_tree("records")?;
@@ -226,6 +255,7 @@ impl Spool {
         }
         Ok(Spool {
             dir: dir.to_path_buf(),
+            options,
             db,
             records,
             partitions: Mutex::new(partitions),
@@ -246,7 +276,7 @@ impl Spool {
         let mut prefixes = Vec::new();
         for r in records {
             let key = SpoolKey::new(&r.topic, r.partition, r.offset);
-            let value = encode_value(r);
+            let value = encode_value_with(r, self.options);
             added += (key.0.len() + value.len()) as u64;
             must_flush |= matches!(r.time, RecordTime::Consumed(_));
             if prefixes.last().is_none_or(|p: &Vec<u8>| p.as_slice() != key.prefix()) {
@@ -374,6 +404,26 @@ mod tests {
         let random = rec("t", 0, 5, noise);
         assert_eq!(decode_entry(&key, &encode_value(&random)).unwrap(), random);
         assert!(decode_entry(&key, &[9, 0]).is_err());
+    }
+
+    #[test]
+    fn uncompressed_spools_store_large_values_as_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let off = SpoolOptions { compress_min_bytes: None };
+        let s = Spool::open_with(dir.path(), 1 << 20, off).unwrap();
+        // Compressible, so only the option keeps it from being compressed.
+        let big = rec("t", 0, 1, b"{\"sensor\":\"s-1\",\"temperature\":23.5}\n".repeat(2048)[..64 * 1024].to_vec());
+        assert!(encode_value(&big).len() < 16 * 1024, "compressed by default");
+        assert_eq!(encode_value_with(&big, off).len(), 10 + 64 * 1024, "stored as is");
+        s.insert_batch(std::slice::from_ref(&big)).unwrap();
+        assert!(s.byte_count() > 64 * 1024);
+        let got = s.pending(&partition_prefix("t", 0), |_| false, 10).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].1, big);
+        s.flush().unwrap();
+        drop(s);
+        let reopened = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(reopened.pending(&partition_prefix("t", 0), |_| false, 10).unwrap()[0].1, big);
     }
 
     #[test]

@@ -209,13 +209,16 @@ def scrape(port):
 
 class TcpProxy:
     """A TCP proxy on loopback in front of a server; down() refuses and cuts connections, up()
-    serves again on the same port: a store outage as the archiver sees it."""
+    serves again on the same port: a store outage as the archiver sees it. With `delay`, every
+    request (a burst of bytes from the client after a pause) waits that long first: the round trip
+    to a distant store."""
 
-    def __init__(self, upstream_port, tls=None, port=None):
-        """tls: (certfile, keyfile) to serve TLS in front of a plain server; port: where to listen."""
+    def __init__(self, upstream_port, tls=None, port=None, delay=0.0):
+        """tls: (certfile, keyfile) to serve TLS in front of a plain server; port: where to listen;
+        delay: seconds added to each request."""
         import ssl
         import threading
-        self.upstream_port, self.port = upstream_port, port or free_port()
+        self.upstream_port, self.port, self.delay = upstream_port, port or free_port(), delay
         self.tls = None
         if tls:
             self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -265,12 +268,20 @@ class TcpProxy:
             return
         with self.lock:
             self.conns.update((client, upstream))
-        for a, b in ((client, upstream), (upstream, client)):
-            threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+        # A request starts with the first client bytes after an answer (or the connection) began.
+        answered = threading.Event()
+        answered.set()
+        threading.Thread(target=self._pump, args=(client, upstream, answered, self.delay), daemon=True).start()
+        threading.Thread(target=self._pump, args=(upstream, client, answered, 0.0), daemon=True).start()
 
-    def _pump(self, src, dst):
+    def _pump(self, src, dst, answered, delay):
         try:
             while data := src.recv(65536):
+                if not delay:
+                    answered.set()
+                elif answered.is_set():
+                    answered.clear()
+                    time.sleep(delay)
                 dst.sendall(data)
         except OSError:
             pass

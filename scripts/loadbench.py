@@ -1,0 +1,393 @@
+"""End-to-end load benchmark on the test bed (run it with scripts/bench.sh).
+
+For each store (s3s-fs, garage) it preloads N records of one size into a topic of P partitions
+(tansu), then measures in the same run:
+  - the raw PUT ceiling: `kafka-s3-archiver bench-store`, the archiver's own S3 client putting the
+    same 2N objects with the same concurrency, nothing else;
+  - the archiver, from the first record consumed to every offset committed;
+  - the sequential baseline, UPLOAD_WORKERS=1 (one PUT at a time, as the Kafka Connect sink with
+    flush.size=1 did), and the speed-up over it;
+  - the same two with a 20 ms round trip per request (a delay proxy in front of the store);
+  - upload and end-to-end latency p50/p99 at a steady produce rate below capacity;
+  - peak RSS and spool, and RSS after a small and a large backlog;
+  - throughput against UPLOAD_WORKERS, drawn as an SVG.
+Prints a table, writes results.json and workers.svg to --out.
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "integration"))
+import confluent_kafka as ck  # noqa: E402
+
+import oracle  # noqa: E402
+import testbed  # noqa: E402
+from conftest import Archiver  # noqa: E402
+from load import v3_message  # noqa: E402
+
+BIN = Path(os.environ.get("ARCHIVER_BIN", REPO / "target" / "release" / "kafka-s3-archiver")).resolve()
+
+
+class S3sFs(testbed.S3Server):
+    """s3s-fs: an S3 server over a directory; the fastest one here."""
+
+    def __init__(self):
+        super().__init__()
+        self.port = testbed.free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        (self.dir / "root").mkdir()
+        self.spawn([str(testbed.TESTBED_HOME / "tools" / "bin" / "s3s-fs"), "--host", "127.0.0.1", "--port",
+                    str(self.port), "--access-key", testbed.ACCESS_KEY, "--secret-key", testbed.SECRET_KEY,
+                    str(self.dir / "root")])
+        testbed.wait_for_port(self.port, self.proc, "s3s-fs")
+
+    def create_bucket(self, name):
+        self.client().create_bucket(Bucket=name)
+
+
+class Fresh:
+    """A new server of one kind for every measurement, the previous one stopped and deleted: a
+    store filled by one measurement does not slow the next (s3s-fs keeps every object as a file,
+    and a directory of a million files answers ENOSPC on ext4)."""
+
+    def __init__(self, kind):
+        self.kind, self.server = kind, None
+
+    def __call__(self):
+        self.stop()
+        self.server = S3sFs() if self.kind == "s3s-fs" else testbed.Garage()
+        return self.server
+
+    def stop(self):
+        if self.server:
+            self.server.stop()
+            self.server = None
+
+
+def delayed(server, rtt_ms):
+    """The endpoint of a proxy adding `rtt_ms` to every request to `server`."""
+    return testbed.TcpProxy(int(server.endpoint.rsplit(":", 1)[1]), delay=rtt_ms / 1000).endpoint
+
+
+def preload(broker, topic, partitions, n, payload_bytes):
+    """n records round robin over the partitions; returns the end offsets."""
+    p = ck.Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 20, "batch.num.messages": 2000,
+                     "queue.buffering.max.messages": 200000, "log_level": 2})
+    payload = os.urandom(payload_bytes)
+    now = int(time.time() * 1000)
+    for i in range(n):
+        while True:
+            try:
+                p.produce(topic, value=v3_message(now * 1000 + i, payload), partition=i % partitions, timestamp=now)
+                break
+            except BufferError:
+                p.poll(0.05)
+        if i % 10000 == 0:
+            p.poll(0)
+    assert p.flush(120) == 0
+    return {q: n // partitions + (1 if q < n % partitions else 0) for q in range(partitions)}
+
+
+def store_env(server, bucket, endpoint=None):
+    return {"S3_BUCKET_NAME": bucket, "S3_ENDPOINT_URL": endpoint or server.endpoint,
+            "AWS_ACCESS_KEY_ID": testbed.ACCESS_KEY, "AWS_SECRET_KEY": testbed.SECRET_KEY}
+
+
+def ceiling(server, records, payload_bytes, workers, endpoint=None):
+    """`bench-store` into a fresh bucket: records/s and objects/s with `workers` in flight."""
+    bucket = f"ceiling-{uuid.uuid4().hex[:10]}"
+    server.create_bucket(bucket)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "S3_", "AWS_"))}
+    env.update(store_env(server, bucket, endpoint), BROKER_HOSTNAME="unused:9092", KAFKA_TOPIC="unused",
+               UPLOAD_WORKERS=str(workers))
+    r = subprocess.run([str(BIN), "bench-store", "--records", str(records), "--payload-bytes", str(payload_bytes)],
+                       env=env, capture_output=True, text=True, timeout=3600, check=True)
+    return json.loads(r.stdout)
+
+
+def run_archiver(workdir, broker, server, topic, n, ends, workers, endpoint=None, extra=None):
+    """The archiver over a preloaded topic, until every offset is committed."""
+    bucket, group = f"archive-{uuid.uuid4().hex[:10]}", f"bench-{uuid.uuid4().hex[:10]}"
+    server.create_bucket(bucket)
+    env = {"BROKER_HOSTNAME": broker.bootstrap, "KAFKA_TOPIC": topic, "GROUP_ID": group,
+           "SPOOL_DIR": str(workdir / f"spool-{group}"), "UPLOAD_WORKERS": str(workers),
+           "REST_PORT": str(testbed.free_port()), "REST_BIND_ADDRESS": "127.0.0.1",
+           "KAFKA_PROPERTY_SESSION_TIMEOUT_MS": "6000", **store_env(server, bucket, endpoint), **(extra or {})}
+    a = Archiver(BIN, env, workdir).start()
+    started = time.time()
+    first = None
+    while first is None:
+        assert a.proc.poll() is None, a.logs()
+        if a.metric("kafka_s3_archiver_records_consumed_total") > 0:
+            first = time.time()
+        time.sleep(0.05)
+    while True:
+        assert a.proc.poll() is None, a.logs()
+        if a.archived() >= n and oracle.committed(broker.bootstrap, group, topic, list(ends)) == ends:
+            break
+        time.sleep(0.2)
+    done = time.time()
+    metrics = a.metrics()
+    assert a.stop() == 0, a.logs()
+    seconds = done - first
+    return {"records": n, "workers": workers, "seconds": seconds, "from_start_seconds": done - started,
+            "records_per_second": n / seconds, "objects_per_second": 2 * n / seconds,
+            "peak_rss_mib": a.peak_rss / 2**20, "peak_spool_mib": a.peak_spool / 2**20,
+            "upload_p50_ms": 1e3 * quantile(metrics, "kafka_s3_archiver_upload_duration_seconds", 0.5),
+            "upload_p99_ms": 1e3 * quantile(metrics, "kafka_s3_archiver_upload_duration_seconds", 0.99)}
+
+
+def quantile(metrics, histogram, q):
+    """A quantile from a Prometheus histogram's buckets (linear within the bucket)."""
+    buckets = sorted((float(k.split('le="')[1].split('"')[0]), v) for k, v in metrics.items()
+                     if k.startswith(histogram + "_bucket{"))
+    total = buckets[-1][1] if buckets else 0
+    if not total:
+        return math.nan
+    rank, lower, below = q * total, 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if math.isinf(le):
+                return lower
+            return lower + (le - lower) * (rank - below) / max(count - below, 1e-9)
+        lower, below = le, count
+    return lower
+
+
+def steady_latency(workdir, broker, server, rate, seconds, payload_bytes, workers):
+    """Produce at `rate` records/s for `seconds` while the archiver runs; latency quantiles."""
+    topic = f"steady-{uuid.uuid4().hex[:8]}"
+    broker.create_topic(topic, 8)
+    from load import Producer
+    bucket, group = f"steady-{uuid.uuid4().hex[:10]}", f"steady-{uuid.uuid4().hex[:10]}"
+    server.create_bucket(bucket)
+    env = {"BROKER_HOSTNAME": broker.bootstrap, "KAFKA_TOPIC": topic, "GROUP_ID": group,
+           "SPOOL_DIR": str(workdir / f"spool-{group}"), "UPLOAD_WORKERS": str(workers),
+           "REST_PORT": str(testbed.free_port()), "REST_BIND_ADDRESS": "127.0.0.1",
+           "KAFKA_PROPERTY_SESSION_TIMEOUT_MS": "6000", **store_env(server, bucket)}
+    a = Archiver(BIN, env, workdir).start()
+    while a.metric("kafka_s3_archiver_assigned_partitions") < 8:
+        assert a.proc.poll() is None, a.logs()
+        time.sleep(0.2)
+    producer = Producer(broker.bootstrap, topic, 8, rate=rate, sizes=(payload_bytes,))
+    producer.start()
+    time.sleep(seconds)
+    n = producer.stop()
+    while a.archived() < n:
+        time.sleep(0.2)
+    time.sleep(2)  # the last commit
+    m = a.metrics()
+    assert a.stop() == 0, a.logs()
+    return {"rate": rate, "records": n,
+            "end_to_end_p50_ms": 1e3 * quantile(m, "kafka_s3_archiver_end_to_end_latency_seconds", 0.5),
+            "end_to_end_p99_ms": 1e3 * quantile(m, "kafka_s3_archiver_end_to_end_latency_seconds", 0.99),
+            "upload_p50_ms": 1e3 * quantile(m, "kafka_s3_archiver_upload_duration_seconds", 0.5),
+            "upload_p99_ms": 1e3 * quantile(m, "kafka_s3_archiver_upload_duration_seconds", 0.99),
+            "peak_rss_mib": a.peak_rss / 2**20}
+
+
+def svg_plot(curves, path, title):
+    """Records/s against UPLOAD_WORKERS (log2 x axis), one line per curve: {name: [(workers, rate)]}."""
+    w, h, left, bottom, top, right = 720, 420, 70, 50, 40, 160
+    xs = sorted({x for pts in curves.values() for x, _ in pts})
+    ymax = max(y for pts in curves.values() for _, y in pts) * 1.1
+    def px(x):
+        return left + (math.log2(x) - math.log2(xs[0])) / max(math.log2(xs[-1]) - math.log2(xs[0]), 1) * (w - left - right)
+    def py(y):
+        return h - bottom - y / ymax * (h - top - bottom)
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{w}" height="{h}" fill="white"/>',
+           f'<text x="{w / 2}" y="20" text-anchor="middle" font-size="14">{title}</text>',
+           f'<line x1="{left}" y1="{h - bottom}" x2="{w - right}" y2="{h - bottom}" stroke="black"/>',
+           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{h - bottom}" stroke="black"/>',
+           f'<text x="{(left + w - right) / 2}" y="{h - 12}" text-anchor="middle">UPLOAD_WORKERS (PUTs in flight)</text>',
+           f'<text x="16" y="{(top + h - bottom) / 2}" transform="rotate(-90 16 {(top + h - bottom) / 2})" '
+           f'text-anchor="middle">records/s (2 objects each)</text>']
+    for x in xs:
+        out.append(f'<text x="{px(x):.1f}" y="{h - bottom + 16}" text-anchor="middle">{x}</text>')
+    for i in range(6):
+        y = ymax / 1.1 * i / 5
+        out.append(f'<text x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{y:.0f}</text>')
+        out.append(f'<line x1="{left}" y1="{py(y):.1f}" x2="{w - right}" y2="{py(y):.1f}" stroke="#ddd"/>')
+    for i, (name, pts) in enumerate(curves.items()):
+        c = colours[i % len(colours)]
+        pts = sorted(pts)
+        out.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="'
+                   + " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts) + '"/>')
+        out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{c}"/>' for x, y in pts]
+        out.append(f'<text x="{w - right + 10}" y="{top + 16 * (i + 1)}" fill="{c}">{name}</text>')
+    out.append("</svg>")
+    Path(path).write_text("\n".join(out))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--records", type=int, default=200_000)
+    ap.add_argument("--partitions", type=int, default=8)
+    ap.add_argument("--payload-bytes", type=int, default=1024)
+    ap.add_argument("--workers", type=int, default=32)
+    ap.add_argument("--stores", default="s3s-fs,garage")
+    ap.add_argument("--sequential-records", type=int, default=5000)
+    ap.add_argument("--rtt-ms", type=float, default=20.0)
+    ap.add_argument("--rtt-records", type=int, default=10_000)
+    ap.add_argument("--rtt-sequential-records", type=int, default=500)
+    ap.add_argument("--curve", default="1,2,4,8,16,32,64,128")
+    ap.add_argument("--curve-records", type=int, default=20_000)
+    ap.add_argument("--steady-seconds", type=int, default=30)
+    ap.add_argument("--backlogs", default="10000,1000000", help="small,large backlog for the RSS comparison ('' to skip)")
+    ap.add_argument("--out", default=str(REPO / "target" / "bench"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # The archiver's spool on disk, as in production; the stores' data in memory (tmpfs), so that
+    # this machine's disk does not decide the figures: the stores are what the archiver is compared
+    # with, and the same store serves the ceiling and the archiver.
+    workdir = Path(testbed.tempfile.mkdtemp(prefix="loadbench-", dir=out))
+    if Path("/dev/shm").is_dir():
+        testbed.tempfile.tempdir = "/dev/shm"
+    results = {"machine": machine(), "args": vars(args), "stores": {}}
+    broker = testbed.Tansu()
+    servers = []
+    try:
+        for name in args.stores.split(","):
+            fresh = Fresh(name)
+            servers.append(fresh)
+            r = results["stores"][name] = {}
+            topic = f"bench-{uuid.uuid4().hex[:8]}"
+            broker.create_topic(topic, args.partitions)
+            t = time.time()
+            ends = preload(broker, topic, args.partitions, args.records, args.payload_bytes)
+            log(f"{name}: preloaded {args.records} records in {time.time() - t:.0f}s")
+            # The store's own speed drifts (a disk store slows as its directories grow, the page
+            # cache fills): the ceiling is measured before and after the archiver, and the higher
+            # of the two is the one the archiver is compared with.
+            before = ceiling(fresh(), args.records, args.payload_bytes, args.workers)
+            log(f"{name}: ceiling before {before['records_per_second']:.0f} records/s")
+            r["archiver"] = run_archiver(workdir, broker, fresh(), topic, args.records, ends, args.workers)
+            after = ceiling(fresh(), args.records, args.payload_bytes, args.workers)
+            log(f"{name}: ceiling after {after['records_per_second']:.0f} records/s")
+            r["ceiling_runs"] = [before["records_per_second"], after["records_per_second"]]
+            r["ceiling"] = max(before, after, key=lambda c: c["records_per_second"])
+            r["archiver"]["ratio_to_ceiling"] = r["archiver"]["records_per_second"] / r["ceiling"]["records_per_second"]
+            log(f"{name}: archiver {r['archiver']['records_per_second']:.0f} records/s "
+                f"({r['archiver']['ratio_to_ceiling']:.2f} of the ceiling)")
+            seq_topic = f"seq-{uuid.uuid4().hex[:8]}"
+            broker.create_topic(seq_topic, args.partitions)
+            seq_ends = preload(broker, seq_topic, args.partitions, args.sequential_records, args.payload_bytes)
+            r["sequential"] = run_archiver(workdir, broker, fresh(), seq_topic, args.sequential_records, seq_ends, 1)
+            r["speedup_over_sequential"] = r["archiver"]["records_per_second"] / r["sequential"]["records_per_second"]
+            log(f"{name}: sequential {r['sequential']['records_per_second']:.0f} records/s")
+            if args.rtt_ms > 0:
+                rtt = r["rtt"] = {"rtt_ms": args.rtt_ms}
+                rtt_topic = f"rtt-{uuid.uuid4().hex[:8]}"
+                broker.create_topic(rtt_topic, args.partitions)
+                rtt_ends = preload(broker, rtt_topic, args.partitions, args.rtt_records, args.payload_bytes)
+                server = fresh()
+                rtt["ceiling"] = ceiling(server, args.rtt_records, args.payload_bytes, args.workers,
+                                         delayed(server, args.rtt_ms))
+                server = fresh()
+                rtt["archiver"] = run_archiver(workdir, broker, server, rtt_topic, args.rtt_records, rtt_ends,
+                                               args.workers, delayed(server, args.rtt_ms))
+                seq_topic = f"rttseq-{uuid.uuid4().hex[:8]}"
+                broker.create_topic(seq_topic, args.partitions)
+                seq_ends = preload(broker, seq_topic, args.partitions, args.rtt_sequential_records, args.payload_bytes)
+                server = fresh()
+                rtt["sequential"] = run_archiver(workdir, broker, server, seq_topic, args.rtt_sequential_records,
+                                                 seq_ends, 1, delayed(server, args.rtt_ms))
+                rtt["speedup_over_sequential"] = (rtt["archiver"]["records_per_second"]
+                                                  / rtt["sequential"]["records_per_second"])
+                rtt["archiver"]["ratio_to_ceiling"] = (rtt["archiver"]["records_per_second"]
+                                                       / rtt["ceiling"]["records_per_second"])
+                log(f"{name}: {args.rtt_ms:.0f} ms round trip: archiver {rtt['archiver']['records_per_second']:.0f}, "
+                    f"sequential {rtt['sequential']['records_per_second']:.1f} records/s")
+            rate = int(r["archiver"]["records_per_second"] / 2 // 10 * 10) or 10
+            r["steady"] = steady_latency(workdir, broker, fresh(), rate, args.steady_seconds, args.payload_bytes,
+                                         args.workers)
+            log(f"{name}: steady {rate} records/s: end-to-end p50 {r['steady']['end_to_end_p50_ms']:.0f} ms")
+        first = args.stores.split(",")[0]
+        fresh = servers[0]
+        if args.curve:
+            curve = results["curve"] = {"store": first, "records": args.curve_records, "points": []}
+            topic = f"curve-{uuid.uuid4().hex[:8]}"
+            broker.create_topic(topic, args.partitions)
+            ends = preload(broker, topic, args.partitions, args.curve_records, args.payload_bytes)
+            for w in [int(x) for x in args.curve.split(",")]:
+                c = ceiling(fresh(), args.curve_records, args.payload_bytes, w)
+                a = run_archiver(workdir, broker, fresh(), topic, args.curve_records, ends, w)
+                curve["points"].append({"workers": w, "ceiling": c["records_per_second"],
+                                        "archiver": a["records_per_second"], "peak_rss_mib": a["peak_rss_mib"]})
+                log(f"curve {first} workers={w}: ceiling {c['records_per_second']:.0f}, "
+                    f"archiver {a['records_per_second']:.0f} records/s")
+            svg_plot({f"{first} PUT ceiling": [(p["workers"], p["ceiling"]) for p in curve["points"]],
+                      f"archiver on {first}": [(p["workers"], p["archiver"]) for p in curve["points"]]},
+                     out / "workers.svg", f"Throughput against UPLOAD_WORKERS ({first}, {args.payload_bytes} B payloads)")
+        if args.backlogs:
+            rss = results["backlog_rss"] = []
+            for n in [int(x) for x in args.backlogs.split(",")]:
+                topic = f"backlog-{uuid.uuid4().hex[:8]}"
+                broker.create_topic(topic, args.partitions)
+                ends = preload(broker, topic, args.partitions, n, args.payload_bytes)
+                a = run_archiver(workdir, broker, fresh(), topic, n, ends, args.workers)
+                rss.append({"backlog": n, "peak_rss_mib": a["peak_rss_mib"], "peak_spool_mib": a["peak_spool_mib"],
+                            "records_per_second": a["records_per_second"]})
+                log(f"backlog {n}: peak RSS {a['peak_rss_mib']:.1f} MiB")
+    finally:
+        broker.stop()
+        for s in servers:
+            s.stop()
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(table(results))
+    print(json.dumps(results))
+
+
+def machine():
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    mem = next((int(line.split()[1]) // 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
+    return {"cpus": os.cpu_count(), "cpu": cpu, "memory_mib": mem}
+
+
+def table(r):
+    rows = [("store", "measure", "records/s", "objects/s", "vs ceiling", "notes")]
+    for name, s in r["stores"].items():
+        c, a, q = s["ceiling"], s["archiver"], s["sequential"]
+        runs = " / ".join(f"{x:.0f}" for x in s["ceiling_runs"])
+        rows.append((name, "raw PUT ceiling", f"{c['records_per_second']:.0f}", f"{c['objects_per_second']:.0f}", "1.00",
+                     f"higher of {runs} (before / after); p50 {c['p50_ms']:.1f} ms, p99 {c['p99_ms']:.1f} ms"))
+        rows.append((name, "archiver", f"{a['records_per_second']:.0f}", f"{a['objects_per_second']:.0f}",
+                     f"{a['ratio_to_ceiling']:.2f}", f"peak RSS {a['peak_rss_mib']:.0f} MiB, spool {a['peak_spool_mib']:.0f} MiB"))
+        rows.append((name, "sequential (1 PUT)", f"{q['records_per_second']:.0f}", f"{q['objects_per_second']:.0f}", "",
+                     f"archiver {s['speedup_over_sequential']:.1f}x faster"))
+        if "rtt" in s:
+            t = s["rtt"]
+            rows.append((name, f"+{t['rtt_ms']:.0f} ms: ceiling", f"{t['ceiling']['records_per_second']:.0f}",
+                         f"{t['ceiling']['objects_per_second']:.0f}", "1.00", ""))
+            rows.append((name, f"+{t['rtt_ms']:.0f} ms: archiver", f"{t['archiver']['records_per_second']:.0f}",
+                         f"{t['archiver']['objects_per_second']:.0f}", f"{t['archiver']['ratio_to_ceiling']:.2f}", ""))
+            rows.append((name, f"+{t['rtt_ms']:.0f} ms: sequential", f"{t['sequential']['records_per_second']:.1f}",
+                         f"{t['sequential']['objects_per_second']:.1f}", "",
+                         f"archiver {t['speedup_over_sequential']:.1f}x faster"))
+        st = s["steady"]
+        rows.append((name, f"steady {st['rate']} rec/s", "", "", "",
+                     f"end-to-end p50 {st['end_to_end_p50_ms']:.0f} ms p99 {st['end_to_end_p99_ms']:.0f} ms; "
+                     f"upload p50 {st['upload_p50_ms']:.1f} ms p99 {st['upload_p99_ms']:.1f} ms"))
+    for b in r.get("backlog_rss", []):
+        rows.append(("", f"backlog {b['backlog']}", f"{b['records_per_second']:.0f}", "", "",
+                     f"peak RSS {b['peak_rss_mib']:.1f} MiB, spool {b['peak_spool_mib']:.0f} MiB"))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(" | ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows)
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+//! Bench: `kafka-s3-archiver bench-store`, the raw PUT rate of the configured store.
+//!
+//! It puts objects shaped like an archive's (per record a payload of the given size and a 24-byte
+//! timestamp object, under keys as long as the archive's) with the archiver's own S3 client and a
+//! fixed number in flight, and nothing else: no Kafka, no spool, no decoding. That is the ceiling
+//! the archiver's throughput is measured against, and it tells a user what their store can take
+//! at a given UPLOAD_WORKERS.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use serde::Serialize;
+
+/// Bytes of a timestamp object (`2022-04-18T02:46:40.123\n`).
+const TIMESTAMP_BYTES: usize = 24;
+
+/// What one run measured.
+#[derive(Debug, Serialize)]
+pub struct PutReport {
+    pub objects: usize,
+    pub concurrency: usize,
+    pub payload_bytes: usize,
+    pub seconds: f64,
+    pub objects_per_second: f64,
+    /// Records per second: two objects each.
+    pub records_per_second: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub errors: usize,
+}
+
+/// Puts `records` × 2 objects under `prefix`, `concurrency` at a time; a failed PUT is counted
+/// and tried again, as the archiver does.
+pub async fn put_ceiling(
+    store: Arc<dyn ObjectStore>,
+    prefix: &str,
+    records: usize,
+    payload_bytes: usize,
+    concurrency: usize,
+) -> PutReport {
+    let objects = records * 2;
+    let next = Arc::new(AtomicUsize::new(0));
+    let payload = PutPayload::from(vec![b'x'; payload_bytes + 1]);
+    let timestamp = PutPayload::from(vec![b'0'; TIMESTAMP_BYTES]);
+    let started = Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..concurrency.max(1) {
+        let (store, next, prefix) = (store.clone(), next.clone(), prefix.to_string());
+        let (payload, timestamp) = (payload.clone(), timestamp.clone());
+        workers.spawn(async move {
+            let (mut latencies, mut errors) = (Vec::new(), 0usize);
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= objects {
+                    return (latencies, errors);
+                }
+                let (record, is_payload) = (i / 2, i % 2 == 0);
+                let key = format!(
+                    "{prefix}/topics/bench/year=2026/month=01/day=01/hour=00/bench+{}+{:010}{}",
+                    record % 8,
+                    record,
+                    if is_payload { ".bin" } else { "-timestamp.txt" }
+                );
+                let body = if is_payload { payload.clone() } else { timestamp.clone() };
+                loop {
+                    let t = Instant::now();
+                    match store.put(&Path::from(key.as_str()), body.clone()).await {
+                        Ok(_) => {
+                            latencies.push(t.elapsed());
+                            break;
+                        }
+                        Err(_) => {
+                            errors += 1;
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    let (mut latencies, mut errors) = (Vec::with_capacity(objects), 0);
+    while let Some(done) = workers.join_next().await {
+        let (l, e) = done.expect("bench worker");
+        latencies.extend(l);
+        errors += e;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    latencies.sort();
+    let quantile = |q: f64| {
+        latencies.get(((latencies.len() as f64 - 1.0) * q).round() as usize).map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
+    PutReport {
+        objects,
+        concurrency,
+        payload_bytes,
+        seconds,
+        objects_per_second: objects as f64 / seconds,
+        records_per_second: records as f64 / seconds,
+        p50_ms: quantile(0.5),
+        p99_ms: quantile(0.99),
+        errors,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn puts_two_objects_per_record_of_the_archives_sizes() {
+        let store = Arc::new(object_store::memory::InMemory::new());
+        let report = put_ceiling(store.clone(), "b", 50, 1000, 8).await;
+        assert_eq!((report.objects, report.errors), (100, 0));
+        let listed: Vec<_> = futures::StreamExt::collect::<Vec<_>>(store.list(Some(&Path::from("b")))).await;
+        let sizes: Vec<u64> = listed.into_iter().map(|m| m.unwrap().size).collect();
+        assert_eq!(sizes.len(), 100);
+        assert_eq!(sizes.iter().filter(|&&s| s == 1001).count(), 50);
+        assert_eq!(sizes.iter().filter(|&&s| s == 24).count(), 50);
+        assert!(report.p50_ms <= report.p99_ms);
+    }
+}
