@@ -21,30 +21,11 @@ use kafka_s3_archiver::keys::{Layout, RecordPlace, micros_to_millis};
 use kafka_s3_archiver::spool::{Record, RecordTime};
 use kafka_s3_archiver::upload::{self, Plan};
 
+mod common;
+use common::{KAFKA_MS, TOPIC, json_payload};
+
 /// The producer's tstamp (µs) and the Kafka record timestamp (ms) of every benchmarked record.
 const TSTAMP_US: i64 = 1_650_250_000_123_456;
-const KAFKA_MS: i64 = 1_650_250_000_200;
-const TOPIC: &str = "sinetstream.sensor";
-
-/// A JSON-like sensor payload of exactly `len` bytes.
-fn payload(len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 128);
-    let mut i = 0u64;
-    while out.len() < len {
-        let line = format!(
-            "{{\"sensor\":\"s-{:04}\",\"temperature\":{}.{},\"humidity\":{},\"ts\":{}}}\n",
-            i % 97,
-            20 + i % 13,
-            i % 10,
-            40 + i % 31,
-            KAFKA_MS + i as i64
-        );
-        out.extend_from_slice(line.as_bytes());
-        i += 1;
-    }
-    out.truncate(len);
-    out
-}
 
 /// The benchmarked messages: (name, record value).
 fn messages() -> Vec<(&'static str, Bytes)> {
@@ -54,7 +35,7 @@ fn messages() -> Vec<(&'static str, Bytes)> {
         ("v2/1KB", Format::V2, 1024),
         ("v2/64KB", Format::V2, 64 * 1024),
     ];
-    kinds.map(|(name, format, len)| (name, Bytes::from(decode::encode(TSTAMP_US, &payload(len), format)))).to_vec()
+    kinds.map(|(name, format, len)| (name, Bytes::from(decode::encode(TSTAMP_US, &json_payload(len), format)))).to_vec()
 }
 
 fn quick(group: &mut BenchmarkGroup<'_, WallTime>) {
@@ -90,7 +71,7 @@ fn bench_keys(c: &mut Criterion) {
     quick(&mut g);
     g.throughput(Throughput::Elements(1));
     // The key building alone: a decoded 1 KB message's payload and timestamp objects.
-    let value = Bytes::from(decode::encode(TSTAMP_US, &payload(1024), Format::V3));
+    let value = Bytes::from(decode::encode(TSTAMP_US, &json_payload(1024), Format::V3));
     let msg = decode::decode(&value).expect("decodes");
     let place = RecordPlace { topic: TOPIC, partition: 3, offset: 1_234_567, path_time_ms: KAFKA_MS };
     g.bench_function("payload+timestamp", |b| {

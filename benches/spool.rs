@@ -17,64 +17,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use kafka_s3_archiver::decode::{self, Format};
-use kafka_s3_archiver::spool::{Record, RecordTime, Spool, SpoolOptions, partition_prefix};
+use kafka_s3_archiver::spool::{Spool, SpoolOptions, partition_prefix};
 use rand::{RngCore, SeedableRng};
 
-/// As `SPOOL_CACHE_BYTES` in src/lib.rs.
-const SPOOL_CACHE_BYTES: u64 = 64 * 1024 * 1024;
-const TOPIC: &str = "sinetstream.sensor";
-const KAFKA_MS: i64 = 1_650_250_000_200;
-
-/// A SINETStream v3 message of `len` bytes in all whose payload is JSON-like sensor readings.
-fn json_value(len: usize) -> Bytes {
-    let mut text = Vec::with_capacity(len + 128);
-    let mut i = 0u64;
-    while text.len() < len {
-        let line = format!(
-            "{{\"sensor\":\"s-{:04}\",\"temperature\":{}.{},\"humidity\":{},\"ts\":{}}}\n",
-            i % 97,
-            20 + i % 13,
-            i % 10,
-            40 + i % 31,
-            KAFKA_MS + i as i64
-        );
-        text.extend_from_slice(line.as_bytes());
-        i += 1;
-    }
-    envelope(text, len)
-}
+mod common;
+use common::{SPOOL_CACHE_BYTES, TOPIC, envelope, json_value, records};
 
 /// A SINETStream v3 message of `len` bytes in all whose payload is random bytes.
 fn random_value(len: usize) -> Bytes {
     let mut bytes = vec![0; len];
     rand::rngs::StdRng::seed_from_u64(5).fill_bytes(&mut bytes);
     envelope(bytes, len)
-}
-
-/// Wraps `payload` in a v3 envelope, trimmed so the whole value is `len` bytes.
-fn envelope(mut payload: Vec<u8>, len: usize) -> Bytes {
-    let overhead = decode::encode(KAFKA_MS * 1000, &payload[..len], Format::V3).len() - len;
-    payload.truncate(len - overhead);
-    let value = decode::encode(KAFKA_MS * 1000, &payload, Format::V3);
-    debug_assert_eq!(value.len(), len);
-    Bytes::from(value)
-}
-
-/// `n` records of one partition from `*next` on, as the consumer hands them to the spool.
-fn records(value: &Bytes, next: &mut i64, n: usize) -> Vec<Record> {
-    let first = *next;
-    *next += n as i64;
-    (first..*next)
-        .map(|offset| Record {
-            topic: TOPIC.into(),
-            partition: 0,
-            offset,
-            time: RecordTime::Kafka(KAFKA_MS + offset),
-            key: None,
-            value: value.clone(),
-        })
-        .collect()
 }
 
 fn bench_insert(c: &mut Criterion) {

@@ -16,13 +16,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use kafka_s3_archiver::commit::{Ledger, Tp};
 use kafka_s3_archiver::config::{StoreConfig, UndecodablePolicy};
-use kafka_s3_archiver::decode::{self, Format};
 use kafka_s3_archiver::keys::Layout;
-use kafka_s3_archiver::spool::{Record, RecordTime, Spool};
+use kafka_s3_archiver::spool::{Record, Spool};
 use kafka_s3_archiver::status::Status;
 use kafka_s3_archiver::store;
 use kafka_s3_archiver::upload::Uploader;
@@ -30,46 +28,13 @@ use object_store::ObjectStore;
 use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 
-/// As `SPOOL_CACHE_BYTES` in src/lib.rs.
-const SPOOL_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+mod common;
+use common::{SPOOL_CACHE_BYTES, TOPIC, json_value, records};
+
 /// UPLOAD_WORKERS' default.
 const WORKERS: usize = 32;
 /// The consumer's batch size (MAX_BATCH in src/consumer.rs).
 const CONSUMER_BATCH: usize = 1000;
-const TOPIC: &str = "sinetstream.sensor";
-const KAFKA_MS: i64 = 1_650_250_000_200;
-
-/// A 1 KB SINETStream v3 message with a JSON-like payload.
-fn value_1kb() -> Bytes {
-    let mut text = Vec::new();
-    let mut i = 0u64;
-    while text.len() < 1024 {
-        text.extend_from_slice(
-            format!("{{\"sensor\":\"s-{:04}\",\"temperature\":{}.{}}}\n", i % 97, 20 + i % 13, i % 10).as_bytes(),
-        );
-        i += 1;
-    }
-    // Trimmed so that the whole value, envelope included, is 1024 bytes.
-    let overhead = decode::encode(KAFKA_MS * 1000, &text[..1024], Format::V3).len() - 1024;
-    text.truncate(1024 - overhead);
-    Bytes::from(decode::encode(KAFKA_MS * 1000, &text, Format::V3))
-}
-
-/// `n` records of one partition from `*next` on.
-fn records(value: &Bytes, next: &mut i64, n: usize) -> Vec<Record> {
-    let first = *next;
-    *next += n as i64;
-    (first..*next)
-        .map(|offset| Record {
-            topic: TOPIC.into(),
-            partition: 0,
-            offset,
-            time: RecordTime::Kafka(KAFKA_MS + offset),
-            key: None,
-            value: value.clone(),
-        })
-        .collect()
-}
 
 /// What the consumer does with a polled batch: register it in the ledger, then spool it.
 fn consume(spool: &Spool, ledger: &Mutex<Ledger>, tp: &Tp, batch: &[Record]) {
@@ -122,7 +87,7 @@ fn runtime() -> Runtime {
 fn bench_upload(c: &mut Criterion) {
     const N: usize = 10_000;
     let rt = runtime();
-    let value = value_1kb();
+    let value = json_value(1024);
     let tp: Tp = (TOPIC.into(), 0);
     let dir = tempfile::tempdir().expect("temporary directory");
     let spool = Arc::new(Spool::open(dir.path(), SPOOL_CACHE_BYTES).expect("open the spool"));
@@ -152,7 +117,7 @@ fn bench_upload(c: &mut Criterion) {
 fn bench_pipeline(c: &mut Criterion) {
     const N: usize = 5_000;
     let rt = runtime();
-    let value = value_1kb();
+    let value = json_value(1024);
     let tp: Tp = (TOPIC.into(), 0);
     let dir = tempfile::tempdir().expect("temporary directory");
     let spool = Arc::new(Spool::open(dir.path(), SPOOL_CACHE_BYTES).expect("open the spool"));
