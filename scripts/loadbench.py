@@ -112,15 +112,20 @@ def ceiling(server, records, payload_bytes, workers, endpoint=None):
     return json.loads(r.stdout)
 
 
+def start_archiver(workdir, broker, topic, group, workers, store):
+    """The archiver binary on `topic` as member of `group`, its spool in `workdir`."""
+    env = {"BROKER_HOSTNAME": broker.bootstrap, "KAFKA_TOPIC": topic, "GROUP_ID": group,
+           "SPOOL_DIR": str(workdir / f"spool-{group}"), "UPLOAD_WORKERS": str(workers),
+           "REST_PORT": str(testbed.free_port()), "REST_BIND_ADDRESS": "127.0.0.1",
+           "KAFKA_PROPERTY_SESSION_TIMEOUT_MS": "6000", **store}
+    return Archiver(BIN, env, workdir).start()
+
+
 def run_archiver(workdir, broker, server, topic, n, ends, workers, endpoint=None, extra=None):
     """The archiver over a preloaded topic, until every offset is committed."""
     bucket, group = f"archive-{uuid.uuid4().hex[:10]}", f"bench-{uuid.uuid4().hex[:10]}"
     server.create_bucket(bucket)
-    env = {"BROKER_HOSTNAME": broker.bootstrap, "KAFKA_TOPIC": topic, "GROUP_ID": group,
-           "SPOOL_DIR": str(workdir / f"spool-{group}"), "UPLOAD_WORKERS": str(workers),
-           "REST_PORT": str(testbed.free_port()), "REST_BIND_ADDRESS": "127.0.0.1",
-           "KAFKA_PROPERTY_SESSION_TIMEOUT_MS": "6000", **store_env(server, bucket, endpoint), **(extra or {})}
-    a = Archiver(BIN, env, workdir).start()
+    a = start_archiver(workdir, broker, topic, group, workers, {**store_env(server, bucket, endpoint), **(extra or {})})
     started = time.time()
     first = None
     while first is None:
@@ -168,11 +173,7 @@ def steady_latency(workdir, broker, server, rate, seconds, payload_bytes, worker
     from load import Producer
     bucket, group = f"steady-{uuid.uuid4().hex[:10]}", f"steady-{uuid.uuid4().hex[:10]}"
     server.create_bucket(bucket)
-    env = {"BROKER_HOSTNAME": broker.bootstrap, "KAFKA_TOPIC": topic, "GROUP_ID": group,
-           "SPOOL_DIR": str(workdir / f"spool-{group}"), "UPLOAD_WORKERS": str(workers),
-           "REST_PORT": str(testbed.free_port()), "REST_BIND_ADDRESS": "127.0.0.1",
-           "KAFKA_PROPERTY_SESSION_TIMEOUT_MS": "6000", **store_env(server, bucket)}
-    a = Archiver(BIN, env, workdir).start()
+    a = start_archiver(workdir, broker, topic, group, workers, store_env(server, bucket))
     while a.metric("kafka_s3_archiver_assigned_partitions") < 8:
         assert a.proc.poll() is None, a.logs()
         time.sleep(0.2)

@@ -387,19 +387,20 @@ impl KafkaConsumer {
         let mut ledger = self.ledger.lock().expect("ledger lock");
         for msg in batch.drain(..) {
             let tp = (msg.topic().to_string(), msg.partition());
+            let kafka_ms = kafka_time(&msg);
             let Some(value) = msg.payload() else {
                 metrics::counter!(m::TOMBSTONES).increment(1);
                 if tombstones_logged.insert(tp.clone()) {
                     tracing::info!(topic = %tp.0, partition = tp.1, offset = msg.offset(),
                         "tombstone (null value) skipped; further ones of this partition are counted, not logged");
                 }
-                ledger.deliver(&tp, msg.offset(), true, kafka_time(&msg));
+                ledger.deliver(&tp, msg.offset(), true, kafka_ms);
                 continue;
             };
-            if ledger.deliver(&tp, msg.offset(), false, kafka_time(&msg)) != Delivery::Spool {
+            if ledger.deliver(&tp, msg.offset(), false, kafka_ms) != Delivery::Spool {
                 continue;
             }
-            let time = kafka_time(&msg).map_or(RecordTime::Consumed(now_ms), RecordTime::Kafka);
+            let time = kafka_ms.map_or(RecordTime::Consumed(now_ms), RecordTime::Kafka);
             records.push(Record {
                 topic: tp.0,
                 partition: tp.1,
