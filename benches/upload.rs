@@ -58,6 +58,7 @@ fn uploader(store: Arc<dyn ObjectStore>, spool: &Arc<Spool>, ledger: &Arc<Mutex<
         workers: WORKERS,
         shutdown_timeout: Duration::from_secs(30),
         conditional_put: false,
+        metadata: false,
     }
 }
 

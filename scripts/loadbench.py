@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -107,9 +108,12 @@ def ceiling(server, records, payload_bytes, workers, endpoint=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "S3_", "AWS_"))}
     env.update(store_env(server, bucket, endpoint), BROKER_HOSTNAME="unused:9092", KAFKA_TOPIC="unused",
                UPLOAD_WORKERS=str(workers))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     r = subprocess.run([str(BIN), "bench-store", "--records", str(records), "--payload-bytes", str(payload_bytes)],
                        env=env, capture_output=True, text=True, timeout=3600, check=True)
-    return json.loads(r.stdout)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {**json.loads(r.stdout), "cpu_us_per_record": 1e6 * cpu / records}
 
 
 def start_archiver(workdir, broker, topic, group, workers, store):
@@ -140,13 +144,20 @@ def run_archiver(workdir, broker, server, topic, n, ends, workers, endpoint=None
         time.sleep(0.2)
     done = time.time()
     metrics = a.metrics()
+    cpu = cpu_seconds(a.proc.pid)
     assert a.stop() == 0, a.logs()
     seconds = done - first
     return {"records": n, "workers": workers, "seconds": seconds, "from_start_seconds": done - started,
             "records_per_second": n / seconds, "objects_per_second": 2 * n / seconds,
-            "peak_rss_mib": a.peak_rss / 2**20, "peak_spool_mib": a.peak_spool / 2**20,
+            "cpu_us_per_record": 1e6 * cpu / n, "peak_rss_mib": a.peak_rss / 2**20, "peak_spool_mib": a.peak_spool / 2**20,
             "upload_p50_ms": 1e3 * quantile(metrics, "kafka_s3_archiver_upload_duration_seconds", 0.5),
             "upload_p99_ms": 1e3 * quantile(metrics, "kafka_s3_archiver_upload_duration_seconds", 0.99)}
+
+
+def cpu_seconds(pid):
+    """User and system CPU a running process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def quantile(metrics, histogram, q):
@@ -243,7 +254,9 @@ def main():
     ap.add_argument("--curve", default="1,2,4,8,16,32,64,128")
     ap.add_argument("--curve-records", type=int, default=20_000)
     ap.add_argument("--steady-seconds", type=int, default=30)
-    ap.add_argument("--backlogs", default="10000,1000000", help="small,large backlog for the RSS comparison ('' to skip)")
+    ap.add_argument("--backlogs", default="10000,200000,1000000", help="backlogs for the RSS comparison ('' to skip)")
+    ap.add_argument("--backlog-store", default="garage",
+                    help="store of the backlog runs (garage keeps small objects in its database: a million fit in memory)")
     ap.add_argument("--out", default=str(REPO / "target" / "bench"))
     args = ap.parse_args()
     out = Path(args.out)
@@ -331,6 +344,9 @@ def main():
                       f"archiver on {first}": [(p["workers"], p["archiver"]) for p in curve["points"]]},
                      out / "workers.svg", f"Throughput against UPLOAD_WORKERS ({first}, {args.payload_bytes} B payloads)")
         if args.backlogs:
+            fresh = Fresh(args.backlog_store)
+            servers.append(fresh)
+            results["backlog_store"] = args.backlog_store
             rss = results["backlog_rss"] = []
             for n in [int(x) for x in args.backlogs.split(",")]:
                 topic = f"backlog-{uuid.uuid4().hex[:8]}"
@@ -361,9 +377,11 @@ def table(r):
         c, a, q = s["ceiling"], s["archiver"], s["sequential"]
         runs = " / ".join(f"{x:.0f}" for x in s["ceiling_runs"])
         rows.append((name, "raw PUT ceiling", f"{c['records_per_second']:.0f}", f"{c['objects_per_second']:.0f}", "1.00",
-                     f"higher of {runs} (before / after); p50 {c['p50_ms']:.1f} ms, p99 {c['p99_ms']:.1f} ms"))
+                     f"higher of {runs} (before / after); p50 {c['p50_ms']:.1f} ms, p99 {c['p99_ms']:.1f} ms; "
+                     f"client CPU {c['cpu_us_per_record']:.0f} us/record"))
         rows.append((name, "archiver", f"{a['records_per_second']:.0f}", f"{a['objects_per_second']:.0f}",
-                     f"{a['ratio_to_ceiling']:.2f}", f"peak RSS {a['peak_rss_mib']:.0f} MiB, spool {a['peak_spool_mib']:.0f} MiB"))
+                     f"{a['ratio_to_ceiling']:.2f}", f"peak RSS {a['peak_rss_mib']:.0f} MiB, spool {a['peak_spool_mib']:.0f} MiB; "
+                     f"CPU {a['cpu_us_per_record']:.0f} us/record"))
         rows.append((name, "sequential (1 PUT)", f"{q['records_per_second']:.0f}", f"{q['objects_per_second']:.0f}", "",
                      f"archiver {s['speedup_over_sequential']:.1f}x faster"))
         if "rtt" in s:
@@ -380,7 +398,7 @@ def table(r):
                      f"end-to-end p50 {st['end_to_end_p50_ms']:.0f} ms p99 {st['end_to_end_p99_ms']:.0f} ms; "
                      f"upload p50 {st['upload_p50_ms']:.1f} ms p99 {st['upload_p99_ms']:.1f} ms"))
     for b in r.get("backlog_rss", []):
-        rows.append(("", f"backlog {b['backlog']}", f"{b['records_per_second']:.0f}", "", "",
+        rows.append((r["backlog_store"], f"backlog {b['backlog']}", f"{b['records_per_second']:.0f}", "", "",
                      f"peak RSS {b['peak_rss_mib']:.1f} MiB, spool {b['peak_spool_mib']:.0f} MiB"))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(" | ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows)

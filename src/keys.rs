@@ -60,6 +60,8 @@ pub struct Object {
     pub kind: ObjectKind,
     pub key: String,
     pub body: Vec<Bytes>,
+    /// User metadata (name, value) for stores that keep it; see [`crate::archive`].
+    pub metadata: Vec<(&'static str, String)>,
 }
 
 impl Object {
@@ -109,6 +111,7 @@ impl Layout {
             kind: ObjectKind::Payload,
             key: format!("{}{}", self.stem("topics", place), self.extension),
             body: self.with_separator(msg),
+            metadata: Vec::new(),
         }
     }
 
@@ -118,12 +121,18 @@ impl Layout {
             kind: ObjectKind::Timestamp,
             key: format!("{}-timestamp.txt", self.stem("topics", place)),
             body: self.with_separator(Bytes::from(timestamp_text(tstamp_ms))),
+            metadata: Vec::new(),
         }
     }
 
     /// The dead letter: the raw record value, stored as is (no separator: it is not an archive body).
     pub fn dead_letter(&self, place: &RecordPlace<'_>, value: Bytes) -> Object {
-        Object { kind: ObjectKind::DeadLetter, key: format!("{}.raw", self.stem("errors", place)), body: vec![value] }
+        Object {
+            kind: ObjectKind::DeadLetter,
+            key: format!("{}.raw", self.stem("errors", place)),
+            body: vec![value],
+            metadata: Vec::new(),
+        }
     }
 
     /// A short text beside the dead letter saying where it came from and why it was set aside.
@@ -137,6 +146,7 @@ impl Layout {
             kind: ObjectKind::DeadLetterReason,
             key: format!("{}-reason.txt", self.stem("errors", place)),
             body: vec![Bytes::from(text)],
+            metadata: Vec::new(),
         }
     }
 
@@ -149,11 +159,17 @@ impl Layout {
             object.key
         );
         [
-            Object { kind: ObjectKind::DeadLetter, key: key.clone(), body: object.body.clone() },
+            Object {
+                kind: ObjectKind::DeadLetter,
+                key: key.clone(),
+                body: object.body.clone(),
+                metadata: object.metadata.clone(),
+            },
             Object {
                 kind: ObjectKind::DeadLetterReason,
                 key: format!("{key}-conflict.txt"),
                 body: vec![Bytes::from(text)],
+                metadata: Vec::new(),
             },
         ]
     }

@@ -122,6 +122,8 @@ const FLAG_ZSTD: u8 = 2;
 const FLAG_KEY: u8 = 4;
 /// Values at least this large are tried with zstd.
 const COMPRESS_MIN_BYTES: usize = 16 * 1024;
+/// See [`SpoolOptions::flush_bytes`].
+const FLUSH_BYTES: u64 = 4 << 20;
 /// Largest value the spool accepts back from disk (guards decompression against corruption).
 const MAX_VALUE_BYTES: usize = 1 << 31;
 
@@ -130,12 +132,15 @@ const MAX_VALUE_BYTES: usize = 1 << 31;
 pub struct SpoolOptions {
     /// Values at least this large are tried with zstd; `None` stores every value as is.
     pub compress_min_bytes: Option<usize>,
+    /// Inserts flush once this many bytes were written since the last flush. sled holds what it
+    /// has not written out in memory, so this bounds the memory a fast consumer can take.
+    pub flush_bytes: u64,
 }
 
 impl Default for SpoolOptions {
     /// Values of 16 KiB and more are tried with zstd.
     fn default() -> SpoolOptions {
-        SpoolOptions { compress_min_bytes: Some(COMPRESS_MIN_BYTES) }
+        SpoolOptions { compress_min_bytes: Some(COMPRESS_MIN_BYTES), flush_bytes: FLUSH_BYTES }
     }
 }
 
@@ -230,6 +235,8 @@ pub struct Spool {
     inserted: Notify,
     count: AtomicU64,
     bytes: AtomicU64,
+    /// Bytes inserted since the last flush.
+    unflushed: AtomicU64,
 }
 
 impl Spool {
@@ -262,6 +269,7 @@ impl Spool {
             inserted: Notify::new(),
             count: AtomicU64::new(count),
             bytes: AtomicU64::new(bytes),
+            unflushed: AtomicU64::new(0),
         })
     }
 
@@ -285,7 +293,9 @@ impl Spool {
             batch.insert(key.0, value);
         }
         self.records.apply_batch(batch)?;
-        if must_flush {
+        let unflushed = self.unflushed.fetch_add(added, Ordering::Relaxed) + added;
+        if must_flush || unflushed >= self.options.flush_bytes {
+            self.unflushed.store(0, Ordering::Relaxed);
             self.records.flush()?;
         }
         self.count.fetch_add(records.len() as u64, Ordering::Relaxed);
@@ -295,14 +305,17 @@ impl Spool {
         Ok(())
     }
 
-    /// Up to `max` records of one partition in offset order, passing over keys `skip` accepts.
+    /// Up to `max` records of one partition in offset order, passing over keys `skip` accepts,
+    /// and stopping once their values reach `max_bytes` (at least one record is returned).
     pub fn pending(
         &self,
         prefix: &[u8],
         mut skip: impl FnMut(&SpoolKey) -> bool,
         max: usize,
+        max_bytes: usize,
     ) -> Result<Vec<(SpoolKey, Record)>, SpoolError> {
         let mut out = Vec::new();
+        let mut bytes = 0;
         for entry in self.records.scan_prefix(prefix) {
             let (k, v) = entry?;
             let key = SpoolKey(k.to_vec());
@@ -310,8 +323,9 @@ impl Spool {
                 continue;
             }
             let record = decode_entry(&key, &v)?;
+            bytes += record.value.len();
             out.push((key, record));
-            if out.len() >= max {
+            if out.len() >= max || bytes >= max_bytes {
                 break;
             }
         }
@@ -409,7 +423,7 @@ mod tests {
     #[test]
     fn uncompressed_spools_store_large_values_as_they_are() {
         let dir = tempfile::tempdir().unwrap();
-        let off = SpoolOptions { compress_min_bytes: None };
+        let off = SpoolOptions { compress_min_bytes: None, ..SpoolOptions::default() };
         let s = Spool::open_with(dir.path(), 1 << 20, off).unwrap();
         // Compressible, so only the option keeps it from being compressed.
         let big = rec("t", 0, 1, b"{\"sensor\":\"s-1\",\"temperature\":23.5}\n".repeat(2048)[..64 * 1024].to_vec());
@@ -417,13 +431,13 @@ mod tests {
         assert_eq!(encode_value_with(&big, off).len(), 10 + 64 * 1024, "stored as is");
         s.insert_batch(std::slice::from_ref(&big)).unwrap();
         assert!(s.byte_count() > 64 * 1024);
-        let got = s.pending(&partition_prefix("t", 0), |_| false, 10).unwrap();
+        let got = s.pending(&partition_prefix("t", 0), |_| false, 10, usize::MAX).unwrap();
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].1, big);
         s.flush().unwrap();
         drop(s);
         let reopened = Spool::open(dir.path(), 1 << 20).unwrap();
-        assert_eq!(reopened.pending(&partition_prefix("t", 0), |_| false, 10).unwrap()[0].1, big);
+        assert_eq!(reopened.pending(&partition_prefix("t", 0), |_| false, 10, usize::MAX).unwrap()[0].1, big);
     }
 
     #[test]
@@ -444,10 +458,36 @@ mod tests {
         let s = Spool::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(s.record_count(), 2);
         assert_eq!(s.partitions(), vec![partition_prefix("a", 0), partition_prefix("b", 3)]);
-        let got = s.pending(&partition_prefix("a", 0), |_| false, 10).unwrap();
+        let got = s.pending(&partition_prefix("a", 0), |_| false, 10, usize::MAX).unwrap();
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].1.value, Bytes::from_static(b"x"));
-        let skipped = s.pending(&partition_prefix("a", 0), |k| k.parts().unwrap().2 == 1, 10).unwrap();
+        let skipped = s.pending(&partition_prefix("a", 0), |k| k.parts().unwrap().2 == 1, 10, usize::MAX).unwrap();
         assert!(skipped.is_empty());
+    }
+
+    #[test]
+    fn pending_stops_at_the_byte_budget_but_returns_at_least_one_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        let noise = |o: i64| (0..4000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 ^ o as u8).collect();
+        s.insert_batch(&(0..5).map(|o| rec("t", 0, o, noise(o))).collect::<Vec<_>>()).unwrap();
+        let offsets = |max_bytes| -> Vec<i64> {
+            let got = s.pending(&partition_prefix("t", 0), |_| false, 10, max_bytes).unwrap();
+            got.iter().map(|(_, r)| r.offset).collect()
+        };
+        assert_eq!(offsets(10_000), vec![0, 1, 2], "stops once 10,000 bytes are reached");
+        assert_eq!(offsets(1), vec![0], "a record larger than the budget still comes");
+        assert_eq!(offsets(usize::MAX), vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn inserts_flush_once_the_unflushed_bytes_reach_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = SpoolOptions { flush_bytes: 10_000, ..SpoolOptions::default() };
+        let s = Spool::open_with(dir.path(), 1 << 20, options).unwrap();
+        s.insert_batch(&[rec("t", 0, 0, vec![1; 6_000])]).unwrap();
+        assert!(s.unflushed.load(Ordering::Relaxed) >= 6_000, "below the bound: not flushed yet");
+        s.insert_batch(&[rec("t", 0, 1, vec![2; 6_000])]).unwrap();
+        assert_eq!(s.unflushed.load(Ordering::Relaxed), 0, "the bound was passed: flushed");
     }
 }

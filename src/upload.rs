@@ -7,17 +7,21 @@
 //! exponential backoff and jitter for as long as it takes: a record is never abandoned except on
 //! shutdown, and then it stays in the spool and uncommitted (design invariant 4).
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload, WriteMultipart};
+use object_store::{
+    Attribute, AttributeValue, Attributes, ObjectStore, ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions,
+    PutPayload, WriteMultipart,
+};
 use rand::Rng;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::archive;
 use crate::commit::{Ledger, Tp};
 use crate::config::UndecodablePolicy;
 use crate::decode::{self, Undecodable};
@@ -56,32 +60,62 @@ pub fn plan(record: &Record, layout: &Layout, policy: UndecodablePolicy) -> Plan
         path_time_ms: record.time.millis(),
     };
     match decode::decode(&record.value) {
-        Ok(msg) => Plan::Store {
-            objects: vec![
-                layout.payload(&place, record.value.slice(msg.msg)),
-                layout.timestamp(&place, micros_to_millis(msg.tstamp_us)),
-            ],
-            undecodable: None,
-        },
+        Ok(msg) => {
+            let mut payload = layout.payload(&place, record.value.slice(msg.msg));
+            payload.metadata = metadata(record, Some(msg.tstamp_us));
+            Plan::Store {
+                objects: vec![payload, layout.timestamp(&place, micros_to_millis(msg.tstamp_us))],
+                undecodable: None,
+            }
+        }
         Err(why) => match policy {
-            UndecodablePolicy::DeadLetter => Plan::Store {
-                objects: vec![
-                    layout.dead_letter(&place, record.value.clone()),
-                    layout.dead_letter_reason(&place, record.time.kafka(), &why.to_string()),
-                ],
-                undecodable: Some(why),
-            },
-            UndecodablePolicy::Raw => Plan::Store {
-                objects: vec![
-                    layout.payload(&place, record.value.clone()),
-                    layout.timestamp(&place, record.time.millis()),
-                ],
-                undecodable: Some(why),
-            },
+            UndecodablePolicy::DeadLetter => {
+                let mut dead = layout.dead_letter(&place, record.value.clone());
+                dead.metadata = metadata(record, None);
+                Plan::Store {
+                    objects: vec![dead, layout.dead_letter_reason(&place, record.time.kafka(), &why.to_string())],
+                    undecodable: Some(why),
+                }
+            }
+            UndecodablePolicy::Raw => {
+                let mut payload = layout.payload(&place, record.value.clone());
+                payload.metadata = metadata(record, None);
+                payload.metadata.push((archive::META_FORM, "raw".to_string()));
+                Plan::Store {
+                    objects: vec![payload, layout.timestamp(&place, record.time.millis())],
+                    undecodable: Some(why),
+                }
+            }
             UndecodablePolicy::Stop => Plan::Stop(why),
         },
     }
 }
+
+/// The payload object's user metadata: what the body alone does not keep (the exact tstamp, the
+/// Kafka timestamp and key), so that `restore` can give a record back as it was.
+fn metadata(record: &Record, tstamp_us: Option<i64>) -> Vec<(&'static str, String)> {
+    use base64::Engine;
+    let mut m = Vec::with_capacity(3);
+    if let Some(us) = tstamp_us {
+        m.push((archive::META_TSTAMP_US, us.to_string()));
+    }
+    if let Some(ms) = record.time.kafka() {
+        m.push((archive::META_KAFKA_TIMESTAMP_MS, ms.to_string()));
+    }
+    if let Some(key) = &record.key {
+        let encoded = base64::engine::general_purpose::STANDARD.encode(key);
+        if encoded.len() <= archive::MAX_KEY_METADATA_BYTES {
+            m.push((archive::META_KAFKA_KEY, encoded));
+        } else {
+            m.push((archive::META_KAFKA_KEY_OMITTED, key.len().to_string()));
+        }
+    }
+    m
+}
+
+/// The dispatcher reads at most about this many value bytes per partition at a time (at least
+/// one record), so that large records do not pile up in memory before a worker is free.
+const QUEUE_CHUNK_BYTES: usize = 8 << 20;
 
 /// Everything the upload stage works with.
 #[derive(Debug, Clone)]
@@ -96,6 +130,8 @@ pub struct Uploader {
     pub shutdown_timeout: Duration,
     /// Write-once: PUT with If-None-Match, compare on conflict (S3_CONDITIONAL_PUT).
     pub conditional_put: bool,
+    /// The store keeps user metadata (S3 does; the local-directory store does not).
+    pub metadata: bool,
 }
 
 /// State shared by the dispatcher and its tasks.
@@ -125,6 +161,9 @@ impl Uploader {
         });
         let records = Arc::new(Semaphore::new(workers));
         let mut tasks: JoinSet<Result<(), UploadError>> = JoinSet::new();
+        // Records read from the spool and not yet started. Reading a chunk per partition at a
+        // time, rather than one record per free worker, keeps sled scans off the per-record path.
+        let mut queue: VecDeque<(SpoolKey, Record)> = VecDeque::new();
         let mut result = Ok(());
         'dispatch: loop {
             while let Some(done) = tasks.try_join_next() {
@@ -136,30 +175,20 @@ impl Uploader {
             if shutdown.is_cancelled() {
                 break;
             }
-            let mut dispatched = 0;
-            for prefix in shared.up.spool.partitions() {
-                let room = records.available_permits().max(1);
-                let batch = {
+            if queue.is_empty() {
+                let partitions = shared.up.spool.partitions();
+                let chunk = workers.div_ceil(partitions.len().max(1)).max(1);
+                for prefix in partitions {
                     let in_flight = shared.in_flight.lock().expect("in-flight lock");
-                    shared.up.spool.pending(&prefix, |k| in_flight.contains(k), room)?
-                };
-                for (key, record) in batch {
-                    let permit = tokio::select! {
-                        p = records.clone().acquire_owned() => p.expect("semaphore is never closed"),
-                        _ = shutdown.cancelled() => break 'dispatch,
-                    };
-                    shared.in_flight.lock().expect("in-flight lock").insert(key.clone());
-                    let shared = shared.clone();
-                    tasks.spawn(async move {
-                        let r = upload_record(&shared, &key, record).await;
-                        shared.in_flight.lock().expect("in-flight lock").remove(&key);
-                        drop(permit);
-                        r
-                    });
-                    dispatched += 1;
+                    queue.extend(shared.up.spool.pending(
+                        &prefix,
+                        |k| in_flight.contains(k),
+                        chunk,
+                        QUEUE_CHUNK_BYTES,
+                    )?);
                 }
             }
-            if dispatched == 0 {
+            let Some((key, record)) = queue.pop_front() else {
                 tokio::select! {
                     _ = shared.up.spool.inserted() => {}
                     Some(done) = tasks.join_next() => {
@@ -170,7 +199,20 @@ impl Uploader {
                     }
                     _ = shutdown.cancelled() => break,
                 }
-            }
+                continue;
+            };
+            let permit = tokio::select! {
+                p = records.clone().acquire_owned() => p.expect("semaphore is never closed"),
+                _ = shutdown.cancelled() => break 'dispatch,
+            };
+            shared.in_flight.lock().expect("in-flight lock").insert(key.clone());
+            let shared = shared.clone();
+            tasks.spawn(async move {
+                let r = upload_record(&shared, &key, record).await;
+                shared.in_flight.lock().expect("in-flight lock").remove(&key);
+                drop(permit);
+                r
+            });
         }
         // Drain: in-flight uploads get the shutdown timeout, then are abandoned (their records
         // stay in the spool and uncommitted).
@@ -300,6 +342,16 @@ async fn put_until_stored(shared: &Shared, tp: &Tp, object: Object, conditional:
     let size = object.len() as u64;
     let multipart = object.len() >= MULTIPART_THRESHOLD;
     let payload: PutPayload = object.body.iter().cloned().collect();
+    let attributes: Attributes = if shared.up.metadata {
+        object
+            .metadata
+            .iter()
+            .map(|(k, v)| (Attribute::Metadata((*k).into()), AttributeValue::from(v.clone())))
+            .collect()
+    } else {
+        Attributes::new()
+    };
+    let opts = |mode: PutMode| PutOptions { mode, attributes: attributes.clone(), ..PutOptions::default() };
     let mut attempt: u32 = 0;
     loop {
         if attempt > 0 {
@@ -309,14 +361,14 @@ async fn put_until_stored(shared: &Shared, tp: &Tp, object: Object, conditional:
         let started = Instant::now();
         let store = shared.up.store.as_ref();
         let result = match (conditional, multipart) {
-            (false, false) => store.put(&path, payload.clone()).await.map(drop),
-            (false, true) => put_multipart(store, &path, &payload).await,
-            (true, false) => store.put_opts(&path, payload.clone(), PutMode::Create.into()).await.map(drop),
+            (false, false) => store.put_opts(&path, payload.clone(), opts(PutMode::Overwrite)).await.map(drop),
+            (false, true) => put_multipart(store, &path, &payload, &attributes).await,
+            (true, false) => store.put_opts(&path, payload.clone(), opts(PutMode::Create)).await.map(drop),
             // Multipart uploads have no If-None-Match: look first (a race with another writer
             // remains possible for these large objects only).
             (true, true) => match store.head(&path).await {
                 Ok(_) => Err(object_store::Error::AlreadyExists { path: path.to_string(), source: "exists".into() }),
-                Err(object_store::Error::NotFound { .. }) => put_multipart(store, &path, &payload).await,
+                Err(object_store::Error::NotFound { .. }) => put_multipart(store, &path, &payload, &attributes).await,
                 Err(e) => Err(e),
             },
         };
@@ -410,8 +462,14 @@ fn same_bytes(stored: &[u8], payload: &PutPayload) -> bool {
 }
 
 /// One object as a multipart upload (parts in parallel); a failed part aborts the upload.
-async fn put_multipart(store: &dyn ObjectStore, path: &Path, payload: &PutPayload) -> object_store::Result<()> {
-    let upload = store.put_multipart(path).await?;
+async fn put_multipart(
+    store: &dyn ObjectStore,
+    path: &Path,
+    payload: &PutPayload,
+    attributes: &Attributes,
+) -> object_store::Result<()> {
+    let opts = PutMultipartOptions { attributes: attributes.clone(), ..PutMultipartOptions::default() };
+    let upload = store.put_multipart_opts(path, opts).await?;
     let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
     for chunk in payload {
         writer.put(chunk.clone());
@@ -502,6 +560,7 @@ mod tests {
             workers: 4,
             shutdown_timeout: Duration::from_millis(200),
             conditional_put: false,
+            metadata: false,
         };
         let stop = CancellationToken::new();
         let run = tokio::spawn(up.run(stop.clone()));
@@ -520,7 +579,7 @@ mod tests {
         let body: Vec<u8> = (0..(MULTIPART_THRESHOLD + 3 * PART_SIZE / 2)).map(|i| (i % 251) as u8).collect();
         let payload: PutPayload = vec![Bytes::from(body.clone()), Bytes::from_static(b"\n")].into_iter().collect();
         let path = Path::from("topics/t/x+0+0000000000.bin");
-        put_multipart(&store, &path, &payload).await.unwrap();
+        put_multipart(&store, &path, &payload, &Attributes::new()).await.unwrap();
         let got = store.get(&path).await.unwrap().bytes().await.unwrap();
         assert_eq!(got.len(), body.len() + 1);
         assert!(got[..body.len()] == body[..] && got[body.len()] == b'\n');

@@ -66,10 +66,10 @@ class Archiver:
         return self
 
     def _sample(self):
-        """Peak RSS and spool size while the process runs."""
+        """Peak RSS (the kernel's high-water mark) and spool size while the process runs."""
         while self.proc.poll() is None:
             try:
-                self.peak_rss = max(self.peak_rss, testbed.rss_bytes(self.proc.pid))
+                self.peak_rss = max(self.peak_rss, testbed.rss_bytes(self.proc.pid, "VmHWM"))
             except OSError:
                 return
             self.peak_spool = max(self.peak_spool, self.metric("kafka_s3_archiver_spool_bytes"))

@@ -296,9 +296,10 @@ class TcpProxy:
                 self.conns.discard(dst)
 
 
-def rss_bytes(pid):
+def rss_bytes(pid, field="VmRSS"):
+    """A process's resident memory now, or its peak so far with field="VmHWM"."""
     for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return 0
 

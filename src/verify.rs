@@ -1,0 +1,877 @@
+//! Verify: audits an archive against Kafka, and against itself where Kafka no longer has the
+//! records.
+//!
+//! For each topic the bucket is listed one hour folder at a time, in parallel
+//! ([`crate::archive::list_topic`]). Records still in Kafka are read with a plain assignment (no
+//! group, nothing committed) and each is compared with what the archive contract gives for it:
+//! the keys [`crate::upload::plan`] names, their sizes, and unless `--sizes-only` their bodies
+//! and the payload's metadata. Offsets Kafka no longer holds are checked for completeness only:
+//! every payload has its timestamp object (every dead letter its reason) and no offset is
+//! missing between the first and the last archived one. Anything else under the topic's folders
+//! is reported as unexpected.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use object_store::path::Path;
+use object_store::{Attribute, ObjectStore, ObjectStoreExt};
+use rdkafka::Message;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+use crate::archive::{self, ArchiveError, Listed, OffsetObjects, Selection, TopicIndex};
+use crate::config::{Config, UndecodablePolicy};
+use crate::keys::{Layout, Object, ObjectKind};
+use crate::spool::{Record, RecordTime};
+use crate::upload::{Plan, plan};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    #[error("Kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("the bucket has no archived topic (nothing under topics/ or errors/)")]
+    NoTopics,
+    #[error("topic {0} does not exist in Kafka (use --bucket-only to check the archive alone)")]
+    NoSuchTopic(String),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("Kafka sent no record of {topic} for a minute, partitions {partitions} not read to their end")]
+    Stalled { topic: String, partitions: String },
+}
+
+/// What to verify.
+#[derive(Debug, Clone)]
+pub struct VerifyOptions {
+    /// Topics to check; empty: every topic the bucket holds.
+    pub topics: Vec<String>,
+    /// Partition, offsets, and time range (records by Kafka timestamp, hour folders).
+    pub selection: Selection,
+    /// Do not read Kafka: completeness of the archive alone.
+    pub bucket_only: bool,
+    /// Compare sizes only, not bodies (no GET per object).
+    pub sizes_only: bool,
+    /// Problems printed in full (all are counted).
+    pub show: usize,
+}
+
+/// One thing wrong with the archive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub kind: ProblemKind,
+    pub key: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ProblemKind {
+    Missing,
+    Mismatched,
+    Extra,
+    Gap,
+}
+
+impl ProblemKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            ProblemKind::Missing => "MISSING",
+            ProblemKind::Mismatched => "MISMATCHED",
+            ProblemKind::Extra => "EXTRA",
+            ProblemKind::Gap => "GAP",
+        }
+    }
+}
+
+/// Counts for one topic.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counts {
+    /// Offsets checked, against Kafka or for completeness.
+    pub offsets: u64,
+    /// Of those, checked against the record in Kafka.
+    pub against_kafka: u64,
+    pub objects: u64,
+    pub bodies_compared: u64,
+    pub dead_lettered: u64,
+    pub tombstones: u64,
+    pub missing: u64,
+    pub mismatched: u64,
+    pub extra: u64,
+    /// Offsets missing between archived ones where Kafka cannot tell (expired records).
+    pub gap_offsets: u64,
+}
+
+impl Counts {
+    pub fn problems(&self) -> u64 {
+        self.missing + self.mismatched + self.extra + self.gap_offsets
+    }
+
+    fn add(&mut self, o: &Counts) {
+        self.offsets += o.offsets;
+        self.against_kafka += o.against_kafka;
+        self.objects += o.objects;
+        self.bodies_compared += o.bodies_compared;
+        self.dead_lettered += o.dead_lettered;
+        self.tombstones += o.tombstones;
+        self.missing += o.missing;
+        self.mismatched += o.mismatched;
+        self.extra += o.extra;
+        self.gap_offsets += o.gap_offsets;
+    }
+}
+
+/// The outcome for one topic.
+#[derive(Debug, Default)]
+pub struct TopicReport {
+    pub topic: String,
+    pub counts: Counts,
+    /// Per partition: (first, last) offset read from Kafka, if any.
+    pub kafka_ranges: BTreeMap<i32, (i64, i64)>,
+    pub problems: Vec<Problem>,
+}
+
+impl TopicReport {
+    fn problem(&mut self, kind: ProblemKind, key: impl Into<String>, detail: impl Into<String>) {
+        match kind {
+            ProblemKind::Missing => self.counts.missing += 1,
+            ProblemKind::Mismatched => self.counts.mismatched += 1,
+            ProblemKind::Extra => self.counts.extra += 1,
+            ProblemKind::Gap => {}
+        }
+        self.problems.push(Problem { kind, key: key.into(), detail: detail.into() });
+    }
+}
+
+/// Progress on stderr: a bar on a terminal, a line every 10 s otherwise.
+pub struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    what: String,
+    last_line: std::sync::Mutex<Instant>,
+    done: AtomicU64,
+    total: AtomicU64,
+}
+
+impl Progress {
+    pub fn new(what: &str) -> Arc<Progress> {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = indicatif::ProgressBar::new(0);
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})")
+                    .expect("a valid template")
+                    .progress_chars("=> "),
+            );
+            b.set_message(what.to_string());
+            b
+        });
+        Arc::new(Progress {
+            bar,
+            what: what.to_string(),
+            last_line: std::sync::Mutex::new(Instant::now()),
+            done: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+        })
+    }
+
+    pub fn set_stage(&self, what: &str, total: u64) {
+        self.done.store(0, Ordering::Relaxed);
+        self.total.store(total, Ordering::Relaxed);
+        match &self.bar {
+            Some(b) => {
+                b.set_message(what.to_string());
+                b.set_length(total);
+                b.set_position(0);
+            }
+            None => eprintln!("{}: {what} ({total})", self.what),
+        }
+    }
+
+    pub fn set(&self, done: u64, total: u64) {
+        self.done.store(done, Ordering::Relaxed);
+        self.total.store(total, Ordering::Relaxed);
+        self.tick();
+    }
+
+    pub fn inc(&self, n: u64) {
+        self.done.fetch_add(n, Ordering::Relaxed);
+        self.tick();
+    }
+
+    fn tick(&self) {
+        let (done, total) = (self.done.load(Ordering::Relaxed), self.total.load(Ordering::Relaxed));
+        match &self.bar {
+            Some(b) => {
+                b.set_length(total.max(done));
+                b.set_position(done);
+            }
+            None => {
+                let mut last = self.last_line.lock().expect("progress lock");
+                if last.elapsed() >= Duration::from_secs(10) {
+                    *last = Instant::now();
+                    eprintln!("{}: {done} of {total}", self.what);
+                }
+            }
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// Verifies the archive of each topic; the reports come in topic order.
+pub async fn run(
+    config: &Config,
+    store: Arc<dyn ObjectStore>,
+    options: &VerifyOptions,
+    progress: Arc<Progress>,
+) -> Result<Vec<TopicReport>, VerifyError> {
+    let topics = if options.topics.is_empty() {
+        let t = archive::topics(store.as_ref()).await?;
+        if t.is_empty() {
+            return Err(VerifyError::NoTopics);
+        }
+        t
+    } else {
+        options.topics.clone()
+    };
+    let mut reports = Vec::new();
+    for topic in topics {
+        reports.push(verify_topic(config, store.clone(), options, &topic, progress.clone()).await?);
+    }
+    progress.finish();
+    Ok(reports)
+}
+
+/// The sum of the reports' counts.
+pub fn totals(reports: &[TopicReport]) -> Counts {
+    let mut c = Counts::default();
+    for r in reports {
+        c.add(&r.counts);
+    }
+    c
+}
+
+async fn verify_topic(
+    config: &Config,
+    store: Arc<dyn ObjectStore>,
+    options: &VerifyOptions,
+    topic: &str,
+    progress: Arc<Progress>,
+) -> Result<TopicReport, VerifyError> {
+    let layout = &config.layout;
+    progress.set_stage(&format!("listing {topic}"), 0);
+    let p = progress.clone();
+    let on_list: archive::ListProgress = Arc::new(move |done, total, _| p.set(done as u64, total as u64));
+    let listed = archive::list_topic(
+        store.as_ref(),
+        topic,
+        options.selection.range,
+        layout,
+        options.selection.parallel,
+        Some(on_list),
+    )
+    .await?;
+    let mut index = TopicIndex::build(topic, listed);
+    let mut report = TopicReport { topic: topic.to_string(), ..TopicReport::default() };
+    for l in std::mem::take(&mut index.unexpected) {
+        let why = if l.key.ends_with("-conflict.txt") || l.key.starts_with("errors/") {
+            "a write-once conflict copy (see its -conflict.txt): the key under topics/ holds other bytes than the record"
+        } else {
+            "not an archive key of this topic (another extension, an unpadded offset, or not written by an archiver)"
+        };
+        report.problem(ProblemKind::Extra, l.key, why);
+    }
+    options.selection.apply(&mut index);
+    if !options.bucket_only {
+        check_against_kafka(config, store.clone(), options, topic, &mut index, &mut report, progress.clone()).await?;
+    }
+    // What Kafka did not account for: completeness of the archive alone.
+    for (&partition, slots) in &index.partitions {
+        let kafka = report.kafka_ranges.get(&partition).copied();
+        check_alone(partition, slots, kafka, layout, &mut report);
+    }
+    report.problems.sort_by(|a, b| (a.kind, &a.key).cmp(&(b.kind, &b.key)));
+    Ok(report)
+}
+
+/// Reads the topic's records from Kafka and compares each with its objects. Slots it accounts
+/// for are removed from `index`.
+async fn check_against_kafka(
+    config: &Config,
+    store: Arc<dyn ObjectStore>,
+    options: &VerifyOptions,
+    topic: &str,
+    index: &mut TopicIndex,
+    report: &mut TopicReport,
+    progress: Arc<Progress>,
+) -> Result<(), VerifyError> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<KafkaRecord>, VerifyError>>(4);
+    let reader = KafkaReader::new(config, topic, options)?;
+    let total = reader.total();
+    progress.set_stage(&format!("checking {topic} against Kafka"), total);
+    let reading = tokio::task::spawn_blocking(move || reader.read(tx));
+    let policy = config.undecodable;
+    while let Some(batch) = rx.recv().await {
+        let batch = batch?;
+        let mut fetches = Vec::new();
+        for r in &batch {
+            let range = report.kafka_ranges.entry(r.partition).or_insert((r.offset, r.offset));
+            range.0 = range.0.min(r.offset);
+            range.1 = range.1.max(r.offset);
+            let slot = index.partitions.get_mut(&r.partition).and_then(|s| s.remove(&r.offset)).unwrap_or_default();
+            if r.timestamp_ms.is_some_and(|ts| !options.selection.range.contains(ts)) {
+                // Outside the time range: its objects are not this run's business.
+                continue;
+            }
+            report.counts.offsets += 1;
+            report.counts.against_kafka += 1;
+            compare_record(r, &slot, &config.layout, policy, options.sizes_only, report, &mut fetches);
+        }
+        let n = batch.len() as u64;
+        compare_bodies(store.as_ref(), fetches, options.selection.parallel, report).await;
+        progress.inc(n);
+    }
+    reading.await.expect("the Kafka reader does not panic")?;
+    Ok(())
+}
+
+/// A record as read from Kafka.
+#[derive(Debug)]
+struct KafkaRecord {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    timestamp_ms: Option<i64>,
+    key: Option<Bytes>,
+    value: Option<Bytes>,
+}
+
+/// A body and its attributes (user metadata) as read.
+type Fetched = (Bytes, object_store::Attributes);
+
+/// An object whose body (and metadata) must be read to be compared.
+struct Fetch {
+    key: String,
+    expected: Object,
+}
+
+fn compare_record(
+    r: &KafkaRecord,
+    slot: &OffsetObjects,
+    layout: &Layout,
+    policy: UndecodablePolicy,
+    sizes_only: bool,
+    report: &mut TopicReport,
+    fetches: &mut Vec<Fetch>,
+) {
+    let Some(value) = &r.value else {
+        report.counts.tombstones += 1;
+        for l in slot.all() {
+            report.problem(
+                ProblemKind::Extra,
+                &l.key,
+                format!("offset {} is a tombstone in Kafka: nothing is archived for it", r.offset),
+            );
+        }
+        return;
+    };
+    let record = Record {
+        topic: r.topic.clone(),
+        partition: r.partition,
+        offset: r.offset,
+        // A record without a Kafka timestamp was filed under the time it was consumed: its
+        // objects are matched by offset, whatever their hour folder.
+        time: match r.timestamp_ms {
+            Some(ms) => RecordTime::Kafka(ms),
+            None => RecordTime::Consumed(0),
+        },
+        key: r.key.clone(),
+        value: value.clone(),
+    };
+    // An undecodable record may have been archived under either policy: take the form found.
+    let policy = if crate::decode::decode(value).is_ok() {
+        policy
+    } else if !slot.payload.is_empty() {
+        UndecodablePolicy::Raw
+    } else {
+        UndecodablePolicy::DeadLetter
+    };
+    let objects = match plan(&record, layout, policy) {
+        Plan::Store { objects, undecodable } => {
+            if undecodable.is_some() && policy == UndecodablePolicy::DeadLetter {
+                report.counts.dead_lettered += 1;
+            }
+            objects
+        }
+        Plan::Stop(_) => unreachable!("the policy is never Stop here"),
+    };
+    let mut found: Vec<&Listed> = slot.all().collect();
+    for expected in objects {
+        report.counts.objects += 1;
+        let same_kind: Vec<&Listed> = match expected.kind {
+            ObjectKind::Payload => slot.payload.iter().collect(),
+            ObjectKind::Timestamp => slot.timestamp.iter().collect(),
+            ObjectKind::DeadLetter => slot.dead_letter.iter().collect(),
+            ObjectKind::DeadLetterReason => slot.reason.iter().collect(),
+        };
+        let exact = same_kind.iter().find(|l| l.key == expected.key);
+        found.retain(|l| l.key != expected.key);
+        match exact {
+            None if record.time.kafka().is_none() && same_kind.len() == 1 => {
+                // No Kafka timestamp: any hour folder is right.
+                let l = same_kind[0];
+                found.retain(|f| f.key != l.key);
+                check_size_and_queue(l, expected, sizes_only, report, fetches);
+            }
+            None => {
+                let detail = match same_kind.first() {
+                    Some(other) => format!("offset {} is in Kafka; found instead at {}", r.offset, other.key),
+                    None => format!("offset {} is in Kafka", r.offset),
+                };
+                report.problem(ProblemKind::Missing, expected.key.clone(), detail);
+            }
+            Some(l) => check_size_and_queue(l, expected, sizes_only, report, fetches),
+        }
+    }
+    for l in found {
+        report.problem(ProblemKind::Extra, &l.key, format!("offset {} does not archive to this key", r.offset));
+    }
+}
+
+fn check_size_and_queue(
+    l: &Listed,
+    expected: Object,
+    sizes_only: bool,
+    report: &mut TopicReport,
+    fetches: &mut Vec<Fetch>,
+) {
+    let want = expected.len() as u64;
+    if l.size != want {
+        report.problem(ProblemKind::Mismatched, &l.key, format!("{} bytes, the record gives {want}", l.size));
+    } else if !sizes_only {
+        fetches.push(Fetch { key: l.key.clone(), expected });
+    }
+}
+
+async fn compare_bodies(store: &dyn ObjectStore, fetches: Vec<Fetch>, parallel: usize, report: &mut TopicReport) {
+    let results: Vec<(Fetch, object_store::Result<Fetched>)> = futures::stream::iter(fetches)
+        .map(|f| async move {
+            let got = async {
+                let r = store.get(&Path::from(f.key.as_str())).await?;
+                let attributes = r.attributes.clone();
+                Ok((r.bytes().await?, attributes))
+            }
+            .await;
+            (f, got)
+        })
+        .buffer_unordered(parallel)
+        .collect()
+        .await;
+    for (f, got) in results {
+        match got {
+            Err(object_store::Error::NotFound { .. }) => {
+                report.problem(ProblemKind::Missing, f.key, "listed, then gone when read");
+            }
+            Err(e) => report.problem(ProblemKind::Mismatched, f.key, format!("cannot be read: {e}")),
+            Ok((body, attributes)) => {
+                report.counts.bodies_compared += 1;
+                let want = f.expected.body_bytes();
+                if body.as_ref() != want.as_slice() {
+                    let at = body.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(body.len().min(want.len()));
+                    report.problem(
+                        ProblemKind::Mismatched,
+                        f.key,
+                        format!("body differs from the record's from byte {at}"),
+                    );
+                    continue;
+                }
+                // Metadata: checked where the object has it (archives of the old deployment have none).
+                for (name, value) in &f.expected.metadata {
+                    if let Some(stored) = attributes.get(&Attribute::Metadata((*name).into()))
+                        && stored.as_ref() != value
+                    {
+                        report.problem(
+                            ProblemKind::Mismatched,
+                            f.key.clone(),
+                            format!("metadata {name} is {:?}, the record gives {value:?}", stored.as_ref()),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Completeness of one partition's objects that Kafka did not account for: offsets below what
+/// Kafka still holds (expired), or all of them with `--bucket-only`.
+fn check_alone(
+    partition: i32,
+    slots: &BTreeMap<i64, OffsetObjects>,
+    kafka: Option<(i64, i64)>,
+    layout: &Layout,
+    report: &mut TopicReport,
+) {
+    let mut previous: Option<i64> = None;
+    for (&offset, slot) in slots {
+        if let Some((_, last)) = kafka
+            && offset > last
+        {
+            for l in slot.all() {
+                report.problem(
+                    ProblemKind::Extra,
+                    &l.key,
+                    format!("offset {offset} is past the last offset Kafka has for partition {partition} ({last})"),
+                );
+            }
+            continue;
+        }
+        report.counts.offsets += 1;
+        report.counts.objects += slot.all().count() as u64;
+        // Within what Kafka still has, Kafka accounted for every offset between these.
+        let expired = kafka.is_none_or(|(first, _)| offset < first);
+        if expired
+            && let Some(p) = previous
+            && offset > p + 1
+        {
+            let n = (offset - p - 1) as u64;
+            report.counts.gap_offsets += n;
+            let first = slot.all().next().map(|l| l.key.clone()).unwrap_or_default();
+            report.problems.push(Problem {
+                kind: ProblemKind::Gap,
+                key: first,
+                detail: format!(
+                    "partition {partition}: offsets {}..={} have no objects and Kafka no longer has them \
+                     (a tombstone, compaction or a transaction marker also leaves no object)",
+                    p + 1,
+                    offset - 1
+                ),
+            });
+        }
+        if expired {
+            previous = Some(offset);
+        }
+        if !slot.dead_letter.is_empty() || !slot.reason.is_empty() {
+            report.counts.dead_lettered += 1;
+        }
+        let pairs = [
+            (&slot.payload, &slot.timestamp, "-timestamp.txt", layout.extension.as_str()),
+            (&slot.dead_letter, &slot.reason, "-reason.txt", ".raw"),
+        ];
+        for (main, companion, companion_suffix, main_suffix) in pairs {
+            for m in main.iter() {
+                let stem = m.key.strip_suffix(main_suffix).unwrap_or(&m.key);
+                if !companion.iter().any(|c| c.key.strip_suffix(companion_suffix) == Some(stem)) {
+                    report.problem(
+                        ProblemKind::Missing,
+                        format!("{stem}{companion_suffix}"),
+                        format!("{} has no companion", m.key),
+                    );
+                }
+            }
+            for c in companion.iter() {
+                let stem = c.key.strip_suffix(companion_suffix).unwrap_or(&c.key);
+                if !main.iter().any(|m| m.key.strip_suffix(main_suffix) == Some(stem)) {
+                    report.problem(
+                        ProblemKind::Missing,
+                        format!("{stem}{main_suffix}"),
+                        format!("{} has no companion", c.key),
+                    );
+                }
+            }
+        }
+        if slot.payload.len() > 1 || slot.dead_letter.len() > 1 {
+            for l in slot.payload.iter().chain(&slot.dead_letter).skip(1) {
+                report.problem(ProblemKind::Extra, &l.key, format!("offset {offset} is archived more than once"));
+            }
+        }
+    }
+    if let Some((kafka_first, _)) = kafka
+        && let Some(first) = slots.range(..kafka_first).next_back().map(|(o, _)| o)
+        && *first < kafka_first - 1
+    {
+        // The archive stops short of where Kafka's records begin.
+        let n = (kafka_first - 1 - first) as u64;
+        report.counts.gap_offsets += n;
+        report.problems.push(Problem {
+            kind: ProblemKind::Gap,
+            key: String::new(),
+            detail: format!(
+                "partition {partition}: offsets {}..={} are neither archived nor in Kafka any more",
+                first + 1,
+                kafka_first - 1
+            ),
+        });
+    }
+}
+
+/// Reads a topic's records with a plain assignment, from each partition's first offset in range
+/// to its end as it was when the reading started.
+struct KafkaReader {
+    consumer: BaseConsumer,
+    topic: String,
+    /// partition -> (start, end exclusive)
+    ranges: HashMap<i32, (i64, i64)>,
+    to_offset: Option<i64>,
+}
+
+impl KafkaReader {
+    fn new(config: &Config, topic: &str, options: &VerifyOptions) -> Result<KafkaReader, VerifyError> {
+        let mut c = crate::consumer::client_config(config)?;
+        // Its own group id, never committed to: the archiver's offsets are not touched.
+        c.set("group.id", "kafka-s3-archiver-verify")
+            .set("enable.auto.commit", "false")
+            .set("statistics.interval.ms", "0");
+        let consumer: BaseConsumer = c.create()?;
+        let timeout = Duration::from_secs(10);
+        let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic && t.error().is_none())
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .filter(|&p| options.selection.partition.is_none_or(|q| q == p))
+            .collect();
+        if partitions.is_empty() && options.selection.partition.is_none() {
+            return Err(VerifyError::NoSuchTopic(topic.to_string()));
+        }
+        let mut ranges = HashMap::new();
+        let mut tpl = TopicPartitionList::new();
+        for p in partitions {
+            let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
+            let mut start = low.max(options.selection.from_offset.unwrap_or(0));
+            if let Some(since) = options.selection.range.since_ms {
+                // The first offset at or after an hour before `since` (timestamps need not be
+                // in offset order; an hour covers a producer's clock or batching skew).
+                let mut q = TopicPartitionList::new();
+                q.add_partition_offset(topic, p, Offset::Offset(since - 3_600_000))?;
+                if let Some(Offset::Offset(o)) =
+                    consumer.offsets_for_times(q, timeout)?.find_partition(topic, p).map(|e| e.offset())
+                {
+                    start = start.max(o);
+                }
+            }
+            let end = options.selection.to_offset.map_or(high, |t| high.min(t + 1));
+            if start < end {
+                ranges.insert(p, (start, end));
+                tpl.add_partition_offset(topic, p, Offset::Offset(start))?;
+            }
+        }
+        consumer.assign(&tpl)?;
+        Ok(KafkaReader { consumer, topic: topic.to_string(), ranges, to_offset: options.selection.to_offset })
+    }
+
+    fn total(&self) -> u64 {
+        self.ranges.values().map(|(s, e)| (e - s) as u64).sum()
+    }
+
+    /// Sends batches of records until every partition reached its end. Some brokers report an
+    /// end below the last record of a batch: records past it that arrive are kept, and reading
+    /// stops once every partition reached its end and a second passed without a record.
+    fn read(self, tx: tokio::sync::mpsc::Sender<Result<Vec<KafkaRecord>, VerifyError>>) -> Result<(), VerifyError> {
+        let mut open: HashMap<i32, i64> = self.ranges.iter().map(|(&p, &(_, e))| (p, e)).collect();
+        let mut batch = Vec::new();
+        let mut last_record = Instant::now();
+        loop {
+            let quiet = last_record.elapsed();
+            if open.is_empty() && quiet > Duration::from_secs(1) {
+                break;
+            }
+            if quiet > STALL {
+                let left: Vec<String> = open.keys().map(|p| p.to_string()).collect();
+                let _ = tx
+                    .blocking_send(Err(VerifyError::Stalled { topic: self.topic.clone(), partitions: left.join(",") }));
+                return Ok(());
+            }
+            match self.consumer.poll(Duration::from_millis(200)) {
+                None => {
+                    if !batch.is_empty() && tx.blocking_send(Ok(std::mem::take(&mut batch))).is_err() {
+                        return Ok(());
+                    }
+                    // A partition whose last offsets are never delivered (transaction markers)
+                    // is done once the consumer's position passed its end.
+                    if let Ok(positions) = self.consumer.position() {
+                        for e in positions.elements() {
+                            if let (Offset::Offset(pos), Some(&end)) = (e.offset(), open.get(&e.partition()))
+                                && pos >= end
+                            {
+                                open.remove(&e.partition());
+                            }
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    let _ = tx.blocking_send(Err(e.into()));
+                    return Ok(());
+                }
+                Some(Ok(m)) => {
+                    last_record = Instant::now();
+                    let (p, o) = (m.partition(), m.offset());
+                    if open.get(&p).is_some_and(|&end| o + 1 >= end) {
+                        open.remove(&p);
+                    }
+                    if self.to_offset.is_some_and(|t| o > t) {
+                        continue;
+                    }
+                    batch.push(KafkaRecord {
+                        topic: self.topic.clone(),
+                        partition: p,
+                        offset: o,
+                        timestamp_ms: m.timestamp().to_millis(),
+                        key: m.key().map(Bytes::copy_from_slice),
+                        value: m.payload().map(Bytes::copy_from_slice),
+                    });
+                    if batch.len() >= 1000 && tx.blocking_send(Ok(std::mem::take(&mut batch))).is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        if !batch.is_empty() {
+            let _ = tx.blocking_send(Ok(batch));
+        }
+        Ok(())
+    }
+}
+
+/// How long reading may go without a record before the partitions left count as unreadable.
+const STALL: Duration = Duration::from_secs(60);
+
+/// The report as the `verify` command prints it.
+pub fn render(reports: &[TopicReport], options: &VerifyOptions) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    for r in reports {
+        let c = &r.counts;
+        let _ = writeln!(out, "topic {}:", r.topic);
+        for (p, (first, last)) in &r.kafka_ranges {
+            let _ = writeln!(out, "  partition {p}: offsets {first}..={last} compared with Kafka");
+        }
+        let bodies = if options.sizes_only {
+            "sizes only".to_string()
+        } else {
+            format!("{} bodies compared", c.bodies_compared)
+        };
+        let _ = writeln!(
+            out,
+            "  checked {} offsets ({} against Kafka, {} from the bucket alone), {} objects, {bodies}; {} dead-lettered, {} tombstones",
+            c.offsets,
+            c.against_kafka,
+            c.offsets - c.against_kafka,
+            c.objects,
+            c.dead_lettered,
+            c.tombstones
+        );
+        let _ = writeln!(
+            out,
+            "  missing {}, mismatched {}, extra {}, offsets in gaps {}",
+            c.missing, c.mismatched, c.extra, c.gap_offsets
+        );
+        let shown = r.problems.iter().take(options.show);
+        for p in shown {
+            let _ = writeln!(out, "  {:<10} {}  {}", p.kind.label(), p.key, p.detail);
+        }
+        if r.problems.len() > options.show {
+            let _ = writeln!(out, "  … and {} more (--show N prints more)", r.problems.len() - options.show);
+        }
+    }
+    let t = totals(reports);
+    if t.problems() == 0 {
+        let _ = writeln!(out, "clean: {} offsets, {} objects", t.offsets, t.objects);
+    } else {
+        let _ = writeln!(
+            out,
+            "NOT CLEAN: missing {}, mismatched {}, extra {}, offsets in gaps {}",
+            t.missing, t.mismatched, t.extra, t.gap_offsets
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+    use object_store::memory::InMemory;
+    use object_store::{ObjectStoreExt, PutPayload};
+
+    fn config() -> Config {
+        let s = Settings {
+            broker_hostname: Some("unused:9092".into()),
+            kafka_topic: Some("t".into()),
+            ..Default::default()
+        };
+        Config::from_settings(&s, &[]).unwrap()
+    }
+
+    fn options() -> VerifyOptions {
+        VerifyOptions {
+            topics: vec!["t".into()],
+            selection: Selection { parallel: 4, ..Selection::default() },
+            bucket_only: true,
+            sizes_only: false,
+            show: 20,
+        }
+    }
+
+    /// The archive of offsets 0..n of partition 0, as the uploader writes it.
+    async fn archive(store: &InMemory, offsets: impl Iterator<Item = i64>) -> Vec<String> {
+        let mut keys = Vec::new();
+        for offset in offsets {
+            let record = Record {
+                topic: "t".into(),
+                partition: 0,
+                offset,
+                time: RecordTime::Kafka(1_650_250_000_000 + offset * 1000),
+                key: None,
+                value: Bytes::from(crate::decode::encode(1_650_250_000_000_123, b"{}", crate::decode::Format::V3)),
+            };
+            let Plan::Store { objects, .. } = plan(&record, &Layout::default(), UndecodablePolicy::DeadLetter) else {
+                unreachable!()
+            };
+            for o in objects {
+                store.put(&Path::from(o.key.as_str()), PutPayload::from(o.body_bytes())).await.unwrap();
+                keys.push(o.key);
+            }
+        }
+        keys
+    }
+
+    async fn verify(store: Arc<InMemory>) -> TopicReport {
+        let mut reports = run(&config(), store, &options(), Progress::new("test")).await.unwrap();
+        reports.remove(0)
+    }
+
+    #[tokio::test]
+    async fn a_complete_archive_is_clean_from_the_bucket_alone() {
+        let store = Arc::new(InMemory::new());
+        archive(&store, 0..30).await;
+        let r = verify(store).await;
+        assert_eq!(r.counts.offsets, 30);
+        assert_eq!(r.counts.objects, 60);
+        assert_eq!(r.counts.problems(), 0, "{:?}", r.problems);
+    }
+
+    #[tokio::test]
+    async fn the_bucket_alone_shows_lost_companions_gaps_and_strangers() {
+        let store = Arc::new(InMemory::new());
+        let keys = archive(&store, (0..10).chain(15..20)).await;
+        let lost = keys.iter().find(|k| k.contains("+0000000003-timestamp.txt")).unwrap().clone();
+        store.delete(&Path::from(lost.as_str())).await.unwrap();
+        let stranger = format!("{}/notes.txt", keys[0].rsplit_once('/').unwrap().0);
+        store.put(&Path::from(stranger.as_str()), PutPayload::from_static(b"hi")).await.unwrap();
+        let r = verify(store).await;
+        let found: Vec<(ProblemKind, &str)> = r.problems.iter().map(|p| (p.kind, p.key.as_str())).collect();
+        assert!(found.contains(&(ProblemKind::Missing, lost.as_str())), "{found:?}");
+        assert!(found.contains(&(ProblemKind::Extra, stranger.as_str())), "{found:?}");
+        assert_eq!(r.counts.gap_offsets, 5, "offsets 10..=14");
+        assert!(r.problems.iter().any(|p| p.kind == ProblemKind::Gap && p.detail.contains("offsets 10..=14")));
+        assert_eq!((r.counts.missing, r.counts.extra, r.counts.mismatched), (1, 1, 0));
+    }
+}
