@@ -86,7 +86,7 @@ def test_store_outage_pauses_at_the_spool_bound_and_drains_after(broker, garage,
           f"{producer.count} records, {producer.count - archived_before:.0f} archived after the store returned, "
           f"all committed {catch_up:.1f}s after it returned "
           f"({(producer.count - archived_before) / catch_up:.0f} records/s catch-up); lost=0 duplicate=0 extra=0")
-    # The spool may pass its high watermark by what was already fetched (librdkafka's queue, 16 MiB).
+    # The spool may pass its high watermark by what was already fetched (librdkafka: a 4 MiB queue, 8 MiB fetches).
     assert peak_spool <= max_bytes + (16 << 20), peak_spool
     assert len(flat) >= 3 and max(rss) <= min(rss) * 1.10 + (8 << 20), rss
 
