@@ -47,7 +47,7 @@ def test_store_outage_pauses_at_the_spool_bound_and_drains_after(broker, garage,
     garage.create_bucket(name)
     proxy = testbed.TcpProxy(garage.s3_port)
     bucket = Bucket("garage", server=garage, name=name)
-    max_bytes = 16 << 20
+    max_bytes = 8 << 20
     a = run_archiver(BROKER_HOSTNAME=broker.bootstrap, KAFKA_TOPIC=topic, GROUP_ID=group, SPOOL_DIR=tmp_path / "spool",
                      SPOOL_MAX_BYTES=max_bytes, S3_BUCKET_NAME=name, S3_ENDPOINT_URL=proxy.endpoint,
                      AWS_ACCESS_KEY_ID=testbed.ACCESS_KEY, AWS_SECRET_KEY=testbed.SECRET_KEY)
@@ -76,7 +76,7 @@ def test_store_outage_pauses_at_the_spool_bound_and_drains_after(broker, garage,
 
     peak_spool = max(s[1] for s in samples)
     paused_at = next((s[0] for s in samples if s[3] == 1), None)
-    assert paused_at is not None, f"the consumer never paused in {outage}s (the spool fills in about 13s)"
+    assert paused_at is not None, f"the consumer never paused in {outage}s (at the 0.6-1 MB/s the consumer spools here, 8 MiB fill in 8-13 s): {samples}"
     flat = [s for s in samples if s[0] >= paused_at + 2]
     assert len(flat) >= 3, "too short an outage to see the spool flat"
     rss = [s[2] for s in flat]
@@ -88,7 +88,9 @@ def test_store_outage_pauses_at_the_spool_bound_and_drains_after(broker, garage,
           f"({(producer.count - archived_before) / catch_up:.0f} records/s catch-up); lost=0 duplicate=0 extra=0")
     # The spool may pass its high watermark by what was already fetched (librdkafka: a 4 MiB queue, 8 MiB fetches).
     assert peak_spool <= max_bytes + (16 << 20), peak_spool
-    assert len(flat) >= 3 and max(rss) <= min(rss) * 1.10 + (8 << 20), rss
+    # Flat: retries, buffers and the allocator move RSS by a few MiB; what must not happen is growth
+    # with the records waiting in Kafka (16 MiB of slack, what 10 % + 8 MiB allowed at the old ~80 MiB).
+    assert len(flat) >= 3 and max(rss) <= min(rss) * 1.10 + (16 << 20), rss
 
 
 def test_broker_restart_under_load_loses_and_duplicates_nothing(moto, garage, run_archiver, tmp_path):
