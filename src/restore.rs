@@ -263,11 +263,7 @@ async fn rebuild(
                 String::from_utf8_lossy(separator)
             )));
         };
-        let key = meta(&attrs, archive::META_KAFKA_KEY).and_then(|k| {
-            use base64::Engine;
-            base64::engine::general_purpose::STANDARD.decode(k).ok()
-        });
-        let kafka_ts = meta(&attrs, archive::META_KAFKA_TIMESTAMP_MS).and_then(|v| v.parse().ok());
+        let (key, kafka_ts) = kafka_key_and_time(&attrs);
         if meta(&attrs, archive::META_FORM).as_deref() == Some("raw") {
             return Ok(Ok(Some(Rebuilt { offset, value: msg.to_vec(), key, timestamp_ms: kafka_ts, how: How::Raw })));
         }
@@ -302,11 +298,7 @@ async fn rebuild(
             return Ok(Ok(None));
         }
         let (body, attrs) = get(store, &dead.key).await?;
-        let key = meta(&attrs, archive::META_KAFKA_KEY).and_then(|k| {
-            use base64::Engine;
-            base64::engine::general_purpose::STANDARD.decode(k).ok()
-        });
-        let timestamp_ms = meta(&attrs, archive::META_KAFKA_TIMESTAMP_MS).and_then(|v| v.parse().ok());
+        let (key, timestamp_ms) = kafka_key_and_time(&attrs);
         return Ok(Ok(Some(Rebuilt { offset, value: body.to_vec(), key, timestamp_ms, how: How::DeadLetter })));
     }
     Ok(Err(format!(
@@ -324,6 +316,14 @@ async fn get(store: &dyn ObjectStore, key: &str) -> Result<(Bytes, Attributes), 
 
 fn meta(attributes: &Attributes, name: &'static str) -> Option<String> {
     attributes.get(&Attribute::Metadata(name.into())).map(|v| v.as_ref().to_string())
+}
+
+/// The record key and Kafka timestamp an object's metadata kept, where it has them.
+fn kafka_key_and_time(attributes: &Attributes) -> (Option<Vec<u8>>, Option<i64>) {
+    use base64::Engine;
+    let key = meta(attributes, archive::META_KAFKA_KEY)
+        .and_then(|k| base64::engine::general_purpose::STANDARD.decode(k).ok());
+    (key, meta(attributes, archive::META_KAFKA_TIMESTAMP_MS).and_then(|v| v.parse().ok()))
 }
 
 /// Milliseconds since the epoch of the timestamp object's text, `yyyy-MM-ddTHH:mm:ss.SSS` UTC.

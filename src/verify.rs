@@ -565,26 +565,8 @@ fn check_alone(
             (&slot.dead_letter, &slot.reason, "-reason.txt", ".raw"),
         ];
         for (main, companion, companion_suffix, main_suffix) in pairs {
-            for m in main.iter() {
-                let stem = m.key.strip_suffix(main_suffix).unwrap_or(&m.key);
-                if !companion.iter().any(|c| c.key.strip_suffix(companion_suffix) == Some(stem)) {
-                    report.problem(
-                        ProblemKind::Missing,
-                        format!("{stem}{companion_suffix}"),
-                        format!("{} has no companion", m.key),
-                    );
-                }
-            }
-            for c in companion.iter() {
-                let stem = c.key.strip_suffix(companion_suffix).unwrap_or(&c.key);
-                if !main.iter().any(|m| m.key.strip_suffix(main_suffix) == Some(stem)) {
-                    report.problem(
-                        ProblemKind::Missing,
-                        format!("{stem}{main_suffix}"),
-                        format!("{} has no companion", c.key),
-                    );
-                }
-            }
+            unpaired(main, main_suffix, companion, companion_suffix, report);
+            unpaired(companion, companion_suffix, main, main_suffix, report);
         }
         if slot.payload.len() > 1 || slot.dead_letter.len() > 1 {
             for l in slot.payload.iter().chain(&slot.dead_letter).skip(1) {
@@ -608,6 +590,21 @@ fn check_alone(
                 kafka_first - 1
             ),
         });
+    }
+}
+
+/// Each object of `these` (keys ending in `suffix`) whose companion in `others` (same stem, ending
+/// in `other_suffix`) is absent: the companion is missing.
+fn unpaired(these: &[Listed], suffix: &str, others: &[Listed], other_suffix: &str, report: &mut TopicReport) {
+    for l in these {
+        let stem = l.key.strip_suffix(suffix).unwrap_or(&l.key);
+        if !others.iter().any(|o| o.key.strip_suffix(other_suffix) == Some(stem)) {
+            report.problem(
+                ProblemKind::Missing,
+                format!("{stem}{other_suffix}"),
+                format!("{} has no companion", l.key),
+            );
+        }
     }
 }
 
