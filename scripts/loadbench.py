@@ -246,7 +246,7 @@ def main():
     ap.add_argument("--partitions", type=int, default=8)
     ap.add_argument("--payload-bytes", type=int, default=1024)
     ap.add_argument("--workers", type=int, default=32)
-    ap.add_argument("--stores", default="s3s-fs,garage")
+    ap.add_argument("--stores", default="s3s-fs,garage", help="stores compared with their ceiling ('' to skip)")
     ap.add_argument("--sequential-records", type=int, default=5000)
     ap.add_argument("--rtt-ms", type=float, default=20.0)
     ap.add_argument("--rtt-records", type=int, default=10_000)
@@ -271,7 +271,8 @@ def main():
     broker = testbed.Tansu()
     servers = []
     try:
-        for name in args.stores.split(","):
+        stores = [s for s in args.stores.split(",") if s]
+        for name in stores:
             fresh = Fresh(name)
             servers.append(fresh)
             r = results["stores"][name] = {}
@@ -326,9 +327,8 @@ def main():
             r["steady"] = steady_latency(workdir, broker, fresh(), rate, args.steady_seconds, args.payload_bytes,
                                          args.workers)
             log(f"{name}: steady {rate} records/s: end-to-end p50 {r['steady']['end_to_end_p50_ms']:.0f} ms")
-        first = args.stores.split(",")[0]
-        fresh = servers[0]
-        if args.curve:
+        if args.curve and stores:
+            first, fresh = stores[0], servers[0]
             curve = results["curve"] = {"store": first, "records": args.curve_records, "points": []}
             topic = f"curve-{uuid.uuid4().hex[:8]}"
             broker.create_topic(topic, args.partitions)

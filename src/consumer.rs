@@ -465,8 +465,9 @@ impl Backpressure {
         if low_disk && self.low_disk_at.is_none() {
             self.low_disk_at = Some(s.bytes);
         }
-        // sled reuses the space of removed records but does not give it back to the file system,
-        // so free space may not return: a spool drained to half of what it held also has room.
+        // Free space may not come back as the spool drains (other files on the disk, or sled's
+        // index file, which it does not shrink): a spool drained to half of what it held also
+        // has room.
         if let Some(at) = self.low_disk_at
             && (s.free >= l.min_free_bytes / 4 * 5 || s.bytes <= at / 2)
         {
@@ -584,7 +585,7 @@ mod tests {
         assert!(b.update(&state(40 * MIB, 10, 9 * MIB)).unwrap().contains("SPOOL_MIN_FREE_BYTES"));
         assert_eq!(b.update(&state(30 * MIB, 10, 11 * MIB)), None, "hysteresis: 12.5 MiB needed");
         assert!(b.update(&state(30 * MIB, 10, 13 * MIB)).unwrap().starts_with("resuming"));
-        // The disk stays full (sled keeps its file), but the spool drained to half: room again.
+        // The disk stays full (something else holds it), but the spool drained to half: room again.
         assert!(b.update(&state(40 * MIB, 10, 9 * MIB)).is_some());
         assert!(b.update(&state(20 * MIB, 10, 9 * MIB)).unwrap().starts_with("resuming"));
     }

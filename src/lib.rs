@@ -15,7 +15,7 @@
 //! - [`decode`]: SINETStream v2/v3 message → payload and tstamp.
 //! - [`keys`]: object keys and bodies of the archive contract.
 //! - [`consumer`]: rdkafka consumer thread; batches records into the spool.
-//! - [`spool`]: write-ahead queue on local disk (sled).
+//! - [`spool`]: write-ahead queue on local disk (a sled index, values in append-only files).
 //! - [`upload`]: tokio tasks that store each record's objects and retry until stored.
 //! - [`commit`]: the ledger that turns stored offsets into safe commit positions.
 //! - [`store`]: the object_store backend (S3 or local directory).
@@ -56,8 +56,8 @@ use crate::config::Config;
 use crate::spool::Spool;
 use crate::status::Status;
 
-/// sled's page cache. The uploaders read records soon after they are inserted, mostly from
-/// sled's write buffers; a larger cache bought no throughput in the load benchmark, only memory.
+/// sled's page cache, for the spool's index (keys and where the values are, 21 bytes each); a
+/// larger cache bought no throughput in the load benchmark, only memory.
 const SPOOL_CACHE_BYTES: u64 = 8 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +110,7 @@ pub async fn run(
     let stop = CancellationToken::new();
     // The HTTP server outlives the pipeline's stop: a FAILED state stays visible until the signal.
     let http_stop = CancellationToken::new();
+    tokio::spawn(metrics::upkeep(metrics.clone(), http_stop.clone()));
     let view = http::View { metrics, status: status.clone(), ledger: ledger.clone(), spool: spool.clone() };
     let http = http::serve(config.http_addr, view, http_stop.clone()).await?;
     let http = tokio::spawn(http);

@@ -7,8 +7,10 @@ use clap::{Parser, Subcommand};
 use kafka_s3_archiver::config::{Config, LogFormat, Settings};
 
 // sled's page updates allocate on every insert from several threads; with glibc's malloc the
-// spool spends a quarter of its time in the allocator and its arenas inflate RSS (measured with
-// `cargo bench --bench spool`: 1 KB inserts in batches of 1000 go from about 89 k to 150 k records/s).
+// spool spent a quarter of its time in the allocator and its arenas inflate RSS (measured with
+// `cargo bench --bench spool`: 1 KB inserts in batches of 1000 went from about 89 k to 150 k
+// records/s). The `override` feature sends librdkafka's malloc there too: its fetch buffers no
+// longer sit in glibc's per-thread arenas (load benchmark, 200,000-record backlog: peak RSS 94 -> 80 MiB).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

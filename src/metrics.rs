@@ -51,6 +51,19 @@ const LATENCY_BUCKETS: &[f64] =
 /// partition that was revoked. Every gauge is set again at each scrape, so live ones never expire.
 const GAUGE_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// How often histogram samples are folded into their buckets when nobody scrapes `/metrics`.
+const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Folds recorded histogram samples into their buckets every few seconds until `stop`. The
+/// recorder keeps every sample until then: without this, a process that is never scraped grows by
+/// three samples per record archived.
+pub async fn upkeep(handle: PrometheusHandle, stop: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+    while stop.run_until_cancelled(tick.tick()).await.is_some() {
+        handle.run_upkeep();
+    }
+}
+
 /// Installs the Prometheus recorder for the whole process and describes every metric.
 pub fn install() -> Result<PrometheusHandle, BuildError> {
     let handle = PrometheusBuilder::new()
