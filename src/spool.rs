@@ -313,8 +313,8 @@ impl Segments {
     /// Appends a value to the current file (starting a new one when it is full).
     fn append(&mut self, value: &[u8]) -> Result<Location, SpoolError> {
         let full = self.writer.as_ref().is_some_and(|(id, _)| self.files[id].len >= SEGMENT_BYTES);
-        if full {
-            self.close_writer()?;
+        if full && let Some((_, mut out)) = self.writer.take() {
+            out.flush()?;
         }
         if self.writer.is_none() {
             let id = self.next_id;
@@ -351,28 +351,18 @@ impl Segments {
         Ok(())
     }
 
-    fn close_writer(&mut self) -> Result<(), SpoolError> {
-        if let Some((id, mut out)) = self.writer.take() {
-            out.flush()?;
-            if self.files[&id].live == 0 {
-                self.delete(id)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// A record at `location` left the index: the file goes once none of its records is left.
-    fn release(&mut self, location: Location) -> Result<(), SpoolError> {
-        let Some(segment) = self.files.get_mut(&location.segment) else { return Ok(()) };
+    /// A record at `location` left the index; returns its file when none of its records is left.
+    fn release(&mut self, location: Location) -> Option<u32> {
+        let segment = self.files.get_mut(&location.segment)?;
         segment.live = segment.live.saturating_sub(1);
         segment.live_bytes = segment.live_bytes.saturating_sub(u64::from(location.len));
-        if segment.live == 0 {
-            if self.writer.as_ref().is_some_and(|(id, _)| *id == location.segment) {
-                self.writer = None;
-            }
-            self.delete(location.segment)?;
+        if segment.live > 0 {
+            return None;
         }
-        Ok(())
+        if self.writer.as_ref().is_some_and(|(id, _)| *id == location.segment) {
+            self.writer = None;
+        }
+        Some(location.segment)
     }
 
     fn delete(&mut self, id: u32) -> Result<(), SpoolError> {
@@ -401,11 +391,12 @@ impl Segments {
     }
 
     /// The oldest file other than the current one, when removed records take more room on disk
-    /// than the records left (and more than two files).
+    /// than a quarter of the records left, and more than two files: so the files never take more
+    /// than 1.25 times the records plus 32 MiB.
     fn to_compact(&self) -> Option<u32> {
         let (_, live_bytes) = self.live();
         let garbage = self.disk_bytes() - live_bytes;
-        if garbage <= live_bytes.max(2 * SEGMENT_BYTES) {
+        if garbage <= (live_bytes / 4).max(2 * SEGMENT_BYTES) {
             return None;
         }
         let current = self.writer.as_ref().map(|(id, _)| *id);
@@ -489,12 +480,12 @@ impl Spool {
         for id in segments.files.iter().filter(|(_, s)| s.live == 0).map(|(id, _)| *id).collect::<Vec<_>>() {
             segments.delete(id)?;
         }
-        let (count, _) = segments.live();
+        let (count, bytes) = segments.live();
         let spool = Spool {
             dir: dir.to_path_buf(),
             options,
             count: AtomicU64::new(count),
-            bytes: AtomicU64::new(segments.disk_bytes()),
+            bytes: AtomicU64::new(bytes),
             segments: Mutex::new(segments),
             db,
             index,
@@ -585,17 +576,20 @@ impl Spool {
             })?;
             moved.push((k, segments.append(&value)?));
         }
-        segments.finish(false)?;
+        // Durable before the old file goes, for the reason given in [`Spool::remove`].
+        segments.finish(true)?;
         let mut batch = sled::Batch::default();
         moved.iter().for_each(|(k, location)| batch.insert(k.clone(), &location.encode()[..]));
         self.index.apply_batch(batch)?;
+        self.index.flush()?;
         segments.delete(id)?;
         Ok(())
     }
 
     fn publish(&self, segments: &Segments) {
-        self.count.store(segments.live().0, Ordering::Relaxed);
-        self.bytes.store(segments.disk_bytes(), Ordering::Relaxed);
+        let (count, bytes) = segments.live();
+        self.count.store(count, Ordering::Relaxed);
+        self.bytes.store(bytes, Ordering::Relaxed);
     }
 
     /// Up to `max` records of one partition in offset order, passing over keys `skip` accepts,
@@ -656,7 +650,13 @@ impl Spool {
     pub fn remove(&self, key: &SpoolKey) -> Result<(), SpoolError> {
         let mut segments = self.segments();
         if let Some(old) = self.index.remove(&key.0)? {
-            segments.release(Location::decode(&key.0, &old)?)?;
+            if let Some(empty) = segments.release(Location::decode(&key.0, &old)?) {
+                // The removals must be durable before the values go: an entry that came back in a
+                // crash without its value would be fetched again, and a record without a Kafka
+                // timestamp would then get another time, so another path.
+                self.index.flush()?;
+                segments.delete(empty)?;
+            }
             self.publish(&segments);
         }
         Ok(())
@@ -678,8 +678,8 @@ impl Spool {
         self.count.load(Ordering::Relaxed)
     }
 
-    /// Bytes of the value files on disk (records not yet removed, and removed ones whose file is
-    /// still in use).
+    /// Bytes of the records in the spool, as stored (the value files take at most a quarter more,
+    /// plus 32 MiB).
     pub fn byte_count(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
     }
@@ -845,6 +845,7 @@ mod tests {
         let stuck = rec("t", 9, 0, noise(9, 16_000));
         s.insert_batch(std::slice::from_ref(&stuck)).unwrap();
         // 160 MiB pass through while one record (an upload that keeps failing) stays.
+        let disk = || value_files(dir.path()).iter().map(|f| std::fs::metadata(f).unwrap().len()).sum::<u64>();
         let mut peak = 0;
         for batch in 0..160 {
             let records: Vec<_> = (0..64).map(|i| rec("t", 0, batch * 64 + i, noise(i, 16_000))).collect();
@@ -852,11 +853,11 @@ mod tests {
             for r in &records {
                 s.remove(&SpoolKey::new("t", 0, r.offset)).unwrap();
             }
-            peak = peak.max(s.byte_count());
+            peak = peak.max(disk());
         }
         assert!(peak <= 4 * SEGMENT_BYTES, "disk use stays bounded: peak {peak} bytes");
         assert!(value_files(dir.path()).len() <= 2);
-        assert_eq!(s.record_count(), 1);
+        assert_eq!((s.record_count(), s.byte_count()), (1, 10 + 16_000));
         let got = s.pending(&partition_prefix("t", 9), |_| false, 10, usize::MAX).unwrap();
         assert_eq!(got, vec![(SpoolKey::new("t", 9, 0), stuck)], "the record that stayed is intact");
     }
