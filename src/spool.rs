@@ -527,27 +527,20 @@ impl Spool {
             return Ok(());
         }
         let mut segments = self.segments();
-        let mut batch = sled::Batch::default();
-        let mut in_batch = HashSet::new();
-        let mut must_sync = false;
-        let mut prefixes = Vec::new();
-        for r in records {
-            let key = SpoolKey::new(&r.topic, r.partition, r.offset);
-            if self.index.contains_key(&key.0)? || !in_batch.insert(key.clone()) {
-                continue;
+        let mut written = Vec::new();
+        let result = self.write_batch(&mut segments, records, &mut written);
+        if result.is_err() {
+            // A failed write (a full disk) can leave part of a value in the file: append no more
+            // to it, and forget what this batch wrote; the caller fetches these records again.
+            segments.writer = None;
+            for location in written {
+                if let Some(empty) = segments.release(location) {
+                    segments.delete(empty)?;
+                }
             }
-            let location = segments.append(&encode_value_with(r, self.options))?;
-            must_sync |= matches!(r.time, RecordTime::Consumed(_));
-            if prefixes.last().is_none_or(|p: &Vec<u8>| p.as_slice() != key.prefix()) {
-                prefixes.push(key.prefix().to_vec());
-            }
-            batch.insert(key.0, &location.encode()[..]);
         }
-        // Values first, so that an index entry never points at bytes a reader cannot see.
-        let sync = must_sync || segments.unsynced >= self.options.flush_bytes;
-        segments.finish(sync)?;
-        self.index.apply_batch(batch)?;
-        if sync {
+        let (prefixes, synced) = result?;
+        if synced {
             self.index.flush()?;
         }
         if let Some(id) = segments.to_compact() {
@@ -558,6 +551,38 @@ impl Spool {
         self.partitions.lock().expect("spool lock").extend(prefixes);
         self.inserted.notify_one();
         Ok(())
+    }
+
+    /// Appends the new records' values, then their index entries; returns the partitions they
+    /// belong to and whether the values were synced. `written` gets every value appended.
+    fn write_batch(
+        &self,
+        segments: &mut Segments,
+        records: &[Record],
+        written: &mut Vec<Location>,
+    ) -> Result<(Vec<Vec<u8>>, bool), SpoolError> {
+        let mut batch = sled::Batch::default();
+        let mut in_batch = HashSet::new();
+        let mut must_sync = false;
+        let mut prefixes = Vec::new();
+        for r in records {
+            let key = SpoolKey::new(&r.topic, r.partition, r.offset);
+            if self.index.contains_key(&key.0)? || !in_batch.insert(key.clone()) {
+                continue;
+            }
+            let location = segments.append(&encode_value_with(r, self.options))?;
+            written.push(location);
+            must_sync |= matches!(r.time, RecordTime::Consumed(_));
+            if prefixes.last().is_none_or(|p: &Vec<u8>| p.as_slice() != key.prefix()) {
+                prefixes.push(key.prefix().to_vec());
+            }
+            batch.insert(key.0, &location.encode()[..]);
+        }
+        // Values first, so that an index entry never points at bytes a reader cannot see.
+        let sync = must_sync || segments.unsynced >= self.options.flush_bytes;
+        segments.finish(sync)?;
+        self.index.apply_batch(batch)?;
+        Ok((prefixes, sync))
     }
 
     /// Rewrites the records left in file `id` at the end of the current one, then deletes it.
@@ -911,5 +936,27 @@ mod tests {
         drop(s);
         let s = Spool::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(s.record_count(), 2500, "moved once, not twice");
+    }
+
+    #[test]
+    fn a_batch_that_cannot_be_written_leaves_the_spool_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        let batch = |from: i64, n: i64| (from..from + n).map(|o| rec("t", 0, o, noise(o, 16_000))).collect::<Vec<_>>();
+        // 1,040 values of 16,010 bytes: the first file is 8 values short of full.
+        for from in (0..1040).step_by(80) {
+            s.insert_batch(&batch(from, 80)).unwrap();
+        }
+        // The next file cannot be created (as on a full disk).
+        let blocker = Segments::path(&dir.path().join("values"), 1);
+        std::fs::create_dir(&blocker).unwrap();
+        assert!(s.insert_batch(&batch(1040, 64)).is_err());
+        assert_eq!(s.record_count(), 1040);
+        assert_eq!(s.keys().count(), 1040, "no index entry for the batch that failed");
+        std::fs::remove_dir(&blocker).unwrap();
+        s.insert_batch(&batch(1040, 64)).unwrap();
+        assert_eq!(s.record_count(), 1104, "the values of the failed batch are not counted");
+        let got = s.pending(&partition_prefix("t", 0), |_| false, usize::MAX, usize::MAX).unwrap();
+        assert_eq!(got.into_iter().map(|(_, r)| r).collect::<Vec<_>>(), batch(0, 1104));
     }
 }
