@@ -658,11 +658,12 @@ impl Spool {
                 return Ok(Some(value));
             }
             // Gone, or moved by a compaction since the index was read: look again.
-            match self.index.get(&key.0)? {
-                None => return Ok(None),
-                Some(v) if Location::decode(&key.0, &v)? != location => location = Location::decode(&key.0, &v)?,
-                Some(_) => return Err(SpoolError::Corrupt { key: key.describe(), why: "value missing or damaged" }),
+            let Some(v) = self.index.get(&key.0)? else { return Ok(None) };
+            let now = Location::decode(&key.0, &v)?;
+            if now == location {
+                return Err(SpoolError::Corrupt { key: key.describe(), why: "value missing or damaged" });
             }
+            location = now;
         }
     }
 
@@ -813,8 +814,7 @@ mod tests {
     fn pending_stops_at_the_byte_budget_but_returns_at_least_one_record() {
         let dir = tempfile::tempdir().unwrap();
         let s = Spool::open(dir.path(), 1 << 20).unwrap();
-        let noise = |o: i64| (0..4000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 ^ o as u8).collect();
-        s.insert_batch(&(0..5).map(|o| rec("t", 0, o, noise(o))).collect::<Vec<_>>()).unwrap();
+        s.insert_batch(&(0..5).map(|o| rec("t", 0, o, noise(o, 4000))).collect::<Vec<_>>()).unwrap();
         let offsets = |max_bytes| -> Vec<i64> {
             let got = s.pending(&partition_prefix("t", 0), |_| false, 10, max_bytes).unwrap();
             got.iter().map(|(_, r)| r.offset).collect()
