@@ -230,7 +230,7 @@ pub fn default_upload_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
 pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 1 << 30;
-pub const DEFAULT_SPOOL_MAX_RECORDS: u64 = 50_000;
+pub const DEFAULT_SPOOL_MAX_RECORDS: u64 = 10_000;
 pub const DEFAULT_SPOOL_MIN_FREE_BYTES: u64 = 256 << 20;
 pub const DEFAULT_TIMEZONE: &str = "Asia/Tokyo";
 pub const DEFAULT_COMMIT_INTERVAL_MS: u64 = 1000;
