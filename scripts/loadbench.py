@@ -177,6 +177,32 @@ def quantile(metrics, histogram, q):
     return lower
 
 
+def consumer_ingest(workdir, broker, topic, n):
+    """How fast the consumer takes a backlog into the spool, alone: the store refuses connections
+    (nothing is uploaded) and the spool bounds are far above the backlog."""
+    store = {"S3_BUCKET_NAME": "unreachable", "S3_ENDPOINT_URL": f"http://127.0.0.1:{testbed.free_port()}",
+             "AWS_ACCESS_KEY_ID": testbed.ACCESS_KEY, "AWS_SECRET_KEY": testbed.SECRET_KEY,
+             "SPOOL_MAX_RECORDS": str(4 * n), "SPOOL_MAX_BYTES": "64GiB"}
+    a = start_archiver(workdir, broker, topic, f"ingest-{uuid.uuid4().hex[:10]}", 32, store)
+    try:
+        first = None
+        deadline = time.time() + 600
+        while True:
+            consumed = a.metric("kafka_s3_archiver_records_consumed_total")
+            now = time.time()
+            if consumed and first is None:
+                first = (now, consumed)
+            if consumed >= n:
+                break
+            assert now < deadline and a.proc.poll() is None, a.logs()
+            time.sleep(0.05)
+        secs = max(now - first[0], 0.05)
+        return {"records": n, "records_per_second": (consumed - first[1]) / secs,
+                "peak_rss_mib": a.peak_rss / 2**20}
+    finally:
+        a.stop()
+
+
 def steady_latency(workdir, broker, server, rate, seconds, payload_bytes, workers):
     """Produce at `rate` records/s for `seconds` while the archiver runs; latency quantiles."""
     topic = f"steady-{uuid.uuid4().hex[:8]}"
@@ -257,6 +283,8 @@ def main():
     ap.add_argument("--backlogs", default="10000,200000,1000000", help="backlogs for the RSS comparison ('' to skip)")
     ap.add_argument("--backlog-store", default="garage",
                     help="store of the backlog runs (garage keeps small objects in its database: a million fit in memory)")
+    ap.add_argument("--ingest-records", type=int, default=200_000,
+                    help="backlog the consumer takes into the spool with the store down (0 to skip)")
     ap.add_argument("--out", default=str(REPO / "target" / "bench"))
     args = ap.parse_args()
     out = Path(args.out)
@@ -271,6 +299,12 @@ def main():
     broker = testbed.Tansu()
     servers = []
     try:
+        if args.ingest_records:
+            topic = f"ingest-{uuid.uuid4().hex[:8]}"
+            broker.create_topic(topic, args.partitions)
+            preload(broker, topic, args.partitions, args.ingest_records, args.payload_bytes)
+            results["consumer_ingest"] = consumer_ingest(workdir, broker, topic, args.ingest_records)
+            log(f"consumer ingest: {results['consumer_ingest']['records_per_second']:.0f} records/s")
         stores = [s for s in args.stores.split(",") if s]
         for name in stores:
             fresh = Fresh(name)
@@ -397,6 +431,10 @@ def table(r):
         rows.append((name, f"steady {st['rate']} rec/s", "", "", "",
                      f"end-to-end p50 {st['end_to_end_p50_ms']:.0f} ms p99 {st['end_to_end_p99_ms']:.0f} ms; "
                      f"upload p50 {st['upload_p50_ms']:.1f} ms p99 {st['upload_p99_ms']:.1f} ms"))
+    if "consumer_ingest" in r:
+        i = r["consumer_ingest"]
+        rows.append(("(none)", "consumer ingest", f"{i['records_per_second']:.0f}", "", "",
+                     f"Kafka -> spool alone, {i['records']} records, the store down"))
     for b in r.get("backlog_rss", []):
         rows.append((r["backlog_store"], f"backlog {b['backlog']}", f"{b['records_per_second']:.0f}", "", "",
                      f"peak RSS {b['peak_rss_mib']:.1f} MiB, spool {b['peak_spool_mib']:.0f} MiB"))
