@@ -138,6 +138,7 @@ def test_full_spool_disk_pauses_and_loses_nothing(broker, garage, run_archiver, 
         garage.create_bucket(name)
         proxy = testbed.TcpProxy(garage.s3_port)
         proxy.down()
+        # The record bound far away, so that the disk's free space is what stops the spool.
         a = run_archiver(BROKER_HOSTNAME=broker.bootstrap, KAFKA_TOPIC=topic, GROUP_ID=group, SPOOL_DIR=disk / "spool",
                          SPOOL_MIN_FREE_BYTES="32MiB", SPOOL_MAX_RECORDS=100000, S3_BUCKET_NAME=name,
                          S3_ENDPOINT_URL=proxy.endpoint,
