@@ -78,8 +78,11 @@ def delayed(server, rtt_ms):
 
 
 def preload(broker, topic, partitions, n, payload_bytes):
-    """n records round robin over the partitions; returns the end offsets."""
-    p = ck.Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 20, "batch.num.messages": 2000,
+    """n records round robin over the partitions; returns the end offsets. Record batches of up to
+    16 KiB, as the users' producer writes them (SINETStream's Kafka plugin: kafka-python-ng,
+    batch_size 16384); librdkafka's own default of 1 MB would make every fetch a whole MB per
+    partition, whatever the consumer asks for (tansu returns whole batches)."""
+    p = ck.Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 20, "batch.size": 16384,
                      "queue.buffering.max.messages": 200000, "log_level": 2})
     payload = os.urandom(payload_bytes)
     now = int(time.time() * 1000)
