@@ -183,8 +183,7 @@ def quantile(metrics, histogram, q):
 def consumer_ingest(workdir, broker, topic, n):
     """How fast the consumer takes a backlog into the spool, alone: the store refuses connections
     (nothing is uploaded) and the spool bounds are far above the backlog."""
-    store = {"S3_BUCKET_NAME": "unreachable", "S3_ENDPOINT_URL": f"http://127.0.0.1:{testbed.free_port()}",
-             "AWS_ACCESS_KEY_ID": testbed.ACCESS_KEY, "AWS_SECRET_KEY": testbed.SECRET_KEY,
+    store = {**store_env(None, "unreachable", f"http://127.0.0.1:{testbed.free_port()}"),
              "SPOOL_MAX_RECORDS": str(4 * n), "SPOOL_MAX_BYTES": "64GiB"}
     a = start_archiver(workdir, broker, topic, f"ingest-{uuid.uuid4().hex[:10]}", 32, store)
     try:
