@@ -6,10 +6,6 @@
 //!
 //! Each group comes in records/s (`Throughput::Elements`) and, for decoding, in bytes/s.
 
-// The allocator of the binary, so the figures are the archiver's.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::hint::black_box;
 use std::time::Duration;
 

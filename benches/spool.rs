@@ -9,10 +9,6 @@
 //! Each benchmark has a fresh spool in a temporary directory with the daemon's 64 MiB page cache;
 //! every insert is of new offsets, so the spool grows while an insert benchmark runs.
 
-// The allocator of the binary, so the figures are the archiver's.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::time::Duration;
 
 use bytes::Bytes;

@@ -9,10 +9,6 @@
 //!
 //! Both report records/s; each iteration has a fresh store and ledger.
 
-// The allocator of the binary, so the figures are the archiver's.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 

@@ -38,14 +38,14 @@ pub enum ConsumerError {
 
 /// Most records taken from one poll round before they are spooled together. sled keeps the node
 /// copies of a whole batch until the batch is written: 1,000 records of 1 KB made bursts of up to
-/// 11 MiB in 50 ms (page faults under perf); with 100 the spool still ingests 185,000 records/s
+/// 11 MiB in 50 ms (page faults under perf); with 100 the spool still ingests 133,000 records/s
 /// (`cargo bench`).
 const MAX_BATCH: usize = 100;
 
 /// librdkafka's fetch.max.bytes (its default is 50 MiB) and message.max.bytes (librdkafka wants
 /// the first no larger than the second); see [`client_config`]. A record larger than this is
 /// still fetched whole: a broker returns the first batch of a fetch whatever its size (KIP-74).
-const FETCH_MAX_BYTES: u64 = 512 << 10;
+const FETCH_MAX_BYTES: u64 = 256 << 10;
 
 /// How often the group's committed offsets are read back from Kafka. rust-rdkafka 0.39 never
 /// calls the commit callback for an asynchronous commit (fede1024/rust-rdkafka#856), so this is
@@ -63,18 +63,19 @@ pub fn client_config(config: &Config) -> Result<ClientConfig, ConfigError> {
         // As Kafka Connect's sink: a new group starts from the oldest record.
         .set("auto.offset.reset", "earliest")
         // librdkafka prefetches up to 64 MiB and fetches up to 50 MiB per request by default. The
-        // spool takes records far faster than any store, so half a MiB per fetch keeps it fed; more
-        // is only memory. Under backpressure it comes as a burst at each resume, and what is
-        // prefetched when the consumer pauses again is dropped (heaptrack, 2 MiB fetches: +7 MiB of
-        // fetch buffers for 0.1 s at every resume). A queue of two fetches lets the next fetch
+        // spool takes records far faster than any store, so a quarter of a MiB per fetch keeps it
+        // fed; more is only memory. Under backpressure it comes as a burst at each resume, and what
+        // is prefetched when the consumer pauses again is dropped (heaptrack, 2 MiB fetches: +7 MiB
+        // of fetch buffers for 0.1 s at every resume; 512 KiB fetches still lifted the peak RSS of
+        // a long backlog 2 MiB above a short one's). A queue of two fetches lets the next fetch
         // start while the consumer takes the last one: with one, librdkafka waits for the queue
-        // to empty at every fetch (23,000 instead of 97,000 records/s of 1 KB in 16 KiB batches).
+        // to empty at every fetch (512 KiB fetches: 23,000 instead of 97,000 records/s of 1 KB).
         .set("queued.max.messages.kbytes", ((2 * FETCH_MAX_BYTES) >> 10).to_string())
         .set("fetch.max.bytes", FETCH_MAX_BYTES.to_string())
         .set("message.max.bytes", FETCH_MAX_BYTES.to_string())
         // With a small queue, librdkafka waits this long once the queue is full before it fetches
         // again (default 1 s): that capped the consumer at about 7,000 records/s of 1 KB; at 10 ms
-        // it takes about 95,000 records/s from the test bed's broker (load benchmark, consumer ingest).
+        // it takes about 65,000 records/s from the test bed's broker (load benchmark, consumer ingest).
         .set("fetch.queue.backoff.ms", "10")
         // Also the rebalance timeout: how long a rebalance waits for a member that crashed. The
         // consumer polls at least every 100 ms, even when paused, so a minute is ample (default 5).

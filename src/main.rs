@@ -6,14 +6,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use kafka_s3_archiver::config::{Config, LogFormat, Settings};
 
-// sled's page updates allocate on every insert from several threads; with glibc's malloc the
-// spool spent a quarter of its time in the allocator and its arenas inflate RSS (measured with
-// `cargo bench --bench spool`: 1 KB inserts in batches of 1000 went from about 89 k to 150 k
-// records/s). The `override` feature sends librdkafka's malloc there too: its fetch buffers no
-// longer sit in glibc's per-thread arenas (load benchmark, 200,000-record backlog: peak RSS 94 -> 80 MiB).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser, Debug)]
 #[command(
     name = "kafka-s3-archiver",
@@ -124,16 +116,8 @@ struct BenchStoreArgs {
     prefix: String,
 }
 
-/// mimalloc's `mi_option_purge_delay` (its position in `mi_option_t`; libmimalloc-sys names no
-/// constant for it).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
 fn main() -> ExitCode {
-    // mimalloc keeps freed pages for a second before it gives them back to the OS. At the
-    // archiver's allocation rate that second held 20 MiB (load benchmark, 150,000-record backlog:
-    // peak RSS 112 -> 92 MiB, no measurable CPU cost): give them back at once.
-    // SAFETY: before any other thread exists; the option is read at each purge.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+    tune_malloc();
     // `.env` fills in what the process environment does not set; it never overrides it.
     let dotenv = dotenvy::dotenv();
     let cli = Cli::parse();
@@ -238,6 +222,7 @@ fn run(config: Config) -> anyhow::Result<()> {
     let metrics = kafka_s3_archiver::metrics::install()?;
     tracing::info!(config = %config.summary(), version = env!("CARGO_PKG_VERSION"), "starting");
     let runtime = runtime(&config)?;
+    runtime.spawn(trim_malloc(std::time::Duration::from_millis(500)));
     runtime.block_on(async {
         let result = kafka_s3_archiver::run(config, metrics, shutdown_signal()).await;
         result.map_err(|e| match e {
@@ -404,5 +389,47 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+/// Sets glibc's malloc up for a long-running process whose memory must not grow with its input;
+/// a variable of glibc's own (`MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_`) still overrides it.
+///
+/// Measured on a backlog (load benchmark, see the README's "Performance"): with glibc's defaults
+/// peak RSS grew with the length of the run although the live heap did not (heaptrack), because
+/// freed memory stayed with the allocator:
+/// - a thread that finds the arenas busy gets an arena of its own (up to eight per CPU), each
+///   keeping what it freed; librdkafka's threads, the consumer and the runtime allocate in turns.
+///   Two arenas cost no measurable throughput on the test bed's two CPUs.
+/// - glibc raises its mmap threshold to the largest block freed, so librdkafka's fetch buffers
+///   soon came from the heap and left holes in it; a fixed threshold keeps blocks of 128 KiB and
+///   more in their own mappings, returned to the kernel when freed.
+fn tune_malloc() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let unset = |name| std::env::var_os(name).is_none();
+        // SAFETY: mallopt only sets tunables; this runs before any other thread exists.
+        unsafe {
+            if unset("MALLOC_ARENA_MAX") {
+                libc::mallopt(libc::M_ARENA_MAX, 2);
+            }
+            if unset("MALLOC_MMAP_THRESHOLD_") {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
+            }
+        }
+    }
+}
+
+/// Gives the pages that freed memory left inside the heap back to the kernel every `every`;
+/// glibc only gives back the top of a heap on its own. Runs until the runtime stops.
+async fn trim_malloc(every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim takes the allocator's locks like any malloc call.
+        unsafe {
+            libc::malloc_trim(0);
+        }
     }
 }
