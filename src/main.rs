@@ -222,6 +222,7 @@ fn run(config: Config) -> anyhow::Result<()> {
     let metrics = kafka_s3_archiver::metrics::install()?;
     tracing::info!(config = %config.summary(), version = env!("CARGO_PKG_VERSION"), "starting");
     let runtime = runtime(&config)?;
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     runtime.spawn(trim_malloc(std::time::Duration::from_millis(500)));
     runtime.block_on(async {
         let result = kafka_s3_archiver::run(config, metrics, shutdown_signal()).await;
@@ -423,14 +424,12 @@ fn tune_malloc() {
 
 /// Gives the pages that freed memory left inside the heap back to the kernel every `every`;
 /// glibc only gives back the top of a heap on its own. Runs until the runtime stops.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 async fn trim_malloc(every: std::time::Duration) {
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
         // SAFETY: malloc_trim takes the allocator's locks like any malloc call.
-        unsafe {
-            libc::malloc_trim(0);
-        }
+        unsafe { libc::malloc_trim(0) };
     }
 }
