@@ -168,7 +168,10 @@ pub enum LogFormat {
 }
 
 /// Bounds of the spool: consumption pauses at the high watermarks (90 % of a maximum) and
-/// resumes below the low ones (70 %).
+/// resumes below the low ones (80 %). Each resume takes in the gap between the two at the
+/// consumer's full speed, so a narrow gap keeps that burst small. The largest rise of RSS at a
+/// resume over a 200,000-record backlog (ad hoc, garage): 1.5-3.8 MiB in four runs with 70 %,
+/// 1.6 MiB with 80 %. The store still has seconds of work in the spool when a resume comes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SpoolLimits {
     pub max_bytes: u64,
@@ -185,7 +188,7 @@ impl SpoolLimits {
 
     /// At or below both low watermarks: resume.
     pub fn has_room(&self, bytes: u64, records: u64) -> bool {
-        bytes <= self.max_bytes / 10 * 7 && records <= self.max_records / 10 * 7
+        bytes <= self.max_bytes / 10 * 8 && records <= self.max_records / 10 * 8
     }
 }
 
@@ -742,8 +745,8 @@ mod tests {
         assert_eq!(c.spool_limits.max_bytes, 500_000_000);
         let l = c.spool_limits;
         assert!(l.is_full(450_000_000, 0) && !l.is_full(449_999_999, 0));
-        assert!(l.has_room(350_000_000, 0) && !l.has_room(350_000_001, 0));
-        assert!(l.is_full(0, 450_000) && !l.has_room(0, 350_001));
+        assert!(l.has_room(400_000_000, 0) && !l.has_room(400_000_001, 0));
+        assert!(l.is_full(0, 450_000) && !l.has_room(0, 400_001));
     }
 
     #[test]

@@ -596,8 +596,8 @@ mod tests {
         let mut b = Backpressure::new(limits());
         assert_eq!(b.update(&state(80 * MIB, 10, u64::MAX)), None);
         assert!(b.update(&state(90 * MIB, 10, u64::MAX)).unwrap().contains("high watermark"));
-        assert_eq!(b.update(&state(71 * MIB, 10, u64::MAX)), None, "still above the low watermark");
-        assert!(b.update(&state(70 * MIB, 10, u64::MAX)).unwrap().starts_with("resuming"));
+        assert_eq!(b.update(&state(81 * MIB, 10, u64::MAX)), None, "still above the low watermark");
+        assert!(b.update(&state(80 * MIB, 10, u64::MAX)).unwrap().starts_with("resuming"));
         assert!(b.update(&state(0, 900, u64::MAX)).unwrap().contains("SPOOL_MAX_RECORDS"));
     }
 

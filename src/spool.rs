@@ -404,6 +404,17 @@ impl Segments {
     }
 }
 
+/// Hands the garbage this thread left in sled to the epoch collector now. sled frees replaced
+/// tree nodes and written 512 KiB log buffers through crossbeam-epoch, which keeps them in a
+/// thread-local bag until 64 have gathered: a consumer paused under backpressure could hold its last
+/// ones for as long as the pause lasted, and a resume burst stacked new ones on top. The largest
+/// rise of RSS at a resume over a 200,000-record backlog (ad hoc, garage): 1.5-3.8 MiB in four
+/// runs without, 1.5 MiB with; with the 80 % resume watermark as well, 1.1 MiB. It costs about
+/// half a microsecond per removal (`cargo bench`, spool_drain 226,000 instead of 264,000/s).
+fn release_garbage() {
+    crossbeam_epoch::pin().flush();
+}
+
 /// The spool: a sled index of records, their values in segment files.
 #[derive(Debug)]
 pub struct Spool {
@@ -582,6 +593,7 @@ impl Spool {
         let sync = must_sync || segments.unsynced >= self.options.flush_bytes;
         segments.finish(sync)?;
         self.index.apply_batch(batch)?;
+        release_garbage();
         Ok((prefixes, sync))
     }
 
@@ -685,6 +697,7 @@ impl Spool {
             }
             self.publish(&segments);
         }
+        release_garbage();
         Ok(())
     }
 
