@@ -409,8 +409,8 @@ impl Segments {
 /// thread-local bag until 64 have gathered: a consumer paused under backpressure could hold its last
 /// ones for as long as the pause lasted, and a resume burst stacked new ones on top. The largest
 /// rise of RSS at a resume over a 200,000-record backlog (ad hoc, garage): 1.5-3.8 MiB in four
-/// runs without, 1.5 MiB with; with the 80 % resume watermark as well, 1.1 MiB. It costs about
-/// half a microsecond per removal (`cargo bench`, spool_drain 226,000 instead of 264,000/s).
+/// runs without, 1.5 MiB with; with the 80 % resume watermark as well, 1.1 MiB. Its cost does
+/// not show in `cargo bench` (spool_drain 259,000 / 241,000 records/s, 264,000 / 239,000 before).
 fn release_garbage() {
     crossbeam_epoch::pin().flush();
 }
