@@ -6,9 +6,9 @@
 //! - `spool_drain`: `pending` + `remove` of 1000 spooled 1 KB records, `pending` asking for 32 at a
 //!   time (UPLOAD_WORKERS' default, as the dispatcher does when all workers are free) or all 1000.
 //!
-//! Each benchmark has a fresh spool in a temporary directory with a 64 MiB page cache (the
-//! daemon's is 8 MiB, `SPOOL_CACHE_BYTES` in `lib.rs`); every insert is of new offsets, so the
-//! spool grows while an insert benchmark runs.
+//! Each benchmark has a fresh spool in a temporary directory with the daemon's page cache
+//! (`SPOOL_CACHE_BYTES`); every insert is of new offsets, so the spool grows while an insert
+//! benchmark runs.
 
 use std::time::Duration;
 
@@ -18,7 +18,8 @@ use kafka_s3_archiver::spool::{Spool, SpoolOptions, partition_prefix};
 use rand::{RngCore, SeedableRng};
 
 mod common;
-use common::{SPOOL_CACHE_BYTES, TOPIC, envelope, json_value, records};
+use common::{TOPIC, envelope, json_value, records};
+use kafka_s3_archiver::SPOOL_CACHE_BYTES;
 
 /// A SINETStream v3 message of `len` bytes in all whose payload is random bytes.
 fn random_value(len: usize) -> Bytes {

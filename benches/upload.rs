@@ -25,7 +25,8 @@ use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 
 mod common;
-use common::{SPOOL_CACHE_BYTES, TOPIC, json_value, records};
+use common::{TOPIC, json_value, records};
+use kafka_s3_archiver::SPOOL_CACHE_BYTES;
 
 /// UPLOAD_WORKERS' default.
 const WORKERS: usize = 32;

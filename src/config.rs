@@ -167,11 +167,10 @@ pub enum LogFormat {
     Json,
 }
 
-/// Bounds of the spool: consumption pauses at the high watermarks (90 % of a maximum) and
-/// resumes below the low ones (80 %). Each resume takes in the gap between the two at the
-/// consumer's full speed, so a narrow gap keeps that burst small. The largest rise of RSS at a
-/// resume over a 200,000-record backlog (ad hoc, garage): 1.5-3.8 MiB in four runs with 70 %,
-/// 1.6 MiB with 80 %. The store still has seconds of work in the spool when a resume comes.
+/// Bounds of the spool. Above the low watermarks (80 % of a maximum) the consumer takes records
+/// only as the uploads make room; it pauses at the high ones (90 %), or when no room comes for a
+/// while, and resumes below the low ones (the consumer's `Backpressure` says why). The store
+/// still has seconds of work in the spool when a resume comes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SpoolLimits {
     pub max_bytes: u64,
@@ -186,7 +185,7 @@ impl SpoolLimits {
         bytes >= self.max_bytes / 10 * 9 || records >= self.max_records / 10 * 9
     }
 
-    /// At or below both low watermarks: resume.
+    /// At or below both low watermarks: take records, resume.
     pub fn has_room(&self, bytes: u64, records: u64) -> bool {
         bytes <= self.max_bytes / 10 * 8 && records <= self.max_records / 10 * 8
     }

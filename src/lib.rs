@@ -57,8 +57,8 @@ use crate::spool::Spool;
 use crate::status::Status;
 
 /// sled's page cache, for the spool's index (keys and where the values are, 21 bytes each); a
-/// larger cache bought no throughput in the load benchmark, only memory.
-const SPOOL_CACHE_BYTES: u64 = 8 * 1024 * 1024;
+/// larger cache bought no throughput in the load benchmark, only memory. The benchmarks use it too.
+pub const SPOOL_CACHE_BYTES: u64 = 8 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {

@@ -7,8 +7,6 @@ use kafka_s3_archiver::spool::{Record, RecordTime};
 
 pub const TOPIC: &str = "sinetstream.sensor";
 pub const KAFKA_MS: i64 = 1_650_250_000_200;
-/// As `SPOOL_CACHE_BYTES` in src/lib.rs.
-pub const SPOOL_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// JSON-like sensor readings, exactly `len` bytes.
 pub fn json_payload(len: usize) -> Vec<u8> {

@@ -255,6 +255,11 @@ class TcpProxy:
                 client, _ = listener.accept()
             except OSError:
                 return
+            if self.listener is not listener:
+                # Accepted by the accept() that down() could not interrupt: refused as well, or one
+                # kept-alive connection would serve the whole outage.
+                client.close()
+                return
             threading.Thread(target=self._connect, args=(client,), daemon=True).start()
 
     def _connect(self, client):
