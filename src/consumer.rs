@@ -4,10 +4,10 @@
 //! in the commit ledger, and writes the new ones to the spool in one batch. Tombstones (null
 //! values) are counted and marked done. It also commits: every COMMIT_INTERVAL the positions
 //! the ledger says are stored, and on revocation, synchronously, what is done for the revoked
-//! partitions before they go (design invariant 6). Above the spool's low watermark it takes
-//! records only as the uploads make room; it pauses its partitions while the spool is over its
-//! high watermark, makes no room, or cannot be written (a full disk), and resumes below the low
-//! watermark (design invariant 5). On shutdown it stops fetching, waits until the uploaders have
+//! partitions before they go (design invariant 6). Above the spool's low watermark it takes no
+//! records until the uploads bring the spool down to 75 %; it pauses its partitions while the
+//! spool is over its high watermark, does not shrink, or cannot be written (a full disk), and
+//! resumes below the low watermark (design invariant 5). On shutdown it stops fetching, waits until the uploaders have
 //! drained, and commits what they finished.
 
 use std::collections::{HashMap, HashSet};
@@ -474,54 +474,69 @@ struct SpoolState {
 /// How long the consumer sleeps while it waits for room in the spool.
 const PACE_WAIT: Duration = Duration::from_millis(5);
 
-/// How long the consumer waits for room above the low watermarks before it pauses its partitions.
-/// Under a backlog uploads make room for a batch every few tens of milliseconds (100 records at
-/// 670 records/s, the slowest store of the load benchmark, take 150 ms); a second without means a
-/// stalled store.
+/// How long the spool may go without shrinking while the consumer waits for room before it pauses
+/// its partitions. Under a backlog every upload shrinks it (a record every 1.5 ms at 670 records/s,
+/// the slowest store of the load benchmark); a second without means a stalled store.
 const PACE_LIMIT: Duration = Duration::from_secs(1);
+
+/// The spool's size when it last shrank, and when, while the consumer waits for room.
+#[derive(Debug)]
+struct Pace {
+    bytes: u64,
+    records: u64,
+    shrank_at: Instant,
+}
 
 /// Decides when the consumer takes records, and when it pauses and resumes its partitions.
 ///
-/// Above the low watermarks the consumer takes records only as fast as the uploads make room,
-/// leaving the rest in librdkafka's queue (bounded by `queued.max.messages.kbytes`): a long
-/// backlog runs as a short one does, with the same memory. Pausing instead, at each resume
-/// librdkafka refills its queue and the consumer takes in the gap between the watermarks at
-/// once; the peaks of those bursts grew with the number of resumes, i.e. with the backlog (load
-/// benchmark, garage: peak RSS 26.0 MiB for 10,000 records, 31.4 MiB for 1,000,000; an ad hoc
-/// 1,000,000-record run resumed 521 times). Pacing, ad hoc: 27.7 and 28.9 MiB, no pause.
-/// It pauses when the uploads make no room for [`PACE_LIMIT`] (the store is down), at the high
-/// watermarks, or when the spool cannot be written; paused partitions keep the group membership.
+/// Above the low watermarks (80 %) the consumer stops taking records and leaves them in
+/// librdkafka's queue (bounded by `queued.max.messages.kbytes`) until the uploads bring the spool
+/// down to 75 %; then it takes them again. A long backlog runs as a short one does, with the same
+/// memory. Pausing instead, each resume had librdkafka refill its queue from nothing while the
+/// consumer took in the gap between the watermarks; the peaks of those bursts grew with the
+/// number of resumes, i.e. with the backlog (load benchmark, garage: peak RSS 26.0 MiB for
+/// 10,000 records, 31.4 MiB for 1,000,000; an ad hoc 1,000,000-record run resumed 521 times).
+/// Taking records as soon as each upload made room kept the memory flat (25.8 / 27.6 / 27.4 MiB
+/// for 10,000 / 200,000 / 1,000,000) but cost throughput: 0.79 of the s3s-fs ceiling where
+/// pausing reached 0.87 in the same hour, with 6 µs more CPU per record (librdkafka refilling its
+/// queue a batch at a time is the likely cause, not measured); with the 5 % band, 0.82.
+/// It pauses when the spool has not shrunk for [`PACE_LIMIT`] while the consumer waits (the store
+/// is down), at the high watermarks, or when the spool cannot be written; paused partitions keep
+/// the group membership.
 #[derive(Debug)]
 struct Backpressure {
     limits: SpoolLimits,
     paused: bool,
-    /// Since when the spool has been above its low watermarks.
-    no_room_since: Option<Instant>,
+    /// While the consumer waits for room: the spool's size when it last shrank, and when.
+    pace: Option<Pace>,
     /// Spool size when a pause for low disk space began.
     low_disk_at: Option<u64>,
 }
 
 impl Backpressure {
     fn new(limits: SpoolLimits) -> Backpressure {
-        Backpressure { limits, paused: false, no_room_since: None, low_disk_at: None }
+        Backpressure { limits, paused: false, pace: None, low_disk_at: None }
     }
 
     /// Whether the consumer waits for room instead of polling: not paused (a paused consumer polls
     /// to keep its membership alive), and the spool above its low watermarks.
     fn pacing(&self) -> bool {
-        !self.paused && self.no_room_since.is_some()
+        !self.paused && self.pace.is_some()
     }
 
     /// Updates the state at `now`; returns the reason when the pause state changed.
     fn update(&mut self, s: &SpoolState, now: Instant) -> Option<String> {
         let l = self.limits;
         let room = l.has_room(s.bytes, s.records);
-        if room {
-            self.no_room_since = None;
-        } else if self.no_room_since.is_none() {
-            self.no_room_since = Some(now);
+        match &mut self.pace {
+            None if !room => self.pace = Some(Pace { bytes: s.bytes, records: s.records, shrank_at: now }),
+            Some(_) if l.has_room_for_more(s.bytes, s.records) => self.pace = None,
+            Some(p) if s.bytes < p.bytes || s.records < p.records => {
+                *p = Pace { bytes: s.bytes, records: s.records, shrank_at: now };
+            }
+            _ => {}
         }
-        let stalled = self.no_room_since.is_some_and(|since| now.duration_since(since) >= PACE_LIMIT);
+        let stalled = self.pace.as_ref().is_some_and(|p| now.duration_since(p.shrank_at) >= PACE_LIMIT);
         let low_disk = s.free < l.min_free_bytes;
         if low_disk && self.low_disk_at.is_none() {
             self.low_disk_at = Some(s.bytes);
@@ -652,22 +667,28 @@ mod tests {
     }
 
     #[test]
-    fn above_the_low_watermark_takes_records_only_as_room_comes_then_pauses() {
+    fn above_the_low_watermark_waits_for_room_and_pauses_when_none_comes() {
         let mut b = Backpressure::new(limits());
         let t0 = Instant::now();
-        assert_eq!(b.update(&state(79 * MIB, 10, u64::MAX), t0), None);
+        let at = |quarters: u32| t0 + PACE_LIMIT * quarters / 4;
+        assert_eq!(b.update(&state(79 * MIB, 10, u64::MAX), at(0)), None);
         assert!(!b.pacing());
-        assert_eq!(b.update(&state(85 * MIB, 10, u64::MAX), t0), None, "no pause yet");
+        assert_eq!(b.update(&state(85 * MIB, 10, u64::MAX), at(0)), None, "no pause yet");
         assert!(b.pacing(), "waits for room instead of polling");
-        assert_eq!(b.update(&state(79 * MIB, 10, u64::MAX), t0 + PACE_LIMIT / 2), None);
-        assert!(!b.pacing(), "an upload made room");
-        assert_eq!(b.update(&state(85 * MIB, 10, u64::MAX), t0 + PACE_LIMIT / 2), None);
-        assert_eq!(b.update(&state(84 * MIB, 10, u64::MAX), t0 + PACE_LIMIT), None, "half a second without room");
-        let why = b.update(&state(84 * MIB, 10, u64::MAX), t0 + PACE_LIMIT * 3 / 2).unwrap();
+        assert_eq!(b.update(&state(78 * MIB, 10, u64::MAX), at(2)), None);
+        assert!(b.pacing(), "takes records again at 75 %, a queue's worth at once");
+        assert_eq!(b.update(&state(75 * MIB, 10, u64::MAX), at(2)), None);
+        assert!(!b.pacing());
+        // A slow store: no pause while uploads still make room.
+        assert_eq!(b.update(&state(81 * MIB, 10, u64::MAX), at(3)), None);
+        assert_eq!(b.update(&state(81 * MIB - 1, 10, u64::MAX), at(6)), None, "the spool shrank");
+        assert!(b.pacing());
+        // A stopped store: no room for PACE_LIMIT.
+        let why = b.update(&state(81 * MIB - 1, 10, u64::MAX), at(10)).unwrap();
         assert!(why.contains("made no room"), "{why}");
         assert!(b.paused && !b.pacing(), "paused: polls to keep the membership");
-        assert!(b.update(&state(80 * MIB, 10, u64::MAX), t0 + PACE_LIMIT * 2).unwrap().starts_with("resuming"));
-        assert!(!b.pacing());
+        assert!(b.update(&state(80 * MIB, 10, u64::MAX), at(11)).unwrap().starts_with("resuming"));
+        assert!(b.pacing(), "then waits for 75 % again");
     }
 
     #[test]
