@@ -287,22 +287,23 @@ impl KafkaConsumer {
         let mut last_pause = Instant::now();
         let mut last_verify = Instant::now();
         while !shutdown.is_cancelled() {
-            let mut wait = Duration::from_millis(100);
             if backpressure.pacing() {
                 // Records wait in librdkafka's queue until the uploads make room.
                 std::thread::sleep(PACE_WAIT);
-            }
-            while !backpressure.pacing() && batch.len() < MAX_BATCH {
-                match consumer.poll(wait) {
-                    Some(Ok(msg)) => batch.push(msg),
-                    Some(Err(e)) => {
-                        self.status.error(None, format!("Kafka consumer error: {e}"));
-                        tracing::warn!(error = %e, "Kafka consumer error");
-                        break;
+            } else {
+                let mut wait = Duration::from_millis(100);
+                while batch.len() < MAX_BATCH {
+                    match consumer.poll(wait) {
+                        Some(Ok(msg)) => batch.push(msg),
+                        Some(Err(e)) => {
+                            self.status.error(None, format!("Kafka consumer error: {e}"));
+                            tracing::warn!(error = %e, "Kafka consumer error");
+                            break;
+                        }
+                        None => break,
                     }
-                    None => break,
+                    wait = Duration::ZERO;
                 }
-                wait = Duration::ZERO;
             }
             unspooled.extend(self.register(&mut batch, &mut tombstones_logged));
             if !unspooled.is_empty() {
