@@ -169,8 +169,8 @@ pub enum LogFormat {
 
 /// Bounds of the spool. Above the low watermarks (80 % of a maximum) the consumer takes no records
 /// until the uploads bring the spool down to 75 %; it pauses at the high ones (90 %), or when the
-/// spool stops shrinking, and resumes below the low ones (the consumer's `Backpressure` says why). The store
-/// still has seconds of work in the spool when a resume comes.
+/// spool stops shrinking, and resumes below the low ones (the consumer's `Backpressure` says
+/// why). The store still has seconds of work in the spool when a resume comes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SpoolLimits {
     pub max_bytes: u64,
@@ -187,12 +187,17 @@ impl SpoolLimits {
 
     /// At or below both low watermarks: take records, resume.
     pub fn has_room(&self, bytes: u64, records: u64) -> bool {
-        bytes <= self.max_bytes / 10 * 8 && records <= self.max_records / 10 * 8
+        self.at_most(bytes, records, 16)
     }
 
     /// At or below 75 % of both maxima: a consumer that waited for room takes records again.
     pub fn has_room_for_more(&self, bytes: u64, records: u64) -> bool {
-        bytes <= self.max_bytes / 20 * 15 && records <= self.max_records / 20 * 15
+        self.at_most(bytes, records, 15)
+    }
+
+    /// Both sizes at or below `twentieths` / 20 of their maxima.
+    fn at_most(&self, bytes: u64, records: u64, twentieths: u64) -> bool {
+        bytes <= self.max_bytes / 20 * twentieths && records <= self.max_records / 20 * twentieths
     }
 }
 

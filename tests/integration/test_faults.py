@@ -1,8 +1,8 @@
 """Faults around the archiver: the store goes down under load and comes back.
 
 While the store is down the archiver keeps consuming into the spool until its low watermark,
-waits a second for room, then pauses: spool size and memory stay flat. When the store returns it drains, and the archive
-is exact. OUTAGE_SECONDS (default 20 in CI; the full run uses 60) sets the outage.
+waits a second for room, then pauses: spool size and memory stay flat. When the store returns it
+drains, and the archive is exact. OUTAGE_SECONDS (default 20 in CI; the full run uses 60) sets the outage.
 """
 import os
 import shutil
