@@ -1,18 +1,21 @@
 //! Bench: `kafka-s3-archiver bench-store`, the raw PUT rate of the configured store.
 //!
 //! It puts objects shaped like an archive's (per record a payload of the given size and a 24-byte
-//! timestamp object, under keys as long as the archive's) with the archiver's own S3 client and a
-//! fixed number in flight, and nothing else: no Kafka, no spool, no decoding. That is the ceiling
-//! the archiver's throughput is measured against, and it tells a user what their store can take
-//! at a given UPLOAD_WORKERS.
+//! timestamp object, under keys as long as the archive's, the payload with the user metadata the
+//! archiver gives a SINETStream record on S3) with the archiver's own S3 client and a fixed number
+//! in flight, and nothing else: no Kafka, no spool, no decoding. That is the ceiling the
+//! archiver's throughput is measured against, and it tells a user what their store can take at a
+//! given UPLOAD_WORKERS.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{Attribute, AttributeValue, Attributes, ObjectStore, PutOptions, PutPayload};
 use serde::Serialize;
+
+use crate::archive;
 
 /// Bytes of a timestamp object (`2022-04-18T02:46:40.123\n`).
 const TIMESTAMP_BYTES: usize = 24;
@@ -30,26 +33,40 @@ pub struct PutReport {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub errors: usize,
+    /// Whether the payload objects carried the archiver's user metadata.
+    pub metadata: bool,
 }
 
 /// Puts `records` × 2 objects under `prefix`, `concurrency` at a time; a failed PUT is counted
-/// and tried again, as the archiver does.
+/// and tried again, as the archiver does. With `metadata`, each payload carries the two user
+/// metadata headers the archiver sends with a SINETStream record that has a Kafka timestamp
+/// (`upload::metadata`): a store may spend more on such a request (it stores and signs more).
 pub async fn put_ceiling(
     store: Arc<dyn ObjectStore>,
     prefix: &str,
     records: usize,
     payload_bytes: usize,
     concurrency: usize,
+    metadata: bool,
 ) -> PutReport {
     let objects = records * 2;
     let next = Arc::new(AtomicUsize::new(0));
     let payload = PutPayload::from(vec![b'x'; payload_bytes + 1]);
     let timestamp = PutPayload::from(vec![b'0'; TIMESTAMP_BYTES]);
+    // Values as long as a real record's: microseconds and milliseconds since the epoch.
+    let attributes: Attributes = if metadata {
+        [(archive::META_TSTAMP_US, "1764201600123456"), (archive::META_KAFKA_TIMESTAMP_MS, "1764201600125")]
+            .into_iter()
+            .map(|(k, v)| (Attribute::Metadata(k.into()), AttributeValue::from(v)))
+            .collect()
+    } else {
+        Attributes::new()
+    };
     let started = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..concurrency.max(1) {
         let (store, next, prefix) = (store.clone(), next.clone(), prefix.to_string());
-        let (payload, timestamp) = (payload.clone(), timestamp.clone());
+        let (payload, timestamp, attributes) = (payload.clone(), timestamp.clone(), attributes.clone());
         workers.spawn(async move {
             let (mut latencies, mut errors) = (Vec::new(), 0usize);
             loop {
@@ -64,10 +81,16 @@ pub async fn put_ceiling(
                     record,
                     if is_payload { ".bin" } else { "-timestamp.txt" }
                 );
-                let body = if is_payload { payload.clone() } else { timestamp.clone() };
+                let (body, attributes) = if is_payload {
+                    (payload.clone(), attributes.clone())
+                } else {
+                    (timestamp.clone(), Attributes::new())
+                };
+                let path = Path::from(key.as_str());
                 loop {
                     let t = Instant::now();
-                    match store.put(&Path::from(key.as_str()), body.clone()).await {
+                    let opts = PutOptions { attributes: attributes.clone(), ..PutOptions::default() };
+                    match store.put_opts(&path, body.clone(), opts).await {
                         Ok(_) => {
                             latencies.push(t.elapsed());
                             break;
@@ -102,17 +125,19 @@ pub async fn put_ceiling(
         p50_ms: quantile(0.5),
         p99_ms: quantile(0.99),
         errors,
+        metadata,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use object_store::ObjectStoreExt;
 
     #[tokio::test]
     async fn puts_two_objects_per_record_of_the_archives_sizes() {
         let store = Arc::new(object_store::memory::InMemory::new());
-        let report = put_ceiling(store.clone(), "b", 50, 1000, 8).await;
+        let report = put_ceiling(store.clone(), "b", 50, 1000, 8, true).await;
         assert_eq!((report.objects, report.errors), (100, 0));
         let listed: Vec<_> = futures::StreamExt::collect::<Vec<_>>(store.list(Some(&Path::from("b")))).await;
         let sizes: Vec<u64> = listed.into_iter().map(|m| m.unwrap().size).collect();
@@ -120,5 +145,15 @@ mod tests {
         assert_eq!(sizes.iter().filter(|&&s| s == 1001).count(), 50);
         assert_eq!(sizes.iter().filter(|&&s| s == 24).count(), 50);
         assert!(report.p50_ms <= report.p99_ms);
+        // The payloads carry the archiver's user metadata; the timestamp objects none.
+        let attributes = |key: &str| {
+            let path = Path::from(format!("b/topics/bench/year=2026/month=01/day=01/hour=00/bench+3+0000000003{key}"));
+            let store = store.clone();
+            async move { store.get(&path).await.unwrap().attributes }
+        };
+        let payload = attributes(".bin").await;
+        assert_eq!(payload.get(&Attribute::Metadata(archive::META_TSTAMP_US.into())).map(|v| v.len()), Some(16));
+        assert!(payload.get(&Attribute::Metadata(archive::META_KAFKA_TIMESTAMP_MS.into())).is_some());
+        assert!(attributes("-timestamp.txt").await.is_empty());
     }
 }

@@ -168,9 +168,9 @@ pub enum LogFormat {
 }
 
 /// Bounds of the spool. Above the low watermarks (80 % of a maximum) the consumer takes no records
-/// until the uploads bring the spool down to 75 %; it pauses at the high ones (90 %), or when the
+/// until the uploads bring the spool down to half; it pauses at the high ones (90 %), or when the
 /// spool stops shrinking, and resumes below the low ones (the consumer's `Backpressure` says
-/// why). The store still has seconds of work in the spool when a resume comes.
+/// why). The store still has seconds of work in the spool when consumption starts again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SpoolLimits {
     pub max_bytes: u64,
@@ -190,9 +190,9 @@ impl SpoolLimits {
         self.at_most(bytes, records, 16)
     }
 
-    /// At or below 75 % of both maxima: a consumer that waited for room takes records again.
+    /// At or below half of both maxima: a consumer that waited for room takes records again.
     pub fn has_room_for_more(&self, bytes: u64, records: u64) -> bool {
-        self.at_most(bytes, records, 15)
+        self.at_most(bytes, records, 10)
     }
 
     /// Both sizes at or below `twentieths` / 20 of their maxima.

@@ -114,6 +114,10 @@ struct BenchStoreArgs {
     /// Key prefix of the objects.
     #[arg(long, default_value = ".kafka-s3-archiver/bench")]
     prefix: String,
+    /// Put the payloads without the user metadata the archiver gives them on S3, to see what
+    /// the metadata costs the store.
+    #[arg(long)]
+    no_metadata: bool,
 }
 
 fn main() -> ExitCode {
@@ -213,6 +217,8 @@ fn bench_store(args: BenchStoreArgs) -> ExitCode {
         args.records,
         args.payload_bytes,
         config.upload_workers,
+        // As the archiver: the local-directory store keeps no user metadata.
+        matches!(config.store, kafka_s3_archiver::config::StoreConfig::S3 { .. }) && !args.no_metadata,
     ));
     println!("{}", serde_json::to_string(&report).expect("serialize the report"));
     ExitCode::SUCCESS
