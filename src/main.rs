@@ -402,8 +402,8 @@ async fn shutdown_signal() {
 /// Sets glibc's malloc up for a long-running process whose memory must not grow with its input;
 /// a variable of glibc's own (`MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_`) still overrides it.
 ///
-/// Measured on backlogs of 10,000 / 200,000 / 1,000,000 records (load benchmark, garage; see the
-/// README's "Performance"): the live heap of a long run is that of a short one (heaptrack), but
+/// Measured on backlogs of 10,000 / 200,000 / 1,000,000 records (load benchmark, garage; see
+/// `benches/results/HISTORY.md`): the live heap of a long run is that of a short one (heaptrack), but
 /// with mimalloc, and with glibc's malloc limited to two arenas alone, peak RSS grew with the
 /// length of the run (27.3 / 33.6 / 36.3 MiB with the latter) because freed memory stayed with the
 /// allocator. With the mmap threshold and [`trim_malloc`] too: 27.0 / 31.8 / 29.7 MiB.
