@@ -11,11 +11,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use object_store::path::Path;
-use object_store::{Attribute, AttributeValue, Attributes, ObjectStore, PutOptions, PutPayload};
+use object_store::{Attributes, ObjectStore, PutOptions, PutPayload};
 use serde::Serialize;
 
-use crate::archive;
+use crate::spool::{Record, RecordTime};
+use crate::upload;
 
 /// Bytes of a timestamp object (`2022-04-18T02:46:40.123\n`).
 const TIMESTAMP_BYTES: usize = 24;
@@ -38,9 +40,9 @@ pub struct PutReport {
 }
 
 /// Puts `records` × 2 objects under `prefix`, `concurrency` at a time; a failed PUT is counted
-/// and tried again, as the archiver does. With `metadata`, each payload carries the two user
-/// metadata headers the archiver sends with a SINETStream record that has a Kafka timestamp
-/// (`upload::metadata`): a store may spend more on such a request (it stores and signs more).
+/// and tried again, as the archiver does. With `metadata`, each payload carries the user metadata
+/// the archiver sends with a SINETStream record that has a Kafka timestamp and no key: a store may
+/// spend more on such a request (it stores and signs more).
 pub async fn put_ceiling(
     store: Arc<dyn ObjectStore>,
     prefix: &str,
@@ -53,12 +55,16 @@ pub async fn put_ceiling(
     let next = Arc::new(AtomicUsize::new(0));
     let payload = PutPayload::from(vec![b'x'; payload_bytes + 1]);
     let timestamp = PutPayload::from(vec![b'0'; TIMESTAMP_BYTES]);
-    // Values as long as a real record's: microseconds and milliseconds since the epoch.
-    let attributes: Attributes = if metadata {
-        [(archive::META_TSTAMP_US, "1764201600123456"), (archive::META_KAFKA_TIMESTAMP_MS, "1764201600125")]
-            .into_iter()
-            .map(|(k, v)| (Attribute::Metadata(k.into()), AttributeValue::from(v)))
-            .collect()
+    let attributes = if metadata {
+        let record = Record {
+            topic: "bench".into(),
+            partition: 0,
+            offset: 0,
+            time: RecordTime::Kafka(1_764_201_600_125),
+            key: None,
+            value: Bytes::new(),
+        };
+        upload::attributes(&upload::metadata(&record, Some(1_764_201_600_123_456)))
     } else {
         Attributes::new()
     };
@@ -132,7 +138,8 @@ pub async fn put_ceiling(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use object_store::ObjectStoreExt;
+    use crate::archive;
+    use object_store::{Attribute, ObjectStoreExt};
 
     #[tokio::test]
     async fn puts_two_objects_per_record_of_the_archives_sizes() {

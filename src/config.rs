@@ -150,6 +150,13 @@ pub enum StoreConfig {
     Local { dir: PathBuf, bucket: String },
 }
 
+impl StoreConfig {
+    /// Whether objects keep user metadata (S3 headers); the local-directory store keeps none.
+    pub fn keeps_metadata(&self) -> bool {
+        matches!(self, StoreConfig::S3 { .. })
+    }
+}
+
 /// What to do with a record the contract cannot decode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UndecodablePolicy {

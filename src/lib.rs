@@ -127,7 +127,7 @@ pub async fn run(
         workers: config.upload_workers,
         shutdown_timeout: config.shutdown_timeout,
         conditional_put: config.conditional_put,
-        metadata: matches!(config.store, config::StoreConfig::S3 { .. }),
+        metadata: config.store.keeps_metadata(),
     };
     let mut uploads = tokio::spawn(uploader.run(stop.clone()));
 

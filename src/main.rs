@@ -217,8 +217,7 @@ fn bench_store(args: BenchStoreArgs) -> ExitCode {
         args.records,
         args.payload_bytes,
         config.upload_workers,
-        // As the archiver: the local-directory store keeps no user metadata.
-        matches!(config.store, kafka_s3_archiver::config::StoreConfig::S3 { .. }) && !args.no_metadata,
+        config.store.keeps_metadata() && !args.no_metadata,
     ));
     println!("{}", serde_json::to_string(&report).expect("serialize the report"));
     ExitCode::SUCCESS

@@ -580,11 +580,11 @@ impl Spool {
     pub fn insert_batch(&self, records: &[Record]) -> Result<(), SpoolError> {
         // Only the consumer inserts, so a key absent now is still absent when the batch is indexed
         // (an uploader removes only indexed keys).
+        let keys: Vec<SpoolKey> = records.iter().map(|r| SpoolKey::new(&r.topic, r.partition, r.offset)).collect();
         let mut new = Vec::with_capacity(records.len());
         let mut in_batch = HashSet::new();
-        for r in records {
-            let key = SpoolKey::new(&r.topic, r.partition, r.offset);
-            if !self.index.contains_key(&key.0)? && in_batch.insert(key.clone()) {
+        for (r, key) in records.iter().zip(&keys) {
+            if !self.index.contains_key(&key.0)? && in_batch.insert(key.0.as_slice()) {
                 new.push((key, encode_value_with(r, self.options), matches!(r.time, RecordTime::Consumed(_))));
             }
         }

@@ -93,7 +93,7 @@ pub fn plan(record: &Record, layout: &Layout, policy: UndecodablePolicy) -> Plan
 
 /// The payload object's user metadata: what the body alone does not keep (the exact tstamp, the
 /// Kafka timestamp and key), so that `restore` can give a record back as it was.
-fn metadata(record: &Record, tstamp_us: Option<i64>) -> Vec<(&'static str, String)> {
+pub(crate) fn metadata(record: &Record, tstamp_us: Option<i64>) -> Vec<(&'static str, String)> {
     use base64::Engine;
     let mut m = Vec::with_capacity(3);
     if let Some(us) = tstamp_us {
@@ -111,6 +111,11 @@ fn metadata(record: &Record, tstamp_us: Option<i64>) -> Vec<(&'static str, Strin
         }
     }
     m
+}
+
+/// User metadata as object_store sends it (`x-amz-meta-*` headers on S3).
+pub(crate) fn attributes(metadata: &[(&'static str, String)]) -> Attributes {
+    metadata.iter().map(|(k, v)| (Attribute::Metadata((*k).into()), AttributeValue::from(v.clone()))).collect()
 }
 
 /// The dispatcher reads at most about this many value bytes per partition at a time (at least
@@ -342,15 +347,7 @@ async fn put_until_stored(shared: &Shared, tp: &Tp, object: Object, conditional:
     let size = object.len() as u64;
     let multipart = object.len() >= MULTIPART_THRESHOLD;
     let payload: PutPayload = object.body.iter().cloned().collect();
-    let attributes: Attributes = if shared.up.metadata {
-        object
-            .metadata
-            .iter()
-            .map(|(k, v)| (Attribute::Metadata((*k).into()), AttributeValue::from(v.clone())))
-            .collect()
-    } else {
-        Attributes::new()
-    };
+    let attributes = if shared.up.metadata { attributes(&object.metadata) } else { Attributes::new() };
     let opts = |mode: PutMode| PutOptions { mode, attributes: attributes.clone(), ..PutOptions::default() };
     let mut attempt: u32 = 0;
     loop {
