@@ -852,8 +852,9 @@ impl Spool {
     /// Stores a batch of records at once and wakes the uploaders. Records already in the spool
     /// are left as they are.
     ///
-    /// Only the appends to the value file happen under the spool's lock; the rest (finding the new
-    /// records, encoding them, syncing, indexing) is done outside it, so that the uploaders, which
+    /// Only the appends to the value file, and reading which of the batch's offsets are spooled
+    /// (a few index entries per partition), happen under the spool's lock; the rest (encoding,
+    /// syncing, indexing) is done outside it, so that the uploaders, which
     /// take the lock to read values and remove records on the async runtime's thread, never wait
     /// for sled or the disk. Holding it for the whole batch, they did: on s3s-fs (two CPUs shared
     /// with the store) the consumer held the lock about 2 ms per batch of 100 and the runtime
