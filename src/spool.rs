@@ -1206,6 +1206,22 @@ mod tests {
         }
     }
 
+    /// Opens the spool in `dir`. Right after a spool there was dropped, sled's file lock has been
+    /// found still taken (its flusher thread lets go a moment later): wait for it.
+    pub(super) fn open_spool(dir: &Path) -> Spool {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Spool::open(dir, 1 << 20) {
+                Err(SpoolError::Sled(sled::Error::Io(e)))
+                    if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => return other.unwrap(),
+            }
+        }
+    }
+
     #[test]
     fn keys_sort_by_offset_within_a_partition() {
         let a = SpoolKey::new("t", 1, 9);
@@ -1249,7 +1265,7 @@ mod tests {
         assert_eq!(got[0].1, big);
         s.flush().unwrap();
         drop(s);
-        let reopened = Spool::open(dir.path(), 1 << 20).unwrap();
+        let reopened = open_spool(dir.path());
         assert_eq!(reopened.pending(&partition_prefix("t", 0), |_| false, 10, usize::MAX).unwrap()[0].1, big);
     }
 
@@ -1257,7 +1273,7 @@ mod tests {
     fn spool_survives_reopen_and_dedupes() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let s = Spool::open(dir.path(), 1 << 20).unwrap();
+            let s = open_spool(dir.path());
             s.insert_batch(&[
                 rec("a", 0, 1, b"x".to_vec()),
                 rec("a", 0, 2, b"y".to_vec()),
@@ -1268,7 +1284,7 @@ mod tests {
             s.remove(&SpoolKey::new("a", 0, 2)).unwrap();
             s.flush().unwrap();
         }
-        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        let s = open_spool(dir.path());
         assert_eq!(s.record_count(), 2);
         assert_eq!(s.partitions(), vec![partition_prefix("a", 0), partition_prefix("b", 3)]);
         let got = s.pending(&partition_prefix("a", 0), |_| false, 10, usize::MAX).unwrap();
@@ -1293,7 +1309,7 @@ mod tests {
     #[test]
     fn pending_stops_at_the_byte_budget_but_returns_at_least_one_record() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        let s = open_spool(dir.path());
         s.insert_batch(&(0..5).map(|o| rec("t", 0, o, noise(o, 4000))).collect::<Vec<_>>()).unwrap();
         let offsets = |max_bytes| -> Vec<i64> {
             let got = s.pending(&partition_prefix("t", 0), |_| false, 10, max_bytes).unwrap();
@@ -1328,7 +1344,7 @@ mod tests {
     #[test]
     fn value_files_go_once_their_records_are_removed() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        let s = open_spool(dir.path());
         // 40 MiB: three value files.
         for batch in 0..40 {
             s.insert_batch(&(0..64).map(|i| rec("t", 0, batch * 64 + i, noise(i, 16_000))).collect::<Vec<_>>())
@@ -1346,7 +1362,7 @@ mod tests {
     #[test]
     fn a_record_that_stays_does_not_keep_removed_ones_on_disk() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        let s = open_spool(dir.path());
         let stuck = rec("t", 9, 0, noise(9, 16_000));
         s.insert_batch(std::slice::from_ref(&stuck)).unwrap();
         // 160 MiB pass through while one record (an upload that keeps failing) stays.
@@ -1371,7 +1387,7 @@ mod tests {
     fn entries_whose_value_did_not_reach_the_disk_are_dropped_at_open() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let s = Spool::open(dir.path(), 1 << 20).unwrap();
+            let s = open_spool(dir.path());
             s.insert_batch(&(0..4).map(|o| rec("t", 0, o, noise(o, 1000))).collect::<Vec<_>>()).unwrap();
             s.flush().unwrap();
         }
@@ -1382,7 +1398,7 @@ mod tests {
         let f = File::options().write(true).open(file).unwrap();
         f.set_len(len - 10).unwrap();
         f.write_all_at(&[0; 5], 2 * 1010 + 20).unwrap();
-        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        let s = open_spool(dir.path());
         let offsets: Vec<i64> = s
             .pending(&partition_prefix("t", 0), |_| false, 10, usize::MAX)
             .unwrap()
@@ -1392,6 +1408,17 @@ mod tests {
         assert_eq!(offsets, vec![0, 1], "records 2 and 3 are fetched from Kafka again");
         assert_eq!(s.record_count(), 2);
         assert_eq!(s.keys().count(), 2);
+    }
+
+    /// The spool holds exactly `records` (in three partitions of topic "t"), each in offset order.
+    fn assert_holds(s: &Spool, records: &[Record]) {
+        assert_eq!(s.record_count(), records.len() as u64);
+        assert_eq!(s.partitions().len(), 3);
+        for p in 0..3 {
+            let got = s.pending(&partition_prefix("t", p), |_| false, usize::MAX, usize::MAX).unwrap();
+            let want: Vec<_> = records.iter().filter(|r| r.partition == p).cloned().collect();
+            assert_eq!(got.into_iter().map(|(_, r)| r).collect::<Vec<_>>(), want);
+        }
     }
 
     #[test]
@@ -1407,14 +1434,10 @@ mod tests {
             }
             db.flush().unwrap();
         }
-        let s = Spool::open(dir.path(), 1 << 20).unwrap();
-        assert_eq!(s.record_count(), 2500);
-        assert_eq!(s.partitions().len(), 3);
-        let got = s.pending(&partition_prefix("t", 1), |_| false, usize::MAX, usize::MAX).unwrap();
-        let want: Vec<_> = records.iter().filter(|r| r.partition == 1).cloned().collect();
-        assert_eq!(got.into_iter().map(|(_, r)| r).collect::<Vec<_>>(), want);
+        let s = open_spool(dir.path());
+        assert_holds(&s, &records);
         drop(s);
-        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        let s = open_spool(dir.path());
         assert_eq!(s.record_count(), 2500, "moved once, not twice");
     }
 
@@ -1456,7 +1479,7 @@ mod tests {
     #[test]
     fn a_batch_that_cannot_be_written_leaves_the_spool_as_it_was() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        let s = open_spool(dir.path());
         let batch = |from: i64, n: i64| (from..from + n).map(|o| rec("t", 0, o, noise(o, 16_000))).collect::<Vec<_>>();
         // 1,040 values of 16,010 bytes: the first file is 8 values short of full.
         for from in (0..1040).step_by(80) {
@@ -1483,7 +1506,7 @@ mod tests {
             got.into_iter().map(|(_, r)| (r.offset, r.value)).collect()
         };
         {
-            let s = Spool::open(dir.path(), 1 << 20).unwrap();
+            let s = open_spool(dir.path());
             s.insert_batch(&(0..10).map(|o| rec("t", 0, o, vec![o as u8])).collect::<Vec<_>>()).unwrap();
             s.remove(&SpoolKey::new("t", 0, 3)).unwrap();
             s.remove(&SpoolKey::new("t", 0, 5)).unwrap();
@@ -1501,7 +1524,7 @@ mod tests {
             assert_eq!(offsets(&s), want, "4 is kept as first stored; 3 comes after the records it was spooled with");
             s.flush().unwrap();
         }
-        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        let s = open_spool(dir.path());
         assert_eq!(s.record_count(), 10);
         assert_eq!(s.keys().count(), 10);
         for o in [3, 3, 0, 10] {
@@ -1517,7 +1540,7 @@ mod tests {
     #[test]
     fn compaction_moves_the_records_left_in_a_partly_removed_run() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        let s = open_spool(dir.path());
         // One run of 64 records; the odd ones are stored, the even ones stay (their uploads fail).
         let stuck: Vec<_> = (0..64).map(|o| rec("t", 9, o, noise(o, 16_000))).collect();
         s.insert_batch(&stuck).unwrap();
@@ -1545,7 +1568,7 @@ mod tests {
         assert_eq!(s.record_count(), 32);
         s.flush().unwrap();
         drop(s);
-        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        let s = open_spool(dir.path());
         assert_eq!(left(&s), want);
         assert_eq!(s.record_count(), 32);
     }
@@ -1575,17 +1598,13 @@ mod tests {
             }
             db.flush().unwrap();
         }
-        let s = Spool::open(dir.path(), 1 << 20).unwrap();
-        assert_eq!(s.record_count(), 300);
-        assert_eq!(s.partitions().len(), 3);
-        let got = s.pending(&partition_prefix("t", 2), |_| false, usize::MAX, usize::MAX).unwrap();
-        let want: Vec<_> = records.iter().filter(|r| r.partition == 2).cloned().collect();
-        assert_eq!(got.into_iter().map(|(_, r)| r).collect::<Vec<_>>(), want);
+        let s = open_spool(dir.path());
+        assert_holds(&s, &records);
         // Delivered again: not spooled twice.
         s.insert_batch(&records[..50]).unwrap();
         assert_eq!(s.record_count(), 300);
         drop(s);
-        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        let s = open_spool(dir.path());
         assert_eq!(s.record_count(), 300, "moved once, not twice");
         for r in &records {
             s.remove(&SpoolKey::new(&r.topic, r.partition, r.offset)).unwrap();
@@ -1629,7 +1648,7 @@ mod model {
         #[test]
         fn the_spool_holds_what_was_inserted_and_not_removed(ops in prop::collection::vec(op(), 1..40)) {
             let dir = tempfile::tempdir().unwrap();
-            let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+            let mut spool = super::tests::open_spool(dir.path());
             let mut model: BTreeMap<(i32, i64), Vec<u8>> = BTreeMap::new();
             for (step, op) in ops.into_iter().enumerate() {
                 match op {
@@ -1663,7 +1682,7 @@ mod model {
                     Op::Reopen => {
                         spool.flush().unwrap();
                         drop(spool);
-                        spool = Spool::open(dir.path(), 1 << 20).unwrap();
+                        spool = super::tests::open_spool(dir.path());
                     }
                 }
                 let mut held = BTreeMap::new();
