@@ -198,8 +198,7 @@ pub async fn run(
 fn recover(spool: &Spool, ledger: &Mutex<Ledger>) -> Result<u64, spool::SpoolError> {
     let mut ledger = ledger.lock().expect("ledger lock");
     let mut n = 0;
-    for key in spool.keys() {
-        let key = key?;
+    for key in spool.keys()? {
         if let Some((topic, partition, offset)) = key.parts() {
             ledger.recover(&(topic.to_string(), partition), offset);
             n += 1;

@@ -384,6 +384,16 @@ impl Run {
         self.removed.iter().filter(|r| !**r).count()
     }
 
+    /// The records not removed: slot, record key and where the value is. `first` is the key of the
+    /// run's first offset.
+    fn live_records<'a>(&'a self, first: &'a SpoolKey) -> impl Iterator<Item = (usize, SpoolKey, Location)> + 'a {
+        self.slots.iter().zip(self.locations()).enumerate().filter(|(i, _)| !self.removed[*i]).map(
+            move |(i, (slot, location))| {
+                (i, SpoolKey::at(first.prefix(), first.offset() + i64::from(slot.delta)), location)
+            },
+        )
+    }
+
     /// The slot holding `delta`, if any.
     fn slot(&self, delta: u64) -> Option<usize> {
         self.slots.binary_search_by_key(&delta, |s| u64::from(s.delta)).ok()
@@ -412,13 +422,24 @@ struct Around {
     ranges: Vec<(i64, i64)>,
 }
 
+/// A record of a batch that the spool does not hold yet, encoded.
+struct NewRecord<'a> {
+    key: &'a SpoolKey,
+    value: Vec<u8>,
+    kind: u8,
+    /// See [`NewRun::gap`].
+    gap: usize,
+    /// Its path time is the time it was consumed.
+    consumed: bool,
+}
+
 /// A run being built from appended values: records are added while they extend it.
 struct NewRun {
     key: SpoolKey,
     kind: u8,
     /// Which gap between existing normal runs its records lie in (see [`Spool::insert_batch`]).
     gap: usize,
-    first: i64,
+    /// Where its last value ends.
     end: u64,
     run: Run,
 }
@@ -437,7 +458,7 @@ fn build_runs<'a>(records: impl Iterator<Item = (&'a SpoolKey, u8, usize, Locati
             && last.run.segment == location.segment
             && last.end == location.position
             && last.run.slots.len() < MAX_RUN
-            && let Ok(delta) = u32::try_from(offset - last.first)
+            && let Ok(delta) = u32::try_from(offset - last.key.offset())
         {
             last.run.slots.push(Slot { delta, len: location.len, crc: location.crc });
             last.run.removed.push(false);
@@ -448,7 +469,6 @@ fn build_runs<'a>(records: impl Iterator<Item = (&'a SpoolKey, u8, usize, Locati
             key: key.clone(),
             kind,
             gap,
-            first: offset,
             end: location.position + u64::from(location.len),
             run: Run {
                 segment: location.segment,
@@ -790,20 +810,26 @@ impl Spool {
         if let Some(v) = self.index.get(&single)? {
             return Ok(Some((single.clone(), self.run(segments, &single, &v)?, 0)));
         }
-        // The normal run starting at or before the offset; singles in between are passed.
-        let mut before = single;
-        while let Some((k, v)) = self.index.get_lt(&before)? {
+        let Some((k, v)) = self.normal_before(key.prefix(), &single)? else { return Ok(None) };
+        let run = self.run(segments, &k, &v)?;
+        let first = split_run_key(&k).0;
+        let found = u64::try_from(key.offset() - first.offset()).ok().and_then(|d| run.slot(d));
+        Ok(found.filter(|&i| !run.removed[i]).map(|i| (k.to_vec(), run, i)))
+    }
+
+    /// The normal run of partition `prefix` with the greatest key below `key`; singles in between
+    /// are passed (a single covers its own offset only).
+    fn normal_before(&self, prefix: &[u8], key: &[u8]) -> Result<Option<(sled::IVec, sled::IVec)>, SpoolError> {
+        let mut below = self.index.get_lt(key)?;
+        while let Some((k, v)) = below {
             let (first, kind) = split_run_key(&k);
-            if first.prefix() != key.prefix() {
+            if first.prefix() != prefix {
                 return Ok(None);
             }
-            if kind == SINGLE {
-                before = k.to_vec();
-                continue;
+            if kind == NORMAL {
+                return Ok(Some((k, v)));
             }
-            let run = self.run(segments, &k, &v)?;
-            let found = u64::try_from(key.offset() - first.offset()).ok().and_then(|d| run.slot(d));
-            return Ok(found.filter(|&i| !run.removed[i]).map(|i| (k.to_vec(), run, i)));
+            below = self.index.get_lt(&k)?;
         }
         Ok(None)
     }
@@ -814,19 +840,7 @@ impl Spool {
         let segments = self.segments();
         let lo = run_key(&SpoolKey::at(prefix, min), NORMAL);
         let hi = run_key(&SpoolKey::at(prefix, max), SINGLE);
-        let mut found = Vec::new();
-        let mut before = lo.clone();
-        while let Some((k, v)) = self.index.get_lt(&before)? {
-            let (first, kind) = split_run_key(&k);
-            if first.prefix() != prefix {
-                break;
-            }
-            if kind == NORMAL {
-                found.push((k, v));
-                break;
-            }
-            before = k.to_vec();
-        }
+        let mut found: Vec<_> = self.normal_before(prefix, &lo)?.into_iter().collect();
         for entry in self.index.range(lo..=hi) {
             found.push(entry?);
         }
@@ -884,13 +898,8 @@ impl Spool {
                 let gap = ranges.partition_point(|&(first, _)| first <= offset);
                 let inside = gap > 0 && offset <= ranges[gap - 1].1;
                 let kind = if inside { SINGLE } else { NORMAL };
-                new.push((
-                    key,
-                    encode_value_with(r, self.options),
-                    kind,
-                    gap,
-                    matches!(r.time, RecordTime::Consumed(_)),
-                ));
+                let consumed = matches!(r.time, RecordTime::Consumed(_));
+                new.push(NewRecord { key, value: encode_value_with(r, self.options), kind, gap, consumed });
             }
         }
         if new.is_empty() {
@@ -898,11 +907,11 @@ impl Spool {
         }
         // Synced before they are indexed at least every `flush_bytes`, and at once when a record's
         // path time is the time it was consumed (see the module doc).
-        let must_sync = new.iter().any(|n| n.4);
+        let must_sync = new.iter().any(|n| n.consumed);
         let appended = {
             let mut segments = self.segments();
             let mut written = Vec::with_capacity(new.len());
-            let values = new.iter().map(|n| n.1.as_slice());
+            let values = new.iter().map(|n| n.value.as_slice());
             match segments.append_all(values, &mut written, must_sync, self.options.flush_bytes) {
                 Ok(to_sync) => Ok((written, to_sync)),
                 Err(e) => {
@@ -918,7 +927,7 @@ impl Spool {
         };
         let (written, to_sync) = appended?;
         // Values first, so that an index entry never points at bytes a reader cannot see.
-        let runs = build_runs(new.iter().zip(&written).map(|(n, l)| (n.0, n.2, n.3, *l)));
+        let runs = build_runs(new.iter().zip(&written).map(|(n, l)| (n.key, n.kind, n.gap, *l)));
         let mut batch = sled::Batch::default();
         let mut prefixes: Vec<Vec<u8>> = Vec::new();
         for r in &runs {
@@ -966,14 +975,11 @@ impl Spool {
             }
             let (first, kind) = split_run_key(&k);
             let mut moved = Vec::with_capacity(run.slots.len());
-            for ((slot, location), _) in
-                run.slots.iter().zip(run.locations()).zip(&run.removed).filter(|(_, removed)| !**removed)
-            {
+            for (_, key, location) in run.live_records(&first) {
                 let value = Segments::read(&file, location)?.ok_or_else(|| SpoolError::Corrupt {
-                    key: SpoolKey::at(first.prefix(), first.offset() + i64::from(slot.delta)).describe(),
+                    key: key.describe(),
                     why: "value failed its check while the spool was compacted",
                 })?;
-                let key = SpoolKey::at(first.prefix(), first.offset() + i64::from(slot.delta));
                 moved.push((key, segments.append(&value)?));
             }
             // The run's removed records are left behind; what is moved may span two files.
@@ -1017,11 +1023,7 @@ impl Spool {
                 let (k, v) = entry?;
                 let run = self.run(&segments, &k, &v)?;
                 let first = split_run_key(&k).0;
-                for ((slot, location), removed) in run.slots.iter().zip(run.locations()).zip(&run.removed) {
-                    if *removed {
-                        continue;
-                    }
-                    let key = SpoolKey::at(prefix, first.offset() + i64::from(slot.delta));
+                for (_, key, location) in run.live_records(&first) {
                     if skip(&key) {
                         continue;
                     }
@@ -1070,24 +1072,15 @@ impl Spool {
     }
 
     /// Every key in the spool (start-up recovery).
-    pub fn keys(&self) -> impl Iterator<Item = Result<SpoolKey, SpoolError>> + '_ {
-        let keys = (|| -> Result<Vec<SpoolKey>, SpoolError> {
-            let segments = self.segments();
-            let mut keys = Vec::new();
-            for entry in self.index.iter() {
-                let (k, v) = entry?;
-                let run = self.run(&segments, &k, &v)?;
-                let first = split_run_key(&k).0;
-                let live = run.slots.iter().zip(&run.removed).filter(|(_, removed)| !**removed);
-                keys.extend(live.map(|(s, _)| SpoolKey::at(first.prefix(), first.offset() + i64::from(s.delta))));
-            }
-            Ok(keys)
-        })();
-        let (keys, error) = match keys {
-            Ok(keys) => (keys, None),
-            Err(e) => (Vec::new(), Some(e)),
-        };
-        keys.into_iter().map(Ok).chain(error.map(Err))
+    pub fn keys(&self) -> Result<Vec<SpoolKey>, SpoolError> {
+        let segments = self.segments();
+        let mut keys = Vec::new();
+        for entry in self.index.iter() {
+            let (k, v) = entry?;
+            let run = self.run(&segments, &k, &v)?;
+            keys.extend(run.live_records(&split_run_key(&k).0).map(|(_, key, _)| key));
+        }
+        Ok(keys)
     }
 
     /// Removes a record whose objects are stored.
@@ -1407,7 +1400,7 @@ mod tests {
             .collect();
         assert_eq!(offsets, vec![0, 1], "records 2 and 3 are fetched from Kafka again");
         assert_eq!(s.record_count(), 2);
-        assert_eq!(s.keys().count(), 2);
+        assert_eq!(s.keys().unwrap().len(), 2);
     }
 
     /// The spool holds exactly `records` (in three partitions of topic "t"), each in offset order.
@@ -1473,7 +1466,7 @@ mod tests {
         }
         writer.join().unwrap();
         assert!(seen.iter().all(|&n| n == 1), "every record read once");
-        assert_eq!((s.record_count(), s.byte_count(), s.keys().count()), (0, 0, 0));
+        assert_eq!((s.record_count(), s.byte_count(), s.keys().unwrap().len()), (0, 0, 0));
     }
 
     #[test]
@@ -1490,7 +1483,7 @@ mod tests {
         std::fs::create_dir(&blocker).unwrap();
         assert!(s.insert_batch(&batch(1040, 64)).is_err());
         assert_eq!(s.record_count(), 1040);
-        assert_eq!(s.keys().count(), 1040, "no index entry for the batch that failed");
+        assert_eq!(s.keys().unwrap().len(), 1040, "no index entry for the batch that failed");
         std::fs::remove_dir(&blocker).unwrap();
         s.insert_batch(&batch(1040, 64)).unwrap();
         assert_eq!(s.record_count(), 1104, "the values of the failed batch are not counted");
@@ -1526,7 +1519,7 @@ mod tests {
         }
         let s = open_spool(dir.path());
         assert_eq!(s.record_count(), 10);
-        assert_eq!(s.keys().count(), 10);
+        assert_eq!(s.keys().unwrap().len(), 10);
         for o in [3, 3, 0, 10] {
             s.remove(&SpoolKey::new("t", 0, o)).unwrap();
         }
@@ -1609,7 +1602,7 @@ mod tests {
         for r in &records {
             s.remove(&SpoolKey::new(&r.topic, r.partition, r.offset)).unwrap();
         }
-        assert_eq!((s.record_count(), s.keys().count()), (0, 0));
+        assert_eq!((s.record_count(), s.keys().unwrap().len()), (0, 0));
         assert!(value_files(dir.path()).is_empty(), "the old value file goes with its last record");
     }
 }
@@ -1694,7 +1687,7 @@ mod model {
                 }
                 prop_assert_eq!(&held, &model);
                 prop_assert_eq!(spool.record_count(), model.len() as u64);
-                prop_assert_eq!(spool.keys().count(), model.len());
+                prop_assert_eq!(spool.keys().unwrap().len(), model.len());
             }
         }
     }
