@@ -49,6 +49,9 @@ pub enum Delivery {
     Pending,
     /// Already stored: nothing to do.
     Done,
+    /// Its partition is not assigned to this process (revoked since the record was fetched):
+    /// drop it; the partition's next owner fetches it again from the committed offset.
+    Revoked,
 }
 
 /// Offsets delivered, stored and committable, for every partition this process handles.
@@ -113,6 +116,12 @@ impl Ledger {
     /// `time_ms` is its Kafka timestamp, if it has one.
     pub fn deliver(&mut self, tp: &Tp, offset: i64, done: bool, time_ms: Option<i64>) -> Delivery {
         let p = self.partitions.entry(tp.clone()).or_default();
+        if !p.assigned {
+            // Polled before a revocation, registered after it: rust-rdkafka's poll returns at a
+            // rebalance, so a batch can end there. Counted as delivered, it would let a commit of
+            // a later assignment pass the records still in the spool.
+            return Delivery::Revoked;
+        }
         p.next_delivery = Some(p.next_delivery.map_or(offset + 1, |n| n.max(offset + 1)));
         p.start.get_or_insert(offset);
         if p.committed.is_some_and(|c| offset < c) {
@@ -224,9 +233,16 @@ impl Ledger {
 }
 
 impl PartitionState {
+    /// The lowest record not stored at or above where this assignment started (delivered in it, or
+    /// known from an earlier one or from the spool at start-up: it is stored soon, from the spool),
+    /// or one past the highest delivered when there is none.
     fn position(&self) -> Option<i64> {
-        let lowest_open = self.slots.iter().find(|(_, s)| s.delivered && !s.done).map(|(&o, _)| o);
-        lowest_open.or(self.next_delivery)
+        let start = self.start?;
+        let lowest_open = self.slots.range(start..).find(|(_, s)| !s.done).map(|(&o, _)| o);
+        match (lowest_open, self.next_delivery) {
+            (Some(open), Some(next)) => Some(open.min(next)),
+            (open, next) => open.or(next),
+        }
     }
 }
 
@@ -367,5 +383,62 @@ mod tests {
         assert!(l.to_commit().is_empty());
         l.complete(&tp(), 0);
         assert_eq!(l.to_commit(), vec![(tp(), 2)]);
+    }
+
+    /// A batch polled before a revocation reaches the ledger after it (rust-rdkafka's poll returns
+    /// at the rebalance, so the consumer registers the batch it holds then). Those records must not
+    /// count as delivered: when the partition comes back, the commit must not pass the records
+    /// that were delivered before and are still only in the spool.
+    #[test]
+    fn a_batch_registered_after_the_revocation_does_not_move_the_commit_past_unstored_records() {
+        let mut l = Ledger::new();
+        l.assign(&tp());
+        for o in 0..10 {
+            l.deliver(&tp(), o, false, None);
+        }
+        for o in 0..5 {
+            l.complete(&tp(), o);
+        }
+        assert_eq!(l.positions(&[tp()]), vec![(tp(), 5)], "the commit on revocation");
+        l.revoke(&tp());
+        for o in 10..60 {
+            // Fetched for the old assignment: not to be spooled or counted.
+            assert_ne!(l.deliver(&tp(), o, false, None), Delivery::Spool);
+        }
+        l.assign(&tp());
+        assert_eq!(l.positions(&[tp()]), vec![], "nothing delivered in this assignment yet");
+        assert_eq!(l.to_commit(), vec![]);
+        // Fetched again from the committed offset 5: 5..10 are in the spool, not stored.
+        for o in 5..60 {
+            let d = l.deliver(&tp(), o, false, None);
+            assert_ne!(d, Delivery::Done, "offset {o} is not stored");
+        }
+        assert_eq!(l.to_commit(), vec![], "5 is the lowest record not stored");
+        for o in 5..60 {
+            l.complete(&tp(), o);
+        }
+        assert_eq!(l.to_commit(), vec![(tp(), 60)]);
+    }
+
+    /// Records known from an earlier assignment and not yet stored hold the commit back even when
+    /// the broker does not deliver them again in this one.
+    #[test]
+    fn records_of_an_earlier_assignment_still_in_the_spool_hold_the_commit() {
+        let mut l = Ledger::new();
+        l.assign(&tp());
+        for o in 0..10 {
+            l.deliver(&tp(), o, false, None);
+        }
+        l.revoke(&tp());
+        l.assign(&tp());
+        l.deliver(&tp(), 3, false, None);
+        l.complete(&tp(), 3);
+        l.deliver(&tp(), 20, false, None);
+        l.complete(&tp(), 20);
+        assert_eq!(l.to_commit(), vec![(tp(), 4)], "4..10 are only in the spool");
+        for o in 4..10 {
+            l.complete(&tp(), o);
+        }
+        assert_eq!(l.to_commit(), vec![(tp(), 21)]);
     }
 }
