@@ -79,7 +79,8 @@ pub fn client_config(config: &Config) -> Result<ClientConfig, ConfigError> {
         // it takes 55,000-65,000 records/s from the test bed's broker (load benchmark, consumer ingest).
         .set("fetch.queue.backoff.ms", "10")
         // Also the rebalance timeout: how long a rebalance waits for a member that crashed. The
-        // consumer polls at least every 100 ms, even when paused, so a minute is ample (default 5).
+        // consumer polls at least every 10 s (a quarter of this when shorter), even under
+        // backpressure, so a minute is ample (default 5).
         .set("max.poll.interval.ms", "60000")
         // The partitions' end offsets for /status and the lag gauge come with the statistics.
         .set("statistics.interval.ms", "5000");
@@ -283,12 +284,18 @@ impl KafkaConsumer {
         // Registered in the ledger but not yet written to the spool (the write failed).
         let mut unspooled: Vec<Record> = Vec::new();
         let mut spool_failures = 0u32;
-        let mut backpressure = Backpressure::new(self.limits);
+        let max_poll_interval = self
+            .client
+            .get("max.poll.interval.ms")
+            .and_then(|v| v.parse().ok())
+            .map_or(Duration::from_secs(300), Duration::from_millis);
+        let mut backpressure = Backpressure::new(self.limits, max_poll_interval);
         let mut last_pause = Instant::now();
         let mut last_verify = Instant::now();
         while !shutdown.is_cancelled() {
             if backpressure.pacing() {
-                // Records wait in librdkafka's queue until the uploads make room.
+                // Records wait in librdkafka's queue until the uploads make room; a wait longer
+                // than the backpressure's poll limit becomes a pause, and paused partitions are polled.
                 std::thread::sleep(PACE_WAIT);
             } else {
                 let mut wait = Duration::from_millis(100);
@@ -480,9 +487,15 @@ const PACE_WAIT: Duration = Duration::from_millis(5);
 /// the slowest store of the load benchmark); a second without means a stalled store.
 const PACE_LIMIT: Duration = Duration::from_secs(1);
 
-/// The spool's size when it last shrank, and when, while the consumer waits for room.
+/// Longest wait for room without polling. librdkafka leaves the group when the application has
+/// not polled for `max.poll.interval.ms`, so a slow drain (large records, a slow store) waits
+/// paused instead after this long: paused partitions are polled, and their records stay in Kafka.
+const PACE_POLL_LIMIT: Duration = Duration::from_secs(10);
+
+/// While the consumer waits for room: since when, and the spool's size when it last shrank, and when.
 #[derive(Debug)]
 struct Pace {
+    since: Instant,
     bytes: u64,
     records: u64,
     shrank_at: Instant,
@@ -505,11 +518,16 @@ struct Pace {
 /// s3s-fs spending 702 instead of 763 µs of CPU per record. Why the store pays for the
 /// consumer's rhythm is not measured.
 /// It pauses when the spool has not shrunk for [`PACE_LIMIT`] while the consumer waits (the store
-/// is down), at the high watermarks, or when the spool cannot be written; paused partitions keep
-/// the group membership.
+/// is down), when the wait lasts longer than `poll_limit` (a slow drain: a consumer that waits
+/// does not poll, and one that does not poll for `max.poll.interval.ms` leaves the group), at the
+/// high watermarks, or when the spool cannot be written; paused partitions are polled and keep the
+/// group membership.
 #[derive(Debug)]
 struct Backpressure {
     limits: SpoolLimits,
+    /// Longest wait for room before pausing: [`PACE_POLL_LIMIT`], or a quarter of
+    /// `max.poll.interval.ms` when that is shorter.
+    poll_limit: Duration,
     paused: bool,
     /// While the consumer waits for room: the spool's size when it last shrank, and when.
     pace: Option<Pace>,
@@ -518,8 +536,9 @@ struct Backpressure {
 }
 
 impl Backpressure {
-    fn new(limits: SpoolLimits) -> Backpressure {
-        Backpressure { limits, paused: false, pace: None, low_disk_at: None }
+    fn new(limits: SpoolLimits, max_poll_interval: Duration) -> Backpressure {
+        let poll_limit = PACE_POLL_LIMIT.min(max_poll_interval / 4);
+        Backpressure { limits, poll_limit, paused: false, pace: None, low_disk_at: None }
     }
 
     /// Whether the consumer waits for room instead of polling: not paused (a paused consumer polls
@@ -533,14 +552,16 @@ impl Backpressure {
         let l = self.limits;
         let room = l.has_room(s.bytes, s.records);
         match &mut self.pace {
-            None if !room => self.pace = Some(Pace { bytes: s.bytes, records: s.records, shrank_at: now }),
+            None if !room => self.pace = Some(Pace { since: now, bytes: s.bytes, records: s.records, shrank_at: now }),
             Some(_) if l.has_room_for_more(s.bytes, s.records) => self.pace = None,
             Some(p) if s.bytes < p.bytes || s.records < p.records => {
-                *p = Pace { bytes: s.bytes, records: s.records, shrank_at: now };
+                *p = Pace { bytes: s.bytes, records: s.records, shrank_at: now, ..*p };
             }
             _ => {}
         }
         let stalled = self.pace.as_ref().is_some_and(|p| now.duration_since(p.shrank_at) >= PACE_LIMIT);
+        // Stays true until the spool is down to half, where the wait ends.
+        let slow = self.pace.as_ref().is_some_and(|p| now.duration_since(p.since) >= self.poll_limit);
         let low_disk = s.free < l.min_free_bytes;
         if low_disk && self.low_disk_at.is_none() {
             self.low_disk_at = Some(s.bytes);
@@ -574,6 +595,12 @@ impl Backpressure {
             Some(format!(
                 "pausing consumption: the uploads made no room in the spool for {} s (SPOOL_MAX_BYTES {} MiB, SPOOL_MAX_RECORDS {})",
                 PACE_LIMIT.as_secs(),
+                l.max_bytes >> 20,
+                l.max_records
+            ))
+        } else if slow {
+            Some(format!(
+                "pausing consumption: the uploads drain the spool slowly; paused until it is down to half (SPOOL_MAX_BYTES {} MiB, SPOOL_MAX_RECORDS {})",
                 l.max_bytes >> 20,
                 l.max_records
             ))
@@ -662,7 +689,7 @@ mod tests {
 
     #[test]
     fn pauses_at_the_high_watermark_and_resumes_at_the_low_one() {
-        let mut b = Backpressure::new(limits());
+        let mut b = Backpressure::new(limits(), Duration::from_secs(60));
         assert_eq!(b.update(&state(80 * MIB, 10, u64::MAX), now()), None);
         assert!(b.update(&state(90 * MIB, 10, u64::MAX), now()).unwrap().contains("high watermark"));
         assert_eq!(b.update(&state(81 * MIB, 10, u64::MAX), now()), None, "still above the low watermark");
@@ -672,7 +699,7 @@ mod tests {
 
     #[test]
     fn above_the_low_watermark_waits_for_room_and_pauses_when_none_comes() {
-        let mut b = Backpressure::new(limits());
+        let mut b = Backpressure::new(limits(), Duration::from_secs(60));
         let t0 = Instant::now();
         let at = |quarters: u32| t0 + PACE_LIMIT * quarters / 4;
         assert_eq!(b.update(&state(79 * MIB, 10, u64::MAX), at(0)), None);
@@ -697,8 +724,37 @@ mod tests {
     }
 
     #[test]
+    fn a_slow_drain_pauses_so_that_the_consumer_keeps_polling() {
+        // max.poll.interval.ms of 20 s: the consumer may wait for room 5 s without polling.
+        let mut b = Backpressure::new(limits(), Duration::from_secs(20));
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        assert_eq!(b.update(&state(0, 850, u64::MAX), at(0)), None);
+        assert!(b.pacing());
+        // One upload every 0.9 s: the spool shrinks, never for long enough to be stalled.
+        let mut records = 850;
+        let mut ms = 0;
+        let mut waited_without_polling = Duration::ZERO;
+        while ms < 60_000 && b.pacing() {
+            ms += 900;
+            records -= 1;
+            assert_eq!(b.update(&state(0, records, u64::MAX), at(ms)).filter(|w| !w.contains("slowly")), None);
+            if b.pacing() {
+                waited_without_polling = Duration::from_millis(ms);
+            }
+        }
+        assert!(b.paused && !b.pacing(), "paused after {ms} ms: polls again");
+        assert!(waited_without_polling <= Duration::from_secs(5), "waited {waited_without_polling:?} without polling");
+        // Stays paused (polling) down to half, not only to the low watermark, then takes records.
+        assert_eq!(b.update(&state(0, 700, u64::MAX), at(ms + 1000)), None);
+        assert!(b.paused);
+        assert!(b.update(&state(0, 500, u64::MAX), at(ms + 2000)).unwrap().starts_with("resuming"));
+        assert!(!b.pacing());
+    }
+
+    #[test]
     fn pauses_while_the_spool_cannot_be_written() {
-        let mut b = Backpressure::new(limits());
+        let mut b = Backpressure::new(limits(), Duration::from_secs(60));
         assert!(
             b.update(&SpoolState { unwritten: 5, ..state(0, 0, u64::MAX) }, now())
                 .unwrap()
@@ -709,7 +765,7 @@ mod tests {
 
     #[test]
     fn low_disk_resumes_on_free_space_or_a_drained_spool() {
-        let mut b = Backpressure::new(limits());
+        let mut b = Backpressure::new(limits(), Duration::from_secs(60));
         assert!(b.update(&state(40 * MIB, 10, 9 * MIB), now()).unwrap().contains("SPOOL_MIN_FREE_BYTES"));
         assert_eq!(b.update(&state(30 * MIB, 10, 11 * MIB), now()), None, "hysteresis: 12.5 MiB needed");
         assert!(b.update(&state(30 * MIB, 10, 13 * MIB), now()).unwrap().starts_with("resuming"));
