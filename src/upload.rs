@@ -4,8 +4,9 @@
 //! task per record, at most UPLOAD_WORKERS records and UPLOAD_WORKERS object PUTs in flight. A
 //! task decides the record's objects ([`plan`]), stores them all, and only then removes the
 //! record from the spool and marks it done in the commit ledger. A failed PUT is retried with
-//! exponential backoff and jitter for as long as it takes: a record is never abandoned except on
-//! shutdown, and then it stays in the spool and uncommitted (design invariant 4).
+//! exponential backoff and jitter for as long as it takes, and so is, with S3_CONDITIONAL_PUT, a failed
+//! read of the object a PUT found in its place: a record is never abandoned except on shutdown, and
+//! then it stays in the spool and uncommitted (design invariant 4).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -341,7 +342,8 @@ enum Stored {
 }
 
 /// Stores one object, retrying with exponential backoff and jitter until it is stored.
-/// `conditional`: never overwrite (If-None-Match); an existing object is compared instead.
+/// `conditional`: never overwrite (If-None-Match); an existing object is compared instead, and a
+/// failed read of it is retried like a failed PUT.
 async fn put_until_stored(shared: &Shared, tp: &Tp, object: Object, conditional: bool) -> Result<Stored, UploadError> {
     let path = Path::from(object.key.as_str());
     let size = object.len() as u64;
@@ -370,7 +372,7 @@ async fn put_until_stored(shared: &Shared, tp: &Tp, object: Object, conditional:
             },
         };
         drop(permit);
-        match result {
+        let failure = match result {
             Ok(()) => {
                 shared.up.status.store_ok();
                 metrics::histogram!(m::UPLOAD_DURATION).record(started.elapsed().as_secs_f64());
@@ -379,51 +381,70 @@ async fn put_until_stored(shared: &Shared, tp: &Tp, object: Object, conditional:
                 return Ok(Stored::Done);
             }
             Err(object_store::Error::AlreadyExists { .. }) if conditional => {
-                shared.up.status.store_ok();
-                match store.get(&path).await {
-                    Ok(existing) => match existing.bytes().await {
-                        Ok(bytes) if same_bytes(&bytes, &payload) => {
-                            metrics::counter!(m::ALREADY_STORED).increment(1);
-                            return Ok(Stored::Done);
+                match async { store.get(&path).await?.bytes().await }.await {
+                    Ok(existing) => {
+                        shared.up.status.store_ok();
+                        if !same_bytes(&existing, &payload) {
+                            return Ok(Stored::Conflict(object));
                         }
-                        Ok(_) => return Ok(Stored::Conflict(object)),
-                        Err(e) => {
-                            tracing::warn!(key = %object.key, error = %e, "cannot read the existing object; retrying")
-                        }
-                    },
-                    Err(e) => {
-                        tracing::warn!(key = %object.key, error = %e, "cannot read the existing object; retrying")
+                        metrics::counter!(m::ALREADY_STORED).increment(1);
+                        return Ok(Stored::Done);
                     }
-                }
-                attempt += 1;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => {
-                let reason = error_reason(&e);
-                metrics::counter!(m::UPLOAD_ERRORS, "reason" => reason).increment(1);
-                let problem = match fix_for(reason) {
-                    Some(fix) => format!("upload of {} refused: {fix}", object.key),
-                    None => format!("upload of {} failed: {e}", object.key),
-                };
-                shared.up.status.error(Some(tp), problem.clone());
-                shared.up.status.store_error(problem);
-                attempt += 1;
-                let ceiling =
-                    Duration::from_millis(100).saturating_mul(1 << attempt.min(9)).min(Duration::from_secs(10));
-                let wait = ceiling.mul_f64(rand::rng().random_range(0.5..=1.0));
-                if attempt == 1 || attempt.is_power_of_two() {
-                    match fix_for(reason) {
-                        Some(fix) => tracing::error!(key = %object.key, attempt, reason, error = %e, retry_in = ?wait,
-                            "upload refused: {fix}; retrying until it is accepted"),
-                        None => tracing::warn!(key = %object.key, attempt, reason, error = %e, retry_in = ?wait,
-                            "upload failed; retrying"),
-                    }
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = shared.abandon.cancelled() => return Ok(Stored::Abandoned),
+                    Err(e) => Failure::ReadBack(e),
                 }
             }
+            Err(e) => Failure::Put(e),
+        };
+        attempt += 1;
+        let ceiling = Duration::from_millis(100).saturating_mul(1 << attempt.min(9)).min(Duration::from_secs(10));
+        let wait = ceiling.mul_f64(rand::rng().random_range(0.5..=1.0));
+        failure.report(shared, tp, &object.key, attempt, wait);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shared.abandon.cancelled() => return Ok(Stored::Abandoned),
+        }
+    }
+}
+
+/// Why an attempt to store an object failed.
+enum Failure {
+    /// The PUT (or, multipart write-once, its look first) failed.
+    Put(object_store::Error),
+    /// Write-once: the key is taken, and reading its object back to compare failed.
+    ReadBack(object_store::Error),
+}
+
+impl Failure {
+    /// Counts the failure, notes it on the partition and the store, and logs the first attempt
+    /// and every power of two.
+    fn report(&self, shared: &Shared, tp: &Tp, key: &str, attempt: u32, wait: Duration) {
+        let (e, fix) = match self {
+            Failure::Put(e) => (e, fix_for(error_reason(e))),
+            Failure::ReadBack(e) => (e, fix_for_read_back(error_reason(e))),
+        };
+        let reason = error_reason(e);
+        metrics::counter!(m::UPLOAD_ERRORS, "reason" => reason).increment(1);
+        let problem = match (self, fix) {
+            (Failure::Put(_), Some(fix)) => format!("upload of {key} refused: {fix}"),
+            (Failure::Put(_), None) => format!("upload of {key} failed: {e}"),
+            (Failure::ReadBack(_), Some(fix)) => format!("cannot read the existing {key} to compare: {fix}"),
+            (Failure::ReadBack(_), None) => format!("cannot read the existing {key} to compare: {e}"),
+        };
+        shared.up.status.error(Some(tp), problem.clone());
+        shared.up.status.store_error(problem);
+        if attempt != 1 && !attempt.is_power_of_two() {
+            return;
+        }
+        match (self, fix) {
+            (Failure::Put(_), Some(fix)) => tracing::error!(key, attempt, reason, error = %e, retry_in = ?wait,
+                "upload refused: {fix}; retrying until it is accepted"),
+            (Failure::Put(_), None) => {
+                tracing::warn!(key, attempt, reason, error = %e, retry_in = ?wait, "upload failed; retrying")
+            }
+            (Failure::ReadBack(_), Some(fix)) => tracing::error!(key, attempt, reason, error = %e, retry_in = ?wait,
+                "cannot read the existing object to compare: {fix}; retrying until it can"),
+            (Failure::ReadBack(_), None) => tracing::warn!(key, attempt, reason, error = %e, retry_in = ?wait,
+                "cannot read the existing object; retrying"),
         }
     }
 }
@@ -488,6 +509,19 @@ pub(crate) fn fix_for(reason: &str) -> Option<&'static str> {
     }
 }
 
+/// What the operator should check when write-once cannot read back the object it found.
+fn fix_for_read_back(reason: &str) -> Option<&'static str> {
+    match reason {
+        "permission_denied" => Some(
+            "the store denied reading it (403): S3_CONDITIONAL_PUT needs s3:GetObject to compare an existing object; \
+             allow it for the key, or set S3_CONDITIONAL_PUT=false",
+        ),
+        // The object went away between the PUT and the read: the next PUT stores it.
+        "not_found" => None,
+        _ => fix_for(reason),
+    }
+}
+
 /// A bounded label for an object store error.
 pub(crate) fn error_reason(e: &object_store::Error) -> &'static str {
     match e {
@@ -526,16 +560,35 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn uploads_abandoned_at_shutdown_stay_in_the_spool_and_uncommitted() {
-        let dir = tempfile::tempdir().unwrap();
-        let spool = Arc::new(Spool::open(dir.path(), 1 << 20).unwrap());
+    /// The upload stage over `store`, with one SINETStream record of t/0 at offset 0 spooled and
+    /// delivered; the shutdown timeout is 200 ms.
+    fn stage(dir: &std::path::Path, store: Arc<dyn ObjectStore>, conditional_put: bool) -> (Uploader, Record) {
+        let spool = Arc::new(Spool::open(dir, 1 << 20).unwrap());
         let value = Bytes::from(crate::decode::encode(1, b"payload", crate::decode::Format::V3));
+        let rec = Record { value, ..record(b"") }.at(0);
+        spool.insert_batch(std::slice::from_ref(&rec)).unwrap();
         let tp = ("t".to_string(), 0);
-        spool.insert_batch(&[Record { value, ..record(b"") }.at(0)]).unwrap();
         let ledger = Arc::new(Mutex::new(Ledger::new()));
         ledger.lock().unwrap().assign(&tp);
         ledger.lock().unwrap().deliver(&tp, 0, false, None);
+        let up = Uploader {
+            store,
+            spool,
+            ledger,
+            status: Arc::new(Status::new()),
+            layout: Layout::default(),
+            policy: UndecodablePolicy::DeadLetter,
+            workers: 4,
+            shutdown_timeout: Duration::from_millis(200),
+            conditional_put,
+            metadata: false,
+        };
+        (up, rec)
+    }
+
+    #[tokio::test]
+    async fn uploads_abandoned_at_shutdown_stay_in_the_spool_and_uncommitted() {
+        let dir = tempfile::tempdir().unwrap();
         // Nothing listens on port 1: every PUT fails, and is retried until the shutdown timeout.
         let store = crate::store::build(&crate::config::StoreConfig::S3 {
             bucket: "bucket-x".into(),
@@ -546,19 +599,8 @@ mod tests {
             ca_pem: None,
         })
         .unwrap();
-        let status = Arc::new(Status::new());
-        let up = Uploader {
-            store,
-            spool: spool.clone(),
-            ledger: ledger.clone(),
-            status: status.clone(),
-            layout: Layout::default(),
-            policy: UndecodablePolicy::DeadLetter,
-            workers: 4,
-            shutdown_timeout: Duration::from_millis(200),
-            conditional_put: false,
-            metadata: false,
-        };
+        let (up, _) = stage(dir.path(), store, false);
+        let (spool, ledger, status) = (up.spool.clone(), up.ledger.clone(), up.status.clone());
         let stop = CancellationToken::new();
         let run = tokio::spawn(up.run(stop.clone()));
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -568,6 +610,185 @@ mod tests {
         assert!(ledger.lock().unwrap().to_commit().is_empty(), "and nothing is committed");
         let why = status.not_ready(&ledger.lock().unwrap());
         assert!(why.iter().any(|w| w.starts_with("the object store is not reachable: upload of")), "{why:?}");
+    }
+
+    /// An in-memory store (which refuses a create of an existing key, as S3 does with
+    /// If-None-Match) whose key may not read objects while `deny` is set; GETs are counted.
+    #[derive(Debug, Default)]
+    struct NoGet {
+        inner: object_store::memory::InMemory,
+        deny: std::sync::atomic::AtomicBool,
+        gets: std::sync::atomic::AtomicUsize,
+    }
+
+    impl std::fmt::Display for NoGet {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "NoGet({})", self.inner)
+        }
+    }
+
+    type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = object_store::Result<T>> + Send + 'a>>;
+
+    // The trait is declared with #[async_trait]; these are its methods written out.
+    impl ObjectStore for NoGet {
+        fn put_opts<'s, 'l, 'f>(
+            &'s self,
+            location: &'l Path,
+            payload: PutPayload,
+            opts: PutOptions,
+        ) -> BoxFuture<'f, object_store::PutResult>
+        where
+            's: 'f,
+            'l: 'f,
+            Self: 'f,
+        {
+            self.inner.put_opts(location, payload, opts)
+        }
+
+        fn put_multipart_opts<'s, 'l, 'f>(
+            &'s self,
+            location: &'l Path,
+            opts: PutMultipartOptions,
+        ) -> BoxFuture<'f, Box<dyn object_store::MultipartUpload>>
+        where
+            's: 'f,
+            'l: 'f,
+            Self: 'f,
+        {
+            self.inner.put_multipart_opts(location, opts)
+        }
+
+        fn get_opts<'s, 'l, 'f>(
+            &'s self,
+            location: &'l Path,
+            options: object_store::GetOptions,
+        ) -> BoxFuture<'f, object_store::GetResult>
+        where
+            's: 'f,
+            'l: 'f,
+            Self: 'f,
+        {
+            use std::sync::atomic::Ordering::SeqCst;
+            if !options.head {
+                self.gets.fetch_add(1, SeqCst);
+                if self.deny.load(SeqCst) {
+                    let denied = object_store::Error::PermissionDenied {
+                        path: location.to_string(),
+                        source: "403 Forbidden: AccessDenied".into(),
+                    };
+                    return Box::pin(std::future::ready(Err(denied)));
+                }
+            }
+            self.inner.get_opts(location, options)
+        }
+
+        fn delete_stream(
+            &self,
+            locations: futures::stream::BoxStream<'static, object_store::Result<Path>>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<Path>> {
+            self.inner.delete_stream(locations)
+        }
+
+        fn list(
+            &self,
+            prefix: Option<&Path>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+            self.inner.list(prefix)
+        }
+
+        fn list_with_delimiter<'s, 'l, 'f>(
+            &'s self,
+            prefix: Option<&'l Path>,
+        ) -> BoxFuture<'f, object_store::ListResult>
+        where
+            's: 'f,
+            'l: 'f,
+            Self: 'f,
+        {
+            self.inner.list_with_delimiter(prefix)
+        }
+
+        fn copy_opts<'s, 'a, 'b, 'f>(
+            &'s self,
+            from: &'a Path,
+            to: &'b Path,
+            options: object_store::CopyOptions,
+        ) -> BoxFuture<'f, ()>
+        where
+            's: 'f,
+            'a: 'f,
+            'b: 'f,
+            Self: 'f,
+        {
+            self.inner.copy_opts(from, to, options)
+        }
+    }
+
+    /// S3_CONDITIONAL_PUT, the record's payload object is already stored (an earlier run stored it
+    /// and stopped before committing), and the key may not read it back.
+    async fn taken_and_unreadable(dir: &std::path::Path) -> (Uploader, Arc<NoGet>) {
+        let store = Arc::new(NoGet::default());
+        let (up, rec) = stage(dir, store.clone(), true);
+        let Plan::Store { objects, .. } = plan(&rec, &up.layout, up.policy) else { panic!() };
+        let payload: PutPayload = objects[0].body.iter().cloned().collect();
+        store.inner.put(&Path::from(objects[0].key.as_str()), payload).await.unwrap();
+        store.deny.store(true, std::sync::atomic::Ordering::SeqCst);
+        (up, store)
+    }
+
+    #[tokio::test]
+    async fn a_taken_key_that_cannot_be_read_back_is_retried_with_backoff_and_reported_until_it_can() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let (up, store) = taken_and_unreadable(dir.path()).await;
+        let (spool, ledger, status) = (up.spool.clone(), up.ledger.clone(), up.status.clone());
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(up.run(stop.clone()));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+
+        // Waits of 100-200 ms, 200-400, 400-800, 800-1600: at most 5 reads in 2 s (every 200 ms, 10).
+        let gets = store.gets.load(SeqCst);
+        assert!((2..=6).contains(&gets), "{gets} reads of the existing object in 2 s");
+        let why = status.not_ready(&ledger.lock().unwrap());
+        assert!(
+            why.iter().any(|w| w.starts_with("the object store is not reachable: cannot read the existing")
+                && w.contains("S3_CONDITIONAL_PUT needs s3:GetObject")),
+            "{why:?}"
+        );
+        let report = status.report(&ledger.lock().unwrap(), &spool);
+        let partition = report.partitions[0].last_error.as_ref().map(|e| e.message.clone()).unwrap_or_default();
+        assert!(partition.contains("s3:GetObject"), "{partition}");
+        assert_eq!(spool.record_count(), 1, "the record waits in the spool");
+        assert!(ledger.lock().unwrap().to_commit().is_empty(), "and nothing is committed");
+
+        // The key is allowed s3:GetObject: a retry compares, finds the same bytes, and is done.
+        store.deny.store(false, SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while spool.record_count() > 0 {
+            assert!(Instant::now() < deadline, "the record is still in the spool after the read was allowed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(ledger.lock().unwrap().to_commit(), vec![(("t".to_string(), 0), 1)]);
+        assert!(status.not_ready(&ledger.lock().unwrap()).is_empty(), "ready again");
+        stop.cancel();
+        run.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_taken_key_that_cannot_be_read_back_is_abandoned_at_the_shutdown_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let (up, _store) = taken_and_unreadable(dir.path()).await;
+        let (spool, ledger) = (up.spool.clone(), up.ledger.clone());
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(up.run(stop.clone()));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        stop.cancel();
+        let stopping = Instant::now();
+        run.await.unwrap().unwrap();
+        // The retry stops at the 200 ms shutdown timeout; it is not left for the abort 1 s later.
+        assert!(stopping.elapsed() < Duration::from_millis(700), "stopped after {:?}", stopping.elapsed());
+        assert_eq!(spool.record_count(), 1, "the record stays in the spool");
+        assert!(ledger.lock().unwrap().to_commit().is_empty(), "and nothing is committed");
     }
 
     #[tokio::test]
