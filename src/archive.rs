@@ -122,6 +122,21 @@ pub struct Listed {
     pub parsed: Option<ArchivedKey>,
 }
 
+impl Listed {
+    /// The key without its kind's suffix: `topics/T/year=…/hour=HH/T+P+OOOOOOOOOO` (or under
+    /// `errors/`), what a payload and its timestamp object (a dead letter and its reason) share.
+    pub fn stem(&self, layout: &Layout) -> &str {
+        let suffix = match self.parsed.as_ref().map(|k| k.kind) {
+            Some(ObjectKind::Payload) => layout.extension.as_str(),
+            Some(ObjectKind::Timestamp) => "-timestamp.txt",
+            Some(ObjectKind::DeadLetter) => ".raw",
+            Some(ObjectKind::DeadLetterReason) => "-reason.txt",
+            None => "",
+        };
+        self.key.strip_suffix(suffix).unwrap_or(&self.key)
+    }
+}
+
 /// Which hours to list: all, or those overlapping `[since, until)` (ms).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TimeRange {
@@ -280,6 +295,18 @@ pub struct OffsetObjects {
 impl OffsetObjects {
     pub fn all(&self) -> impl Iterator<Item = &Listed> {
         self.payload.iter().chain(&self.timestamp).chain(&self.dead_letter).chain(&self.reason)
+    }
+
+    /// The objects grouped by stem ([`Listed::stem`]): one group per time the offset was
+    /// archived. An archiver writes a record under one stem, so more than one group is the offset
+    /// archived again under another hour folder, under the other root, or with its partition or
+    /// offset spelled with other digits.
+    pub fn copies(&self, layout: &Layout) -> BTreeMap<&str, Vec<&Listed>> {
+        let mut copies: BTreeMap<&str, Vec<&Listed>> = BTreeMap::new();
+        for l in self.all() {
+            copies.entry(l.stem(layout)).or_default().push(l);
+        }
+        copies
     }
 }
 

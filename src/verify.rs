@@ -7,10 +7,13 @@
 //! the keys [`crate::upload::plan`] names, their sizes, and unless `--sizes-only` their bodies
 //! and the payload's metadata. Offsets Kafka no longer holds are checked for completeness only:
 //! every payload has its timestamp object (every dead letter its reason) and no offset is
-//! missing between the first and the last archived one. Anything else under the topic's folders
-//! is reported as unexpected.
+//! missing between the first and the last archived one. Either way an offset archived more than
+//! once (under two hour folders, or under topics/ and errors/) is one problem naming each copy: the
+//! archiver files a record without a Kafka timestamp under the hour it was consumed, so such a
+//! record consumed twice (stored, then fetched again before its offset was committed) is written
+//! twice. Anything else under the topic's folders is reported as unexpected.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::IsTerminal;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -75,6 +78,8 @@ pub enum ProblemKind {
     Mismatched,
     Extra,
     Gap,
+    /// One offset archived more than once: under two hour folders, or under topics/ and errors/.
+    Twice,
 }
 
 impl ProblemKind {
@@ -84,6 +89,7 @@ impl ProblemKind {
             ProblemKind::Mismatched => "MISMATCHED",
             ProblemKind::Extra => "EXTRA",
             ProblemKind::Gap => "GAP",
+            ProblemKind::Twice => "TWICE",
         }
     }
 }
@@ -104,11 +110,13 @@ pub struct Counts {
     pub extra: u64,
     /// Offsets missing between archived ones where Kafka cannot tell (expired records).
     pub gap_offsets: u64,
+    /// Offsets archived more than once (each counted once, whatever the number of copies).
+    pub archived_twice: u64,
 }
 
 impl Counts {
     pub fn problems(&self) -> u64 {
-        self.missing + self.mismatched + self.extra + self.gap_offsets
+        self.missing + self.mismatched + self.extra + self.gap_offsets + self.archived_twice
     }
 
     fn add(&mut self, o: &Counts) {
@@ -122,6 +130,7 @@ impl Counts {
         self.mismatched += o.mismatched;
         self.extra += o.extra;
         self.gap_offsets += o.gap_offsets;
+        self.archived_twice += o.archived_twice;
     }
 }
 
@@ -141,6 +150,7 @@ impl TopicReport {
             ProblemKind::Missing => self.counts.missing += 1,
             ProblemKind::Mismatched => self.counts.mismatched += 1,
             ProblemKind::Extra => self.counts.extra += 1,
+            ProblemKind::Twice => self.counts.archived_twice += 1,
             ProblemKind::Gap => {}
         }
         self.problems.push(Problem { kind, key: key.into(), detail: detail.into() });
@@ -382,67 +392,142 @@ fn compare_record(
         }
         return;
     };
-    let record = Record {
-        topic: r.topic.clone(),
-        partition: r.partition,
-        offset: r.offset,
-        // A record without a Kafka timestamp was filed under the time it was consumed: its
-        // objects are matched by offset, whatever their hour folder.
-        time: match r.timestamp_ms {
-            Some(ms) => RecordTime::Kafka(ms),
-            None => RecordTime::Consumed(0),
-        },
-        key: r.key.clone(),
-        value: value.clone(),
-    };
+    let decodable = crate::decode::decode(value).is_ok();
     // An undecodable record may have been archived under either policy: take the form found.
-    let policy = if crate::decode::decode(value).is_ok() {
+    let policy = if decodable {
         policy
     } else if !slot.payload.is_empty() {
         UndecodablePolicy::Raw
     } else {
         UndecodablePolicy::DeadLetter
     };
-    let objects = match plan(&record, layout, policy) {
-        Plan::Store { objects, undecodable } => {
-            if undecodable.is_some() && policy == UndecodablePolicy::DeadLetter {
-                report.counts.dead_lettered += 1;
-            }
-            objects
-        }
-        Plan::Stop(_) => unreachable!("the policy is never Stop here"),
-    };
-    let mut found: Vec<&Listed> = slot.all().collect();
-    for expected in objects {
-        report.counts.objects += 1;
-        let same_kind: Vec<&Listed> = match expected.kind {
-            ObjectKind::Payload => slot.payload.iter().collect(),
-            ObjectKind::Timestamp => slot.timestamp.iter().collect(),
-            ObjectKind::DeadLetter => slot.dead_letter.iter().collect(),
-            ObjectKind::DeadLetterReason => slot.reason.iter().collect(),
+    if !decodable && policy == UndecodablePolicy::DeadLetter {
+        report.counts.dead_lettered += 1;
+    }
+    let objects_at = |time: RecordTime| {
+        let record = Record {
+            topic: r.topic.clone(),
+            partition: r.partition,
+            offset: r.offset,
+            time,
+            key: r.key.clone(),
+            value: value.clone(),
         };
-        let exact = same_kind.iter().find(|l| l.key == expected.key);
-        found.retain(|l| l.key != expected.key);
-        match exact {
-            None if record.time.kafka().is_none() && same_kind.len() == 1 => {
-                // No Kafka timestamp: any hour folder is right.
-                let l = same_kind[0];
-                found.retain(|f| f.key != l.key);
-                check_size_and_queue(l, expected, sizes_only, report, fetches);
+        match plan(&record, layout, policy) {
+            Plan::Store { objects, .. } => objects,
+            Plan::Stop(_) => unreachable!("the policy is never Stop here"),
+        }
+    };
+    let copies = slot.copies(layout);
+    // The objects the record gives, as many times as it is to be found. A record with a Kafka
+    // timestamp is filed under that hour. One without was filed under the hour it was consumed,
+    // which Kafka does not tell: each copy found is compared as written at its hour, and with
+    // none found the objects at any hour stand for what is missing.
+    let expected: Vec<Vec<Object>> = match r.timestamp_ms {
+        Some(ms) => vec![objects_at(RecordTime::Kafka(ms))],
+        None => {
+            let mut at_hours = Vec::new();
+            for found in copies.values() {
+                let Some(ms) = found[0].parsed.as_ref().and_then(|k| archive::hour_start_ms(&k.hour, layout)) else {
+                    continue;
+                };
+                let objects = objects_at(RecordTime::Consumed(ms));
+                // A copy under the other root (or with its offset spelled otherwise) is not this
+                // policy's form of the record: it is reported as a second copy below.
+                if objects.iter().any(|o| found.iter().any(|l| l.key == o.key)) {
+                    at_hours.push(objects);
+                }
             }
+            if at_hours.is_empty() {
+                at_hours.push(objects_at(RecordTime::Consumed(0)));
+            }
+            at_hours
+        }
+    };
+    let expected_keys: Vec<&str> = expected.iter().flatten().map(|o| o.key.as_str()).collect();
+    let unexpected: Vec<&Listed> = slot.all().filter(|l| !expected_keys.contains(&l.key.as_str())).collect();
+    for object in expected.into_iter().flatten() {
+        report.counts.objects += 1;
+        match slot.all().find(|l| l.key == object.key) {
+            Some(l) => check_size_and_queue(l, object, sizes_only, report, fetches),
             None => {
-                let detail = match same_kind.first() {
+                let instead = unexpected.iter().find(|l| l.parsed.as_ref().is_some_and(|k| k.kind == object.kind));
+                let detail = match instead {
                     Some(other) => format!("offset {} is in Kafka; found instead at {}", r.offset, other.key),
                     None => format!("offset {} is in Kafka", r.offset),
                 };
-                report.problem(ProblemKind::Missing, expected.key.clone(), detail);
+                report.problem(ProblemKind::Missing, object.key, detail);
             }
-            Some(l) => check_size_and_queue(l, expected, sizes_only, report, fetches),
         }
     }
-    for l in found {
-        report.problem(ProblemKind::Extra, &l.key, format!("offset {} does not archive to this key", r.offset));
+    let known = match r.timestamp_ms {
+        Some(ms) => Known::FiledUnder(layout.hour_path(ms)),
+        None => Known::NoTimestamp,
+    };
+    // Objects of a second copy are named by its problem; alone, a stray object is extra.
+    if !archived_twice(r.offset, &copies, known, report) {
+        for l in unexpected {
+            report.problem(ProblemKind::Extra, &l.key, format!("offset {} does not archive to this key", r.offset));
+        }
     }
+}
+
+/// What Kafka tells of a record whose offset is archived more than once.
+enum Known {
+    /// Nothing: the record was not read (`--bucket-only`, or Kafka no longer has it).
+    Nothing,
+    /// It has no Kafka timestamp.
+    NoTimestamp,
+    /// Its Kafka timestamp files it under this hour folder.
+    FiledUnder(String),
+}
+
+/// Reports an offset archived more than once (its objects under more than one stem, see
+/// [`OffsetObjects::copies`]) as one problem naming each copy by its payload or dead letter, and
+/// why it can happen. Returns whether it did.
+fn archived_twice(offset: i64, copies: &BTreeMap<&str, Vec<&Listed>>, known: Known, report: &mut TopicReport) -> bool {
+    if copies.len() < 2 {
+        return false;
+    }
+    let main =
+        |l: &Listed| l.parsed.as_ref().is_some_and(|k| matches!(k.kind, ObjectKind::Payload | ObjectKind::DeadLetter));
+    let keys: Vec<&str> =
+        copies.values().map(|objects| objects.iter().find(|l| main(l)).unwrap_or(&objects[0]).key.as_str()).collect();
+    let hours: BTreeSet<&str> =
+        copies.values().flatten().filter_map(|l| l.parsed.as_ref().map(|k| k.hour.as_str())).collect();
+    let roots: BTreeSet<&str> = copies.keys().filter_map(|stem| stem.split('/').next()).collect();
+    let mut why = Vec::new();
+    if hours.len() > 1 {
+        why.push(match known {
+            Known::Nothing => "the archiver files a record under two hours only if it has no Kafka timestamp (it is \
+                filed under the hour it was consumed) and was consumed twice: stored, then fetched again before its \
+                offset was committed (otherwise the topic was deleted and created again, or PARTITION_TIMEZONE changed)"
+                .to_string(),
+            Known::NoTimestamp => "the record has no Kafka timestamp, so it is filed under the hour it was consumed, \
+                and it was consumed twice: stored, then fetched again before its offset was committed"
+                .to_string(),
+            Known::FiledUnder(hour) => format!(
+                "the record's Kafka timestamp files it under {hour} only: a copy under another hour is of an \
+                 earlier record at this offset (the topic deleted and created again) or written with another \
+                 PARTITION_TIMEZONE"
+            ),
+        });
+    }
+    if roots.len() > 1 {
+        why.push(
+            "under both topics/ and errors/: it was consumed twice with UNDECODABLE changed in between".to_string(),
+        );
+    }
+    if why.is_empty() {
+        why.push(
+            "the partition or offset spelled with other digits in one key: not written by an archiver".to_string(),
+        );
+    }
+    let (last, rest) = keys.split_last().expect("two copies or more");
+    let times = if keys.len() == 2 { "twice".to_string() } else { format!("{} times", keys.len()) };
+    let detail = format!("offset {offset} is archived {times}: {} and {last}; {}", rest.join(", "), why.join("; "));
+    report.problem(ProblemKind::Twice, keys[0], detail);
+    true
 }
 
 fn check_size_and_queue(
@@ -568,11 +653,7 @@ fn check_alone(
             unpaired(main, main_suffix, companion, companion_suffix, report);
             unpaired(companion, companion_suffix, main, main_suffix, report);
         }
-        if slot.payload.len() > 1 || slot.dead_letter.len() > 1 {
-            for l in slot.payload.iter().chain(&slot.dead_letter).skip(1) {
-                report.problem(ProblemKind::Extra, &l.key, format!("offset {offset} is archived more than once"));
-            }
-        }
+        archived_twice(offset, &slot.copies(layout), Known::Nothing, report);
     }
     if let Some((kafka_first, _)) = kafka
         && let Some(first) = slots.range(..kafka_first).next_back().map(|(o, _)| o)
@@ -767,8 +848,8 @@ pub fn render(reports: &[TopicReport], options: &VerifyOptions) -> String {
         );
         let _ = writeln!(
             out,
-            "  missing {}, mismatched {}, extra {}, offsets in gaps {}",
-            c.missing, c.mismatched, c.extra, c.gap_offsets
+            "  missing {}, mismatched {}, extra {}, offsets in gaps {}, archived twice {}",
+            c.missing, c.mismatched, c.extra, c.gap_offsets, c.archived_twice
         );
         let shown = r.problems.iter().take(options.show);
         for p in shown {
@@ -784,8 +865,8 @@ pub fn render(reports: &[TopicReport], options: &VerifyOptions) -> String {
     } else {
         let _ = writeln!(
             out,
-            "NOT CLEAN: missing {}, mismatched {}, extra {}, offsets in gaps {}",
-            t.missing, t.mismatched, t.extra, t.gap_offsets
+            "NOT CLEAN: missing {}, mismatched {}, extra {}, offsets in gaps {}, archived twice {}",
+            t.missing, t.mismatched, t.extra, t.gap_offsets, t.archived_twice
         );
     }
     out
@@ -817,27 +898,54 @@ mod tests {
         }
     }
 
+    /// A SINETStream message of partition 0 at `offset`.
+    fn record(offset: i64, time: RecordTime) -> Record {
+        Record {
+            topic: "t".into(),
+            partition: 0,
+            offset,
+            time,
+            key: None,
+            value: Bytes::from(crate::decode::encode(1_650_250_000_000_123, b"{}", crate::decode::Format::V3)),
+        }
+    }
+
+    /// Stores a record's objects as the uploader writes them; their keys.
+    async fn put(store: &InMemory, record: &Record, policy: UndecodablePolicy) -> Vec<String> {
+        let Plan::Store { objects, .. } = plan(record, &Layout::default(), policy) else { unreachable!() };
+        let mut keys = Vec::new();
+        for o in objects {
+            store.put(&Path::from(o.key.as_str()), PutPayload::from(o.body_bytes())).await.unwrap();
+            keys.push(o.key);
+        }
+        keys
+    }
+
     /// The archive of offsets 0..n of partition 0, as the uploader writes it.
     async fn archive(store: &InMemory, offsets: impl Iterator<Item = i64>) -> Vec<String> {
         let mut keys = Vec::new();
         for offset in offsets {
-            let record = Record {
-                topic: "t".into(),
-                partition: 0,
-                offset,
-                time: RecordTime::Kafka(1_650_250_000_000 + offset * 1000),
-                key: None,
-                value: Bytes::from(crate::decode::encode(1_650_250_000_000_123, b"{}", crate::decode::Format::V3)),
-            };
-            let Plan::Store { objects, .. } = plan(&record, &Layout::default(), UndecodablePolicy::DeadLetter) else {
-                unreachable!()
-            };
-            for o in objects {
-                store.put(&Path::from(o.key.as_str()), PutPayload::from(o.body_bytes())).await.unwrap();
-                keys.push(o.key);
-            }
+            let r = record(offset, RecordTime::Kafka(1_650_250_000_000 + offset * 1000));
+            keys.extend(put(store, &r, UndecodablePolicy::DeadLetter).await);
         }
         keys
+    }
+
+    /// Offset 2 without a Kafka timestamp, consumed twice two hours apart (stored, then fetched
+    /// again before its offset was committed), between offsets 0..5 with one: the keys of its
+    /// two payloads.
+    async fn archive_with_a_record_consumed_twice(store: &InMemory) -> [String; 2] {
+        archive(store, (0..2).chain(3..5)).await;
+        let first =
+            put(store, &record(2, RecordTime::Consumed(1_650_250_000_000)), UndecodablePolicy::DeadLetter).await;
+        let again = RecordTime::Consumed(1_650_250_000_000 + 2 * 3_600_000);
+        let second = put(store, &record(2, again), UndecodablePolicy::DeadLetter).await;
+        assert_ne!(first[0], second[0], "two hour folders");
+        [first[0].clone(), second[0].clone()]
+    }
+
+    fn twice(r: &TopicReport) -> Vec<&Problem> {
+        r.problems.iter().filter(|p| p.kind == ProblemKind::Twice).collect()
     }
 
     async fn verify(store: Arc<InMemory>) -> TopicReport {
@@ -853,6 +961,7 @@ mod tests {
         assert_eq!(r.counts.offsets, 30);
         assert_eq!(r.counts.objects, 60);
         assert_eq!(r.counts.problems(), 0, "{:?}", r.problems);
+        assert_eq!(r.counts.archived_twice, 0);
     }
 
     #[tokio::test]
@@ -870,5 +979,91 @@ mod tests {
         assert_eq!(r.counts.gap_offsets, 5, "offsets 10..=14");
         assert!(r.problems.iter().any(|p| p.kind == ProblemKind::Gap && p.detail.contains("offsets 10..=14")));
         assert_eq!((r.counts.missing, r.counts.extra, r.counts.mismatched), (1, 1, 0));
+    }
+
+    #[tokio::test]
+    async fn the_bucket_alone_shows_an_offset_archived_under_two_hour_folders() {
+        let store = Arc::new(InMemory::new());
+        let [first, second] = archive_with_a_record_consumed_twice(&store).await;
+        let r = verify(store).await;
+        let found = twice(&r);
+        assert_eq!(found.len(), 1, "{:?}", r.problems);
+        assert_eq!(found[0].key, first);
+        assert!(found[0].detail.contains(&first) && found[0].detail.contains(&second), "{}", found[0].detail);
+        assert!(found[0].detail.contains("only if it has no Kafka timestamp"), "{}", found[0].detail);
+        assert!(found[0].detail.contains("fetched again before its offset was committed"), "{}", found[0].detail);
+        assert_eq!(r.counts.archived_twice, 1);
+        assert_eq!((r.counts.missing, r.counts.extra, r.counts.gap_offsets), (0, 0, 0), "{:?}", r.problems);
+        assert_eq!((r.counts.offsets, r.counts.objects), (5, 12));
+        let out = render(&[r], &options());
+        assert!(
+            out.contains(&format!("  TWICE      {first}  offset 2 is archived twice: {first} and {second}")),
+            "{out}"
+        );
+        assert!(
+            out.contains("NOT CLEAN: missing 0, mismatched 0, extra 0, offsets in gaps 0, archived twice 1"),
+            "{out}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_bucket_alone_shows_an_offset_archived_under_topics_and_errors() {
+        let store = Arc::new(InMemory::new());
+        archive(&store, (0..2).chain(3..5)).await;
+        let mut r = record(2, RecordTime::Kafka(1_650_250_002_000));
+        r.value = Bytes::from_static(b"not a SINETStream message");
+        let raw = put(&store, &r, UndecodablePolicy::Raw).await;
+        let dead = put(&store, &r, UndecodablePolicy::DeadLetter).await;
+        let r = verify(store).await;
+        let found = twice(&r);
+        assert_eq!(found.len(), 1, "{:?}", r.problems);
+        assert!(found[0].detail.contains(&raw[0]) && found[0].detail.contains(&dead[0]), "{}", found[0].detail);
+        assert!(found[0].detail.contains("UNDECODABLE"), "{}", found[0].detail);
+        assert_eq!(r.counts.problems(), 1, "{:?}", r.problems);
+    }
+
+    /// The objects of offset 2 as verify finds them in `store`.
+    async fn slot_of_offset_2(store: &InMemory) -> OffsetObjects {
+        let listed = archive::list_topic(store, "t", Default::default(), &Layout::default(), 4, None).await.unwrap();
+        let mut index = TopicIndex::build("t", listed);
+        index.partitions.get_mut(&0).and_then(|s| s.remove(&2)).unwrap()
+    }
+
+    /// Offset 2 as Kafka gives it: no timestamp.
+    fn in_kafka() -> KafkaRecord {
+        let r = record(2, RecordTime::Consumed(0));
+        KafkaRecord { topic: r.topic, partition: 0, offset: 2, timestamp_ms: None, key: None, value: Some(r.value) }
+    }
+
+    #[tokio::test]
+    async fn against_kafka_a_record_without_timestamp_archived_twice_is_one_problem_and_both_copies_are_compared() {
+        let store = Arc::new(InMemory::new());
+        let [first, second] = archive_with_a_record_consumed_twice(&store).await;
+        let slot = slot_of_offset_2(&store).await;
+        let mut report = TopicReport::default();
+        let mut fetches = Vec::new();
+        let layout = Layout::default();
+        compare_record(&in_kafka(), &slot, &layout, UndecodablePolicy::DeadLetter, false, &mut report, &mut fetches);
+        compare_bodies(store.as_ref(), fetches, 4, &mut report).await;
+        let found = twice(&report);
+        assert_eq!(found.len(), 1, "{:?}", report.problems);
+        assert!(found[0].detail.contains(&first) && found[0].detail.contains(&second), "{}", found[0].detail);
+        assert!(found[0].detail.contains("has no Kafka timestamp"), "{}", found[0].detail);
+        assert_eq!(report.counts.problems(), 1, "{:?}", report.problems);
+        assert_eq!(report.counts.bodies_compared, 4, "both copies match the record");
+    }
+
+    #[tokio::test]
+    async fn against_kafka_a_record_without_timestamp_archived_once_is_clean() {
+        let store = Arc::new(InMemory::new());
+        put(&store, &record(2, RecordTime::Consumed(1_650_250_000_000)), UndecodablePolicy::DeadLetter).await;
+        let slot = slot_of_offset_2(&store).await;
+        let mut report = TopicReport::default();
+        let mut fetches = Vec::new();
+        let layout = Layout::default();
+        compare_record(&in_kafka(), &slot, &layout, UndecodablePolicy::DeadLetter, false, &mut report, &mut fetches);
+        compare_bodies(store.as_ref(), fetches, 4, &mut report).await;
+        assert_eq!(report.counts.problems(), 0, "{:?}", report.problems);
+        assert_eq!(report.counts.bodies_compared, 2);
     }
 }
