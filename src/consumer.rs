@@ -115,6 +115,9 @@ struct ArchiverContext {
     status: Arc<Status>,
     /// Set on assignment: the group's committed offsets are read back at once.
     assigned: AtomicBool,
+    /// Whether consumption is paused under backpressure: newly assigned partitions take this
+    /// state.
+    paused: AtomicBool,
 }
 
 impl ClientContext for ArchiverContext {
@@ -167,7 +170,7 @@ impl ConsumerContext for ArchiverContext {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 let tps = tps_of(tpl);
@@ -175,8 +178,19 @@ impl ConsumerContext for ArchiverContext {
                 for tp in &tps {
                     ledger.assign(tp);
                 }
+                drop(ledger);
+                // librdkafka keeps a partition's pause flag across revocation and assignment until
+                // it is resumed (librdkafka#1849): a partition paused under an earlier assignment
+                // would come back paused and never be fetched. Each assigned partition takes the
+                // current state, explicitly.
+                let paused = self.paused.load(Ordering::Relaxed);
+                let set = if paused { consumer.pause(tpl) } else { consumer.resume(tpl) };
+                if let Err(e) = set {
+                    self.status.error(None, format!("cannot pause or resume the assigned partitions: {e}"));
+                    tracing::warn!(error = %e, "cannot pause or resume the assigned partitions");
+                }
                 self.assigned.store(true, Ordering::Relaxed);
-                tracing::info!(partitions = %describe(&tps), "partitions assigned");
+                tracing::info!(partitions = %describe(&tps), paused, "partitions assigned");
             }
             Rebalance::Error(e) => {
                 self.status.error(None, format!("rebalance error: {e}"));
@@ -274,6 +288,7 @@ impl KafkaConsumer {
             ledger: self.ledger.clone(),
             status: self.status.clone(),
             assigned: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
         })?;
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
@@ -338,7 +353,9 @@ impl KafkaConsumer {
             let (bytes, records) = (self.spool.byte_count(), self.spool.record_count());
             let state = SpoolState { bytes, records, free: self.spool.available_space(), unwritten: unspooled.len() };
             let change = backpressure.update(&state, Instant::now());
-            // A rebalance may assign partitions that were never paused: pause again now and then.
+            consumer.context().paused.store(backpressure.paused, Ordering::Relaxed);
+            // Assigned partitions take the state on assignment; pausing again now and then also
+            // covers one assigned in the moment before the state changed.
             if change.is_some() || (backpressure.paused && last_pause.elapsed() >= Duration::from_secs(1)) {
                 let assignment = consumer.assignment()?;
                 if backpressure.paused {
