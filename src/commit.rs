@@ -60,6 +60,20 @@ pub struct Ledger {
     partitions: HashMap<Tp, PartitionState>,
     /// Kafka timestamps of the records passed by commits since the last [`Ledger::take_committed_times`].
     committed_times: Vec<i64>,
+    /// Partitions whose offsets went back since the last [`Ledger::take_resets`].
+    resets: Vec<OffsetsReset>,
+}
+
+/// Kafka delivered a partition's offset below one it had delivered in the same assignment: its
+/// fetch position was reset, so the offsets are reused (the topic deleted and created again, or its
+/// log truncated by an unclean leader election).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OffsetsReset {
+    pub tp: Tp,
+    /// One past the highest offset delivered before.
+    pub was: i64,
+    /// The offset delivered now.
+    pub now: i64,
 }
 
 /// One assigned partition as the ledger sees it.
@@ -122,12 +136,21 @@ impl Ledger {
             // a later assignment pass the records still in the spool.
             return Delivery::Revoked;
         }
+        if let Some(was) = p.next_delivery
+            && offset < was
+        {
+            // librdkafka delivers a partition in order within an assignment: going back means its
+            // position was reset, and these are other records at the same offsets. Taken as stored
+            // they would be lost: the partition starts again here, and its commits follow.
+            self.resets.push(OffsetsReset { tp: tp.clone(), was, now: offset });
+            p.slots.retain(|&o, s| o < offset || !s.done);
+            for s in p.slots.values_mut() {
+                s.delivered = false;
+            }
+            (p.committed, p.acked, p.next_delivery, p.start) = (None, None, None, None);
+        }
         p.next_delivery = Some(p.next_delivery.map_or(offset + 1, |n| n.max(offset + 1)));
         p.start.get_or_insert(offset);
-        if p.committed.is_some_and(|c| offset < c) {
-            // Fetched again below what is already committed (a seek back): it was stored.
-            return Delivery::Done;
-        }
         match p.slots.get_mut(&offset) {
             Some(slot) => {
                 slot.delivered = true;
@@ -196,7 +219,10 @@ impl Ledger {
     /// the commits sent up to there; a position sent but not held (its commit was lost) is sent
     /// again at the next commit.
     pub fn confirmed(&mut self, tp: &Tp, position: i64) {
-        if let Some(p) = self.partitions.get_mut(tp).filter(|p| p.assigned) {
+        // Above the last position sent: Kafka still holds a commit from before this partition's
+        // offsets were reset.
+        if let Some(p) = self.partitions.get_mut(tp).filter(|p| p.assigned && p.committed.is_none_or(|c| position <= c))
+        {
             p.acked = Some(p.acked.map_or(position, |a| a.max(position)));
             if p.committed.is_some_and(|c| c > position) {
                 p.committed = p.acked;
@@ -207,8 +233,13 @@ impl Ledger {
     /// A commit failed: the partition's position will be sent again at the next commit.
     pub fn commit_failed(&mut self, tp: &Tp) {
         if let Some(p) = self.partitions.get_mut(tp) {
-            p.committed = p.acked;
+            p.committed = p.acked.filter(|&a| p.committed.is_none_or(|c| a <= c));
         }
+    }
+
+    /// The partitions whose offsets went back since the last call.
+    pub fn take_resets(&mut self) -> Vec<OffsetsReset> {
+        std::mem::take(&mut self.resets)
     }
 
     /// The last position Kafka confirmed for a partition in this assignment, if any.
@@ -440,5 +471,32 @@ mod tests {
             l.complete(&tp(), o);
         }
         assert_eq!(l.to_commit(), vec![(tp(), 21)]);
+    }
+
+    #[test]
+    fn records_at_reused_offsets_are_archived_and_the_commit_follows_them() {
+        let mut l = Ledger::new();
+        l.assign(&tp());
+        for o in 0..100 {
+            l.deliver(&tp(), o, false, None);
+            l.complete(&tp(), o);
+        }
+        assert_eq!(l.to_commit(), vec![(tp(), 100)]);
+        l.commit_succeeded(&tp(), 100);
+        assert!(l.take_resets().is_empty());
+        // The topic was deleted and created again: librdkafka resets the position to 0.
+        assert_eq!(l.deliver(&tp(), 0, false, None), Delivery::Spool, "another record at offset 0");
+        assert_eq!(l.take_resets(), vec![OffsetsReset { tp: tp(), was: 100, now: 0 }]);
+        for o in 1..5 {
+            assert_eq!(l.deliver(&tp(), o, false, None), Delivery::Spool);
+        }
+        assert_eq!(l.to_commit(), vec![], "nothing of the new records stored yet");
+        l.confirmed(&tp(), 100); // Kafka still holds the old commit
+        for o in 0..3 {
+            l.complete(&tp(), o);
+        }
+        assert_eq!(l.to_commit(), vec![(tp(), 3)], "the commit goes back to follow the new offsets");
+        l.commit_failed(&tp());
+        assert_eq!(l.to_commit(), vec![(tp(), 3)], "sent again, not held back by the old 100");
     }
 }

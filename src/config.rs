@@ -403,6 +403,29 @@ impl Config {
                 .join(","),
         )
     }
+
+    /// `auto.offset.reset` as given through KAFKA_PROPERTY_*, `earliest` by default.
+    pub fn offset_reset(&self) -> OffsetReset {
+        self.kafka_properties
+            .iter()
+            .rfind(|(k, _)| k == "auto.offset.reset")
+            .and_then(|(_, v)| offset_reset(v))
+            .unwrap_or(OffsetReset::Earliest)
+    }
+
+    /// Settings that are valid but can cost records, said once at start-up.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.offset_reset() == OffsetReset::Latest {
+            out.push(
+                "auto.offset.reset=latest: a new group, or a partition whose committed offset is out of range \
+                 (a topic deleted and created again, records deleted by retention), starts at the newest record; \
+                 the records before it are NOT archived"
+                    .to_string(),
+            );
+        }
+        out
+    }
 }
 
 /// Shows only the first four characters of an access key id.
@@ -660,10 +683,38 @@ fn parse_kafka_properties(flags: &[String], env: &[(String, String)]) -> Result<
         if let Some((_, why)) = MANAGED_PROPERTIES.iter().find(|(p, _)| *p == name) {
             return Err(invalid(&var, format!("{name} cannot be passed through: {why}")));
         }
+        if name == "auto.offset.reset" && offset_reset(&value).is_none() {
+            return Err(invalid(
+                &var,
+                format!(
+                    "auto.offset.reset={value} is not supported: `earliest` (the default: a new group starts \
+                     at the oldest record), `latest` (starts at the newest: older records are not archived) \
+                     or `error` (an offset out of range stops the partition with an error instead of a reset)"
+                ),
+            ));
+        }
         out.retain(|(n, _)| *n != name);
         out.push((name, value));
     }
     Ok(out)
+}
+
+/// Where a partition without a usable committed offset starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OffsetReset {
+    Earliest,
+    Latest,
+    Error,
+}
+
+/// librdkafka's names for each `auto.offset.reset`.
+fn offset_reset(value: &str) -> Option<OffsetReset> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "earliest" | "smallest" | "beginning" => Some(OffsetReset::Earliest),
+        "latest" | "largest" | "end" => Some(OffsetReset::Latest),
+        "error" => Some(OffsetReset::Error),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -751,6 +802,24 @@ mod tests {
             err(Settings { s3_object_separator: Some("\\x".into()), ..base() }).starts_with("S3_OBJECT_SEPARATOR:")
         );
         assert!(err(Settings { kafka_property: vec!["group.id=x".into()], ..base() }).starts_with("--kafka-property:"));
+    }
+
+    #[test]
+    fn an_offset_reset_that_would_skip_records_is_refused_or_warned_about() {
+        let with = |v: &str| {
+            let env = vec![("KAFKA_PROPERTY_AUTO_OFFSET_RESET".to_string(), v.to_string())];
+            Config::from_settings(&base(), &env)
+        };
+        let default = Config::from_settings(&base(), &[]).unwrap();
+        assert_eq!(default.offset_reset(), OffsetReset::Earliest);
+        assert!(default.warnings().is_empty());
+        assert_eq!(with("smallest").unwrap().offset_reset(), OffsetReset::Earliest);
+        assert_eq!(with("error").unwrap().offset_reset(), OffsetReset::Error);
+        let latest = with("latest").unwrap();
+        assert_eq!(latest.offset_reset(), OffsetReset::Latest);
+        assert!(latest.warnings()[0].contains("NOT archived"), "{:?}", latest.warnings());
+        let e = with("newest").unwrap_err().to_string();
+        assert!(e.starts_with("KAFKA_PROPERTY_AUTO_OFFSET_RESET:") && e.contains("`earliest`"), "{e}");
     }
 
     #[test]

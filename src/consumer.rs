@@ -461,7 +461,8 @@ impl KafkaConsumer {
                 ledger.deliver(&tp, msg.offset(), true, kafka_ms);
                 continue;
             };
-            if ledger.deliver(&tp, msg.offset(), false, kafka_ms) != Delivery::Spool {
+            let delivery = ledger.deliver(&tp, msg.offset(), false, kafka_ms);
+            if delivery != Delivery::Spool {
                 continue;
             }
             let time = kafka_ms.map_or(RecordTime::Consumed(now_ms), RecordTime::Kafka);
@@ -473,6 +474,16 @@ impl KafkaConsumer {
                 key: msg.key().map(Bytes::copy_from_slice),
                 value: Bytes::copy_from_slice(value),
             });
+        }
+        for reset in ledger.take_resets() {
+            let problem = format!(
+                "offsets reused: {}[{}] went back from offset {} to {} (the topic was deleted and created again, or its log truncated); \
+                 the records from {} are archived again, each under the hour of its own timestamp: an older object of the same offset in the same hour folder is replaced unless S3_CONDITIONAL_PUT=true",
+                reset.tp.0, reset.tp.1, reset.was, reset.now, reset.now
+            );
+            tracing::error!(topic = %reset.tp.0, partition = reset.tp.1, was = reset.was, now = reset.now,
+                "offsets reused: the partition's offsets went back (the topic deleted and created again, or its log truncated); its records are archived again from there");
+            self.status.error(Some(&reset.tp), problem);
         }
         records
     }

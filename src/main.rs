@@ -156,6 +156,9 @@ fn main() -> ExitCode {
     {
         tracing::warn!(error = %e, "cannot read .env");
     }
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
