@@ -13,7 +13,9 @@
 //! about 28 MiB of memory while it was filled and drained at once (heaptrack, load benchmark), and
 //! with an entry per record, sled's per-entry cost bounded the ingest below 100,000 records/s. A
 //! segment file is deleted once none of its records is left, and the oldest is rewritten when
-//! removed records would otherwise pile up on disk behind one that stays.
+//! removed records would otherwise pile up on disk behind one that stays. A rewrite is all or
+//! nothing: one that fails (a full disk) leaves the file and its index entries as they were, and is
+//! tried again later.
 //!
 //! Durability: sled makes the index durable on its periodic flush, and values reach the disk when
 //! the OS writes them, not at once. That is enough because Kafka still holds every record that is
@@ -36,6 +38,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
@@ -257,6 +260,9 @@ pub fn decode_entry(key: &SpoolKey, raw: &[u8]) -> Result<Record, SpoolError> {
 const SEGMENT_BYTES: u64 = 16 << 20;
 /// Bytes buffered before they are written to the value file.
 const WRITE_BUFFER_BYTES: usize = 256 << 10;
+/// A compaction that failed is tried again after this long, not at every batch: one that fails on a
+/// full disk would otherwise read and write a file's records again for each.
+const COMPACT_RETRY: Duration = Duration::from_secs(10);
 /// The sled tree of the index: one entry per run of records (see [`Run`]).
 const RUNS_TREE: &str = "runs";
 /// Spools written before runs had one entry per record in the tree "index", and before the value
@@ -505,6 +511,9 @@ struct Segments {
     unsynced: u64,
     /// Runs with removals not yet written to their entry, by run key.
     removals: HashMap<Vec<u8>, Removals>,
+    /// Compactions that failed in a row, and when the next may be tried.
+    compact_failures: u32,
+    compact_after: Option<Instant>,
 }
 
 /// A run's removed slots, ahead of its entry.
@@ -522,6 +531,8 @@ impl Segments {
 
     /// Appends a value to the current file (starting a new one when it is full).
     fn append(&mut self, value: &[u8]) -> Result<Location, SpoolError> {
+        #[cfg(test)]
+        faults::hit(faults::Point::Append)?;
         let full = self.writer.as_ref().is_some_and(|(id, _)| self.files[id].len >= SEGMENT_BYTES);
         if full && let Some((_, mut out)) = self.writer.take() {
             out.flush()?;
@@ -570,11 +581,26 @@ impl Segments {
         Ok(ids.iter().filter_map(|id| self.files.get(id)).map(|s| s.file.clone()).collect())
     }
 
-    /// Takes back values that were appended but will not be indexed; deletes a file left empty.
+    /// Takes back values that were appended but will not be indexed; deletes the files left empty.
+    /// All are released before a file is deleted, and every deletion is tried, so that a deletion
+    /// that fails leaves no value counted that is not indexed; the first error is returned.
     fn forget(&mut self, written: &[Location]) -> Result<(), SpoolError> {
-        for location in written {
-            if let Some(empty) = self.release(*location) {
-                self.delete(empty)?;
+        let mut empty: Vec<u32> = written.iter().filter_map(|l| self.release(*l)).collect();
+        empty.dedup();
+        empty.into_iter().map(|id| self.delete(id)).fold(Ok(()), Result::and)
+    }
+
+    /// Makes the values at `written` durable: syncs every file they lie in (appends that went past
+    /// [`SEGMENT_BYTES`] lie in two).
+    fn sync(&mut self, written: &[Location]) -> Result<(), SpoolError> {
+        self.finish(false)?;
+        let mut ids: Vec<u32> = written.iter().map(|l| l.segment).collect();
+        ids.dedup();
+        for id in ids {
+            if let Some(segment) = self.files.get(&id) {
+                #[cfg(test)]
+                faults::hit(faults::Point::Sync(id))?;
+                segment.file.sync_data()?;
             }
         }
         Ok(())
@@ -609,6 +635,8 @@ impl Segments {
     }
 
     fn delete(&mut self, id: u32) -> Result<(), SpoolError> {
+        #[cfg(test)]
+        faults::hit(faults::Point::Delete(id))?;
         self.files.remove(&id);
         match std::fs::remove_file(Segments::path(&self.dir, id)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
@@ -746,8 +774,16 @@ impl Spool {
             );
         }
         let next_id = files.keys().next_back().map_or(0, |id| id + 1);
-        let mut segments =
-            Segments { dir: values, files, writer: None, next_id, unsynced: 0, removals: HashMap::new() };
+        let mut segments = Segments {
+            dir: values,
+            files,
+            writer: None,
+            next_id,
+            unsynced: 0,
+            removals: HashMap::new(),
+            compact_failures: 0,
+            compact_after: None,
+        };
         // Runs found empty were dropped: durable before their files go.
         index.flush()?;
         for id in segments.files.iter().filter(|(_, s)| s.live == 0).map(|(id, _)| *id).collect::<Vec<_>>() {
@@ -864,7 +900,8 @@ impl Spool {
     }
 
     /// Stores a batch of records at once and wakes the uploaders. Records already in the spool
-    /// are left as they are.
+    /// are left as they are. After an error the batch is not in the spool, or (when its index
+    /// entries could not be taken back) in it whole: either way the caller inserts it again.
     ///
     /// Only the appends to the value file, and reading which of the batch's offsets are spooled
     /// (a few index entries per partition), happen under the spool's lock; the rest (encoding,
@@ -936,26 +973,42 @@ impl Spool {
             }
             batch.insert(run_key(&r.key, r.kind), r.run.encode());
         }
+        let mut applied = false;
         let indexed = (|| -> Result<(), SpoolError> {
             for file in &to_sync {
                 file.sync_data()?;
             }
-            self.index.apply_batch(batch)?;
+            self.apply(batch)?;
+            applied = true;
             if !to_sync.is_empty() {
-                self.index.flush()?;
+                self.flush_index()?;
             }
             Ok(())
         })();
         release_garbage();
         let mut segments = self.segments();
         if let Err(e) = indexed {
-            segments.forget(&written)?;
-            self.publish(&segments);
+            // Entries that were applied point at the values: they go first, or the values stay.
+            let unindexed = if applied { self.take_back(&mut segments, &runs) } else { Ok(written) };
+            match unindexed {
+                Ok(values) => {
+                    segments.forget(&values)?;
+                    self.publish(&segments);
+                }
+                Err(undo) => {
+                    // The records are in the index: the consumer's retry of the batch finds them
+                    // there, whole.
+                    tracing::warn!(error = %undo, "the index entries of a batch whose insert failed could not be taken back; its records stay in the spool");
+                    self.publish(&segments);
+                    drop(segments);
+                    self.partitions.lock().expect("spool lock").extend(prefixes);
+                    self.inserted.notify_one();
+                }
+            }
             return Err(e);
         }
-        if let Some(id) = segments.to_compact() {
-            self.compact(&mut segments, id)?;
-        }
+        // The batch is in: a compaction that fails now is no failure of the insert.
+        self.compact_if_due(&mut segments);
         self.publish(&segments);
         drop(segments);
         self.partitions.lock().expect("spool lock").extend(prefixes);
@@ -963,37 +1016,158 @@ impl Spool {
         Ok(())
     }
 
-    /// Rewrites the records left in file `id` at the end of the current one, then deletes it.
-    fn compact(&self, segments: &mut Segments, id: u32) -> Result<(), SpoolError> {
-        let file = segments.files[&id].file.clone();
-        let mut batch = sled::Batch::default();
-        for entry in self.index.iter() {
-            let (k, v) = entry?;
-            let run = self.run(segments, &k, &v)?;
-            if run.segment != id {
-                continue;
+    /// Applies `batch` to the index.
+    fn apply(&self, batch: sled::Batch) -> Result<(), SpoolError> {
+        #[cfg(test)]
+        faults::hit(faults::Point::ApplyIndex)?;
+        Ok(self.index.apply_batch(batch)?)
+    }
+
+    /// Makes the index durable.
+    fn flush_index(&self) -> Result<(), SpoolError> {
+        #[cfg(test)]
+        faults::hit(faults::Point::FlushIndex)?;
+        self.index.flush()?;
+        Ok(())
+    }
+
+    /// Takes the runs of an insert back out of the index (their keys were new) and returns where
+    /// the values of their records still live are: an uploader may have removed some since they
+    /// were indexed, which released those. Changes nothing when it fails. Called under the spool's
+    /// lock.
+    fn take_back(&self, segments: &mut Segments, runs: &[NewRun]) -> Result<Vec<Location>, SpoolError> {
+        let keys: Vec<Vec<u8>> = runs.iter().map(|r| run_key(&r.key, r.kind)).collect();
+        let mut undo = sled::Batch::default();
+        let mut live = Vec::new();
+        for k in &keys {
+            if let Some(v) = self.index.get(k)? {
+                let run = self.run(segments, k, &v)?;
+                live.extend(run.live_records(&split_run_key(k).0).map(|(_, _, location)| location));
             }
-            let (first, kind) = split_run_key(&k);
-            let mut moved = Vec::with_capacity(run.slots.len());
-            for (_, key, location) in run.live_records(&first) {
-                let value = Segments::read(&file, location)?.ok_or_else(|| SpoolError::Corrupt {
-                    key: key.describe(),
-                    why: "value failed its check while the spool was compacted",
-                })?;
-                moved.push((key, segments.append(&value)?));
+            undo.remove(k.as_slice());
+        }
+        self.apply(undo)?;
+        for k in &keys {
+            segments.removals.remove(k);
+        }
+        Ok(live)
+    }
+
+    /// Compacts the oldest value file when it is due (see [`Segments::to_compact`]). One that
+    /// fails changed nothing: it is logged and tried again after [`COMPACT_RETRY`].
+    fn compact_if_due(&self, segments: &mut Segments) {
+        let Some(id) = segments.to_compact() else { return };
+        if segments.compact_after.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
+        match self.compact(segments, id) {
+            Ok(()) => {
+                if segments.compact_failures > 0 {
+                    tracing::info!(failed = segments.compact_failures, "the spool's value files are compacted again");
+                }
+                segments.compact_failures = 0;
+                segments.compact_after = None;
             }
-            // The run's removed records are left behind; what is moved may span two files.
-            segments.removals.remove(k.as_ref());
-            batch.remove(k);
-            for r in build_runs(moved.iter().map(|(key, location)| (key, kind, 0, *location))) {
-                batch.insert(run_key(&r.key, r.kind), r.run.encode());
+            Err(e) => {
+                segments.compact_failures += 1;
+                segments.compact_after = Some(Instant::now() + COMPACT_RETRY);
+                if segments.compact_failures.is_power_of_two() {
+                    tracing::warn!(
+                        error = %e,
+                        file = id,
+                        attempt = segments.compact_failures,
+                        retry_after_s = COMPACT_RETRY.as_secs(),
+                        "could not compact the spool's value files (disk full?); their records stay where they were, and it is tried again later"
+                    );
+                }
             }
         }
-        // Durable before the old file goes, for the reason given in [`Spool::remove`].
-        segments.finish(true)?;
-        self.index.apply_batch(batch)?;
-        self.index.flush()?;
-        segments.delete(id)?;
+    }
+
+    /// Rewrites the records left in file `id` at the end of the current one, then deletes it.
+    ///
+    /// All or nothing: the runs' entries, their removals not yet written and the counts change only
+    /// once the moved runs are indexed durably. On an error the values it appended are taken back
+    /// and the old file and entries stay as they were. Called under the spool's lock.
+    fn compact(&self, segments: &mut Segments, id: u32) -> Result<(), SpoolError> {
+        let file = segments.files[&id].file.clone();
+        // The entries of the runs moved, as they were; the keys of the runs they became; where the
+        // moved values went.
+        let mut old: Vec<(sled::IVec, sled::IVec)> = Vec::new();
+        let mut new_keys: Vec<Vec<u8>> = Vec::new();
+        let mut written: Vec<Location> = Vec::new();
+        let mut applied = false;
+        let moved = (|| -> Result<(), SpoolError> {
+            let mut batch = sled::Batch::default();
+            for entry in self.index.iter() {
+                let (k, v) = entry?;
+                let run = self.run(segments, &k, &v)?;
+                if run.segment != id {
+                    continue;
+                }
+                let (first, kind) = split_run_key(&k);
+                let mut moved = Vec::with_capacity(run.slots.len());
+                for (_, key, location) in run.live_records(&first) {
+                    let value = Segments::read(&file, location)?.ok_or_else(|| SpoolError::Corrupt {
+                        key: key.describe(),
+                        why: "value failed its check while the spool was compacted",
+                    })?;
+                    let at = segments.append(&value)?;
+                    written.push(at);
+                    moved.push((key, at));
+                }
+                // The run's removed records are left behind; what is moved may span two files.
+                batch.remove(k.clone());
+                for r in build_runs(moved.iter().map(|(key, location)| (key, kind, 0, *location))) {
+                    let key = run_key(&r.key, r.kind);
+                    batch.insert(key.clone(), r.run.encode());
+                    new_keys.push(key);
+                }
+                old.push((k, v));
+            }
+            // Durable before the old file goes, for the reason given in [`Spool::remove`].
+            segments.sync(&written)?;
+            self.apply(batch)?;
+            applied = true;
+            self.flush_index()?;
+            Ok(())
+        })();
+        if let Err(e) = moved {
+            // A failed write can leave part of a value in the file: append no more to it.
+            segments.writer = None;
+            let undone = !applied || {
+                let mut undo = sled::Batch::default();
+                for k in &new_keys {
+                    undo.remove(k.as_slice());
+                }
+                for (k, v) in &old {
+                    undo.insert(k.clone(), v.clone());
+                }
+                self.apply(undo).is_ok()
+            };
+            if undone {
+                segments.forget(&written)?;
+            } else {
+                // The index points at the moved values (not durably yet): they stay, and the
+                // records of the old file count as moved. The file itself goes at the next
+                // compaction, which finds none of its records, or at the next opening.
+                for (k, _) in &old {
+                    segments.removals.remove(k.as_ref());
+                }
+                if let Some(old) = segments.files.get_mut(&id) {
+                    (old.live, old.live_bytes) = (0, 0);
+                }
+            }
+            return Err(e);
+        }
+        // Their removals are in the moved runs, which hold only the records left.
+        for (k, _) in &old {
+            segments.removals.remove(k.as_ref());
+        }
+        if let Err(e) = segments.delete(id) {
+            // Nothing points at it any more: it is deleted at the next opening.
+            tracing::warn!(error = %e, file = id, "could not delete a compacted value file of the spool");
+        }
         Ok(())
     }
 
@@ -1184,8 +1358,69 @@ fn move_record_index(db: &sled::Db, runs: &sled::Tree) -> Result<(), SpoolError>
     Ok(())
 }
 
+/// Failures the tests make happen, and the order in which value files were synced and deleted.
+/// Per thread, so that tests running at once do not see each other's.
+#[cfg(test)]
+mod faults {
+    use std::cell::RefCell;
+    use std::mem::discriminant;
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(super) enum Point {
+        /// A value is appended.
+        Append,
+        /// A value file is synced by a compaction.
+        Sync(u32),
+        /// A value file is deleted.
+        Delete(u32),
+        /// A batch is applied to the index.
+        ApplyIndex,
+        /// The index is flushed.
+        FlushIndex,
+    }
+
+    thread_local! {
+        /// Points that fail, each after letting this many more through.
+        static ARMED: RefCell<Vec<(Point, u32)>> = const { RefCell::new(Vec::new()) };
+        /// Points passed.
+        static PASSED: RefCell<Vec<Point>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Makes every `point` (of any file) fail once `after` more have passed.
+    pub(super) fn arm(point: Point, after: u32) {
+        ARMED.with_borrow_mut(|armed| armed.push((point, after)));
+    }
+
+    /// Lets everything pass again and forgets what passed.
+    pub(super) fn clear() {
+        ARMED.with_borrow_mut(Vec::clear);
+        PASSED.with_borrow_mut(Vec::clear);
+    }
+
+    /// The points passed since [`clear`], in order.
+    pub(super) fn passed() -> Vec<Point> {
+        PASSED.with_borrow(Clone::clone)
+    }
+
+    pub(super) fn hit(point: Point) -> std::io::Result<()> {
+        let fails = ARMED.with_borrow_mut(|armed| {
+            armed.iter_mut().filter(|(p, _)| discriminant(p) == discriminant(&point)).any(|(_, left)| {
+                let fails = *left == 0;
+                *left = left.saturating_sub(1);
+                fails
+            })
+        });
+        if fails {
+            return Err(std::io::Error::other(format!("injected failure at {point:?}")));
+        }
+        PASSED.with_borrow_mut(|passed| passed.push(point));
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::faults::Point;
     use super::*;
 
     fn rec(topic: &str, partition: i32, offset: i64, value: Vec<u8>) -> Record {
@@ -1604,6 +1839,195 @@ mod tests {
         }
         assert_eq!((s.record_count(), s.keys().unwrap().len()), (0, 0));
         assert!(value_files(dir.path()).is_empty(), "the old value file goes with its last record");
+    }
+
+    /// A spool whose oldest value file is due for compaction at the next insert. File 0 holds a run
+    /// of 64 records of partition 9 whose odd ones were stored (their removals not yet written to
+    /// the run's entry), then records of partition 0 pass through files 0 to 3, one in 500 staying;
+    /// file 3, the one written to, is ten values short of full. Returns the records it holds.
+    fn due_for_compaction(dir: &Path) -> (Spool, Vec<Record>) {
+        // Inserts never sync on their own: the syncs seen are the compaction's.
+        let options = SpoolOptions { flush_bytes: u64::MAX, ..SpoolOptions::default() };
+        let s = Spool::open_with(dir, 1 << 20, options).unwrap();
+        let stuck: Vec<_> = (0..64).map(|o| rec("t", 9, o, noise(o, 16_000))).collect();
+        s.insert_batch(&stuck).unwrap();
+        for o in (1..64).step_by(2) {
+            s.remove(&SpoolKey::new("t", 9, o)).unwrap();
+        }
+        // Values of 16,010 bytes, 1,048 to a file.
+        let passing: Vec<_> = (0..4118).map(|o| rec("t", 0, o, noise(o, 16_000))).collect();
+        for chunk in passing.chunks(64) {
+            s.insert_batch(chunk).unwrap();
+        }
+        assert_eq!(value_files(dir).len(), 4);
+        for r in passing.iter().filter(|r| r.offset % 500 != 0) {
+            s.remove(&SpoolKey::new("t", 0, r.offset)).unwrap();
+        }
+        let mut held: Vec<_> = passing.into_iter().filter(|r| r.offset % 500 == 0).collect();
+        held.extend(stuck.into_iter().filter(|r| r.offset % 2 == 0));
+        (s, held)
+    }
+
+    /// The spool holds exactly `want` (values of 16,000 bytes), each record read once, with its
+    /// value.
+    fn assert_holds_once(s: &Spool, want: &[Record]) {
+        let mut got: Vec<Record> = Vec::new();
+        for prefix in s.partitions() {
+            got.extend(s.pending(&prefix, |_| false, usize::MAX, usize::MAX).unwrap().into_iter().map(|(_, r)| r));
+        }
+        got.sort_by_key(|r| (r.partition, r.offset));
+        let mut want = want.to_vec();
+        want.sort_by_key(|r| (r.partition, r.offset));
+        let offsets = |rs: &[Record]| rs.iter().map(|r| (r.partition, r.offset)).collect::<Vec<_>>();
+        assert_eq!(offsets(&got), offsets(&want), "each record read once, no stored one again");
+        assert!(got == want, "every value intact");
+        assert_eq!(s.record_count(), want.len() as u64, "record_count");
+        assert_eq!(s.byte_count(), want.len() as u64 * 16_010, "byte_count");
+        assert_eq!(s.keys().unwrap().len(), want.len());
+    }
+
+    /// Compacts the file due for it now (after a failure, the inserts wait before they try again).
+    fn compact_now(s: &Spool) {
+        let mut segments = s.segments();
+        let id = segments.to_compact().expect("a file is due for compaction");
+        s.compact(&mut segments, id).unwrap();
+        s.publish(&segments);
+    }
+
+    /// Inserts a record into a spool [`due_for_compaction`] with each `(point, after)` failing once
+    /// `after` of them passed, then compacts again once the failures are gone.
+    fn a_failed_compaction_leaves_the_spool_as_it_was(failures: &[(Point, u32)]) {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, mut want) = due_for_compaction(dir.path());
+        let first_file = Segments::path(&dir.path().join("values"), 0);
+        let trigger = rec("t", 1, 0, noise(1, 16_000));
+        want.push(trigger.clone());
+        faults::clear();
+        for &(point, after) in failures {
+            faults::arm(point, after);
+        }
+        let inserted = s.insert_batch(std::slice::from_ref(&trigger));
+        faults::clear();
+        assert_holds_once(&s, &want);
+        assert!(value_files(dir.path()).contains(&first_file), "the file holding live records is kept");
+        assert!(inserted.is_ok(), "the batch was written, its insert succeeds: {inserted:?}");
+        compact_now(&s);
+        assert_holds_once(&s, &want);
+        assert!(!value_files(dir.path()).contains(&first_file), "compacted once the failure is gone");
+        s.flush().unwrap();
+        drop(s);
+        assert_holds_once(&open_spool(dir.path()), &want);
+    }
+
+    #[test]
+    fn a_compaction_that_fails_while_appending_leaves_the_spool_as_it_was() {
+        // The batch's value goes in, then the disk is full at the compaction's 12th, in file 4.
+        a_failed_compaction_leaves_the_spool_as_it_was(&[(Point::Append, 12)]);
+    }
+
+    #[test]
+    fn a_compaction_that_fails_to_sync_leaves_the_spool_as_it_was() {
+        a_failed_compaction_leaves_the_spool_as_it_was(&[(Point::Sync(0), 0)]);
+    }
+
+    #[test]
+    fn a_compaction_whose_index_flush_fails_leaves_the_spool_as_it_was() {
+        // The moved runs are applied to the index, then taken back.
+        a_failed_compaction_leaves_the_spool_as_it_was(&[(Point::FlushIndex, 0)]);
+    }
+
+    #[test]
+    fn a_compaction_whose_index_flush_fails_and_cannot_be_taken_back_loses_nothing() {
+        // The batch's entries and the moved runs are applied; taking the moved runs back fails, so
+        // they stay, and the old file goes at the next compaction.
+        a_failed_compaction_leaves_the_spool_as_it_was(&[(Point::FlushIndex, 0), (Point::ApplyIndex, 2)]);
+    }
+
+    #[test]
+    fn a_compaction_that_failed_is_tried_again_later_not_at_every_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = due_for_compaction(dir.path());
+        let batch = |o: i64| [rec("t", 1, o, noise(o, 16_000))];
+        faults::clear();
+        faults::arm(Point::Sync(0), 0);
+        s.insert_batch(&batch(0)).unwrap();
+        faults::clear();
+        s.insert_batch(&batch(1)).unwrap();
+        assert_eq!(faults::passed(), vec![Point::Append, Point::ApplyIndex], "the next batch writes only itself");
+        s.segments().compact_after = Some(Instant::now());
+        s.insert_batch(&batch(2)).unwrap();
+        assert!(faults::passed().contains(&Point::Delete(0)), "compacted once the wait is over");
+        assert_eq!(s.record_count(), 41 + 3);
+    }
+
+    #[test]
+    fn a_compaction_syncs_every_file_it_moved_records_to_before_the_old_one_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = due_for_compaction(dir.path());
+        faults::clear();
+        s.insert_batch(&[rec("t", 1, 0, noise(1, 16_000))]).unwrap();
+        let passed: Vec<_> = faults::passed().into_iter().filter(|p| *p != Point::Append).collect();
+        let files: BTreeSet<u32> = s
+            .index
+            .scan_prefix(partition_prefix("t", 9))
+            .map(|e| e.map(|(k, v)| Run::decode(&k, &v).unwrap().segment).unwrap())
+            .collect();
+        assert_eq!(files, BTreeSet::from([3, 4]), "the moved records fill file 3 and go on in file 4");
+        let deleted = passed.iter().position(|p| *p == Point::Delete(0)).expect("file 0 was compacted");
+        for id in files {
+            assert!(passed[..deleted].contains(&Point::Sync(id)), "file {id} synced before file 0 went: {passed:?}");
+        }
+    }
+
+    /// Records without a Kafka timestamp: their insert syncs and flushes the index before it
+    /// returns.
+    fn consumed_batch() -> Vec<Record> {
+        (0..10)
+            .map(|o| Record { time: RecordTime::Consumed(1_650_000_000_000 + o), ..rec("t", 0, o, noise(o, 1000)) })
+            .collect()
+    }
+
+    /// The consumer retries a batch whose insert failed: afterwards, and after a reopening, the
+    /// spool holds each record with its value.
+    fn the_retry_stores_the_batch_whole(dir: &Path, s: Spool, batch: &[Record]) {
+        s.insert_batch(batch).unwrap();
+        let held = |s: &Spool| -> Vec<Record> {
+            let got = s.pending(&partition_prefix("t", 0), |_| false, usize::MAX, usize::MAX).unwrap();
+            got.into_iter().map(|(_, r)| r).collect()
+        };
+        assert!(held(&s) == batch, "every record with its value");
+        assert_eq!(s.record_count(), batch.len() as u64);
+        s.flush().unwrap();
+        drop(s);
+        let s = open_spool(dir);
+        assert!(held(&s) == batch, "every record with its value after a reopening");
+        assert_eq!(s.record_count(), batch.len() as u64);
+    }
+
+    #[test]
+    fn a_batch_whose_index_flush_fails_is_stored_whole_by_the_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_spool(dir.path());
+        let batch = consumed_batch();
+        faults::clear();
+        faults::arm(Point::FlushIndex, 0);
+        assert!(s.insert_batch(&batch).is_err());
+        faults::clear();
+        the_retry_stores_the_batch_whole(dir.path(), s, &batch);
+    }
+
+    #[test]
+    fn a_batch_whose_index_flush_fails_is_stored_whole_by_the_retry_even_if_its_entries_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_spool(dir.path());
+        let batch = consumed_batch();
+        faults::clear();
+        faults::arm(Point::FlushIndex, 0);
+        // Its entries are applied; taking them back fails too.
+        faults::arm(Point::ApplyIndex, 1);
+        assert!(s.insert_batch(&batch).is_err());
+        faults::clear();
+        the_retry_stores_the_batch_whole(dir.path(), s, &batch);
     }
 }
 
