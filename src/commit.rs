@@ -38,6 +38,9 @@ struct PartitionState {
     next_delivery: Option<i64>,
     /// The first offset delivered in this assignment: where the group's committed offset was.
     start: Option<i64>,
+    /// Offsets are reused from here while records of the old ones are not stored yet: what is
+    /// delivered from here is dropped, and fetched again once they are ([`Ledger::refetch`]).
+    held_from: Option<i64>,
 }
 
 /// What the consumer should do with a record it was just handed.
@@ -52,6 +55,9 @@ pub enum Delivery {
     /// Its partition is not assigned to this process (revoked since the record was fetched):
     /// drop it; the partition's next owner fetches it again from the committed offset.
     Revoked,
+    /// Another record at an offset whose old record is not stored yet: drop it; it is fetched again
+    /// once the old records are stored ([`Ledger::refetch`]).
+    Held,
 }
 
 /// Offsets delivered, stored and committable, for every partition this process handles.
@@ -64,16 +70,20 @@ pub struct Ledger {
     resets: Vec<OffsetsReset>,
 }
 
-/// Kafka delivered a partition's offset below one it had delivered in the same assignment: its
-/// fetch position was reset, so the offsets are reused (the topic deleted and created again, or its
-/// log truncated by an unclean leader election).
+/// Kafka delivered other records at offsets this process had seen: an offset below one delivered
+/// earlier in the same assignment (librdkafka reset the fetch position), or a record whose Kafka
+/// timestamp is not the one seen at its offset before. The offsets are reused: the topic was deleted
+/// and created again, or its log truncated by an unclean leader election.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OffsetsReset {
     pub tp: Tp,
-    /// One past the highest offset delivered before.
-    pub was: i64,
-    /// The offset delivered now.
+    /// One past the highest offset delivered before in this assignment, if any.
+    pub was: Option<i64>,
+    /// The first offset of the other records.
     pub now: i64,
+    /// Records of the old offsets from `now` on are still being stored: the new ones are fetched
+    /// again once they are (see [`Ledger::refetch`]).
+    pub held: bool,
 }
 
 /// One assigned partition as the ledger sees it.
@@ -101,6 +111,7 @@ impl Ledger {
         p.acked = None;
         p.next_delivery = None;
         p.start = None;
+        p.held_from = None;
     }
 
     /// The partition was revoked: stop committing it. Records still in the spool stay known,
@@ -112,6 +123,7 @@ impl Ledger {
             p.acked = None;
             p.next_delivery = None;
             p.start = None;
+            p.held_from = None;
             p.slots.retain(|_, s| !s.done);
             for s in p.slots.values_mut() {
                 s.delivered = false;
@@ -136,14 +148,26 @@ impl Ledger {
             // a later assignment pass the records still in the spool.
             return Delivery::Revoked;
         }
-        if let Some(was) = p.next_delivery
-            && offset < was
-        {
-            // librdkafka delivers a partition in order within an assignment: going back means its
-            // position was reset, and these are other records at the same offsets. Taken as stored
-            // they would be lost: the partition starts again here, and its commits follow.
-            self.resets.push(OffsetsReset { tp: tp.clone(), was, now: offset });
+        if p.held_from.is_some() {
+            return Delivery::Held;
+        }
+        // librdkafka delivers a partition in order within an assignment: going back means its
+        // position was reset. A record whose Kafka timestamp differs from the one seen at its
+        // offset is another record. Either way, taken as stored or as spooled, the records at these
+        // offsets would be lost.
+        let went_back = p.next_delivery.filter(|&was| offset < was);
+        let other =
+            p.slots.get(&offset).is_some_and(|s| s.time_ms.is_some() && time_ms.is_some() && s.time_ms != time_ms);
+        if went_back.is_some() || other {
+            // What was seen from here on is of the old records: the stored ones are forgotten; the
+            // new records wait for the others to be stored, or they would be taken for them.
             p.slots.retain(|&o, s| o < offset || !s.done);
+            let held = p.slots.range(offset..).next().is_some();
+            self.resets.push(OffsetsReset { tp: tp.clone(), was: went_back, now: offset, held });
+            if held {
+                p.held_from = Some(offset);
+                return Delivery::Held;
+            }
             for s in p.slots.values_mut() {
                 s.delivered = false;
             }
@@ -237,9 +261,35 @@ impl Ledger {
         }
     }
 
-    /// The partitions whose offsets went back since the last call.
+    /// The partitions whose offsets were found reused since the last call.
     pub fn take_resets(&mut self) -> Vec<OffsetsReset> {
         std::mem::take(&mut self.resets)
+    }
+
+    /// The held partitions whose old records are all stored now, with the offset to fetch again
+    /// from (the consumer seeks there). From now on their commits follow the new records.
+    pub fn refetch(&mut self) -> Vec<(Tp, i64)> {
+        let mut out = Vec::new();
+        for (tp, p) in &mut self.partitions {
+            let Some(from) = p.held_from else { continue };
+            if p.slots.range(from..).any(|(_, s)| !s.done) {
+                continue;
+            }
+            p.slots.retain(|&o, _| o < from);
+            for s in p.slots.values_mut() {
+                s.delivered = false;
+            }
+            (p.held_from, p.committed, p.acked, p.next_delivery, p.start) = (None, None, None, None, None);
+            out.push((tp.clone(), from));
+        }
+        out
+    }
+
+    /// A fetch again could not be set up: the partition stays held and it is tried again.
+    pub fn hold(&mut self, tp: &Tp, from: i64) {
+        if let Some(p) = self.partitions.get_mut(tp).filter(|p| p.assigned) {
+            p.held_from = Some(from);
+        }
     }
 
     /// The last position Kafka confirmed for a partition in this assignment, if any.
@@ -270,10 +320,7 @@ impl PartitionState {
     fn position(&self) -> Option<i64> {
         let start = self.start?;
         let lowest_open = self.slots.range(start..).find(|(_, s)| !s.done).map(|(&o, _)| o);
-        match (lowest_open, self.next_delivery) {
-            (Some(open), Some(next)) => Some(open.min(next)),
-            (open, next) => open.or(next),
-        }
+        [lowest_open, self.next_delivery, self.held_from].into_iter().flatten().reduce(i64::min)
     }
 }
 
@@ -486,7 +533,7 @@ mod tests {
         assert!(l.take_resets().is_empty());
         // The topic was deleted and created again: librdkafka resets the position to 0.
         assert_eq!(l.deliver(&tp(), 0, false, None), Delivery::Spool, "another record at offset 0");
-        assert_eq!(l.take_resets(), vec![OffsetsReset { tp: tp(), was: 100, now: 0 }]);
+        assert_eq!(l.take_resets(), vec![OffsetsReset { tp: tp(), was: Some(100), now: 0, held: false }]);
         for o in 1..5 {
             assert_eq!(l.deliver(&tp(), o, false, None), Delivery::Spool);
         }
@@ -498,5 +545,65 @@ mod tests {
         assert_eq!(l.to_commit(), vec![(tp(), 3)], "the commit goes back to follow the new offsets");
         l.commit_failed(&tp());
         assert_eq!(l.to_commit(), vec![(tp(), 3)], "sent again, not held back by the old 100");
+    }
+
+    /// The topic is deleted and created again while the old records at the same offsets are still
+    /// being uploaded: the new ones must not be taken for them.
+    #[test]
+    fn records_at_reused_offsets_wait_for_the_old_ones_and_are_fetched_again() {
+        let mut l = Ledger::new();
+        l.assign(&tp());
+        for o in 0..10 {
+            assert_eq!(l.deliver(&tp(), o, false, Some(1000 + o)), Delivery::Spool);
+        }
+        l.complete(&tp(), 0);
+        assert_eq!(l.to_commit(), vec![(tp(), 1)]);
+        // Offset 0 again: a reset. 1..10 of the old topic are not stored yet.
+        assert_eq!(l.deliver(&tp(), 0, false, Some(5000)), Delivery::Held);
+        assert_eq!(l.take_resets(), vec![OffsetsReset { tp: tp(), was: Some(10), now: 0, held: true }]);
+        assert_eq!(l.deliver(&tp(), 1, false, Some(5001)), Delivery::Held, "dropped: fetched again later");
+        for o in 1..10 {
+            l.complete(&tp(), o);
+            assert!(l.to_commit().iter().all(|(_, c)| *c <= 0), "no commit past the held offset 0");
+        }
+        assert_eq!(l.refetch(), vec![(tp(), 0)]);
+        assert!(l.refetch().is_empty());
+        for o in 0..3 {
+            assert_eq!(l.deliver(&tp(), o, false, Some(5000 + o)), Delivery::Spool, "offset {o} is a new record");
+        }
+        assert_eq!(l.to_commit(), vec![]);
+        l.complete(&tp(), 0);
+        assert_eq!(l.to_commit(), vec![(tp(), 1)]);
+    }
+
+    /// After a revocation the ledger still knows the old records; the next assignment of the new
+    /// topic starts with no position to go back from: the Kafka timestamp tells the records apart.
+    #[test]
+    fn another_record_at_a_known_offset_in_a_later_assignment_is_not_taken_for_the_old_one() {
+        let mut l = Ledger::new();
+        l.assign(&tp());
+        for o in 0..10 {
+            l.deliver(&tp(), o, false, Some(1000 + o));
+        }
+        for o in 0..5 {
+            l.complete(&tp(), o);
+        }
+        l.revoke(&tp());
+        l.complete(&tp(), 5); // stored after the revocation
+        l.assign(&tp());
+        // The topic was created again: offset 5 holds another record than the one stored.
+        assert_eq!(l.deliver(&tp(), 5, false, Some(9005)), Delivery::Held);
+        assert!(l.take_resets()[0].held);
+        for o in 6..10 {
+            l.complete(&tp(), o);
+        }
+        assert_eq!(l.refetch(), vec![(tp(), 5)]);
+        for o in 5..10 {
+            assert_eq!(l.deliver(&tp(), o, false, Some(9000 + o)), Delivery::Spool);
+        }
+        for o in 5..10 {
+            l.complete(&tp(), o);
+        }
+        assert_eq!(l.to_commit(), vec![(tp(), 10)]);
     }
 }

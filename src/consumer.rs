@@ -7,7 +7,8 @@
 //! partitions before they go (design invariant 6). Above the spool's low watermark it takes no
 //! records until the uploads bring the spool down to half; it pauses its partitions while the
 //! spool is over its high watermark, does not shrink, or cannot be written (a full disk), and
-//! resumes below the low watermark (design invariant 5). On shutdown it stops fetching, waits
+//! resumes below the low watermark; a wait for room longer than 10 s becomes a pause until half, so
+//! that the consumer keeps polling (design invariants 5 and 8). On shutdown it stops fetching, waits
 //! until the uploaders have drained, and commits what they finished.
 
 use std::collections::{HashMap, HashSet};
@@ -365,6 +366,17 @@ impl KafkaConsumer {
                 }
                 last_pause = Instant::now();
             }
+            // Records at reused offsets that waited for the old ones: fetched again now.
+            let refetch = self.ledger.lock().expect("ledger lock").refetch();
+            for ((topic, partition), from) in refetch {
+                if let Err(e) = consumer.seek(&topic, partition, Offset::Offset(from), Duration::from_secs(5)) {
+                    tracing::warn!(topic = %topic, partition, offset = from, error = %e,
+                        "cannot fetch the partition again from a reused offset; trying again");
+                    self.ledger.lock().expect("ledger lock").hold(&(topic, partition), from);
+                } else {
+                    tracing::info!(topic = %topic, partition, offset = from, "fetching again from a reused offset");
+                }
+            }
             if let Some(why) = change {
                 tracing::info!(spool_bytes = bytes, spool_records = records, free_bytes = state.free, "{why}");
                 self.status.set_paused(backpressure.paused.then_some(why));
@@ -388,7 +400,9 @@ impl KafkaConsumer {
                 "the spool still cannot be written; these records are not committed and will be fetched again"
             );
         }
-        // Stop fetching; keep serving the client while the uploaders drain.
+        // Stop fetching; keep serving the client while the uploaders drain. A partition assigned
+        // meanwhile is paused too.
+        consumer.context().paused.store(true, Ordering::Relaxed);
         let assignment = consumer.assignment()?;
         if assignment.count() > 0 {
             consumer.pause(&assignment)?;
@@ -476,13 +490,22 @@ impl KafkaConsumer {
             });
         }
         for reset in ledger.take_resets() {
+            let (topic, partition) = (&reset.tp.0, reset.tp.1);
+            let seen = match reset.was {
+                Some(was) => format!("went back from offset {was} to {}", reset.now),
+                None => format!("holds another record at offset {} than this instance saw there", reset.now),
+            };
+            let what = if reset.held {
+                "they are fetched again once the old records at these offsets are stored"
+            } else {
+                "they are archived from there"
+            };
             let problem = format!(
-                "offsets reused: {}[{}] went back from offset {} to {} (the topic was deleted and created again, or its log truncated); \
-                 the records from {} are archived again, each under the hour of its own timestamp: an older object of the same offset in the same hour folder is replaced unless S3_CONDITIONAL_PUT=true",
-                reset.tp.0, reset.tp.1, reset.was, reset.now, reset.now
+                "offsets reused: {topic}[{partition}] {seen} (the topic was deleted and created again, or its log truncated); \
+                 {what}, each under the hour of its own timestamp: an older object of the same offset in the same hour folder is replaced unless S3_CONDITIONAL_PUT=true"
             );
-            tracing::error!(topic = %reset.tp.0, partition = reset.tp.1, was = reset.was, now = reset.now,
-                "offsets reused: the partition's offsets went back (the topic deleted and created again, or its log truncated); its records are archived again from there");
+            tracing::error!(topic = %topic, partition, offset = reset.now, held = reset.held,
+                "offsets reused: the partition's offsets hold other records (the topic deleted and created again, or its log truncated); they are archived as new records");
             self.status.error(Some(&reset.tp), problem);
         }
         records
