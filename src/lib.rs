@@ -19,6 +19,8 @@
 //! - [`upload`]: tokio tasks that store each record's objects and retry until stored.
 //! - [`commit`]: the ledger that turns stored offsets into safe commit positions.
 //! - [`store`]: the object_store backend (S3 or local directory).
+//! - [`topic_id`]: at start-up, says whether a topic was deleted and created again since the
+//!   archiver last ran.
 //! - [`metrics`], [`status`], [`http`]: what an operator sees.
 //! - [`check`]: the preflight check of a configuration (`kafka-s3-archiver check`).
 //! - [`bench`]: the store's raw PUT rate (`kafka-s3-archiver bench-store`).
@@ -42,6 +44,7 @@ pub mod restore;
 pub mod spool;
 pub mod status;
 pub mod store;
+pub mod topic_id;
 pub mod upload;
 pub mod verify;
 
@@ -68,6 +71,8 @@ pub enum RunError {
     Spool(#[from] spool::SpoolError),
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error("cannot keep the topics' ids in SPOOL_DIR: {0}")]
+    TopicIds(object_store::Error),
     #[error(transparent)]
     Http(#[from] http::HttpError),
     #[error(transparent)]
@@ -118,7 +123,7 @@ pub async fn run(
 
     let drained = CancellationToken::new();
     let uploader = upload::Uploader {
-        store,
+        store: store.clone(),
         spool: spool.clone(),
         ledger: ledger.clone(),
         status: status.clone(),
@@ -130,6 +135,17 @@ pub async fn run(
         metadata: config.store.keeps_metadata(),
     };
     let mut uploads = tokio::spawn(uploader.run(stop.clone()));
+
+    // Before consuming (and while the spool's records upload): a topic deleted and created again
+    // since the archiver last ran. It takes seconds at most; a signal meanwhile is taken, and then
+    // the consumer does not start. The ids are kept in SPOOL_DIR: the bucket holds the archive only.
+    let topic_ids: Arc<dyn object_store::ObjectStore> =
+        Arc::new(object_store::local::LocalFileSystem::new_with_prefix(&config.spool_dir).map_err(RunError::TopicIds)?);
+    tokio::pin!(shutdown);
+    let mut signalled = tokio::select! {
+        _ = topic_id::check(&client, &config.topics, topic_ids, &status) => false,
+        _ = &mut shutdown => true,
+    };
 
     let kafka = consumer::KafkaConsumer {
         client,
@@ -143,27 +159,29 @@ pub async fn run(
     let (consumer_stop, consumer_drained) = (stop.clone(), drained.clone());
     let drain_wait = config.shutdown_timeout + Duration::from_secs(5);
     let (consumer_done_tx, consumer_done_rx) = tokio::sync::oneshot::channel();
-    let consumer_thread = std::thread::Builder::new()
-        .name("kafka-consumer".into())
-        .spawn(move || {
-            let result = kafka.run(consumer_stop.clone(), consumer_drained, drain_wait);
-            consumer_stop.cancel();
-            let _ = consumer_done_tx.send(());
-            result
-        })
-        .expect("spawn the consumer thread");
+    let consumer_thread = (!signalled).then(|| {
+        std::thread::Builder::new()
+            .name("kafka-consumer".into())
+            .spawn(move || {
+                let result = kafka.run(consumer_stop.clone(), consumer_drained, drain_wait);
+                consumer_stop.cancel();
+                let _ = consumer_done_tx.send(());
+                result
+            })
+            .expect("spawn the consumer thread")
+    });
 
     // Wait for the signal, or for a stage that stops by itself (UNDECODABLE=stop, a fatal error).
     let mut upload_result = None;
-    let mut signalled = false;
-    tokio::pin!(shutdown);
-    tokio::select! {
-        _ = &mut shutdown => {
-            signalled = true;
-            tracing::info!("shutting down: fetching stops, uploads in flight finish");
+    if !signalled {
+        tokio::select! {
+            _ = &mut shutdown => signalled = true,
+            r = &mut uploads => upload_result = Some(r),
+            _ = consumer_done_rx => {}
         }
-        r = &mut uploads => upload_result = Some(r),
-        _ = consumer_done_rx => {}
+    }
+    if signalled {
+        tracing::info!("shutting down: fetching stops, uploads in flight finish");
     }
     stop.cancel();
     let upload_result = match upload_result {
@@ -171,10 +189,13 @@ pub async fn run(
         None => uploads.await,
     };
     drained.cancel();
-    let consumer_result = tokio::task::spawn_blocking(move || consumer_thread.join())
-        .await
-        .expect("join the consumer thread")
-        .map_err(|_| RunError::ConsumerPanicked)?;
+    let consumer_result = match consumer_thread {
+        Some(thread) => tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .expect("join the consumer thread")
+            .map_err(|_| RunError::ConsumerPanicked)?,
+        None => Ok(()),
+    };
     spool.flush()?;
     let result = match upload_result {
         Ok(r) => r.map_err(RunError::from).and(consumer_result.map_err(RunError::from)),
