@@ -514,6 +514,9 @@ struct Segments {
     /// Compactions that failed in a row, and when the next may be tried.
     compact_failures: u32,
     compact_after: Option<Instant>,
+    /// Index entries were left in place after a failed insert, perhaps not durably: the next insert
+    /// flushes the index before it returns, even when it finds the whole batch present.
+    unflushed: bool,
 }
 
 /// A run's removed slots, ahead of its entry.
@@ -783,6 +786,7 @@ impl Spool {
             removals: HashMap::new(),
             compact_failures: 0,
             compact_after: None,
+            unflushed: false,
         };
         // Runs found empty were dropped: durable before their files go.
         index.flush()?;
@@ -940,6 +944,11 @@ impl Spool {
             }
         }
         if new.is_empty() {
+            // The consumer's retry of a batch whose entries stayed after a failure: durable now.
+            if self.segments().unflushed {
+                self.flush_index()?;
+                self.segments().unflushed = false;
+            }
             return Ok(());
         }
         // Synced before they are indexed at least every `flush_bytes`, and at once when a record's
@@ -999,6 +1008,7 @@ impl Spool {
                     // The records are in the index: the consumer's retry of the batch finds them
                     // there, whole.
                     tracing::warn!(error = %undo, "the index entries of a batch whose insert failed could not be taken back; its records stay in the spool");
+                    segments.unflushed = true;
                     self.publish(&segments);
                     drop(segments);
                     self.partitions.lock().expect("spool lock").extend(prefixes);
@@ -1145,8 +1155,16 @@ impl Spool {
                 }
                 self.apply(undo).is_ok()
             };
-            if undone {
+            if undone && self.flush_index().is_ok() {
                 segments.forget(&written)?;
+            } else if undone {
+                // The old entries are back, but not durably: after a crash the index may still
+                // point at the moved values, so their files stay until the next opening, which
+                // deletes the files no entry points at. Only the counts are taken back.
+                for location in &written {
+                    segments.release(*location);
+                }
+                self.publish(segments);
             } else {
                 // The index points at the moved values (not durably yet): they stay, and the
                 // records of the old file count as moved. The file itself goes at the next
@@ -2027,6 +2045,10 @@ mod tests {
         faults::arm(Point::ApplyIndex, 1);
         assert!(s.insert_batch(&batch).is_err());
         faults::clear();
+        // The records' path time is the time they were consumed: their entries must be durable
+        // when the retry returns, or a crash would have them fetched again under another hour.
+        s.insert_batch(&batch).unwrap();
+        assert!(faults::passed().contains(&Point::FlushIndex), "the retry flushed the index: {:?}", faults::passed());
         the_retry_stores_the_batch_whole(dir.path(), s, &batch);
     }
 }
