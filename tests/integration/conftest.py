@@ -37,6 +37,13 @@ def moto():
 
 
 @pytest.fixture(scope="session")
+def s3s_fs():
+    s = testbed.S3sFs()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
 def archiver_bin():
     path = Path(os.environ.get("ARCHIVER_BIN", REPO / "target" / "release" / "kafka-s3-archiver"))
     assert path.exists(), f"{path} is missing: run cargo build --release (scripts/test.sh does)"

@@ -3,6 +3,8 @@
 - Tansu: a Kafka API-compatible broker (in-memory storage).
 - Garage: a production S3 server, single node.
 - Moto: an S3 emulator that honours If-None-Match.
+- s3s-fs: an S3 server over a directory, one file per object, so a test can see at once and
+  exactly whether an object is stored.
 
 Paths come from scripts/install-testbed.sh (TESTBED_HOME). A server that fails to start fails the
 test: nothing is skipped.
@@ -20,6 +22,7 @@ from pathlib import Path
 TESTBED_HOME = Path(os.environ.get("TESTBED_HOME", Path.home() / ".cache" / "kafka-s3-archiver"))
 VENV = TESTBED_HOME / "venv"
 GARAGE_BIN = TESTBED_HOME / "tools" / "bin" / "garage"
+S3S_FS_BIN = TESTBED_HOME / "tools" / "bin" / "s3s-fs"
 
 # Fixed test credentials (garage key ids are GK + 24 hex digits, secrets 64 hex digits).
 ACCESS_KEY = "GK0123456789abcdef01234567"
@@ -194,6 +197,28 @@ class Moto(S3Server):
 
     def create_bucket(self, name):
         self.client().create_bucket(Bucket=name)
+
+
+class S3sFs(S3Server):
+    """s3s-fs: each object is the file <root>/<bucket>/<key>, written to a temporary file and
+    renamed before the PUT is answered, so a stored object is a file that exists."""
+
+    def __init__(self):
+        super().__init__()
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.root = self.dir / "root"
+        self.root.mkdir()
+        self.spawn([str(S3S_FS_BIN), "--host", "127.0.0.1", "--port", str(self.port), "--access-key", ACCESS_KEY,
+                    "--secret-key", SECRET_KEY, str(self.root)])
+        wait_for_port(self.port, self.proc, "s3s-fs")
+
+    def create_bucket(self, name):
+        self.client().create_bucket(Bucket=name)
+
+    def bucket_dir(self, name):
+        """The directory holding a bucket's objects as files named by their keys."""
+        return self.root / name
 
 
 def scrape(port):
