@@ -1035,16 +1035,22 @@ mod tests {
         KafkaRecord { topic: r.topic, partition: 0, offset: 2, timestamp_ms: None, key: None, value: Some(r.value) }
     }
 
-    #[tokio::test]
-    async fn against_kafka_a_record_without_timestamp_archived_twice_is_one_problem_and_both_copies_are_compared() {
-        let store = Arc::new(InMemory::new());
-        let [first, second] = archive_with_a_record_consumed_twice(&store).await;
-        let slot = slot_of_offset_2(&store).await;
+    /// Offset 2 of the archive compared with the record Kafka has, bodies included.
+    async fn compare_offset_2_with_kafka(store: &Arc<InMemory>) -> TopicReport {
+        let slot = slot_of_offset_2(store).await;
         let mut report = TopicReport::default();
         let mut fetches = Vec::new();
         let layout = Layout::default();
         compare_record(&in_kafka(), &slot, &layout, UndecodablePolicy::DeadLetter, false, &mut report, &mut fetches);
         compare_bodies(store.as_ref(), fetches, 4, &mut report).await;
+        report
+    }
+
+    #[tokio::test]
+    async fn against_kafka_a_record_without_timestamp_archived_twice_is_one_problem_and_both_copies_are_compared() {
+        let store = Arc::new(InMemory::new());
+        let [first, second] = archive_with_a_record_consumed_twice(&store).await;
+        let report = compare_offset_2_with_kafka(&store).await;
         let found = twice(&report);
         assert_eq!(found.len(), 1, "{:?}", report.problems);
         assert!(found[0].detail.contains(&first) && found[0].detail.contains(&second), "{}", found[0].detail);
@@ -1057,12 +1063,7 @@ mod tests {
     async fn against_kafka_a_record_without_timestamp_archived_once_is_clean() {
         let store = Arc::new(InMemory::new());
         put(&store, &record(2, RecordTime::Consumed(1_650_250_000_000)), UndecodablePolicy::DeadLetter).await;
-        let slot = slot_of_offset_2(&store).await;
-        let mut report = TopicReport::default();
-        let mut fetches = Vec::new();
-        let layout = Layout::default();
-        compare_record(&in_kafka(), &slot, &layout, UndecodablePolicy::DeadLetter, false, &mut report, &mut fetches);
-        compare_bodies(store.as_ref(), fetches, 4, &mut report).await;
+        let report = compare_offset_2_with_kafka(&store).await;
         assert_eq!(report.counts.problems(), 0, "{:?}", report.problems);
         assert_eq!(report.counts.bodies_compared, 2);
     }
