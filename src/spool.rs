@@ -1787,21 +1787,36 @@ mod tests {
     fn compaction_moves_the_records_left_in_a_partly_removed_run() {
         let dir = tempfile::tempdir().unwrap();
         let s = open_spool(dir.path());
-        // One run of 64 records; the odd ones are stored, the even ones stay (their uploads fail).
-        let stuck: Vec<_> = (0..64).map(|o| rec("t", 9, o, noise(o, 16_000))).collect();
-        s.insert_batch(&stuck).unwrap();
-        for o in (1..64).step_by(2) {
-            s.remove(&SpoolKey::new("t", 9, o)).unwrap();
-        }
-        // 160 MiB pass through: the file holding the run is compacted, more than once.
-        for batch in 0..160 {
-            let records: Vec<_> = (0..64).map(|i| rec("t", 0, batch * 64 + i, noise(i, 16_000))).collect();
-            s.insert_batch(&records).unwrap();
-            for r in &records {
-                s.remove(&SpoolKey::new("t", 0, r.offset)).unwrap();
+        // Records passing through: stored and removed as soon as they are in.
+        let mut next = 0;
+        let mut pass = |s: &Spool, batches: i64| {
+            for _ in 0..batches {
+                let records: Vec<_> = (0..64).map(|i| rec("t", 0, next + i, noise(i, 16_000))).collect();
+                next += 64;
+                s.insert_batch(&records).unwrap();
+                for r in &records {
+                    s.remove(&SpoolKey::new("t", 0, r.offset)).unwrap();
+                }
             }
+        };
+        // Three runs of 64 records in three value files; the odd ones are stored, the even ones stay
+        // (their uploads fail). Each file is then mostly garbage, more than two files' worth in all.
+        let mut stuck = Vec::new();
+        let mut first_file = None;
+        for run in 0..3 {
+            let records: Vec<_> = (run * 64..run * 64 + 64).map(|o| rec("t", 9, o, noise(o, 16_000))).collect();
+            s.insert_batch(&records).unwrap();
+            first_file.get_or_insert_with(|| value_files(dir.path()).pop().unwrap());
+            for o in (run * 64 + 1..run * 64 + 64).step_by(2) {
+                s.remove(&SpoolKey::new("t", 9, o)).unwrap();
+            }
+            stuck.extend(records);
+            pass(&s, 20);
         }
-        assert!(value_files(dir.path()).len() <= 2);
+        pass(&s, 100);
+        let files = value_files(dir.path());
+        assert!(!files.contains(first_file.as_ref().unwrap()), "the oldest file was compacted away: {files:?}");
+        assert!(files.len() <= 3, "{files:?}");
         let want: Vec<_> = stuck.iter().filter(|r| r.offset % 2 == 0).cloned().collect();
         let left = |s: &Spool| -> Vec<Record> {
             s.pending(&partition_prefix("t", 9), |_| false, usize::MAX, usize::MAX)
@@ -1811,12 +1826,12 @@ mod tests {
                 .collect()
         };
         assert_eq!(left(&s), want, "the records that stayed are intact, the stored ones do not come back");
-        assert_eq!(s.record_count(), 32);
+        assert_eq!(s.record_count(), 96);
         s.flush().unwrap();
         drop(s);
         let s = open_spool(dir.path());
         assert_eq!(left(&s), want);
-        assert_eq!(s.record_count(), 32);
+        assert_eq!(s.record_count(), 96);
     }
 
     #[test]
