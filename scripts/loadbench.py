@@ -38,23 +38,6 @@ from load import v3_message  # noqa: E402
 BIN = Path(os.environ.get("ARCHIVER_BIN", REPO / "target" / "release" / "kafka-s3-archiver")).resolve()
 
 
-class S3sFs(testbed.S3Server):
-    """s3s-fs: an S3 server over a directory; the fastest one here."""
-
-    def __init__(self):
-        super().__init__()
-        self.port = testbed.free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        (self.dir / "root").mkdir()
-        self.spawn([str(testbed.TESTBED_HOME / "tools" / "bin" / "s3s-fs"), "--host", "127.0.0.1", "--port",
-                    str(self.port), "--access-key", testbed.ACCESS_KEY, "--secret-key", testbed.SECRET_KEY,
-                    str(self.dir / "root")])
-        testbed.wait_for_port(self.port, self.proc, "s3s-fs")
-
-    def create_bucket(self, name):
-        self.client().create_bucket(Bucket=name)
-
-
 class Fresh:
     """A new server of one kind for every measurement, the previous one stopped and deleted: a
     store filled by one measurement does not slow the next (s3s-fs keeps every object as a file,
@@ -65,7 +48,7 @@ class Fresh:
 
     def __call__(self):
         self.stop()
-        self.server = S3sFs() if self.kind == "s3s-fs" else testbed.Garage()
+        self.server = testbed.S3sFs() if self.kind == "s3s-fs" else testbed.Garage()
         return self.server
 
     def stop(self):
