@@ -956,10 +956,12 @@ impl Spool {
         let must_sync = new.iter().any(|n| n.consumed);
         let appended = {
             let mut segments = self.segments();
+            // Entries a failed insert left behind are flushed with this batch's.
+            let unflushed = segments.unflushed;
             let mut written = Vec::with_capacity(new.len());
             let values = new.iter().map(|n| n.value.as_slice());
             match segments.append_all(values, &mut written, must_sync, self.options.flush_bytes) {
-                Ok(to_sync) => Ok((written, to_sync)),
+                Ok(to_sync) => Ok((written, to_sync, unflushed)),
                 Err(e) => {
                     // A failed write (a full disk) can leave part of a value in the file: append no
                     // more to it, and forget what this batch wrote; the caller fetches these
@@ -971,7 +973,7 @@ impl Spool {
                 }
             }
         };
-        let (written, to_sync) = appended?;
+        let (written, to_sync, unflushed) = appended?;
         // Values first, so that an index entry never points at bytes a reader cannot see.
         let runs = build_runs(new.iter().zip(&written).map(|(n, l)| (n.key, n.kind, n.gap, *l)));
         let mut batch = sled::Batch::default();
@@ -989,7 +991,7 @@ impl Spool {
             }
             self.apply(batch)?;
             applied = true;
-            if !to_sync.is_empty() {
+            if !to_sync.is_empty() || unflushed {
                 self.flush_index()?;
             }
             Ok(())
@@ -1000,8 +1002,16 @@ impl Spool {
             // Entries that were applied point at the values: they go first, or the values stay.
             let unindexed = if applied { self.take_back(&mut segments, &runs) } else { Ok(written) };
             match unindexed {
-                Ok(values) => {
+                // Their files go only once the taken-back entries are durable: sled may have
+                // flushed the entries on its own, and after a crash they would point at nothing.
+                Ok(values) if !applied || self.flush_index().is_ok() => {
                     segments.forget(&values)?;
+                    self.publish(&segments);
+                }
+                Ok(values) => {
+                    for location in &values {
+                        segments.release(*location);
+                    }
                     self.publish(&segments);
                 }
                 Err(undo) => {
@@ -1017,6 +1027,7 @@ impl Spool {
             }
             return Err(e);
         }
+        segments.unflushed &= !unflushed;
         // The batch is in: a compaction that fails now is no failure of the insert.
         self.compact_if_due(&mut segments);
         self.publish(&segments);
@@ -2065,6 +2076,44 @@ mod tests {
         s.insert_batch(&batch).unwrap();
         assert!(faults::passed().contains(&Point::FlushIndex), "the retry flushed the index: {:?}", faults::passed());
         the_retry_stores_the_batch_whole(dir.path(), s, &batch);
+    }
+
+    #[test]
+    fn a_retry_that_brings_new_records_too_flushes_the_entries_left_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_spool(dir.path());
+        let batch = consumed_batch();
+        faults::clear();
+        faults::arm(Point::FlushIndex, 0);
+        faults::arm(Point::ApplyIndex, 1);
+        assert!(s.insert_batch(&batch).is_err());
+        faults::clear();
+        // The retry carries a new record with a Kafka timestamp, which alone would not flush.
+        let mut retry = batch.clone();
+        retry.push(rec("t", 0, 10, noise(10, 1000)));
+        s.insert_batch(&retry).unwrap();
+        assert!(faults::passed().contains(&Point::FlushIndex), "the retry flushed the index: {:?}", faults::passed());
+        the_retry_stores_the_batch_whole(dir.path(), s, &retry);
+    }
+
+    #[test]
+    fn the_values_of_a_taken_back_batch_stay_on_disk_until_the_index_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_spool(dir.path());
+        faults::clear();
+        // The batch's entries are applied, the flush fails, they are taken back, and the flush of
+        // that fails too: sled may still have the entries durably, pointing at these values.
+        faults::arm(Point::FlushIndex, 0);
+        assert!(s.insert_batch(&consumed_batch()).is_err());
+        faults::clear();
+        assert_eq!(value_files(dir.path()).len(), 1, "the file of the values is kept");
+        assert_eq!(s.record_count(), 0);
+        s.flush().unwrap();
+        drop(s);
+        let s = open_spool(dir.path());
+        assert_eq!(s.record_count(), 0);
+        assert!(value_files(dir.path()).is_empty(), "an opening deletes the files no entry points at");
+        the_retry_stores_the_batch_whole(dir.path(), s, &consumed_batch());
     }
 }
 
