@@ -260,8 +260,9 @@ pub fn decode_entry(key: &SpoolKey, raw: &[u8]) -> Result<Record, SpoolError> {
 const SEGMENT_BYTES: u64 = 16 << 20;
 /// Bytes buffered before they are written to the value file.
 const WRITE_BUFFER_BYTES: usize = 256 << 10;
-/// A compaction that failed is tried again after this long, not at every batch: one that fails on a
-/// full disk would otherwise read and write a file's records again for each.
+/// A compaction that failed is tried again after this long, doubled after each failure in a row up
+/// to 16 times as long, not at every batch: each attempt reads and writes a file's records again,
+/// and one that fails part-way leaves what it appended as garbage until that file is compacted.
 const COMPACT_RETRY: Duration = Duration::from_secs(10);
 /// The sled tree of the index: one entry per run of records (see [`Run`]).
 const RUNS_TREE: &str = "runs";
@@ -1075,7 +1076,7 @@ impl Spool {
     }
 
     /// Compacts the oldest value file when it is due (see [`Segments::to_compact`]). One that
-    /// fails changed nothing: it is logged and tried again after [`COMPACT_RETRY`].
+    /// fails changed nothing: it is logged and tried again later (see [`COMPACT_RETRY`]).
     fn compact_if_due(&self, segments: &mut Segments) {
         let Some(id) = segments.to_compact() else { return };
         if segments.compact_after.is_some_and(|at| Instant::now() < at) {
@@ -1091,13 +1092,14 @@ impl Spool {
             }
             Err(e) => {
                 segments.compact_failures += 1;
-                segments.compact_after = Some(Instant::now() + COMPACT_RETRY);
+                let wait = COMPACT_RETRY * (1 << (segments.compact_failures - 1).min(4));
+                segments.compact_after = Some(Instant::now() + wait);
                 if segments.compact_failures.is_power_of_two() {
                     tracing::warn!(
                         error = %e,
                         file = id,
                         attempt = segments.compact_failures,
-                        retry_after_s = COMPACT_RETRY.as_secs(),
+                        retry_after_s = wait.as_secs(),
                         "could not compact the spool's value files (disk full?); their records stay where they were, and it is tried again later"
                     );
                 }
