@@ -8,8 +8,8 @@
 //! records until the uploads bring the spool down to half; it pauses its partitions while the
 //! spool is over its high watermark, does not shrink, or cannot be written (a full disk), and
 //! resumes below the low watermark; a wait for room longer than 10 s becomes a pause until half, so
-//! that the consumer keeps polling (design invariants 5 and 8). On shutdown it stops fetching, waits
-//! until the uploaders have drained, and commits what they finished.
+//! that the consumer keeps polling and keeps its group membership. On shutdown it stops fetching,
+//! waits until the uploaders have drained, and commits what they finished.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -355,9 +355,9 @@ impl KafkaConsumer {
             let state = SpoolState { bytes, records, free: self.spool.available_space(), unwritten: unspooled.len() };
             let change = backpressure.update(&state, Instant::now());
             consumer.context().paused.store(backpressure.paused, Ordering::Relaxed);
-            // Assigned partitions take the state on assignment; pausing again now and then also
-            // covers one assigned in the moment before the state changed.
-            if change.is_some() || (backpressure.paused && last_pause.elapsed() >= Duration::from_secs(1)) {
+            // Assigned partitions take the state on assignment; setting it again every second
+            // covers a pause or resume that failed there or here.
+            if change.is_some() || last_pause.elapsed() >= Duration::from_secs(1) {
                 let assignment = consumer.assignment()?;
                 if backpressure.paused {
                     consumer.pause(&assignment)?;
