@@ -3,11 +3,11 @@
 //! The ledger follows every record between its delivery by the consumer and the storing of its
 //! objects. Per partition it keeps the offsets not yet passed by the commit position, each
 //! delivered or not (a record found in the spool at start-up is known before the consumer
-//! delivers it again) and done or not. The commit position of a partition is the lowest
-//! delivered offset that is not done, or one past the highest delivered offset when all are done:
-//! a contiguous low watermark over what was delivered, so offsets the broker never delivers
-//! (compaction, transaction markers) do not hold it back, and a hole never gets skipped
-//! (design invariant 1: committed implies stored).
+//! delivers it again) and done or not. The commit position of a partition is the lowest offset
+//! not done at or above where its assignment started (delivered in it, or known from an earlier
+//! one or from the spool), or one past the highest delivered offset when all are done: a
+//! contiguous low watermark, so offsets the broker never delivers (compaction, transaction
+//! markers) do not hold it back, and a hole never gets skipped (committed implies stored).
 //!
 //! The ledger also tells the consumer whether a delivered record needs to be spooled: one already
 //! in the spool or already stored is not spooled twice.
@@ -23,6 +23,9 @@ struct Slot {
     done: bool,
     /// The record's Kafka timestamp (ms), for the end-to-end latency measured at commit.
     time_ms: Option<i64>,
+    /// A record of a topic deleted and created since (found in the spool at start-up): a record
+    /// delivered at its offset is another one.
+    stale: bool,
 }
 
 #[derive(Debug, Default)]
@@ -41,6 +44,8 @@ struct PartitionState {
     /// Offsets are reused from here while records of the old ones are not stored yet: what is
     /// delivered from here is dropped, and fetched again once they are ([`Ledger::refetch`]).
     held_from: Option<i64>,
+    /// The offsets were reused and no position was sent since: what Kafka holds is of the old ones.
+    reset: bool,
 }
 
 /// What the consumer should do with a record it was just handed.
@@ -68,6 +73,8 @@ pub struct Ledger {
     committed_times: Vec<i64>,
     /// Partitions whose offsets went back since the last [`Ledger::take_resets`].
     resets: Vec<OffsetsReset>,
+    /// Some partition may be held: [`Ledger::refetch`] has something to look at.
+    holding: bool,
 }
 
 /// Kafka delivered other records at offsets this process had seen: an offset below one delivered
@@ -112,6 +119,7 @@ impl Ledger {
         p.next_delivery = None;
         p.start = None;
         p.held_from = None;
+        p.reset = false;
     }
 
     /// The partition was revoked: stop committing it. Records still in the spool stay known,
@@ -124,6 +132,7 @@ impl Ledger {
             p.next_delivery = None;
             p.start = None;
             p.held_from = None;
+            p.reset = false;
             p.slots.retain(|_, s| !s.done);
             for s in p.slots.values_mut() {
                 s.delivered = false;
@@ -135,7 +144,18 @@ impl Ledger {
     /// delivers it again.
     pub fn recover(&mut self, tp: &Tp, offset: i64) {
         let p = self.partitions.entry(tp.clone()).or_default();
-        p.slots.entry(offset).or_insert(Slot { delivered: false, done: false, time_ms: None });
+        p.slots.entry(offset).or_insert(Slot { delivered: false, done: false, time_ms: None, stale: false });
+    }
+
+    /// The topic was deleted and created again since the records of it found in the spool were
+    /// fetched: a record delivered at one of their offsets is another record, archived once they
+    /// are stored.
+    pub fn topic_recreated(&mut self, topic: &str) {
+        for ((t, _), p) in &mut self.partitions {
+            if t == topic {
+                p.slots.values_mut().for_each(|s| s.stale = true);
+            }
+        }
     }
 
     /// The consumer delivered a record; `done` is true for one that needs no upload (a tombstone).
@@ -156,8 +176,10 @@ impl Ledger {
         // offset is another record. Either way, taken as stored or as spooled, the records at these
         // offsets would be lost.
         let went_back = p.next_delivery.filter(|&was| offset < was);
-        let other =
-            p.slots.get(&offset).is_some_and(|s| s.time_ms.is_some() && time_ms.is_some() && s.time_ms != time_ms);
+        let other = p
+            .slots
+            .get(&offset)
+            .is_some_and(|s| s.stale || (s.time_ms.is_some() && time_ms.is_some() && s.time_ms != time_ms));
         if went_back.is_some() || other {
             // What was seen from here on is of the old records: the stored ones are forgotten; the
             // new records wait for the others to be stored, or they would be taken for them.
@@ -166,12 +188,14 @@ impl Ledger {
             self.resets.push(OffsetsReset { tp: tp.clone(), was: went_back, now: offset, held });
             if held {
                 p.held_from = Some(offset);
+                self.holding = true;
                 return Delivery::Held;
             }
             for s in p.slots.values_mut() {
                 s.delivered = false;
             }
             (p.committed, p.acked, p.next_delivery, p.start) = (None, None, None, None);
+            p.reset = true;
         }
         p.next_delivery = Some(p.next_delivery.map_or(offset + 1, |n| n.max(offset + 1)));
         p.start.get_or_insert(offset);
@@ -183,7 +207,7 @@ impl Ledger {
                 if slot.done { Delivery::Done } else { Delivery::Pending }
             }
             None => {
-                p.slots.insert(offset, Slot { delivered: true, done, time_ms });
+                p.slots.insert(offset, Slot { delivered: true, done, time_ms, stale: false });
                 if done { Delivery::Done } else { Delivery::Spool }
             }
         }
@@ -212,8 +236,11 @@ impl Ledger {
             }
             let passed = p.slots.range(..position).filter(|(_, s)| s.delivered).filter_map(|(_, s)| s.time_ms);
             self.committed_times.extend(passed);
-            p.slots.retain(|&o, _| o >= position);
+            // Records below where the assignment started that are not stored yet (left from an
+            // earlier one) stay known while they are in the spool.
+            p.slots.retain(|&o, s| o >= position || !s.done);
             p.committed = Some(position);
+            p.reset = false;
             out.push((tp.clone(), position));
         }
         out.sort();
@@ -245,7 +272,8 @@ impl Ledger {
     pub fn confirmed(&mut self, tp: &Tp, position: i64) {
         // Above the last position sent: Kafka still holds a commit from before this partition's
         // offsets were reset.
-        if let Some(p) = self.partitions.get_mut(tp).filter(|p| p.assigned && p.committed.is_none_or(|c| position <= c))
+        if let Some(p) =
+            self.partitions.get_mut(tp).filter(|p| p.assigned && !p.reset && p.committed.is_none_or(|c| position <= c))
         {
             p.acked = Some(p.acked.map_or(position, |a| a.max(position)));
             if p.committed.is_some_and(|c| c > position) {
@@ -270,6 +298,9 @@ impl Ledger {
     /// from (the consumer seeks there). From now on their commits follow the new records.
     pub fn refetch(&mut self) -> Vec<(Tp, i64)> {
         let mut out = Vec::new();
+        if !self.holding {
+            return out;
+        }
         for (tp, p) in &mut self.partitions {
             let Some(from) = p.held_from else { continue };
             if p.slots.range(from..).any(|(_, s)| !s.done) {
@@ -280,8 +311,10 @@ impl Ledger {
                 s.delivered = false;
             }
             (p.held_from, p.committed, p.acked, p.next_delivery, p.start) = (None, None, None, None, None);
+            p.reset = true;
             out.push((tp.clone(), from));
         }
+        self.holding = self.partitions.values().any(|p| p.held_from.is_some());
         out
     }
 
@@ -289,6 +322,7 @@ impl Ledger {
     pub fn hold(&mut self, tp: &Tp, from: i64) {
         if let Some(p) = self.partitions.get_mut(tp).filter(|p| p.assigned) {
             p.held_from = Some(from);
+            self.holding = true;
         }
     }
 
@@ -574,6 +608,91 @@ mod tests {
         assert_eq!(l.to_commit(), vec![]);
         l.complete(&tp(), 0);
         assert_eq!(l.to_commit(), vec![(tp(), 1)]);
+    }
+
+    /// Records in the spool at start-up of a topic deleted and created again while the archiver was
+    /// down: the new records at their offsets wait for them to be stored and are fetched again.
+    #[test]
+    fn records_of_a_topic_created_again_found_in_the_spool_are_not_taken_for_the_new_ones() {
+        let mut l = Ledger::new();
+        for o in 5..8 {
+            l.recover(&tp(), o);
+        }
+        l.complete(&tp(), 5);
+        l.topic_recreated("t");
+        l.assign(&tp());
+        for o in 0..5 {
+            assert_eq!(l.deliver(&tp(), o, false, Some(9000 + o)), Delivery::Spool);
+        }
+        assert_eq!(l.deliver(&tp(), 5, false, Some(9005)), Delivery::Held, "offset 5 holds another record now");
+        assert_eq!(l.take_resets(), vec![OffsetsReset { tp: tp(), was: None, now: 5, held: true }]);
+        for o in 0..5 {
+            l.complete(&tp(), o);
+        }
+        assert_eq!(l.to_commit(), vec![(tp(), 5)]);
+        l.complete(&tp(), 6);
+        assert!(l.refetch().is_empty(), "old offset 7 is not stored yet");
+        l.complete(&tp(), 7);
+        assert_eq!(l.refetch(), vec![(tp(), 5)]);
+        for o in 5..8 {
+            assert_eq!(l.deliver(&tp(), o, false, Some(9000 + o)), Delivery::Spool, "offset {o} is a new record");
+        }
+        assert!(l.to_commit().iter().all(|(_, c)| *c <= 5), "the new records are not stored yet");
+        for o in 5..8 {
+            l.complete(&tp(), o);
+        }
+        assert_eq!(l.to_commit(), vec![(tp(), 8)]);
+    }
+
+    /// A commit past records of an earlier assignment (another member committed them) keeps them
+    /// known while they are in the spool: offsets reused later wait for them.
+    #[test]
+    fn records_below_the_start_stay_known_after_a_commit_passes_them() {
+        let mut l = Ledger::new();
+        l.assign(&tp());
+        for o in 0..10 {
+            l.deliver(&tp(), o, false, Some(1000 + o));
+        }
+        for o in 0..5 {
+            l.complete(&tp(), o);
+        }
+        l.revoke(&tp());
+        // Another member stored and committed up to 50; the partition comes back.
+        l.assign(&tp());
+        for o in 50..60 {
+            assert_eq!(l.deliver(&tp(), o, false, Some(1000 + o)), Delivery::Spool);
+            l.complete(&tp(), o);
+        }
+        assert_eq!(l.to_commit(), vec![(tp(), 60)]);
+        assert_eq!(l.assigned().next().unwrap().pending, 5, "5..9 are still in the spool");
+        // The topic is created again: offset 5 holds another record while the old 5 is unstored.
+        assert_eq!(l.deliver(&tp(), 5, false, Some(9005)), Delivery::Held);
+        for o in 5..10 {
+            l.complete(&tp(), o);
+        }
+        assert_eq!(l.refetch(), vec![(tp(), 5)]);
+        assert_eq!(l.deliver(&tp(), 5, false, Some(9005)), Delivery::Spool);
+    }
+
+    /// After the offsets went back, Kafka still holds the old topic's committed offset until a
+    /// position of the new records is sent: it is not taken for one.
+    #[test]
+    fn the_committed_offset_of_the_old_records_is_not_taken_for_the_new_ones() {
+        let mut l = Ledger::new();
+        l.assign(&tp());
+        for o in 0..10 {
+            l.deliver(&tp(), o, false, Some(1000 + o));
+            l.complete(&tp(), o);
+        }
+        assert_eq!(l.to_commit(), vec![(tp(), 10)]);
+        l.commit_succeeded(&tp(), 10);
+        assert_eq!(l.deliver(&tp(), 0, false, Some(9000)), Delivery::Spool, "all old records are stored");
+        l.confirmed(&tp(), 10);
+        assert_eq!(l.committed(&tp()), None, "10 is the old topic's offset");
+        l.complete(&tp(), 0);
+        assert_eq!(l.to_commit(), vec![(tp(), 1)]);
+        l.confirmed(&tp(), 1);
+        assert_eq!(l.committed(&tp()), Some(1));
     }
 
     /// After a revocation the ledger still knows the old records; the next assignment of the new

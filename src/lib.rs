@@ -71,8 +71,6 @@ pub enum RunError {
     Spool(#[from] spool::SpoolError),
     #[error(transparent)]
     Store(#[from] store::StoreError),
-    #[error("cannot keep the topics' ids in SPOOL_DIR: {0}")]
-    TopicIds(object_store::Error),
     #[error(transparent)]
     Http(#[from] http::HttpError),
     #[error(transparent)]
@@ -139,13 +137,22 @@ pub async fn run(
     // Before consuming (and while the spool's records upload): a topic deleted and created again
     // since the archiver last ran. It takes seconds at most; a signal meanwhile is taken, and then
     // the consumer does not start. The ids are kept in SPOOL_DIR: the bucket holds the archive only.
-    let topic_ids: Arc<dyn object_store::ObjectStore> =
-        Arc::new(object_store::local::LocalFileSystem::new_with_prefix(&config.spool_dir).map_err(RunError::TopicIds)?);
+    let topic_ids = object_store::local::LocalFileSystem::new_with_prefix(&config.spool_dir)
+        .inspect_err(|e| tracing::warn!(error = %e, "cannot keep the topics' ids in SPOOL_DIR; the check that no topic was deleted and created again is skipped"))
+        .ok();
     tokio::pin!(shutdown);
-    let mut signalled = tokio::select! {
-        _ = topic_id::check(&client, &config.topics, topic_ids, &status) => false,
-        _ = &mut shutdown => true,
+    let (recreated, mut signalled) = match topic_ids {
+        Some(ids) => tokio::select! {
+            r = topic_id::check(&client, &config.topics, Arc::new(ids), &status) => (r, false),
+            _ = &mut shutdown => (Vec::new(), true),
+        },
+        None => (Vec::new(), false),
     };
+    // Their records left in the spool are of the old topic: the new records at those offsets are
+    // other records, not these.
+    for topic in &recreated {
+        ledger.lock().expect("ledger lock").topic_recreated(topic);
+    }
 
     let kafka = consumer::KafkaConsumer {
         client,

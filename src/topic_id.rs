@@ -70,15 +70,21 @@ pub fn key(topic: &str) -> String {
 }
 
 /// Compares each configured topic's id in Kafka with the one recorded in SPOOL_DIR, says when a
-/// topic was deleted and created again, and records the current ids. Logs what it cannot do and
-/// returns: it never keeps the archiver from starting.
-pub async fn check(client: &ClientConfig, topics: &[String], store: Arc<dyn ObjectStore>, status: &Status) {
+/// topic was deleted and created again, and records the current ids. Returns the topics that were:
+/// the records of theirs still in the spool are of the old topic ([`crate::commit::Ledger::topic_recreated`]).
+/// Logs what it cannot do and returns: it never keeps the archiver from starting.
+pub async fn check(
+    client: &ClientConfig,
+    topics: &[String],
+    store: Arc<dyn ObjectStore>,
+    status: &Status,
+) -> Vec<String> {
     let (client, names) = (client.clone(), topics.to_vec());
     let ids = match tokio::task::spawn_blocking(move || kafka_ids(&client, &names, KAFKA_TIMEOUT)).await {
         Ok(Ok(ids)) => ids,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "cannot ask Kafka for the topics' ids; the check that no topic was deleted and created again is skipped");
-            return;
+            return Vec::new();
         }
         Err(e) => std::panic::resume_unwind(e.into_panic()),
     };
@@ -95,12 +101,13 @@ pub async fn check(client: &ClientConfig, topics: &[String], store: Arc<dyn Obje
             }
         }
     }
-    compare_all(store.as_ref(), &known, status).await;
+    compare_all(store.as_ref(), &known, status).await
 }
 
 /// [`compare`] for each `(topic, id)`, saying what it found. The first store failure stops it: the
 /// store is down or refuses this key, and one warning says so.
-async fn compare_all(store: &dyn ObjectStore, ids: &[(String, String)], status: &Status) {
+async fn compare_all(store: &dyn ObjectStore, ids: &[(String, String)], status: &Status) -> Vec<String> {
+    let mut recreated = Vec::new();
     for (topic, id) in ids {
         match compare(store, topic, id).await {
             Ok(Outcome::Recorded) => {
@@ -113,14 +120,16 @@ async fn compare_all(store: &dyn ObjectStore, ids: &[(String, String)], status: 
                 status.error(None, changed_message(topic, &was, id));
                 tracing::error!(topic = %topic, recorded_topic_id = %was, topic_id = %id,
                     "a topic was deleted and created again since the archiver last ran; {CONSEQUENCES}");
+                recreated.push(topic.clone());
             }
             Err(e) => {
                 tracing::warn!(topic = %topic, error = %e,
                     "cannot read or record the topic's id in SPOOL_DIR; the check that no topic was deleted and created again is skipped until the next start");
-                return;
+                break;
             }
         }
     }
+    recreated
 }
 
 /// What follows from a topic deleted and created again, for the log and `/status`.
