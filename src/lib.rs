@@ -21,7 +21,7 @@
 //! - [`store`]: the object_store backend (S3 or local directory).
 //! - [`topic_id`]: at start-up, says whether a topic was deleted and created again since the
 //!   archiver last ran.
-//! - [`metrics`], [`status`], [`http`]: what an operator sees.
+//! - [`metrics`], [`status`], [`http`], [`connect`]: what an operator and the Kafka Connect tools see.
 //! - [`check`]: the preflight check of a configuration (`kafka-s3-archiver check`).
 //! - [`bench`]: the store's raw PUT rate (`kafka-s3-archiver bench-store`).
 //!
@@ -35,6 +35,7 @@ pub mod bench;
 pub mod check;
 pub mod commit;
 pub mod config;
+pub mod connect;
 pub mod consumer;
 pub mod decode;
 pub mod http;
@@ -114,7 +115,13 @@ pub async fn run(
     // The HTTP server outlives the pipeline's stop: a FAILED state stays visible until the signal.
     let http_stop = CancellationToken::new();
     tokio::spawn(metrics::upkeep(metrics.clone(), http_stop.clone()));
-    let view = http::View { metrics, status: status.clone(), ledger: ledger.clone(), spool: spool.clone() };
+    let view = http::View {
+        metrics,
+        status: status.clone(),
+        ledger: ledger.clone(),
+        spool: spool.clone(),
+        connectors: Arc::new(connect::Configs::new(&config)),
+    };
     let http = http::serve(config.http_addr, view, http_stop.clone()).await?;
     let http = tokio::spawn(http);
     tokio::spawn(upload::watch_store(store.clone(), status.clone(), stop.clone()));

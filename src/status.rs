@@ -16,6 +16,10 @@ use crate::commit::{Ledger, Tp};
 use crate::metrics as m;
 use crate::spool::Spool;
 
+/// The pause reason while archiving is paused on request.
+const PAUSED_ON_REQUEST: &str =
+    "paused on request (PUT /connectors/{name}/pause); PUT /connectors/{name}/resume resumes";
+
 /// A store that answered within this long counts as reachable without a probe.
 pub const STORE_FRESHNESS: Duration = Duration::from_secs(30);
 
@@ -43,6 +47,10 @@ struct Notes {
     store_error: Option<Note>,
     /// High watermark of each partition, as last seen by the consumer.
     ends: HashMap<Tp, i64>,
+    /// Archiving paused through the REST API (`PUT /connectors/{name}/pause`).
+    paused_on_request: bool,
+    /// The Kafka cluster's id, once the consumer has read it.
+    cluster_id: Option<String>,
     partition_errors: HashMap<Tp, Note>,
 }
 
@@ -156,9 +164,27 @@ impl Status {
         self.notes().ends.insert(tp.clone(), end);
     }
 
-    /// Consumption paused (with the reason) or resumed (`None`).
+    /// Consumption paused (with the reason) or resumed (`None`) by the backpressure.
     pub fn set_paused(&self, reason: Option<String>) {
         self.notes().paused = reason;
+    }
+
+    /// Archiving paused (or resumed) on request; returns whether that changed anything.
+    pub fn set_paused_on_request(&self, paused: bool) -> bool {
+        std::mem::replace(&mut self.notes().paused_on_request, paused) != paused
+    }
+
+    /// Whether archiving is paused on request: the consumer pauses its partitions while it is.
+    pub fn paused_on_request(&self) -> bool {
+        self.notes().paused_on_request
+    }
+
+    pub fn set_cluster_id(&self, id: String) {
+        self.notes().cluster_id = Some(id);
+    }
+
+    pub fn cluster_id(&self) -> Option<String> {
+        self.notes().cluster_id.clone()
     }
 
     /// Archiving stopped with this error: the process reports FAILED until it is restarted.
@@ -214,8 +240,8 @@ impl Status {
             ready,
             consumer: ConsumerReport {
                 assigned_partitions: partitions.len(),
-                paused: n.paused.is_some(),
-                pause_reason: n.paused.clone(),
+                paused: n.paused.is_some() || n.paused_on_request,
+                pause_reason: if n.paused_on_request { Some(PAUSED_ON_REQUEST.into()) } else { n.paused.clone() },
             },
             spool: SpoolReport { records: spool.record_count(), bytes: spool.byte_count() },
             store: StoreReport { reachable: n.store_reachable, last_error: n.store_error.clone() },
@@ -266,7 +292,7 @@ impl Status {
         metrics::gauge!(m::SPOOL_RECORDS).set(spool.record_count() as f64);
         metrics::gauge!(m::SPOOL_BYTES).set(spool.byte_count() as f64);
         let n = self.notes();
-        metrics::gauge!(m::CONSUMER_PAUSED).set(if n.paused.is_some() { 1.0 } else { 0.0 });
+        metrics::gauge!(m::CONSUMER_PAUSED).set(if n.paused.is_some() || n.paused_on_request { 1.0 } else { 0.0 });
         metrics::gauge!(m::STORE_REACHABLE).set(if n.store_reachable == Some(true) { 1.0 } else { 0.0 });
         metrics::gauge!(m::FAILED).set(if n.failure.is_some() { 1.0 } else { 0.0 });
     }
