@@ -45,6 +45,7 @@ pub mod restore;
 pub mod spool;
 pub mod status;
 pub mod store;
+pub mod throttle;
 pub mod topic_id;
 pub mod upload;
 pub mod verify;

@@ -30,6 +30,7 @@ use crate::keys::{Layout, Object, RecordPlace, micros_to_millis};
 use crate::metrics as m;
 use crate::spool::{Record, Spool, SpoolError, SpoolKey};
 use crate::status::{STORE_FRESHNESS, Status};
+use crate::throttle::{Say, Throttle};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
@@ -150,6 +151,24 @@ struct Shared {
     logged: Mutex<HashSet<(String, i32, &'static str)>>,
     /// Cancelled when in-flight uploads must give up (shutdown timeout passed).
     abandon: CancellationToken,
+    /// Failed uploads, said once, then every few seconds while they go on, then when one succeeds.
+    failing: Throttle<()>,
+}
+
+impl Shared {
+    /// The store took a request: if uploads were failing, say that they are over.
+    fn store_answers(&self) {
+        self.up.status.store_ok();
+        if self.failing.any() {
+            for ((), ended) in self.failing.ended() {
+                tracing::info!(
+                    failed_attempts = ended.times,
+                    after_s = ended.lasted.as_secs(),
+                    "the store takes uploads again"
+                );
+            }
+        }
+    }
 }
 
 impl Uploader {
@@ -163,6 +182,7 @@ impl Uploader {
             in_flight: Mutex::new(HashSet::new()),
             logged: Mutex::new(HashSet::new()),
             abandon: CancellationToken::new(),
+            failing: Throttle::default(),
             up: self,
         });
         let records = Arc::new(Semaphore::new(workers));
@@ -374,7 +394,7 @@ async fn put_until_stored(shared: &Shared, tp: &Tp, object: Object, conditional:
         drop(permit);
         let failure = match result {
             Ok(()) => {
-                shared.up.status.store_ok();
+                shared.store_answers();
                 metrics::histogram!(m::UPLOAD_DURATION).record(started.elapsed().as_secs_f64());
                 metrics::counter!(m::OBJECTS_UPLOADED, "kind" => object.kind.label()).increment(1);
                 metrics::counter!(m::UPLOADED_BYTES).increment(size);
@@ -383,7 +403,7 @@ async fn put_until_stored(shared: &Shared, tp: &Tp, object: Object, conditional:
             Err(object_store::Error::AlreadyExists { .. }) if conditional => {
                 match async { store.get(&path).await?.bytes().await }.await {
                     Ok(existing) => {
-                        shared.up.status.store_ok();
+                        shared.store_answers();
                         if !same_bytes(&existing, &payload) {
                             return Ok(Stored::Conflict(object));
                         }
@@ -415,8 +435,9 @@ enum Failure {
 }
 
 impl Failure {
-    /// Counts the failure, notes it on the partition and the store, and logs the first attempt
-    /// and every power of two.
+    /// Counts the failure, notes it on the partition and the store, and logs it when uploads start
+    /// failing, then at most every [`crate::throttle::EVERY`] while they go on (all uploads together: with
+    /// the store down, each one in flight fails on its own).
     fn report(&self, shared: &Shared, tp: &Tp, key: &str, attempt: u32, wait: Duration) {
         let (e, fix) = match self {
             Failure::Put(e) => (e, fix_for(error_reason(e))),
@@ -431,9 +452,15 @@ impl Failure {
             (Failure::ReadBack(_), None) => format!("cannot read the existing {key} to compare: {e}"),
         };
         shared.up.status.error(Some(tp), problem.clone());
-        shared.up.status.store_error(problem);
-        if attempt != 1 && !attempt.is_power_of_two() {
-            return;
+        shared.up.status.store_error(problem.clone());
+        match shared.failing.happened(&()) {
+            Say::First => {}
+            Say::Again { times, since } => {
+                tracing::warn!(failed_attempts = times, seconds = since.as_secs(), last = %problem,
+                    "uploads still failing; retrying");
+                return;
+            }
+            Say::Nothing => return,
         }
         match (self, fix) {
             (Failure::Put(_), Some(fix)) => tracing::error!(key, attempt, reason, error = %e, retry_in = ?wait,

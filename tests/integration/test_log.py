@@ -1,0 +1,51 @@
+"""What the log says while something is down: a store that does not answer is said once with what
+to check, then at most every 10 s, then once more when it answers."""
+import time
+import uuid
+
+import oracle
+import testbed
+from load import v3_message
+from test_archive import Bucket, produce_raw
+from test_operations import wait_for
+
+DOWN_SECONDS = 30
+
+
+def lines(archiver):
+    return [line for line in archiver.log_path.read_text(errors="replace").splitlines() if line.strip()]
+
+
+def count(archiver, text):
+    return sum(text in line for line in lines(archiver))
+
+
+def test_a_store_down_is_said_once_then_every_few_seconds_then_when_it_answers(broker, garage, run_archiver,
+                                                                                 tmp_path):
+    run = uuid.uuid4().hex[:8]
+    topic, group, name = f"storedown.{run}", f"storedown-{run}", f"storedown-{run}"
+    broker.create_topic(topic, 2)
+    garage.create_bucket(name)
+    proxy = testbed.TcpProxy(garage.s3_port)
+    proxy.down()
+    items = [(i % 2, v3_message(1650250000123456 + i, b"x" * 100), 1795545116000 + i) for i in range(200)]
+    produce_raw(broker.bootstrap, topic, items)
+    a = run_archiver(BROKER_HOSTNAME=broker.bootstrap, KAFKA_TOPIC=topic, GROUP_ID=group, SPOOL_DIR=tmp_path / "spool",
+                     S3_BUCKET_NAME=name, S3_ENDPOINT_URL=proxy.endpoint, AWS_ACCESS_KEY_ID=testbed.ACCESS_KEY,
+                     AWS_SECRET_KEY=testbed.SECRET_KEY)
+    wait_for("uploads start failing", lambda: count(a, "upload failed; retrying") >= 1, timeout=30)
+    time.sleep(DOWN_SECONDS)
+    said = lines(a)
+    print(f"\n{len(said)} log lines with the store down for {DOWN_SECONDS}+ s and 32 uploads in flight:\n"
+          + "\n".join(l[:200] for l in said))
+    assert count(a, "upload failed; retrying") == 1
+    assert 1 <= count(a, "uploads still failing") <= DOWN_SECONDS // 10 + 2
+    assert len(said) <= 16, said
+
+    proxy.up()
+    ends = oracle.end_offsets(oracle.read_topic(broker.bootstrap, topic, len(items)))
+    wait_for("everything committed", lambda: oracle.committed(broker.bootstrap, group, topic, [0, 1]) == ends,
+             timeout=60)
+    assert count(a, "the store takes uploads again") == 1, lines(a)[-5:]
+    assert a.archived() == len(items)
+    assert a.stop() == 0, a.logs()
