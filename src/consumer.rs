@@ -21,6 +21,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Message, Timestamp};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
@@ -29,6 +30,7 @@ use crate::config::{Config, ConfigError, SpoolLimits};
 use crate::metrics as m;
 use crate::spool::{Record, RecordTime, Spool};
 use crate::status::Status;
+use crate::throttle::{Say, Throttle};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
@@ -119,17 +121,82 @@ struct ArchiverContext {
     /// Whether consumption is paused under backpressure: newly assigned partitions take this
     /// state.
     paused: AtomicBool,
+    /// The brokers cannot be reached: said once, then every few seconds, then when one answers.
+    unreachable: Throttle<()>,
+    /// Other Kafka errors, by librdkafka error code: said once, then every few seconds.
+    errors: Throttle<i32>,
+}
+
+impl ArchiverContext {
+    /// A Kafka error, from librdkafka's error callback or from a poll (librdkafka reports a broker
+    /// that refuses connections both ways, about 20 times a second).
+    fn kafka_error(&self, error: &KafkaError, reason: &str) {
+        self.status.error(None, format!("Kafka: {reason}"));
+        let code = error.rdkafka_error_code();
+        let unreachable = matches!(
+            code,
+            Some(
+                RDKafkaErrorCode::BrokerTransportFailure
+                    | RDKafkaErrorCode::AllBrokersDown
+                    | RDKafkaErrorCode::Resolve
+                    | RDKafkaErrorCode::BrokerNotAvailable
+            )
+        );
+        if unreachable {
+            match self.unreachable.happened(&()) {
+                Say::First => tracing::error!(error = %reason,
+                    "cannot reach the Kafka broker: check BROKER_HOSTNAME, that the broker runs, and that the addresses it advertises (advertised.listeners) resolve and can be reached from here; retrying, and saying so every 10 s while it lasts"),
+                Say::Again { times, since } => {
+                    tracing::warn!(error = %reason, errors = times, seconds = since.as_secs(),
+                    "still cannot reach the Kafka broker")
+                }
+                Say::Nothing => {}
+            }
+            return;
+        }
+        match self.errors.happened(&code.map_or(-1, |c| c as i32)) {
+            Say::First => tracing::warn!(error = %reason, "Kafka consumer error"),
+            Say::Again { times, since } => {
+                tracing::warn!(error = %reason, times, seconds = since.as_secs(), "Kafka consumer error, repeated")
+            }
+            Say::Nothing => {}
+        }
+    }
+
+    /// A broker answered: if none could be reached before, say that it is over.
+    fn broker_answers(&self) {
+        if self.unreachable.any() {
+            for ((), ended) in self.unreachable.ended() {
+                tracing::info!(
+                    errors = ended.times,
+                    after_s = ended.lasted.as_secs(),
+                    "the Kafka broker answers again"
+                );
+            }
+        }
+    }
 }
 
 impl ClientContext for ArchiverContext {
+    /// librdkafka's errors, throttled (see [`ArchiverContext::kafka_error`]).
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.kafka_error(&error, reason);
+    }
+
     /// librdkafka's statistics (every `statistics.interval.ms`): the partitions' high watermarks
-    /// for `/status` and the lag gauge. Only those fields are read, so a field that another
-    /// librdkafka version adds or drops does not matter.
+    /// for `/status` and the lag gauge, and whether a broker is connected. Only those fields are
+    /// read, so a field that another librdkafka version adds or drops does not matter.
     fn stats_raw(&self, json: &[u8]) {
         #[derive(serde::Deserialize)]
         struct Stats {
             #[serde(default)]
             topics: HashMap<String, TopicStats>,
+            #[serde(default)]
+            brokers: HashMap<String, BrokerStats>,
+        }
+        #[derive(serde::Deserialize)]
+        struct BrokerStats {
+            state: String,
         }
         #[derive(serde::Deserialize)]
         struct TopicStats {
@@ -143,6 +210,9 @@ impl ClientContext for ArchiverContext {
         }
         match serde_json::from_slice::<Stats>(json) {
             Ok(stats) => {
+                if stats.brokers.values().any(|b| b.state == "UP") {
+                    self.broker_answers();
+                }
                 for (topic, t) in stats.topics {
                     // Partition -1 is librdkafka's internal "unassigned" queue.
                     for p in t.partitions.values().filter(|p| p.partition >= 0 && p.hi_offset >= 0) {
@@ -191,6 +261,7 @@ impl ConsumerContext for ArchiverContext {
                     tracing::warn!(error = %e, "cannot pause or resume the assigned partitions");
                 }
                 self.assigned.store(true, Ordering::Relaxed);
+                self.broker_answers();
                 tracing::info!(partitions = %describe(&tps), paused, "partitions assigned");
             }
             Rebalance::Error(e) => {
@@ -290,6 +361,8 @@ impl KafkaConsumer {
             status: self.status.clone(),
             assigned: AtomicBool::new(false),
             paused: AtomicBool::new(false),
+            unreachable: Throttle::default(),
+            errors: Throttle::default(),
         })?;
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
@@ -319,8 +392,7 @@ impl KafkaConsumer {
                     match consumer.poll(wait) {
                         Some(Ok(msg)) => batch.push(msg),
                         Some(Err(e)) => {
-                            self.status.error(None, format!("Kafka consumer error: {e}"));
-                            tracing::warn!(error = %e, "Kafka consumer error");
+                            consumer.context().kafka_error(&e, &e.to_string());
                             break;
                         }
                         None => break,

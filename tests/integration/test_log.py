@@ -1,5 +1,6 @@
-"""What the log says while something is down: a store that does not answer is said once with what
-to check, then at most every 10 s, then once more when it answers."""
+"""What the log says while something is down: a broker that refuses connections and a store that
+does not answer are said once with what to check, then at most every 10 s, then once more when
+they answer."""
 import time
 import uuid
 
@@ -18,6 +19,30 @@ def lines(archiver):
 
 def count(archiver, text):
     return sum(text in line for line in lines(archiver))
+
+
+def test_a_broker_down_is_said_once_then_every_few_seconds_then_when_it_answers(run_archiver, tmp_path):
+    run = uuid.uuid4().hex[:8]
+    topic, group = f"late.{run}", f"late-{run}"
+    port = testbed.free_port()
+    bucket = Bucket("local", root=tmp_path / "archive")
+    a = run_archiver(BROKER_HOSTNAME=f"127.0.0.1:{port}", KAFKA_TOPIC=topic, GROUP_ID=group,
+                     SPOOL_DIR=tmp_path / "spool", **bucket.env())
+    time.sleep(DOWN_SECONDS)
+    said = lines(a)
+    print(f"\n{len(said)} log lines in {DOWN_SECONDS} s with no broker:\n" + "\n".join(l[:200] for l in said))
+    assert count(a, "cannot reach the Kafka broker: check BROKER_HOSTNAME") == 1
+    assert 1 <= count(a, "still cannot reach the Kafka broker") <= DOWN_SECONDS // 10
+    # Start-up, subscription, the cause, librdkafka's own first lines and the reminders.
+    assert len(said) <= 12, said
+
+    broker = testbed.Tansu(port=port)
+    try:
+        wait_for("the log says the broker answers", lambda: count(a, "the Kafka broker answers again") == 1,
+                 timeout=20, show=lambda: lines(a)[-5:])
+        assert a.stop() == 0, a.logs()
+    finally:
+        broker.stop()
 
 
 def test_a_store_down_is_said_once_then_every_few_seconds_then_when_it_answers(broker, garage, run_archiver,

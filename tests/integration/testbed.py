@@ -78,10 +78,11 @@ class Tansu(Server):
     """A Kafka-compatible broker: in-memory storage, or kept in an S3 bucket (`s3_store`, a Moto)
     so that it survives a restart."""
 
-    def __init__(self, s3_store=None, advertised_port=None):
-        """advertised_port: the port clients are told to use (a TLS proxy in front of this one)."""
+    def __init__(self, s3_store=None, advertised_port=None, port=None):
+        """advertised_port: the port clients are told to use (a TLS proxy in front of this one);
+        port: where to listen (a free one by default)."""
         super().__init__()
-        self.port = free_port()
+        self.port = port or free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
         self.advertised = f"tcp://127.0.0.1:{advertised_port or self.port}"
         self.env, self.storage = dict(os.environ), []
