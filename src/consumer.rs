@@ -51,6 +51,10 @@ const MAX_BATCH: usize = 100;
 /// still fetched whole: a broker returns the first batch of a fetch whatever its size (KIP-74).
 const FETCH_MAX_BYTES: u64 = 256 << 10;
 
+/// How often librdkafka reads the cluster's metadata: a topic created after the start is picked up
+/// within this (and a group rejoin).
+pub const METADATA_REFRESH: Duration = Duration::from_secs(10);
+
 /// How often the group's committed offsets are read back from Kafka. rust-rdkafka 0.39 never
 /// calls the commit callback for an asynchronous commit (fede1024/rust-rdkafka#856), so this is
 /// how a lost commit is noticed (and sent again) and how `/status` knows what Kafka holds.
@@ -86,7 +90,10 @@ pub fn client_config(config: &Config) -> Result<ClientConfig, ConfigError> {
         // backpressure, so a minute is ample (default 5).
         .set("max.poll.interval.ms", "60000")
         // The partitions' end offsets for /status and the lag gauge come with the statistics.
-        .set("statistics.interval.ms", "5000");
+        .set("statistics.interval.ms", "5000")
+        // How soon a topic created after the start is archived: librdkafka reads the topics of the
+        // subscription again only this often (default 5 minutes). One metadata request.
+        .set("topic.metadata.refresh.interval.ms", METADATA_REFRESH.as_millis().to_string());
     for (k, v) in &config.kafka_properties {
         c.set(k, v);
     }
@@ -125,6 +132,8 @@ struct ArchiverContext {
     unreachable: Throttle<()>,
     /// Other Kafka errors, by librdkafka error code: said once, then every few seconds.
     errors: Throttle<i32>,
+    /// The configured topics.
+    topics: Vec<String>,
 }
 
 impl ArchiverContext {
@@ -153,6 +162,20 @@ impl ArchiverContext {
                 Say::Nothing => {}
             }
             return;
+        }
+        if matches!(code, Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic)) {
+            // "Subscribed topic not available: T: Broker: Unknown topic or partition"
+            let topic = reason.split(": ").nth(1).filter(|t| self.topics.iter().any(|c| c == t));
+            if let Some(topic) = topic {
+                self.status.topic_missing(topic);
+                if self.errors.happened(&(RDKafkaErrorCode::UnknownTopicOrPartition as i32)) == Say::First {
+                    tracing::warn!(
+                        topic,
+                        "a topic to archive does not exist; it is archived once it is created (the topics are looked up every 10 s)"
+                    );
+                }
+                return;
+            }
         }
         match self.errors.happened(&code.map_or(-1, |c| c as i32)) {
             Say::First => tracing::warn!(error = %reason, "Kafka consumer error"),
@@ -214,6 +237,9 @@ impl ClientContext for ArchiverContext {
                     self.broker_answers();
                 }
                 for (topic, t) in stats.topics {
+                    if !t.partitions.is_empty() {
+                        self.status.topic_found(&topic);
+                    }
                     // Partition -1 is librdkafka's internal "unassigned" queue.
                     for p in t.partitions.values().filter(|p| p.partition >= 0 && p.hi_offset >= 0) {
                         self.status.set_end(&(topic.clone(), p.partition), p.hi_offset);
@@ -262,6 +288,9 @@ impl ConsumerContext for ArchiverContext {
                 }
                 self.assigned.store(true, Ordering::Relaxed);
                 self.broker_answers();
+                for (topic, _) in &tps {
+                    self.status.topic_found(topic);
+                }
                 tracing::info!(partitions = %describe(&tps), paused, "partitions assigned");
             }
             Rebalance::Error(e) => {
@@ -363,6 +392,7 @@ impl KafkaConsumer {
             paused: AtomicBool::new(false),
             unreachable: Throttle::default(),
             errors: Throttle::default(),
+            topics: self.topics.clone(),
         })?;
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;

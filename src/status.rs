@@ -51,6 +51,8 @@ struct Notes {
     paused_on_request: bool,
     /// The Kafka cluster's id, once the consumer has read it.
     cluster_id: Option<String>,
+    /// Configured topics that Kafka said do not exist, until they are seen.
+    missing_topics: std::collections::BTreeSet<String>,
     partition_errors: HashMap<Tp, Note>,
 }
 
@@ -87,6 +89,8 @@ pub struct Report {
 #[derive(Debug, Serialize)]
 pub struct ConsumerReport {
     pub assigned_partitions: usize,
+    /// Configured topics that do not exist (yet): they are archived once they are created.
+    pub missing_topics: Vec<String>,
     pub paused: bool,
     pub pause_reason: Option<String>,
 }
@@ -179,6 +183,20 @@ impl Status {
         self.notes().paused_on_request
     }
 
+    /// Kafka says a configured topic does not exist.
+    pub fn topic_missing(&self, topic: &str) {
+        self.notes().missing_topics.insert(topic.to_string());
+    }
+
+    /// A configured topic has partitions (called with every statistics report, so cheap when
+    /// nothing is missing).
+    pub fn topic_found(&self, topic: &str) {
+        let mut n = self.notes();
+        if !n.missing_topics.is_empty() && n.missing_topics.remove(topic) {
+            tracing::info!(topic, "the topic exists now; it is archived once its partitions are assigned");
+        }
+    }
+
     pub fn set_cluster_id(&self, id: String) {
         self.notes().cluster_id = Some(id);
     }
@@ -240,6 +258,7 @@ impl Status {
             ready,
             consumer: ConsumerReport {
                 assigned_partitions: partitions.len(),
+                missing_topics: n.missing_topics.iter().cloned().collect(),
                 paused: n.paused.is_some() || n.paused_on_request,
                 pause_reason: if n.paused_on_request { Some(PAUSED_ON_REQUEST.into()) } else { n.paused.clone() },
             },

@@ -1,6 +1,6 @@
 """What the log says while something is down: a broker that refuses connections and a store that
 does not answer are said once with what to check, then at most every 10 s, then once more when
-they answer."""
+they answer; a topic created after the start is said to be missing, then archived within seconds."""
 import time
 import uuid
 
@@ -8,7 +8,7 @@ import oracle
 import testbed
 from load import v3_message
 from test_archive import Bucket, produce_raw
-from test_operations import wait_for
+from test_operations import get_json, wait_for
 
 DOWN_SECONDS = 30
 
@@ -21,7 +21,7 @@ def count(archiver, text):
     return sum(text in line for line in lines(archiver))
 
 
-def test_a_broker_down_is_said_once_then_every_few_seconds_then_when_it_answers(run_archiver, tmp_path):
+def test_a_broker_down_then_a_topic_created_late_are_said_briefly_and_archived(run_archiver, tmp_path):
     run = uuid.uuid4().hex[:8]
     topic, group = f"late.{run}", f"late-{run}"
     port = testbed.free_port()
@@ -40,6 +40,24 @@ def test_a_broker_down_is_said_once_then_every_few_seconds_then_when_it_answers(
     try:
         wait_for("the log says the broker answers", lambda: count(a, "the Kafka broker answers again") == 1,
                  timeout=20, show=lambda: lines(a)[-5:])
+        # The topic does not exist yet: said once, and shown on /status.
+        wait_for("the log says the topic is missing",
+                 lambda: count(a, "a topic to archive does not exist") == 1, timeout=30, show=lambda: lines(a)[-5:])
+        assert get_json(a.rest_port, "/status")[1]["consumer"]["missing_topics"] == [topic]
+
+        created = time.time()
+        broker.create_topic(topic, 2)
+        items = [(i % 2, v3_message(1650250000123456 + i, b"late %d" % i), 1795545116000 + i) for i in range(20)]
+        produce_raw(broker.bootstrap, topic, items)
+        ends = oracle.end_offsets(oracle.read_topic(broker.bootstrap, topic, len(items)))
+        wait_for("the records of the new topic committed",
+                 lambda: oracle.committed(broker.bootstrap, group, topic, [0, 1]) == ends, timeout=60)
+        took = time.time() - created
+        print(f"LATE TOPIC: created {DOWN_SECONDS}+ s after the start, all {len(items)} records committed "
+              f"{took:.1f} s after its creation")
+        wait_for("/status no longer lists the topic as missing",
+                 lambda: get_json(a.rest_port, "/status")[1]["consumer"]["missing_topics"] == [], timeout=10)
+        assert a.archived() == len(items)
         assert a.stop() == 0, a.logs()
     finally:
         broker.stop()
