@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use chrono::{NaiveDate, TimeZone};
 use futures::{StreamExt, TryStreamExt};
-use object_store::ObjectStore;
 use object_store::path::Path;
+use object_store::{ObjectMeta, ObjectStore};
 
 use crate::keys::{Layout, ObjectKind};
 
@@ -188,56 +188,84 @@ impl Selection {
 pub async fn topics(store: &dyn ObjectStore) -> Result<Vec<String>, ArchiveError> {
     let mut names = std::collections::BTreeSet::new();
     for root in ["topics", "errors"] {
-        for p in children(store, &format!("{root}/")).await? {
+        for p in children(store, &format!("{root}/")).await?.0 {
             names.insert(p);
         }
     }
     Ok(names.into_iter().collect())
 }
 
-/// The names of the folders directly under `prefix` (which ends with `/`).
-async fn children(store: &dyn ObjectStore, prefix: &str) -> Result<Vec<String>, ArchiveError> {
+/// The names of the folders directly under `prefix` (which ends with `/`), and the objects there.
+async fn children(store: &dyn ObjectStore, prefix: &str) -> Result<(Vec<String>, Vec<ObjectMeta>), ArchiveError> {
     let listing = store
         .list_with_delimiter(Some(&Path::from(prefix)))
         .await
         .map_err(|source| ArchiveError::List { prefix: prefix.to_string(), source })?;
-    Ok(listing.common_prefixes.iter().filter_map(|p| p.parts().next_back().map(|s| s.as_ref().to_string())).collect())
+    let folders =
+        listing.common_prefixes.iter().filter_map(|p| p.parts().next_back().map(|s| s.as_ref().to_string())).collect();
+    Ok((folders, listing.objects))
 }
 
+/// How far a listing is.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ListState {
+    /// Folders listed while looking for the hour folders.
+    pub folders: usize,
+    /// Hour folders found (known once the search is over), and listed so far.
+    pub hours: usize,
+    pub hours_listed: usize,
+    /// Objects found so far.
+    pub objects: usize,
+}
+
+/// Called as a listing goes on.
+pub type ListProgress = Arc<dyn Fn(ListState) + Send + Sync>;
+
 /// Every hour folder (`topics/T/year=…/hour=HH/`) of a topic under both roots, walked level by
-/// level with `parallel` listings in flight.
+/// level with `parallel` listings in flight; and the objects met on the way, which are no
+/// archive's (a key directly under `topics/T/`, or in a folder above the hours).
 async fn hour_prefixes(
     store: &dyn ObjectStore,
     topic: &str,
     range: TimeRange,
     layout: &Layout,
     parallel: usize,
-) -> Result<Vec<String>, ArchiveError> {
+    progress: Option<&ListProgress>,
+) -> Result<(Vec<String>, Vec<ObjectMeta>), ArchiveError> {
     let mut level: Vec<String> = vec![format!("topics/{topic}/"), format!("errors/{topic}/")];
+    let mut strays = Vec::new();
+    let mut folders = 0;
     for _ in 0..4 {
-        let next: Vec<Vec<String>> = futures::stream::iter(level.iter().cloned())
+        let next: Vec<(Vec<String>, Vec<ObjectMeta>)> = futures::stream::iter(level.iter().cloned())
             .map(|prefix| async move {
-                let names = children(store, &prefix).await?;
-                Ok::<_, ArchiveError>(names.into_iter().map(|n| format!("{prefix}{n}/")).collect::<Vec<_>>())
+                let (names, objects) = children(store, &prefix).await?;
+                Ok::<_, ArchiveError>((names.into_iter().map(|n| format!("{prefix}{n}/")).collect::<Vec<_>>(), objects))
             })
             .buffer_unordered(parallel)
+            .inspect_ok(|_| {
+                folders += 1;
+                if let Some(p) = progress {
+                    p(ListState { folders, ..ListState::default() });
+                }
+            })
             .try_collect()
             .await?;
-        level = next.into_iter().flatten().collect();
+        level = Vec::new();
+        for (names, objects) in next {
+            level.extend(names);
+            strays.extend(objects);
+        }
     }
     level.retain(|p| {
         let hour = p.splitn(3, '/').nth(2).unwrap_or("").trim_end_matches('/');
         range.keeps_hour(hour, layout)
     });
     level.sort();
-    Ok(level)
+    Ok((level, strays))
 }
 
-/// Progress of a listing: hours listed out of hours found, objects seen.
-pub type ListProgress = Arc<dyn Fn(usize, usize, usize) + Send + Sync>;
-
 /// Lists a topic's archive: every object under its hour folders in range, `parallel` hours at a
-/// time, and any object directly in between (keys that are not archive keys). Sorted by key.
+/// time, and any object above them (keys that are not archive keys). Sorted by key.
 pub async fn list_topic(
     store: &dyn ObjectStore,
     topic: &str,
@@ -246,10 +274,14 @@ pub async fn list_topic(
     parallel: usize,
     progress: Option<ListProgress>,
 ) -> Result<Vec<Listed>, ArchiveError> {
-    let hours = hour_prefixes(store, topic, range, layout, parallel).await?;
+    let (hours, strays) = hour_prefixes(store, topic, range, layout, parallel, progress.as_ref()).await?;
     let total = hours.len();
     let done = std::sync::atomic::AtomicUsize::new(0);
-    let seen = std::sync::atomic::AtomicUsize::new(0);
+    let seen = std::sync::atomic::AtomicUsize::new(strays.len());
+    let listed = |m: ObjectMeta| {
+        let key = m.location.to_string();
+        Listed { parsed: parse_key(&key, layout), key, size: m.size }
+    };
     let lists: Vec<Vec<Listed>> = futures::stream::iter(hours)
         .map(|prefix| {
             let (done, seen, progress) = (&done, &seen, progress.clone());
@@ -262,23 +294,15 @@ pub async fn list_topic(
                 let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                 let s = seen.fetch_add(metas.len(), std::sync::atomic::Ordering::Relaxed) + metas.len();
                 if let Some(p) = &progress {
-                    p(n, total, s);
+                    p(ListState { folders: 0, hours: total, hours_listed: n, objects: s });
                 }
-                Ok::<_, ArchiveError>(
-                    metas
-                        .into_iter()
-                        .map(|m| {
-                            let key = m.location.to_string();
-                            Listed { parsed: parse_key(&key, layout), key, size: m.size }
-                        })
-                        .collect(),
-                )
+                Ok::<_, ArchiveError>(metas.into_iter().map(listed).collect())
             }
         })
         .buffer_unordered(parallel)
         .try_collect()
         .await?;
-    let mut all: Vec<Listed> = lists.into_iter().flatten().collect();
+    let mut all: Vec<Listed> = lists.into_iter().flatten().chain(strays.into_iter().map(listed)).collect();
     all.sort_by(|a, b| a.key.cmp(&b.key));
     Ok(all)
 }

@@ -110,9 +110,9 @@ pub async fn run(
     progress: Arc<Progress>,
 ) -> Result<RestoreSummary, RestoreError> {
     let layout = &config.layout;
-    progress.set_stage(&format!("listing {}", options.topic), 0);
-    let p = progress.clone();
-    let on_list: archive::ListProgress = Arc::new(move |done, total, _| p.set(done as u64, total as u64));
+    progress.start_listing(&options.topic);
+    let (p, t) = (progress.clone(), options.topic.clone());
+    let on_list: archive::ListProgress = Arc::new(move |state| p.listing(&t, state));
     let listed = archive::list_topic(
         store.as_ref(),
         &options.topic,

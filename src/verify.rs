@@ -101,7 +101,10 @@ pub struct Counts {
     pub offsets: u64,
     /// Of those, checked against the record in Kafka.
     pub against_kafka: u64,
-    pub objects: u64,
+    /// Objects of the topic found in the bucket (in the selection), archive keys or not.
+    pub objects_found: u64,
+    /// Objects the records read from Kafka should have.
+    pub objects_expected: u64,
     pub bodies_compared: u64,
     pub dead_lettered: u64,
     pub tombstones: u64,
@@ -122,7 +125,8 @@ impl Counts {
     fn add(&mut self, o: &Counts) {
         self.offsets += o.offsets;
         self.against_kafka += o.against_kafka;
-        self.objects += o.objects;
+        self.objects_found += o.objects_found;
+        self.objects_expected += o.objects_expected;
         self.bodies_compared += o.bodies_compared;
         self.dead_lettered += o.dead_lettered;
         self.tombstones += o.tombstones;
@@ -170,11 +174,7 @@ impl Progress {
     pub fn new(what: &str) -> Arc<Progress> {
         let bar = std::io::stderr().is_terminal().then(|| {
             let b = indicatif::ProgressBar::new(0);
-            b.set_style(
-                indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})")
-                    .expect("a valid template")
-                    .progress_chars("=> "),
-            );
+            b.set_style(Progress::style(true));
             b.set_message(what.to_string());
             b
         });
@@ -187,11 +187,58 @@ impl Progress {
         })
     }
 
+    /// A bar with a count and a rate (whole records a second), or the message alone (a listing,
+    /// whose size is not known until it is over).
+    fn style(bar: bool) -> indicatif::ProgressStyle {
+        let template = if bar { "{msg} [{bar:40}] {pos}/{len} ({rate}, eta {eta})" } else { "{msg}" };
+        indicatif::ProgressStyle::with_template(template)
+            .expect("a valid template")
+            .with_key("rate", |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:.0}/s", s.per_sec());
+            })
+            .progress_chars("=> ")
+    }
+
+    /// A listing of `topic` goes on: the folders searched for hour folders, then the hour folders
+    /// listed and the objects found.
+    pub fn listing(&self, topic: &str, state: archive::ListState) {
+        let text = if state.hours == 0 {
+            format!("listing {topic}: looking for hour folders, {} folders listed", state.folders)
+        } else {
+            format!(
+                "listing {topic}: {} of {} hour folders, {} objects",
+                state.hours_listed, state.hours, state.objects
+            )
+        };
+        match &self.bar {
+            Some(b) => b.set_message(text),
+            None => {
+                let mut last = self.last_line.lock().expect("progress lock");
+                if last.elapsed() >= Duration::from_secs(10) {
+                    *last = Instant::now();
+                    eprintln!("{}: {text}", self.what);
+                }
+            }
+        }
+    }
+
+    /// The start of a listing: the message alone until it is over.
+    pub fn start_listing(&self, topic: &str) {
+        match &self.bar {
+            Some(b) => {
+                b.set_style(Progress::style(false));
+                b.set_message(format!("listing {topic}"));
+            }
+            None => eprintln!("{}: listing {topic}", self.what),
+        }
+    }
+
     pub fn set_stage(&self, what: &str, total: u64) {
         self.done.store(0, Ordering::Relaxed);
         self.total.store(total, Ordering::Relaxed);
         match &self.bar {
             Some(b) => {
+                b.set_style(Progress::style(true));
                 b.set_message(what.to_string());
                 b.set_length(total);
                 b.set_position(0);
@@ -222,7 +269,8 @@ impl Progress {
                 let mut last = self.last_line.lock().expect("progress lock");
                 if last.elapsed() >= Duration::from_secs(10) {
                     *last = Instant::now();
-                    eprintln!("{}: {done} of {total}", self.what);
+                    // Some brokers give end offsets below what is read: the count is never past the end.
+                    eprintln!("{}: {done} of {}", self.what, total.max(done));
                 }
             }
         }
@@ -276,9 +324,9 @@ async fn verify_topic(
     progress: Arc<Progress>,
 ) -> Result<TopicReport, VerifyError> {
     let layout = &config.layout;
-    progress.set_stage(&format!("listing {topic}"), 0);
-    let p = progress.clone();
-    let on_list: archive::ListProgress = Arc::new(move |done, total, _| p.set(done as u64, total as u64));
+    progress.start_listing(topic);
+    let (p, t) = (progress.clone(), topic.to_string());
+    let on_list: archive::ListProgress = Arc::new(move |state| p.listing(&t, state));
     let listed = archive::list_topic(
         store.as_ref(),
         topic,
@@ -290,6 +338,7 @@ async fn verify_topic(
     .await?;
     let mut index = TopicIndex::build(topic, listed);
     let mut report = TopicReport { topic: topic.to_string(), ..TopicReport::default() };
+    report.counts.objects_found = index.unexpected.len() as u64;
     for l in std::mem::take(&mut index.unexpected) {
         let why = if l.key.ends_with("-conflict.txt") || l.key.starts_with("errors/") {
             "a write-once conflict copy (see its -conflict.txt): the key under topics/ holds other bytes than the record"
@@ -299,6 +348,8 @@ async fn verify_topic(
         report.problem(ProblemKind::Extra, l.key, why);
     }
     options.selection.apply(&mut index);
+    report.counts.objects_found +=
+        index.partitions.values().flat_map(|slots| slots.values()).map(|slot| slot.all().count() as u64).sum::<u64>();
     if !options.bucket_only {
         check_against_kafka(config, store.clone(), options, topic, &mut index, &mut report, progress.clone()).await?;
     }
@@ -447,7 +498,7 @@ fn compare_record(
     let expected_keys: Vec<&str> = expected.iter().flatten().map(|o| o.key.as_str()).collect();
     let unexpected: Vec<&Listed> = slot.all().filter(|l| !expected_keys.contains(&l.key.as_str())).collect();
     for object in expected.into_iter().flatten() {
-        report.counts.objects += 1;
+        report.counts.objects_expected += 1;
         match slot.all().find(|l| l.key == object.key) {
             Some(l) => check_size_and_queue(l, object, sizes_only, report, fetches),
             None => {
@@ -618,7 +669,6 @@ fn check_alone(
             continue;
         }
         report.counts.offsets += 1;
-        report.counts.objects += slot.all().count() as u64;
         // Within what Kafka still has, Kafka accounted for every offset between these.
         let expired = kafka.is_none_or(|(first, _)| offset < first);
         if expired
@@ -836,13 +886,18 @@ pub fn render(reports: &[TopicReport], options: &VerifyOptions) -> String {
         } else {
             format!("{} bodies compared", c.bodies_compared)
         };
+        let expected = if c.against_kafka > 0 {
+            format!(" ({} expected from Kafka's records)", c.objects_expected)
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             out,
-            "  checked {} offsets ({} against Kafka, {} from the bucket alone), {} objects, {bodies}; {} dead-lettered, {} tombstones",
+            "  checked {} offsets ({} against Kafka, {} from the bucket alone), {} objects found{expected}, {bodies}; {} dead-lettered, {} tombstones",
             c.offsets,
             c.against_kafka,
             c.offsets - c.against_kafka,
-            c.objects,
+            c.objects_found,
             c.dead_lettered,
             c.tombstones
         );
@@ -861,7 +916,7 @@ pub fn render(reports: &[TopicReport], options: &VerifyOptions) -> String {
     }
     let t = totals(reports);
     if t.problems() == 0 {
-        let _ = writeln!(out, "clean: {} offsets, {} objects", t.offsets, t.objects);
+        let _ = writeln!(out, "clean: {} offsets, {} objects", t.offsets, t.objects_found);
     } else {
         let _ = writeln!(
             out,
@@ -959,7 +1014,7 @@ mod tests {
         archive(&store, 0..30).await;
         let r = verify(store).await;
         assert_eq!(r.counts.offsets, 30);
-        assert_eq!(r.counts.objects, 60);
+        assert_eq!(r.counts.objects_found, 60);
         assert_eq!(r.counts.problems(), 0, "{:?}", r.problems);
         assert_eq!(r.counts.archived_twice, 0);
     }
@@ -982,6 +1037,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn keys_above_the_hour_folders_are_reported_and_counted() {
+        let store = Arc::new(InMemory::new());
+        let keys = archive(&store, 0..3).await;
+        let topic = keys[0].split('/').nth(1).unwrap().to_string();
+        let strays = [
+            format!("topics/{topic}/stray.txt"),
+            format!("topics/{topic}/year=2022/notes.txt"),
+            format!("topics/{topic}/junk/x.bin"),
+            format!("errors/{topic}/month.txt"),
+        ];
+        for k in &strays {
+            store.put(&Path::from(k.as_str()), PutPayload::from_static(b"?")).await.unwrap();
+        }
+        let r = verify(store).await;
+        let extra: Vec<&str> =
+            r.problems.iter().filter(|p| p.kind == ProblemKind::Extra).map(|p| p.key.as_str()).collect();
+        for k in &strays {
+            assert!(extra.contains(&k.as_str()), "{k} not reported: {:?}", r.problems);
+        }
+        assert_eq!(r.counts.extra, 4);
+        assert_eq!(r.counts.objects_found, 6 + 4, "the archive's objects and the strays");
+        let out = render(&[r], &options());
+        assert!(out.contains("10 objects found"), "{out}");
+    }
+
+    #[tokio::test]
     async fn the_bucket_alone_shows_an_offset_archived_under_two_hour_folders() {
         let store = Arc::new(InMemory::new());
         let [first, second] = archive_with_a_record_consumed_twice(&store).await;
@@ -994,7 +1075,7 @@ mod tests {
         assert!(found[0].detail.contains("fetched again before its offset was committed"), "{}", found[0].detail);
         assert_eq!(r.counts.archived_twice, 1);
         assert_eq!((r.counts.missing, r.counts.extra, r.counts.gap_offsets), (0, 0, 0), "{:?}", r.problems);
-        assert_eq!((r.counts.offsets, r.counts.objects), (5, 12));
+        assert_eq!((r.counts.offsets, r.counts.objects_found), (5, 12));
         let out = render(&[r], &options());
         assert!(
             out.contains(&format!("  TWICE      {first}  offset 2 is archived twice: {first} and {second}")),

@@ -111,6 +111,8 @@ def test_verify_is_clean_then_names_each_injected_problem(archiver_bin, archived
     assert "clean: " in out and "missing 0, mismatched 0, extra 0, offsets in gaps 0" in out, out
     assert "checked 39 offsets (39 against Kafka" in out and "2 dead-lettered, 1 tombstones" in out, out
     assert "76 bodies compared" in out, out  # 36 x 2 archive objects + 2 x 2 dead-letter objects
+    assert "76 objects found (76 expected from Kafka's records)" in out, out
+    assert f"verify: listing {topic}" in err and " 0 of 0" not in err, err
 
     s3 = garage.client()
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=archived["bucket"])["Contents"])
@@ -124,8 +126,10 @@ def test_verify_is_clean_then_names_each_injected_problem(archiver_bin, archived
     hour = deleted.rsplit("/", 1)[0]
     stray = f"{hour}/notes.txt"
     beyond = f"{hour}/{topic}+1+0000000099.bin"
+    top_stray = f"topics/{topic}/README.txt"  # directly under topics/T/, above the hour folders
     s3.put_object(Bucket=archived["bucket"], Key=stray, Body=b"hello\n")
     s3.put_object(Bucket=archived["bucket"], Key=beyond, Body=b"x\n")
+    s3.put_object(Bucket=archived["bucket"], Key=top_stray, Body=b"notes\n")
 
     code, out, err = tool(archiver_bin, env, "verify")
     assert code == 1, out + err
@@ -137,7 +141,10 @@ def test_verify_is_clean_then_names_each_injected_problem(archiver_bin, archived
     assert line_for("MISMATCHED", altered_size) and "bytes, the record gives" in line_for("MISMATCHED", altered_size), out
     assert line_for("EXTRA", stray), out
     assert line_for("EXTRA", beyond) and "past the last offset" in line_for("EXTRA", beyond), out
-    assert "missing 1, mismatched 2, extra 2" in out, out
+    assert line_for("EXTRA", top_stray), out
+    assert "missing 1, mismatched 2, extra 3" in out, out
+    # What is in the bucket: one payload fewer, three keys more; what Kafka's records call for.
+    assert "78 objects found (76 expected from Kafka's records)" in out, out
 
     # The bucket alone: the deleted payload leaves its timestamp object without a companion, and the
     # stray keys are still unexpected; the body changes need Kafka to be seen.
@@ -146,6 +153,7 @@ def test_verify_is_clean_then_names_each_injected_problem(archiver_bin, archived
     assert code == 1, out + err
     assert f"MISSING    {deleted}" in out, out
     assert f"EXTRA      {stray}" in out, out
+    assert f"EXTRA      {top_stray}" in out, out
     assert "mismatched 0" in out, out
 
 
