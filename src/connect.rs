@@ -349,7 +349,7 @@ async fn task_status(State(api): State<Api>, Path((name, task)): Path<(String, S
     };
     match api.known(&name) {
         Some(_) if id == 0 => Json(TaskState { id, state: api.state() }).into_response(),
-        _ => error(StatusCode::NOT_FOUND, format!("No status found for task {name}-{task}")),
+        _ => error(StatusCode::NOT_FOUND, format!("No status found for task {name}-{id}")),
     }
 }
 
@@ -447,6 +447,16 @@ async fn stop(State(api): State<Api>, Path(name): Path<String>) -> Response {
 
 async fn restart(State(api): State<Api>, Path(params): Path<Vec<(String, String)>>) -> Response {
     let name = params.iter().find(|(k, _)| k == "name").map_or("", |(_, v)| v.as_str());
+    // POST /connectors/{name}/tasks/{task}/restart: a task that is not there is not found.
+    if let Some((_, task)) = params.iter().find(|(k, _)| k == "task") {
+        match task.parse::<u32>() {
+            Err(_) => return error(StatusCode::NOT_FOUND, "HTTP 404 Not Found"),
+            Ok(id) if id != 0 && api.known(name).is_some() => {
+                return error(StatusCode::NOT_FOUND, format!("Unknown task: {name}-{id}"));
+            }
+            Ok(_) => {}
+        }
+    }
     refused(
         &api,
         name,

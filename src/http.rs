@@ -12,14 +12,17 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use axum::Json;
 use axum::Router;
+use axum::extract::Request;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::{Json, ServiceExt};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
+use tower::Layer;
+use tower_http::normalize_path::NormalizePathLayer;
 
 use crate::commit::Ledger;
 use crate::connect;
@@ -73,8 +76,13 @@ pub async fn serve(
         .method_not_allowed_fallback(|| async {
             connect::error(StatusCode::METHOD_NOT_ALLOWED, "HTTP 405 Method Not Allowed")
         });
+    // Kafka Connect (Jersey) takes a path with a trailing slash as the path without it; some
+    // clients send one (`GET /connectors/{name}/`).
+    let app = NormalizePathLayer::trim_trailing_slash().layer(router);
     Ok(async move {
-        let served = axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+        let served = axum::serve(listener, ServiceExt::<Request>::into_make_service(app))
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
         if let Err(e) = served {
             tracing::error!(error = %e, "HTTP server stopped");
         }

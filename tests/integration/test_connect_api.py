@@ -143,6 +143,9 @@ def test_every_path_answers_in_kafka_connects_shape(broker, garage, run_archiver
         print(f"GET {path} -> {code} {body}")
         assert code == 404 and is_error(404, body, message), (path, body)
     assert get_logged("/connectors/nosuch/topics") == (200, {"nosuch": {"topics": []}})
+    # A trailing slash is the same path, as for Kafka Connect.
+    assert get_logged("/connectors/s3-sink-data/") == get(port, "/connectors/s3-sink-data")
+    assert get_logged("/connectors/") == (200, CONNECTORS)
 
     # Calls that would change a connector: what to do instead.
     for method, path, body, code, says in [
@@ -159,6 +162,8 @@ def test_every_path_answers_in_kafka_connects_shape(broker, garage, run_archiver
         ("PUT", "/connectors/nosuch/pause", None, 404, "Unknown connector nosuch"),
         ("POST", "/connectors/nosuch/restart", None, 404, "Unknown connector: nosuch"),
         ("POST", "/connectors/s3-sink-data/status", None, 405, "HTTP 405 Method Not Allowed"),
+        ("POST", "/connectors/s3-sink-data/tasks/3/restart", None, 404, "Unknown task: s3-sink-data-3"),
+        ("POST", "/connectors/s3-sink-data/tasks/x/restart", None, 404, "HTTP 404 Not Found"),
     ]:
         got, text = call(port, method, path, body)
         print(f"{method} {path} -> {got} {text}")
