@@ -128,8 +128,10 @@ struct ArchiverContext {
     /// Whether consumption is paused under backpressure: newly assigned partitions take this
     /// state.
     paused: AtomicBool,
-    /// The brokers cannot be reached: said once, then every few seconds, then when one answers.
+    /// No broker can be reached: said once, then every few seconds, then when one answers.
     unreachable: Throttle<()>,
+    /// Why a broker could not be reached, last time (librdkafka's words: refused, unknown host).
+    last_transport_error: Mutex<String>,
     /// Other Kafka errors, by librdkafka error code: said once, then every few seconds.
     errors: Throttle<i32>,
     /// The configured topics.
@@ -142,21 +144,28 @@ impl ArchiverContext {
     fn kafka_error(&self, error: &KafkaError, reason: &str) {
         self.status.error(None, format!("Kafka: {reason}"));
         let code = error.rdkafka_error_code();
-        let unreachable = matches!(
+        // One broker that cannot be reached (its reason says why: refused, unknown host), or all.
+        let transport = matches!(
             code,
             Some(
                 RDKafkaErrorCode::BrokerTransportFailure
-                    | RDKafkaErrorCode::AllBrokersDown
                     | RDKafkaErrorCode::Resolve
                     | RDKafkaErrorCode::BrokerNotAvailable
             )
         );
-        if unreachable {
+        if transport {
+            *self.last_transport_error.lock().expect("error lock") = reason.to_string();
+        }
+        if code == Some(RDKafkaErrorCode::AllBrokersDown) || (transport && self.unreachable.any()) {
+            // All brokers down: said once with the last broker's reason; the failures of each
+            // broker while it lasts only count.
+            let why = self.last_transport_error.lock().expect("error lock").clone();
+            let why = if why.is_empty() { reason.to_string() } else { why };
             match self.unreachable.happened(&()) {
-                Say::First => tracing::error!(error = %reason,
+                Say::First => tracing::error!(error = %why,
                     "cannot reach the Kafka broker: check BROKER_HOSTNAME, that the broker runs, and that the addresses it advertises (advertised.listeners) resolve and can be reached from here; retrying, and saying so every 10 s while it lasts"),
                 Say::Again { times, since } => {
-                    tracing::warn!(error = %reason, errors = times, seconds = since.as_secs(),
+                    tracing::warn!(error = %why, errors = times, seconds = since.as_secs(),
                     "still cannot reach the Kafka broker")
                 }
                 Say::Nothing => {}
@@ -167,8 +176,7 @@ impl ArchiverContext {
             // "Subscribed topic not available: T: Broker: Unknown topic or partition"
             let topic = reason.split(": ").nth(1).filter(|t| self.topics.iter().any(|c| c == t));
             if let Some(topic) = topic {
-                self.status.topic_missing(topic);
-                if self.errors.happened(&(RDKafkaErrorCode::UnknownTopicOrPartition as i32)) == Say::First {
+                if self.status.topic_missing(topic) {
                     tracing::warn!(
                         topic,
                         "a topic to archive does not exist; it is archived once it is created (the topics are looked up every 10 s)"
@@ -237,7 +245,7 @@ impl ClientContext for ArchiverContext {
                     self.broker_answers();
                 }
                 for (topic, t) in stats.topics {
-                    if !t.partitions.is_empty() {
+                    if t.partitions.values().any(|p| p.partition >= 0) {
                         self.status.topic_found(&topic);
                     }
                     // Partition -1 is librdkafka's internal "unassigned" queue.
@@ -280,7 +288,7 @@ impl ConsumerContext for ArchiverContext {
                 // it is resumed (librdkafka#1849): a partition paused under an earlier assignment
                 // would come back paused and never be fetched. Each assigned partition takes the
                 // current state, explicitly.
-                let paused = self.paused.load(Ordering::Relaxed);
+                let paused = self.paused.load(Ordering::Relaxed) || self.status.paused_on_request();
                 let set = if paused { consumer.pause(tpl) } else { consumer.resume(tpl) };
                 if let Err(e) = set {
                     self.status.error(None, format!("cannot pause or resume the assigned partitions: {e}"));
@@ -391,6 +399,7 @@ impl KafkaConsumer {
             assigned: AtomicBool::new(false),
             paused: AtomicBool::new(false),
             unreachable: Throttle::default(),
+            last_transport_error: Mutex::new(String::new()),
             errors: Throttle::default(),
             topics: self.topics.clone(),
         })?;
@@ -422,7 +431,9 @@ impl KafkaConsumer {
                     match consumer.poll(wait) {
                         Some(Ok(msg)) => batch.push(msg),
                         Some(Err(e)) => {
-                            consumer.context().kafka_error(&e, &e.to_string());
+                            // rust-rdkafka hands every error event to the context's error callback
+                            // (which says it, with librdkafka's reason) before poll returns it.
+                            tracing::debug!(error = %e, "Kafka consumer error from poll");
                             break;
                         }
                         None => break,
@@ -482,7 +493,13 @@ impl KafkaConsumer {
                 }
             }
             if let Some(why) = change {
-                tracing::info!(spool_bytes = bytes, spool_records = records, free_bytes = state.free, "{why}");
+                let on_request = if self.status.paused_on_request() { " (still paused on request)" } else { "" };
+                tracing::info!(
+                    spool_bytes = bytes,
+                    spool_records = records,
+                    free_bytes = state.free,
+                    "{why}{on_request}"
+                );
                 self.status.set_paused(backpressure.paused.then_some(why));
             }
             if last_commit.elapsed() >= self.commit_interval {

@@ -183,9 +183,9 @@ impl Status {
         self.notes().paused_on_request
     }
 
-    /// Kafka says a configured topic does not exist.
-    pub fn topic_missing(&self, topic: &str) {
-        self.notes().missing_topics.insert(topic.to_string());
+    /// Kafka says a configured topic does not exist; returns whether that is news.
+    pub fn topic_missing(&self, topic: &str) -> bool {
+        self.notes().missing_topics.insert(topic.to_string())
     }
 
     /// A configured topic has partitions (called with every statistics report, so cheap when

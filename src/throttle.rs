@@ -37,6 +37,7 @@ pub struct Ended {
 struct Ongoing {
     since: Instant,
     said_at: Instant,
+    last_at: Instant,
     /// Occurrences since it was last said.
     unsaid: u64,
     times: u64,
@@ -68,11 +69,12 @@ impl<K: Eq + Hash + Clone> Throttle<K> {
     fn happened_at(&self, kind: &K, now: Instant) -> Say {
         let mut ongoing = self.ongoing.lock().expect("throttle lock");
         let Some(o) = ongoing.get_mut(kind) else {
-            ongoing.insert(kind.clone(), Ongoing { since: now, said_at: now, unsaid: 0, times: 1 });
+            ongoing.insert(kind.clone(), Ongoing { since: now, said_at: now, last_at: now, unsaid: 0, times: 1 });
             return Say::First;
         };
         o.times += 1;
         o.unsaid += 1;
+        o.last_at = now;
         if now.duration_since(o.said_at) < self.every {
             return Say::Nothing;
         }
@@ -89,6 +91,20 @@ impl<K: Eq + Hash + Clone> Throttle<K> {
     fn ended_at(&self, now: Instant) -> Vec<(K, Ended)> {
         let mut ongoing = self.ongoing.lock().expect("throttle lock");
         ongoing.drain().map(|(k, o)| (k, Ended { lasted: now.duration_since(o.since), times: o.times })).collect()
+    }
+
+    /// The troubles whose last occurrence `over` says is over (given when it was) end: for trouble
+    /// that comes and goes (one request failing among many that succeed), a success alone does
+    /// not end it.
+    pub fn end_where(&self, over: impl Fn(Instant) -> bool) -> Vec<(K, Ended)> {
+        let mut ongoing = self.ongoing.lock().expect("throttle lock");
+        let done: Vec<K> = ongoing.iter().filter(|(_, o)| over(o.last_at)).map(|(k, _)| k.clone()).collect();
+        done.into_iter()
+            .filter_map(|k| {
+                let o = ongoing.remove(&k)?;
+                Some((k, Ended { lasted: o.last_at.duration_since(o.since), times: o.times }))
+            })
+            .collect()
     }
 
     /// Whether any trouble is going on (cheap enough for every successful request).
@@ -130,5 +146,19 @@ mod tests {
         assert_eq!(ended[1].1.times, 1);
         assert!(!t.any() && t.ended_at(at(31_000)).is_empty(), "said to end once");
         assert_eq!(t.happened_at(&"down", at(40_000)), Say::First, "it starts again");
+    }
+
+    #[test]
+    fn trouble_that_comes_and_goes_ends_where_the_caller_says() {
+        let t: Throttle<&str> = Throttle::new(Duration::from_secs(10));
+        let start = Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
+        assert_eq!(t.happened_at(&"503", at(0)), Say::First);
+        assert_eq!(t.happened_at(&"503", at(8)), Say::Nothing, "still the same trouble");
+        assert_eq!(t.happened_at(&"403", at(9)), Say::First, "another kind is said at once");
+        // Over when it last happened 10 s before now (18 s).
+        let ended = t.end_where(|last| last + Duration::from_secs(10) <= at(18));
+        assert_eq!(ended, [("503", Ended { lasted: Duration::from_secs(8), times: 2 })]);
+        assert!(t.any(), "the 403 happened 9 s before");
     }
 }

@@ -151,22 +151,37 @@ struct Shared {
     logged: Mutex<HashSet<(String, i32, &'static str)>>,
     /// Cancelled when in-flight uploads must give up (shutdown timeout passed).
     abandon: CancellationToken,
-    /// Failed uploads, said once, then every few seconds while they go on, then when one succeeds.
-    failing: Throttle<()>,
+    /// Failed uploads by reason (connection, permission_denied, …): each said once, then every few
+    /// seconds while it goes on, then when none failed for that long.
+    failing: Throttle<&'static str>,
+    /// When the store last took a request.
+    answered: Mutex<Option<std::time::Instant>>,
 }
 
 impl Shared {
-    /// The store took a request: if uploads were failing, say that they are over.
+    /// The store took a request.
     fn store_answers(&self) {
         self.up.status.store_ok();
         if self.failing.any() {
-            for ((), ended) in self.failing.ended() {
-                tracing::info!(
-                    failed_attempts = ended.times,
-                    after_s = ended.lasted.as_secs(),
-                    "the store takes uploads again"
-                );
-            }
+            *self.answered.lock().expect("answered lock") = Some(std::time::Instant::now());
+            self.say_recovered();
+        }
+    }
+
+    /// Upload failures are over once the store took a request after the last of them and none
+    /// happened for [`crate::throttle::EVERY`] (so that failures among successes, a 503 now and
+    /// then, are not said to end at every success).
+    fn say_recovered(&self) {
+        let Some(answered) = *self.answered.lock().expect("answered lock") else { return };
+        let now = std::time::Instant::now();
+        let over = |last: std::time::Instant| last < answered && now.duration_since(last) >= crate::throttle::EVERY;
+        for (reason, ended) in self.failing.end_where(over) {
+            tracing::info!(
+                reason,
+                failed_attempts = ended.times,
+                lasted_s = ended.lasted.as_secs(),
+                "the store takes uploads again"
+            );
         }
     }
 }
@@ -183,6 +198,7 @@ impl Uploader {
             logged: Mutex::new(HashSet::new()),
             abandon: CancellationToken::new(),
             failing: Throttle::default(),
+            answered: Mutex::new(None),
             up: self,
         });
         let records = Arc::new(Semaphore::new(workers));
@@ -217,6 +233,8 @@ impl Uploader {
             let Some((key, record)) = queue.pop_front() else {
                 tokio::select! {
                     _ = shared.up.spool.inserted() => {}
+                    // Idle after an outage: the failures are said to be over once they are.
+                    _ = tokio::time::sleep(crate::throttle::EVERY), if shared.failing.any() => shared.say_recovered(),
                     Some(done) = tasks.join_next() => {
                         if let Err(e) = flatten(done) {
                             result = Err(e);
@@ -453,7 +471,7 @@ impl Failure {
         };
         shared.up.status.error(Some(tp), problem.clone());
         shared.up.status.store_error(problem.clone());
-        match shared.failing.happened(&()) {
+        match shared.failing.happened(&reason) {
             Say::First => {}
             Say::Again { times, since } => {
                 tracing::warn!(failed_attempts = times, seconds = since.as_secs(), last = %problem,

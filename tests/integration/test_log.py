@@ -23,10 +23,10 @@ def count(archiver, text):
 
 def test_a_broker_down_then_a_topic_created_late_are_said_briefly_and_archived(run_archiver, tmp_path):
     run = uuid.uuid4().hex[:8]
-    topic, group = f"late.{run}", f"late-{run}"
+    topic, never, group = f"late.{run}", f"never.{run}", f"late-{run}"
     port = testbed.free_port()
     bucket = Bucket("local", root=tmp_path / "archive")
-    a = run_archiver(BROKER_HOSTNAME=f"127.0.0.1:{port}", KAFKA_TOPIC=topic, GROUP_ID=group,
+    a = run_archiver(BROKER_HOSTNAME=f"127.0.0.1:{port}", KAFKA_TOPIC=f"{topic},{never}", GROUP_ID=group,
                      SPOOL_DIR=tmp_path / "spool", **bucket.env())
     time.sleep(DOWN_SECONDS)
     said = lines(a)
@@ -40,10 +40,10 @@ def test_a_broker_down_then_a_topic_created_late_are_said_briefly_and_archived(r
     try:
         wait_for("the log says the broker answers", lambda: count(a, "the Kafka broker answers again") == 1,
                  timeout=20, show=lambda: lines(a)[-5:])
-        # The topic does not exist yet: said once, and shown on /status.
-        wait_for("the log says the topic is missing",
-                 lambda: count(a, "a topic to archive does not exist") == 1, timeout=30, show=lambda: lines(a)[-5:])
-        assert get_json(a.rest_port, "/status")[1]["consumer"]["missing_topics"] == [topic]
+        # The topics do not exist yet: each said once, and shown on /status.
+        wait_for("the log says both topics are missing",
+                 lambda: count(a, "a topic to archive does not exist") == 2, timeout=30, show=lambda: lines(a)[-5:])
+        assert get_json(a.rest_port, "/status")[1]["consumer"]["missing_topics"] == sorted([topic, never])
 
         created = time.time()
         broker.create_topic(topic, 2)
@@ -55,8 +55,9 @@ def test_a_broker_down_then_a_topic_created_late_are_said_briefly_and_archived(r
         took = time.time() - created
         print(f"LATE TOPIC: created {DOWN_SECONDS}+ s after the start, all {len(items)} records committed "
               f"{took:.1f} s after its creation")
-        wait_for("/status no longer lists the topic as missing",
-                 lambda: get_json(a.rest_port, "/status")[1]["consumer"]["missing_topics"] == [], timeout=10)
+        wait_for("/status lists only the topic never created as missing",
+                 lambda: get_json(a.rest_port, "/status")[1]["consumer"]["missing_topics"] == [never], timeout=10)
+        assert count(a, "a topic to archive does not exist") == 2, "each said once"
         assert a.archived() == len(items)
         assert a.stop() == 0, a.logs()
     finally:
@@ -68,7 +69,6 @@ def test_a_store_down_is_said_once_then_every_few_seconds_then_when_it_answers(b
     run = uuid.uuid4().hex[:8]
     topic, group, name = f"storedown.{run}", f"storedown-{run}", f"storedown-{run}"
     broker.create_topic(topic, 2)
-    garage.create_bucket(name)
     proxy = testbed.TcpProxy(garage.s3_port)
     proxy.down()
     items = [(i % 2, v3_message(1650250000123456 + i, b"x" * 100), 1795545116000 + i) for i in range(200)]
@@ -85,10 +85,18 @@ def test_a_store_down_is_said_once_then_every_few_seconds_then_when_it_answers(b
     assert 1 <= count(a, "uploads still failing") <= DOWN_SECONDS // 10 + 2
     assert len(said) <= 16, said
 
+    # The store answers again, but the bucket is missing: another trouble, said at once with its fix.
     proxy.up()
+    wait_for("the missing bucket is said", lambda: count(a, "upload refused: the bucket was not found") == 1,
+             timeout=30, show=lambda: lines(a)[-3:])
+    time.sleep(5)
+    garage.create_bucket(name)
     ends = oracle.end_offsets(oracle.read_topic(broker.bootstrap, topic, len(items)))
     wait_for("everything committed", lambda: oracle.committed(broker.bootstrap, group, topic, [0, 1]) == ends,
              timeout=60)
-    assert count(a, "the store takes uploads again") == 1, lines(a)[-5:]
+    # Each trouble is said to be over once no upload failed for 10 s.
+    wait_for("both troubles said to be over", lambda: count(a, "the store takes uploads again") == 2, timeout=30,
+             show=lambda: lines(a)[-5:])
+    assert count(a, "upload refused: the bucket was not found") == 1 and count(a, "upload failed; retrying") == 1
     assert a.archived() == len(items)
     assert a.stop() == 0, a.logs()
