@@ -116,6 +116,30 @@ pub struct Settings {
     pub kafka_property: Vec<String>,
 }
 
+/// Each setting's default as `--help` and the README's configuration table show it; a unit test
+/// checks them against what the parser gives when the variable is not set.
+pub const DEFAULTS: &[(&str, &str)] = &[
+    ("S3_REGION", "us-east-1"),
+    ("S3_CONDITIONAL_PUT", "false"),
+    ("S3_OBJECT_EXTENSION", ".bin"),
+    ("S3_OBJECT_SEPARATOR", "\\n"),
+    ("ARCHIVE_DIR", "./data"),
+    ("REST_PORT", "8083"),
+    ("REST_BIND_ADDRESS", "0.0.0.0"),
+    ("GROUP_ID", "kafka-s3-archiver"),
+    ("SPOOL_DIR", "./spool"),
+    ("SPOOL_MAX_BYTES", "1GiB"),
+    ("SPOOL_MAX_RECORDS", "10000"),
+    ("SPOOL_MIN_FREE_BYTES", "256MiB"),
+    ("UPLOAD_WORKERS", "32"),
+    ("UPLOAD_THREADS", "half the CPUs, at least 1"),
+    ("PARTITION_TIMEZONE", "Asia/Tokyo"),
+    ("UNDECODABLE", "dead-letter"),
+    ("COMMIT_INTERVAL_MS", "1000"),
+    ("SHUTDOWN_TIMEOUT", "30"),
+    ("LOG_FORMAT", "text"),
+];
+
 /// A secret value: usable, never printed.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -727,6 +751,59 @@ mod tests {
 
     fn err(s: Settings) -> String {
         Config::from_settings(&s, &[]).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_defaults_shown_are_the_defaults_used() {
+        let given = |var: &str, v: &str| {
+            let mut s = base();
+            let v = Some(v.replace("\\n", "\n"));
+            match var {
+                "S3_CONDITIONAL_PUT" => s.s3_conditional_put = v,
+                "S3_OBJECT_EXTENSION" => s.s3_object_extension = v,
+                "S3_OBJECT_SEPARATOR" => s.s3_object_separator = v,
+                "ARCHIVE_DIR" => s.archive_dir = v,
+                "REST_PORT" => s.rest_port = v,
+                "REST_BIND_ADDRESS" => s.rest_bind_address = v,
+                "GROUP_ID" => s.group_id = v,
+                "SPOOL_DIR" => s.spool_dir = v,
+                "SPOOL_MAX_BYTES" => s.spool_max_bytes = v,
+                "SPOOL_MAX_RECORDS" => s.spool_max_records = v,
+                "SPOOL_MIN_FREE_BYTES" => s.spool_min_free_bytes = v,
+                "UPLOAD_WORKERS" => s.upload_workers = v,
+                "PARTITION_TIMEZONE" => s.partition_timezone = v,
+                "UNDECODABLE" => s.undecodable = v,
+                "COMMIT_INTERVAL_MS" => s.commit_interval_ms = v,
+                "SHUTDOWN_TIMEOUT" => s.shutdown_timeout = v,
+                "LOG_FORMAT" => s.log_format = v,
+                // Only with an S3 store; a sentence, not a value.
+                "S3_REGION" | "UPLOAD_THREADS" => return None,
+                other => panic!("{other} has a default but is not checked here"),
+            }
+            Some(s)
+        };
+        let unset = Config::from_settings(&base(), &[]).unwrap().summary();
+        for (var, default) in DEFAULTS {
+            if let Some(s) = given(var, default) {
+                assert_eq!(Config::from_settings(&s, &[]).unwrap().summary(), unset, "{var}={default}");
+            }
+        }
+        let s3 = |region: Option<&str>| {
+            let s = Settings { s3_bucket_name: Some("bucket".into()), s3_region: region.map(Into::into), ..base() };
+            Config::from_settings(&s, &[]).unwrap().summary()
+        };
+        assert_eq!(s3(None), s3(Some("us-east-1")));
+    }
+
+    #[test]
+    fn the_readme_table_shows_the_same_defaults() {
+        let readme = include_str!("../README.md");
+        for (var, default) in DEFAULTS {
+            let row =
+                readme.lines().find(|l| l.starts_with(&format!("| `{var}` |"))).unwrap_or_else(|| panic!("{var}"));
+            let shown = row.split(" | ").nth(1).unwrap().trim_matches('`');
+            assert_eq!(shown, *default, "{var}");
+        }
     }
 
     #[test]

@@ -3,8 +3,8 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use kafka_s3_archiver::config::{Config, LogFormat, Settings};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use kafka_s3_archiver::config::{Config, DEFAULTS, LogFormat, Settings};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -124,7 +124,7 @@ fn main() -> ExitCode {
     tune_malloc();
     // `.env` fills in what the process environment does not set; it never overrides it.
     let dotenv = dotenvy::dotenv();
-    let cli = Cli::parse();
+    let cli = Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.exit());
     let (settings, checking) = match cli.command {
         None => (cli.settings, false),
         Some(Command::Run(s)) => (s, false),
@@ -134,11 +134,14 @@ fn main() -> ExitCode {
         Some(Command::Restore(args)) => return restore(args),
     };
     let env: Vec<(String, String)> = std::env::vars().collect();
-    let config = match Config::from_settings(&settings, &env) {
+    // librdkafka checks the pass-through properties: a bad one is a configuration error too.
+    let config =
+        Config::from_settings(&settings, &env).and_then(|c| kafka_s3_archiver::consumer::client_config(&c).map(|_| c));
+    let config = match config {
         Ok(c) => c,
         Err(e) if checking => {
             println!("FAIL  configuration: {e}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(2);
         }
         Err(e) => {
             eprintln!("error: {e}");
@@ -162,11 +165,77 @@ fn main() -> ExitCode {
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            // Logged once: the log is standard error.
             tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
             ExitCode::from(if e.downcast_ref::<kafka_s3_archiver::config::ConfigError>().is_some() { 2 } else { 1 })
         }
     }
+}
+
+/// The command line, its help completed: each option's default, and for each tool only the
+/// settings it reads.
+fn command() -> clap::Command {
+    let mut cmd = with_defaults(Cli::command());
+    for sub in ["run", "check", "verify", "restore", "bench-store"] {
+        cmd = cmd.mut_subcommand(sub, with_defaults);
+    }
+    let kafka = ["BROKER_HOSTNAME", "KAFKA_TOPIC", "kafka_property"];
+    let store = [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_KEY",
+        "S3_BUCKET_NAME",
+        "S3_REGION",
+        "S3_ENDPOINT_URL",
+        "S3_CA_FILE",
+        "ARCHIVE_DIR",
+    ];
+    let layout = ["S3_OBJECT_EXTENSION", "S3_OBJECT_SEPARATOR", "PARTITION_TIMEZONE"];
+    let verify: Vec<&str> = [&kafka[..], &store, &layout, &["UNDECODABLE", "LOG_FORMAT"]].concat();
+    let restore: Vec<&str> = [&kafka[..], &store, &layout, &["LOG_FORMAT"]].concat();
+    let bench: Vec<&str> =
+        [&store[..], &["S3_OBJECT_SEPARATOR", "UPLOAD_WORKERS", "UPLOAD_THREADS", "LOG_FORMAT"]].concat();
+    cmd.mut_subcommand("verify", |c| {
+        only(c, &verify).mut_arg("kafka_topic", |a| a.help("Topic whose archive to check, or a comma-separated list"))
+    })
+    .mut_subcommand("restore", |c| {
+        only(c, &restore).mut_arg("kafka_topic", |a| a.help("Topic whose archive to replay"))
+    })
+    .mut_subcommand("bench-store", |c| only(c, &bench))
+}
+
+/// Each option with a default says it in its help.
+fn with_defaults(mut cmd: clap::Command) -> clap::Command {
+    let found: Vec<(clap::Id, &str)> = cmd
+        .get_arguments()
+        .filter_map(|a| {
+            let env = a.get_env()?.to_str()?;
+            DEFAULTS.iter().find(|(var, _)| *var == env).map(|(_, d)| (a.get_id().clone(), *d))
+        })
+        .collect();
+    for (id, default) in found {
+        cmd = cmd.mut_arg(id, |a| {
+            let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+            a.help(format!("{help} [default: {default}]"))
+        });
+    }
+    cmd
+}
+
+/// Hides the settings a tool does not read: those whose variable (or, without one, whose id) is
+/// not in `uses`.
+fn only(mut cmd: clap::Command, uses: &[&str]) -> clap::Command {
+    let settings: Vec<clap::Id> = <Settings as clap::Args>::augment_args(clap::Command::new("settings"))
+        .get_arguments()
+        .filter(|a| {
+            let name = a.get_env().and_then(|e| e.to_str()).unwrap_or(a.get_id().as_str());
+            !uses.contains(&name)
+        })
+        .map(|a| a.get_id().clone())
+        .collect();
+    for id in settings {
+        cmd = cmd.mut_arg(id, |a| a.hide(true));
+    }
+    cmd
 }
 
 /// `default_filter` applies unless RUST_LOG is set. The archiver's default keeps object_store at
