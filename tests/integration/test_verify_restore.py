@@ -4,6 +4,7 @@ reader (payload, key and tstamp to the microsecond), and restore an archive with
 the Kafka Connect deployment wrote it) to the millisecond."""
 import os
 import random
+import re
 import subprocess
 import time
 import uuid
@@ -209,3 +210,38 @@ def test_restore_gives_back_the_records_to_the_microsecond(archiver_bin, archive
         assert [r for r in restored[p] if r[0] != "raw"] == want, f"partition {p}: tstamp to the millisecond"
     raws = sorted(v for p in restored for kind, v in restored[p] if kind == "raw")
     assert raws == sorted([b"not a sinetstream message", bytes(range(7))])
+
+
+def test_verify_on_a_terminal_shows_the_listing_and_whole_rates(archiver_bin, archived, garage, tmp_path):
+    """What a user sees in a terminal (tmux): while the hour folders are searched, what is listed
+    (not an empty "0/0" bar); while bodies are compared, a bar with whole records a second. A
+    distant store (200 ms a request, one request at a time) makes each stage last."""
+    import shlex
+    proxy = testbed.TcpProxy(garage.s3_port, delay=0.2)
+    env = {**archived["env"], "S3_ENDPOINT_URL": proxy.endpoint}
+    session = f"verify-{uuid.uuid4().hex[:8]}"
+    done = tmp_path / "exit-code"
+    command = " ".join(["env", *(shlex.quote(f"{k}={v}") for k, v in env.items()),
+                        shlex.quote(str(archiver_bin)), "verify", "--parallel", "1"])
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "30",
+                    f"{command}; echo $? > {shlex.quote(str(done))}; sleep 30"], check=True)
+    frames = []
+    try:
+        deadline = time.time() + 120
+        while not done.exists() and time.time() < deadline:
+            frames.append(subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True,
+                                         text=True).stdout)
+            time.sleep(0.1)
+        frames.append(subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True,
+                                     text=True).stdout)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    lines = [line for f in frames for line in f.splitlines() if line.strip()]
+    listing = [line for line in lines if f"listing {archived['topic']}" in line]
+    checking = [line for line in lines if "against Kafka [" in line]
+    print(f"{len(frames)} frames; listing: {sorted(set(listing))[:4]}; checking: {sorted(set(checking))[-3:]}")
+    assert done.read_text().strip() == "0", frames[-1]
+    assert listing and all("0/0" not in line for line in listing), listing
+    assert any("hour folders" in line for line in listing), listing
+    assert checking and all(re.search(r"\(\d+/s, eta", line) for line in checking), checking
+    assert "clean: " in frames[-1], frames[-1]
