@@ -10,7 +10,7 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends cmake \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
 COPY src src
 # --locked: the image gets exactly the dependency versions the tests ran with. The release profile
 # keeps debug info for profiling; the image drops it (143 MB -> 29 MB) but keeps the symbols,
