@@ -218,6 +218,6 @@ def test_check_passes_a_good_configuration_and_names_each_problem(broker, garage
     assert code == 1 and re.search(r"FAIL +write-once .*S3_CONDITIONAL_PUT=false", out), out
     assert bucket.read_all() == {}, "the probe object is deleted"
 
-    # A configuration that does not parse.
+    # A configuration that does not parse: exit 2, as for the archiver and the other tools.
     code, out = check(archiver_bin, tmp_path, **{**good, "UPLOAD_WORKERS": "many"})
-    assert code == 1 and out.startswith("FAIL  configuration: UPLOAD_WORKERS"), out
+    assert code == 2 and out.startswith("FAIL  configuration: UPLOAD_WORKERS"), out
