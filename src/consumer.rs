@@ -58,7 +58,7 @@ pub const METADATA_REFRESH: Duration = Duration::from_secs(10);
 /// How often the group's committed offsets are read back from Kafka. rust-rdkafka 0.39 never
 /// calls the commit callback for an asynchronous commit (fede1024/rust-rdkafka#856), so this is
 /// how a lost commit is noticed (and sent again) and how `/status` knows what Kafka holds.
-const VERIFY_INTERVAL: Duration = Duration::from_secs(5);
+const READ_BACK_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The librdkafka configuration: the archiver's settings, then the pass-through properties.
 pub fn client_config(config: &Config) -> Result<ClientConfig, ConfigError> {
@@ -309,7 +309,7 @@ impl ConsumerContext for ArchiverContext {
         }
     }
 
-    /// Called for synchronous commits only, as of rust-rdkafka 0.39 (see [`VERIFY_INTERVAL`]).
+    /// Called for synchronous commits only, as of rust-rdkafka 0.39 (see [`READ_BACK_INTERVAL`]).
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
         let mut ledger = self.ledger.lock().expect("ledger lock");
         match result {
@@ -419,7 +419,7 @@ impl KafkaConsumer {
             .map_or(Duration::from_secs(300), Duration::from_millis);
         let mut backpressure = Backpressure::new(self.limits, max_poll_interval);
         let (mut applied, mut last_pause) = (false, Instant::now());
-        let mut last_verify = Instant::now();
+        let mut last_read_back = Instant::now();
         while !shutdown.is_cancelled() {
             if backpressure.pacing() {
                 // Records wait in librdkafka's queue until the uploads make room; a wait longer
@@ -510,15 +510,17 @@ impl KafkaConsumer {
                 self.record_latencies();
                 last_commit = Instant::now();
             }
-            if consumer.context().assigned.swap(false, Ordering::Relaxed) || last_verify.elapsed() >= VERIFY_INTERVAL {
+            if consumer.context().assigned.swap(false, Ordering::Relaxed)
+                || last_read_back.elapsed() >= READ_BACK_INTERVAL
+            {
                 if self.status.cluster_id().is_none() {
                     // Known from the metadata by the time partitions are assigned: no wait.
                     if let Some(id) = consumer.client().fetch_cluster_id(Duration::from_millis(100)) {
                         self.status.set_cluster_id(id);
                     }
                 }
-                self.verify_commits(&consumer)?;
-                last_verify = Instant::now();
+                self.read_back_commits(&consumer)?;
+                last_read_back = Instant::now();
             }
         }
         if !unspooled.is_empty() && self.spool.insert_batch(&unspooled).is_err() {
@@ -560,8 +562,8 @@ impl KafkaConsumer {
         }
     }
 
-    /// Reads the group's committed offsets back from Kafka (see [`VERIFY_INTERVAL`]).
-    fn verify_commits(&self, consumer: &BaseConsumer<ArchiverContext>) -> KafkaResult<()> {
+    /// Reads the group's committed offsets back from Kafka (see [`READ_BACK_INTERVAL`]).
+    fn read_back_commits(&self, consumer: &BaseConsumer<ArchiverContext>) -> KafkaResult<()> {
         let assignment = consumer.assignment()?;
         if assignment.count() == 0 {
             return Ok(());
