@@ -72,7 +72,7 @@ pub struct Settings {
     /// Local archive directory, used when no S3 bucket or endpoint is configured.
     #[arg(long, env = "ARCHIVE_DIR")]
     pub archive_dir: Option<String>,
-    /// Port of the HTTP endpoint (metrics, health).
+    /// Port of the HTTP endpoint: metrics, health, status, the Kafka Connect API.
     #[arg(long, env = "REST_PORT")]
     pub rest_port: Option<String>,
     /// Address the HTTP endpoint binds to.
@@ -93,7 +93,7 @@ pub struct Settings {
     /// Object uploads in flight at once.
     #[arg(long, env = "UPLOAD_WORKERS")]
     pub upload_workers: Option<String>,
-    /// Threads running the uploads (default: half the CPUs, at least one).
+    /// Threads running the uploads and the HTTP endpoint.
     #[arg(long, env = "UPLOAD_THREADS")]
     pub upload_threads: Option<String>,
     /// Time zone of the year=/month=/day=/hour= path.
