@@ -22,8 +22,14 @@
 //! - [`topic_id`]: at start-up, says whether a topic was deleted and created again since the
 //!   archiver last ran.
 //! - [`metrics`], [`status`], [`http`], [`connect`]: what an operator and the Kafka Connect tools see.
+//! - [`throttle`]: when a trouble that repeats is logged.
+//! - [`archive`]: reading an archive back: parsing keys, listing a topic.
 //! - [`check`]: the preflight check of a configuration (`kafka-s3-archiver check`).
+//! - [`verify`], [`restore`]: the archive against Kafka; the archive replayed into a topic.
 //! - [`bench`]: the store's raw PUT rate (`kafka-s3-archiver bench-store`).
+//! - [`malloc`]: glibc malloc tuning for a long-running process.
+//!
+//! `docs/design.md` states the invariants the comments cite and where each is tested.
 //!
 //! [`run`] wires the stages together and owns the shutdown: one cancellation token stops
 //! fetching; uploads in flight get SHUTDOWN_TIMEOUT; what is stored is committed; the spool is
@@ -40,6 +46,7 @@ pub mod consumer;
 pub mod decode;
 pub mod http;
 pub mod keys;
+pub mod malloc;
 pub mod metrics;
 pub mod restore;
 pub mod spool;

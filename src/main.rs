@@ -121,7 +121,7 @@ struct BenchStoreArgs {
 }
 
 fn main() -> ExitCode {
-    tune_malloc();
+    kafka_s3_archiver::malloc::tune();
     // `.env` fills in what the process environment does not set; it never overrides it.
     let dotenv = dotenvy::dotenv();
     let cli = Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.exit());
@@ -300,7 +300,7 @@ fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(config = %config.summary(), version = env!("CARGO_PKG_VERSION"), "starting");
     let runtime = runtime(&config)?;
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    runtime.spawn(trim_malloc(std::time::Duration::from_millis(500)));
+    runtime.spawn(kafka_s3_archiver::malloc::trim(std::time::Duration::from_millis(500)));
     runtime.block_on(async {
         let result = kafka_s3_archiver::run(config, metrics, shutdown_signal()).await;
         result.map_err(|e| match e {
@@ -467,46 +467,5 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
-    }
-}
-
-/// Sets glibc's malloc up for a long-running process whose memory must not grow with its input;
-/// a variable of glibc's own (`MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_`) still overrides it.
-///
-/// Measured on backlogs of 10,000 / 200,000 / 1,000,000 records (load benchmark, garage; see
-/// `benches/results/HISTORY.md`): the live heap of a long run is that of a short one (heaptrack), but
-/// with mimalloc, and with glibc's malloc limited to two arenas alone, peak RSS grew with the
-/// length of the run (27.3 / 33.6 / 36.3 MiB with the latter) because freed memory stayed with the
-/// allocator. With the mmap threshold and [`trim_malloc`] too: 27.0 / 31.8 / 29.7 MiB.
-/// - A thread that finds the arenas busy gets an arena of its own (up to eight per CPU), each
-///   keeping what it freed; librdkafka's threads, the consumer and the runtime allocate in turns.
-/// - glibc raises its mmap threshold to the largest block freed, so librdkafka's fetch buffers
-///   soon came from the heap and left holes in it; a fixed threshold keeps blocks of 128 KiB and
-///   more in their own mappings, returned to the kernel when freed.
-fn tune_malloc() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        let unset = |name| std::env::var_os(name).is_none();
-        // SAFETY: mallopt only sets tunables; this runs before any other thread exists.
-        unsafe {
-            if unset("MALLOC_ARENA_MAX") {
-                libc::mallopt(libc::M_ARENA_MAX, 2);
-            }
-            if unset("MALLOC_MMAP_THRESHOLD_") {
-                libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
-            }
-        }
-    }
-}
-
-/// Gives the pages that freed memory left inside the heap back to the kernel every `every`;
-/// glibc only gives back the top of a heap on its own. Runs until the runtime stops.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-async fn trim_malloc(every: std::time::Duration) {
-    let mut tick = tokio::time::interval(every);
-    loop {
-        tick.tick().await;
-        // SAFETY: malloc_trim takes the allocator's locks like any malloc call.
-        unsafe { libc::malloc_trim(0) };
     }
 }
