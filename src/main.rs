@@ -120,6 +120,11 @@ struct BenchStoreArgs {
     no_metadata: bool,
 }
 
+/// Exit status: 0 done (or nothing found wrong); 1 a runtime failure, or problems found (`check`,
+/// `verify`, `restore`); 2 a configuration or usage error, before anything was done.
+const FAILED: u8 = 1;
+const USAGE: u8 = 2;
+
 fn main() -> ExitCode {
     kafka_s3_archiver::malloc::tune();
     // `.env` fills in what the process environment does not set; it never overrides it.
@@ -141,11 +146,11 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) if checking => {
             println!("FAIL  configuration: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(USAGE);
         }
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(USAGE);
         }
     };
     if checking {
@@ -167,7 +172,11 @@ fn main() -> ExitCode {
         Err(e) => {
             // Logged once: the log is standard error.
             tracing::error!("{e:#}");
-            ExitCode::from(if e.downcast_ref::<kafka_s3_archiver::config::ConfigError>().is_some() { 2 } else { 1 })
+            ExitCode::from(if e.downcast_ref::<kafka_s3_archiver::config::ConfigError>().is_some() {
+                USAGE
+            } else {
+                FAILED
+            })
         }
     }
 }
@@ -262,27 +271,19 @@ fn check(config: Config) -> ExitCode {
     } else {
         let n = lines.iter().filter(|l| l.outcome == kafka_s3_archiver::check::Outcome::Fail).count();
         println!("{n} problem(s): fix them and run `kafka-s3-archiver check` again");
-        ExitCode::FAILURE
+        ExitCode::from(FAILED)
     }
 }
 
 fn bench_store(args: BenchStoreArgs) -> ExitCode {
-    let env: Vec<(String, String)> = std::env::vars().collect();
-    let config = match Config::from_settings(&args.settings, &env) {
+    let config = match tool_config(args.settings, false, false) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
-    let store = match kafka_s3_archiver::store::build(&config.store) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
+    let (store, runtime) = match store_and_runtime(&config) {
+        Ok(x) => x,
+        Err(code) => return code,
     };
-    let runtime = runtime(&config).expect("start the tokio runtime");
     let report = runtime.block_on(kafka_s3_archiver::bench::put_ceiling(
         store,
         &args.prefix,
@@ -322,7 +323,7 @@ fn tool_config(mut settings: Settings, need_broker: bool, need_topic: bool) -> R
     let env: Vec<(String, String)> = std::env::vars().collect();
     Config::from_settings(&settings, &env).map_err(|e| {
         eprintln!("error: {e}");
-        ExitCode::from(2)
+        ExitCode::from(USAGE)
     })
 }
 
@@ -332,7 +333,7 @@ type ArchiveStore = std::sync::Arc<dyn object_store::ObjectStore>;
 fn store_and_runtime(config: &Config) -> Result<(ArchiveStore, tokio::runtime::Runtime), ExitCode> {
     let store = kafka_s3_archiver::store::build(&config.store).map_err(|e| {
         eprintln!("error: {e}");
-        ExitCode::from(2)
+        ExitCode::from(USAGE)
     })?;
     Ok((store, runtime(config).expect("start the tokio runtime")))
 }
@@ -348,7 +349,7 @@ fn selection(selection: &Selection, config: &Config) -> Result<kafka_s3_archiver
                          (in PARTITION_TIMEZONE {})",
                         config.layout.timezone
                     );
-                    ExitCode::from(2)
+                    ExitCode::from(USAGE)
                 })
             })
             .transpose()
@@ -404,11 +405,11 @@ fn verify(args: VerifyArgs) -> ExitCode {
     match runtime.block_on(verify::run(&config, store, &options, progress)) {
         Ok(reports) => {
             print!("{}", verify::render(&reports, &options));
-            if verify::totals(&reports).problems() == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            if verify::totals(&reports).problems() == 0 { ExitCode::SUCCESS } else { ExitCode::from(FAILED) }
         }
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::from(2)
+            ExitCode::from(FAILED)
         }
     }
 }
@@ -422,11 +423,11 @@ fn restore(args: RestoreArgs) -> ExitCode {
     init_logging(config.log_format, "warn,object_store=error,librdkafka=off,rdkafka=off");
     if config.topics.len() != 1 {
         eprintln!("error: restore takes one archived topic (--topic or KAFKA_TOPIC), not {}", config.topics.join(","));
-        return ExitCode::from(2);
+        return ExitCode::from(USAGE);
     }
     if args.to_topic.is_none() && !args.dry_run {
         eprintln!("error: give --to-topic (the topic to produce to), or --dry-run");
-        return ExitCode::from(2);
+        return ExitCode::from(USAGE);
     }
     let selection = match selection(&args.selection, &config) {
         Ok(s) => s,
@@ -446,11 +447,11 @@ fn restore(args: RestoreArgs) -> ExitCode {
     match runtime.block_on(restore::run(&config, store, &options, Progress::new("restore"))) {
         Ok(summary) => {
             print!("{}", restore::render(&summary, &options));
-            if summary.skipped == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            if summary.skipped == 0 { ExitCode::SUCCESS } else { ExitCode::from(FAILED) }
         }
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(FAILED)
         }
     }
 }

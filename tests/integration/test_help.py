@@ -79,3 +79,24 @@ def test_configuration_errors_exit_2_and_are_said_once(archiver_bin, tmp_path):
         code, out, err = run(archiver_bin, *command, cwd=tmp_path)
         print(f"$ kafka-s3-archiver {' '.join(command)}   # exit {code}\n{out}{err}")
         assert code == 2 and "BROKER_HOSTNAME" in out + err, (command, out, err)
+
+
+def test_one_exit_status_policy(archiver_bin, tmp_path):
+    """0 done; 1 a runtime failure or problems found; 2 a configuration or usage error."""
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    # verify cannot reach Kafka: a runtime failure.
+    code, out, err = run(archiver_bin, "verify", env={"BROKER_HOSTNAME": "127.0.0.1:9", "KAFKA_TOPIC": "t",
+                                                     "ARCHIVE_DIR": str(archive)}, cwd=tmp_path)
+    print(f"$ kafka-s3-archiver verify   # broker down, exit {code}\n{out}{err}")
+    assert code == 1 and "error: Kafka" in err, (code, err)
+    # bench-store reads no Kafka setting: none is needed.
+    code, out, err = run(archiver_bin, "bench-store", "--records", "10", env={"ARCHIVE_DIR": str(archive)},
+                         cwd=tmp_path)
+    print(f"$ kafka-s3-archiver bench-store --records 10   # exit {code}\n{out}{err}")
+    assert code == 0 and '"objects":20' in out.replace(" ", ""), (code, out, err)
+    # A usage error of a tool.
+    code, out, err = run(archiver_bin, "restore", env={"BROKER_HOSTNAME": "127.0.0.1:9", "KAFKA_TOPIC": "t",
+                                                      "ARCHIVE_DIR": str(archive)}, cwd=tmp_path)
+    assert code == 2 and "--to-topic" in err, (code, err)
+
