@@ -52,9 +52,13 @@ EOF
 
 echo "== the archiver: BROKER_HOSTNAME=127.0.0.1:$port KAFKA_TOPIC=$topic ARCHIVE_DIR=./data/demo"
 rm -rf data/demo
-export BROKER_HOSTNAME=127.0.0.1:$port KAFKA_TOPIC=$topic ARCHIVE_DIR=./data/demo
-SPOOL_DIR=$work/spool REST_PORT=$rest_port REST_BIND_ADDRESS=127.0.0.1 KAFKA_PROPERTY_SESSION_TIMEOUT_MS=6000 \
-  "$bin" > "$work/archiver.log" 2>&1 &
+mkdir -p data/demo
+# Only these settings: not the shell's S3_*/AWS_*/KAFKA_* variables, and not a .env of the working
+# directory (it may name a real bucket); the archiver runs from the scratch directory.
+demo_env=(env -i "PATH=$PATH" "HOME=$HOME" "BROKER_HOSTNAME=127.0.0.1:$port" "KAFKA_TOPIC=$topic"
+  "ARCHIVE_DIR=$PWD/data/demo")
+(cd "$work" && exec "${demo_env[@]}" SPOOL_DIR="$work/spool" REST_PORT="$rest_port" REST_BIND_ADDRESS=127.0.0.1 \
+  KAFKA_PROPERTY_SESSION_TIMEOUT_MS=6000 "$bin") > "$work/archiver.log" 2>&1 &
 archiver=$!
 pids+=("$archiver")
 # Until every message is archived and its offset committed (/status: lag 0, nothing spooled).
@@ -67,7 +71,7 @@ while time.time() < deadline:
         s = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=2))
         parts = s["partitions"]
         if parts and sum(p["committed"] or 0 for p in parts) >= want and all(p["lag"] == 0 for p in parts):
-            done = ", ".join("partition %d up to offset %d" % (p["partition"], p["committed"]) for p in parts)
+            done = ", ".join("partition %d: %d records" % (p["partition"], p["committed"]) for p in parts)
             print("   archived and committed: " + done)
             sys.exit(0)
     except OSError:
@@ -87,6 +91,6 @@ cat "$first"
 cat "${first%.bin}-timestamp.txt"
 
 echo "== kafka-s3-archiver verify: every record in Kafka against its objects"
-"$bin" verify 2>/dev/null
+(cd "$work" && exec "${demo_env[@]}" "$bin" verify) 2> "$work/verify.log" || { cat "$work/verify.log"; exit 1; }
 echo
 echo "Next: point it at your broker: BROKER_HOSTNAME=host:9092 KAFKA_TOPIC=your.topic cargo run --release"
