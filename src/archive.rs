@@ -203,7 +203,10 @@ async fn children(store: &dyn ObjectStore, prefix: &str) -> Result<(Vec<String>,
         .map_err(|source| ArchiveError::List { prefix: prefix.to_string(), source })?;
     let folders =
         listing.common_prefixes.iter().filter_map(|p| p.parts().next_back().map(|s| s.as_ref().to_string())).collect();
-    Ok((folders, listing.objects))
+    // A folder marker (a zero-byte `topics/T/` from the AWS console, s3fs or Hadoop) is no object.
+    let marker = prefix.trim_end_matches('/');
+    let objects = listing.objects.into_iter().filter(|m| m.location.as_ref() != marker).collect();
+    Ok((folders, objects))
 }
 
 /// How far a listing is.

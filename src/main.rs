@@ -172,11 +172,13 @@ fn main() -> ExitCode {
         Err(e) => {
             // Logged once: the log is standard error.
             tracing::error!("{e:#}");
-            ExitCode::from(if e.downcast_ref::<kafka_s3_archiver::config::ConfigError>().is_some() {
-                USAGE
-            } else {
-                FAILED
-            })
+            // A store that cannot be set up (a bad endpoint, an unreadable S3_CA_FILE) is a setting.
+            let setting = e.downcast_ref::<kafka_s3_archiver::config::ConfigError>().is_some()
+                || matches!(
+                    e.downcast_ref::<kafka_s3_archiver::RunError>(),
+                    Some(kafka_s3_archiver::RunError::Store(_))
+                );
+            ExitCode::from(if setting { USAGE } else { FAILED })
         }
     }
 }
@@ -199,10 +201,9 @@ fn command() -> clap::Command {
         "ARCHIVE_DIR",
     ];
     let layout = ["S3_OBJECT_EXTENSION", "S3_OBJECT_SEPARATOR", "PARTITION_TIMEZONE"];
-    let verify: Vec<&str> = [&kafka[..], &store, &layout, &["UNDECODABLE", "LOG_FORMAT"]].concat();
-    let restore: Vec<&str> = [&kafka[..], &store, &layout, &["LOG_FORMAT"]].concat();
-    let bench: Vec<&str> =
-        [&store[..], &["S3_OBJECT_SEPARATOR", "UPLOAD_WORKERS", "UPLOAD_THREADS", "LOG_FORMAT"]].concat();
+    let verify: Vec<&str> = [&kafka[..], &store, &layout, &["UNDECODABLE", "UPLOAD_THREADS", "LOG_FORMAT"]].concat();
+    let restore: Vec<&str> = [&kafka[..], &store, &layout, &["UPLOAD_THREADS", "LOG_FORMAT"]].concat();
+    let bench: Vec<&str> = [&store[..], &["UPLOAD_WORKERS", "UPLOAD_THREADS", "LOG_FORMAT"]].concat();
     cmd.mut_subcommand("verify", |c| {
         only(c, &verify).mut_arg("kafka_topic", |a| a.help("Topic whose archive to check, or a comma-separated list"))
     })
@@ -321,10 +322,14 @@ fn tool_config(mut settings: Settings, need_broker: bool, need_topic: bool) -> R
         settings.kafka_topic = Some("unused".into());
     }
     let env: Vec<(String, String)> = std::env::vars().collect();
-    Config::from_settings(&settings, &env).map_err(|e| {
-        eprintln!("error: {e}");
-        ExitCode::from(USAGE)
-    })
+    // A tool that talks to Kafka has librdkafka check the pass-through properties now, not after
+    // a listing of the whole bucket.
+    Config::from_settings(&settings, &env)
+        .and_then(|c| if need_broker { kafka_s3_archiver::consumer::client_config(&c).map(|_| c) } else { Ok(c) })
+        .map_err(|e| {
+            eprintln!("error: {e}");
+            ExitCode::from(USAGE)
+        })
 }
 
 type ArchiveStore = std::sync::Arc<dyn object_store::ObjectStore>;

@@ -340,7 +340,9 @@ async fn verify_topic(
     let mut report = TopicReport { topic: topic.to_string(), ..TopicReport::default() };
     report.counts.objects_found = index.unexpected.len() as u64;
     for l in std::mem::take(&mut index.unexpected) {
-        let why = if l.key.ends_with("-conflict.txt") || l.key.starts_with("errors/") {
+        // errors/T/year=/month=/day=/hour=/key: a conflict copy; anything else is not the archiver's.
+        let in_errors_hour = l.key.starts_with("errors/") && l.key.matches('/').count() >= 6;
+        let why = if l.key.ends_with("-conflict.txt") || in_errors_hour {
             "a write-once conflict copy (see its -conflict.txt): the key under topics/ holds other bytes than the record"
         } else {
             "not an archive key of this topic (another extension, an unpadded offset, or not written by an archiver)"

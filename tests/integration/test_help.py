@@ -74,6 +74,11 @@ def test_configuration_errors_exit_2_and_are_said_once(archiver_bin, tmp_path):
                                             "KAFKA_PROPERTY_NO_SUCH_PROP": "1"}, cwd=tmp_path)
     print(out + err)
     assert code == 2 and err.count("librdkafka rejected a property") == 1 and "starting" not in err, err
+    # The same for a tool that talks to Kafka: before it lists the bucket.
+    code, out, err = run(archiver_bin, "verify", env={"BROKER_HOSTNAME": "localhost:9", "KAFKA_TOPIC": "t",
+                                                     "ARCHIVE_DIR": str(tmp_path), "KAFKA_PROPERTY_NO_SUCH_PROP": "1"},
+                         cwd=tmp_path)
+    assert code == 2 and "librdkafka rejected a property" in err and "listing" not in err, (code, err)
     # check, and the tools, with nothing set: the same exit status as the archiver.
     for command in [[], ["check"], ["verify"], ["restore"]]:
         code, out, err = run(archiver_bin, *command, cwd=tmp_path)

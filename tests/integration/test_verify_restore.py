@@ -113,7 +113,7 @@ def test_verify_is_clean_then_names_each_injected_problem(archiver_bin, archived
     assert "checked 39 offsets (39 against Kafka" in out and "2 dead-lettered, 1 tombstones" in out, out
     assert "76 bodies compared" in out, out  # 36 x 2 archive objects + 2 x 2 dead-letter objects
     assert "76 objects found (76 expected from Kafka's records)" in out, out
-    assert f"verify: listing {topic}" in err and " 0 of 0" not in err, err
+    assert f"verify: listing {topic}\n" in err, err  # not "listing T (0)": no count before it is known
 
     s3 = garage.client()
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=archived["bucket"])["Contents"])
