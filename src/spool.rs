@@ -2062,17 +2062,22 @@ mod tests {
         the_retry_stores_the_batch_whole(dir.path(), s, &batch);
     }
 
+    /// An insert of `batch` whose index flush fails and whose entries cannot be taken back either:
+    /// they stay in the index, perhaps not durably.
+    fn fail_leaving_entries(s: &Spool, batch: &[Record]) {
+        faults::clear();
+        faults::arm(Point::FlushIndex, 0);
+        faults::arm(Point::ApplyIndex, 1);
+        assert!(s.insert_batch(batch).is_err());
+        faults::clear();
+    }
+
     #[test]
     fn a_batch_whose_index_flush_fails_is_stored_whole_by_the_retry_even_if_its_entries_stay() {
         let dir = tempfile::tempdir().unwrap();
         let s = open_spool(dir.path());
         let batch = consumed_batch();
-        faults::clear();
-        faults::arm(Point::FlushIndex, 0);
-        // Its entries are applied; taking them back fails too.
-        faults::arm(Point::ApplyIndex, 1);
-        assert!(s.insert_batch(&batch).is_err());
-        faults::clear();
+        fail_leaving_entries(&s, &batch);
         // The records' path time is the time they were consumed: their entries must be durable
         // when the retry returns, or a crash would have them fetched again under another hour.
         s.insert_batch(&batch).unwrap();
@@ -2085,11 +2090,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = open_spool(dir.path());
         let batch = consumed_batch();
-        faults::clear();
-        faults::arm(Point::FlushIndex, 0);
-        faults::arm(Point::ApplyIndex, 1);
-        assert!(s.insert_batch(&batch).is_err());
-        faults::clear();
+        fail_leaving_entries(&s, &batch);
         // The retry carries a new record with a Kafka timestamp, which alone would not flush.
         let mut retry = batch.clone();
         retry.push(rec("t", 0, 10, noise(10, 1000)));

@@ -16,7 +16,7 @@ import oracle
 import testbed
 from load import v3_message
 from test_archive import Bucket, produce_raw
-from test_operations import ready, wait_for
+from test_operations import get_json as get, ready, wait_for
 
 CONNECTORS = ["s3-sink-timestamp", "s3-sink-data"]
 CLIENTS = testbed.TESTBED_HOME / "clients"
@@ -34,11 +34,6 @@ def call(port, method, path, body=None):
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
-
-
-def get(port, path):
-    code, body = call(port, "GET", path)
-    return code, json.loads(body)
 
 
 def is_error(code, body, message=None):
