@@ -14,7 +14,7 @@ use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group, criterio
 use kafka_s3_archiver::config::UndecodablePolicy;
 use kafka_s3_archiver::decode::{self, Format};
 use kafka_s3_archiver::keys::{Layout, RecordPlace, micros_to_millis};
-use kafka_s3_archiver::spool::{Record, RecordTime};
+use kafka_s3_archiver::record::{Record, RecordTime};
 use kafka_s3_archiver::upload::{self, Plan};
 
 mod common;

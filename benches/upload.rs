@@ -16,7 +16,8 @@ use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput, criterion_grou
 use kafka_s3_archiver::commit::{Ledger, Tp};
 use kafka_s3_archiver::config::{StoreConfig, UndecodablePolicy};
 use kafka_s3_archiver::keys::Layout;
-use kafka_s3_archiver::spool::{Record, Spool};
+use kafka_s3_archiver::record::Record;
+use kafka_s3_archiver::spool::Spool;
 use kafka_s3_archiver::status::Status;
 use kafka_s3_archiver::store;
 use kafka_s3_archiver::upload::Uploader;

@@ -16,7 +16,7 @@ use object_store::path::Path;
 use object_store::{Attributes, ObjectStore, PutOptions, PutPayload};
 use serde::Serialize;
 
-use crate::spool::{Record, RecordTime};
+use crate::record::{Record, RecordTime};
 use crate::upload;
 
 /// Bytes of a timestamp object (`2022-04-18T02:46:40.123\n`).

@@ -28,7 +28,8 @@ use tokio_util::sync::CancellationToken;
 use crate::commit::{Delivery, Ledger, Tp};
 use crate::config::{Config, ConfigError, SpoolLimits};
 use crate::metrics as m;
-use crate::spool::{Record, RecordTime, Spool};
+use crate::record::{Record, RecordTime};
+use crate::spool::Spool;
 use crate::status::Status;
 use crate::throttle::{Say, Throttle};
 

@@ -12,6 +12,7 @@
 //! ```
 //!
 //! - [`config`]: environment and flags, validated once into [`config::Config`].
+//! - [`record`]: the record every stage passes.
 //! - [`decode`]: SINETStream v2/v3 message → payload and tstamp.
 //! - [`keys`]: object keys and bodies of the archive contract.
 //! - [`consumer`]: rdkafka consumer thread; batches records into the spool.
@@ -48,6 +49,7 @@ pub mod http;
 pub mod keys;
 pub mod malloc;
 pub mod metrics;
+pub mod record;
 pub mod restore;
 pub mod spool;
 pub mod status;

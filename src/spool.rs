@@ -43,6 +43,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
+use crate::record::{Record, RecordTime};
+
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
     #[error("spool storage error: {0}")]
@@ -51,41 +53,6 @@ pub enum SpoolError {
     Corrupt { key: String, why: &'static str },
     #[error("spool file error: {0}")]
     Io(#[from] std::io::Error),
-}
-
-/// When a record's path time was taken.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RecordTime {
-    /// The Kafka record timestamp, milliseconds.
-    Kafka(i64),
-    /// The record had none: the time it was consumed, milliseconds.
-    Consumed(i64),
-}
-
-impl RecordTime {
-    pub fn millis(self) -> i64 {
-        match self {
-            RecordTime::Kafka(ms) | RecordTime::Consumed(ms) => ms,
-        }
-    }
-
-    pub fn kafka(self) -> Option<i64> {
-        match self {
-            RecordTime::Kafka(ms) => Some(ms),
-            RecordTime::Consumed(_) => None,
-        }
-    }
-}
-
-/// A Kafka record as the spool keeps it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-    pub time: RecordTime,
-    pub key: Option<Bytes>,
-    pub value: Bytes,
 }
 
 /// The spool key of a record: topic length, topic, partition, offset (big endian, so that sled's

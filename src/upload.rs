@@ -28,7 +28,8 @@ use crate::config::UndecodablePolicy;
 use crate::decode::{self, Undecodable};
 use crate::keys::{Layout, Object, RecordPlace, micros_to_millis};
 use crate::metrics as m;
-use crate::spool::{Record, Spool, SpoolError, SpoolKey};
+use crate::record::Record;
+use crate::spool::{Spool, SpoolError, SpoolKey};
 use crate::status::{STORE_FRESHNESS, Status};
 use crate::throttle::{Say, Throttle};
 
@@ -308,7 +309,7 @@ async fn upload_record(shared: &Shared, key: &SpoolKey, record: Record) -> Resul
             });
         }
     };
-    if matches!(record.time, crate::spool::RecordTime::Consumed(_)) {
+    if matches!(record.time, crate::record::RecordTime::Consumed(_)) {
         metrics::counter!(m::RECORDS_WITHOUT_TIMESTAMP).increment(1);
     }
     let conditional = up.conditional_put;
@@ -581,7 +582,7 @@ pub(crate) fn error_reason(e: &object_store::Error) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spool::RecordTime;
+    use crate::record::RecordTime;
     use bytes::Bytes;
 
     fn layout() -> Layout {

@@ -30,7 +30,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use crate::archive::{self, ArchiveError, Listed, OffsetObjects, Selection, TopicIndex};
 use crate::config::{Config, UndecodablePolicy};
 use crate::keys::{Layout, Object, ObjectKind};
-use crate::spool::{Record, RecordTime};
+use crate::record::{Record, RecordTime};
 use crate::upload::{Plan, plan};
 
 #[derive(Debug, thiserror::Error)]

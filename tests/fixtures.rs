@@ -9,7 +9,7 @@ use bytes::Bytes;
 use kafka_s3_archiver::config::UndecodablePolicy;
 use kafka_s3_archiver::decode::{Undecodable, decode};
 use kafka_s3_archiver::keys::{Layout, micros_to_millis, timestamp_text};
-use kafka_s3_archiver::spool::{Record, RecordTime};
+use kafka_s3_archiver::record::{Record, RecordTime};
 use kafka_s3_archiver::upload::{Plan, plan};
 use serde_json::Value;
 

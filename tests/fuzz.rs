@@ -6,7 +6,7 @@ use bytes::Bytes;
 use kafka_s3_archiver::config::UndecodablePolicy;
 use kafka_s3_archiver::decode::{Format, SCHEMA_FINGERPRINT, V2_MARKER, V3_MARKER, decode, encode, write_long};
 use kafka_s3_archiver::keys::{Layout, RecordPlace, timestamp_text};
-use kafka_s3_archiver::spool::{Record, RecordTime};
+use kafka_s3_archiver::record::{Record, RecordTime};
 use kafka_s3_archiver::upload::{Plan, plan};
 use proptest::prelude::*;
 

@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use kafka_s3_archiver::decode::{self, Format};
-use kafka_s3_archiver::spool::{Record, RecordTime};
+use kafka_s3_archiver::record::{Record, RecordTime};
 
 pub const TOPIC: &str = "sinetstream.sensor";
 pub const KAFKA_MS: i64 = 1_650_250_000_200;

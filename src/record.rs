@@ -1,0 +1,39 @@
+//! The record every stage passes: a Kafka record as the archiver keeps it, from the consumer
+//! through the spool to the uploaders, and as the tools rebuild it from Kafka or the archive.
+
+use bytes::Bytes;
+
+/// When a record's path time was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordTime {
+    /// The Kafka record timestamp, milliseconds.
+    Kafka(i64),
+    /// The record had none: the time it was consumed, milliseconds.
+    Consumed(i64),
+}
+
+impl RecordTime {
+    pub fn millis(self) -> i64 {
+        match self {
+            RecordTime::Kafka(ms) | RecordTime::Consumed(ms) => ms,
+        }
+    }
+
+    pub fn kafka(self) -> Option<i64> {
+        match self {
+            RecordTime::Kafka(ms) => Some(ms),
+            RecordTime::Consumed(_) => None,
+        }
+    }
+}
+
+/// A Kafka record as the archiver keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub time: RecordTime,
+    pub key: Option<Bytes>,
+    pub value: Bytes,
+}
