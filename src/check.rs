@@ -153,7 +153,7 @@ impl ConsumerContext for Capture {}
 
 fn kafka(config: &Config) -> Vec<Line> {
     let brokers = format!("Kafka brokers {}", config.brokers.join(","));
-    let consumer: BaseConsumer<Capture> = match crate::consumer::client_config(config)
+    let consumer: BaseConsumer<Capture> = match crate::kafka::client_config(config)
         .map_err(|e| e.to_string())
         .and_then(|c| c.create_with_context(Capture::default()).map_err(|e| e.to_string()))
     {

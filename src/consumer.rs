@@ -26,7 +26,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::commit::{Delivery, Ledger, Tp};
-use crate::config::{Config, ConfigError, SpoolLimits};
+use crate::config::{ConfigError, SpoolLimits};
 use crate::metrics as m;
 use crate::record::{Record, RecordTime};
 use crate::spool::Spool;
@@ -47,77 +47,10 @@ pub enum ConsumerError {
 /// (`cargo bench`).
 const MAX_BATCH: usize = 100;
 
-/// librdkafka's fetch.max.bytes (its default is 50 MiB) and message.max.bytes (librdkafka wants
-/// the first no larger than the second); see [`client_config`]. A record larger than this is
-/// still fetched whole: a broker returns the first batch of a fetch whatever its size (KIP-74).
-const FETCH_MAX_BYTES: u64 = 256 << 10;
-
-/// How often librdkafka reads the cluster's metadata: a topic created after the start is picked up
-/// within this (and a group rejoin).
-pub const METADATA_REFRESH: Duration = Duration::from_secs(10);
-
 /// How often the group's committed offsets are read back from Kafka. rust-rdkafka 0.39 never
 /// calls the commit callback for an asynchronous commit (fede1024/rust-rdkafka#856), so this is
 /// how a lost commit is noticed (and sent again) and how `/status` knows what Kafka holds.
 const READ_BACK_INTERVAL: Duration = Duration::from_secs(5);
-
-/// The librdkafka configuration: the archiver's settings, then the pass-through properties.
-pub fn client_config(config: &Config) -> Result<ClientConfig, ConfigError> {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", config.brokers.join(","))
-        .set("group.id", &config.group_id)
-        .set("client.id", "kafka-s3-archiver")
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        // As Kafka Connect's sink: a new group starts from the oldest record.
-        .set("auto.offset.reset", "earliest")
-        // librdkafka prefetches up to 64 MiB and fetches up to 50 MiB per request by default. The
-        // spool takes records far faster than any store, so a quarter of a MiB per fetch keeps it
-        // fed; more is only memory. Under backpressure it comes as a burst at each resume, and what
-        // is prefetched when the consumer pauses again is dropped (heaptrack, 2 MiB fetches: +7 MiB
-        // of fetch buffers for 0.1 s at every resume; 512 KiB fetches still lifted the peak RSS of
-        // a long backlog 2 MiB above a short one's). A queue of two fetches lets the next fetch
-        // start while the consumer takes the last one: with one, librdkafka waits for the queue
-        // to empty at every fetch (512 KiB fetches: 23,000 instead of 97,000 records/s of 1 KB).
-        .set("queued.max.messages.kbytes", ((2 * FETCH_MAX_BYTES) >> 10).to_string())
-        .set("fetch.max.bytes", FETCH_MAX_BYTES.to_string())
-        .set("message.max.bytes", FETCH_MAX_BYTES.to_string())
-        // With a small queue, librdkafka waits this long once the queue is full before it fetches
-        // again (default 1 s): that capped the consumer at about 7,000 records/s of 1 KB; at 10 ms
-        // it takes 55,000-65,000 records/s from the test bed's broker (load benchmark, consumer ingest).
-        .set("fetch.queue.backoff.ms", "10")
-        // Also the rebalance timeout: how long a rebalance waits for a member that crashed. The
-        // consumer polls at least every 10 s (a quarter of this when shorter), even under
-        // backpressure, so a minute is ample (default 5).
-        .set("max.poll.interval.ms", "60000")
-        // The partitions' end offsets for /status and the lag gauge come with the statistics.
-        .set("statistics.interval.ms", "5000")
-        // How soon a topic created after the start is archived: librdkafka reads the topics of the
-        // subscription again only this often (default 5 minutes). One metadata request.
-        .set("topic.metadata.refresh.interval.ms", METADATA_REFRESH.as_millis().to_string());
-    for (k, v) in &config.kafka_properties {
-        c.set(k, v);
-    }
-    // librdkafka requires fetch.max.bytes >= message.max.bytes: when only one of them is given,
-    // the other follows it past the default.
-    let given =
-        |name: &str| config.kafka_properties.iter().find(|(k, _)| k == name).and_then(|(_, v)| v.parse::<u64>().ok());
-    match (given("fetch.max.bytes"), given("message.max.bytes")) {
-        (None, Some(m)) if m > FETCH_MAX_BYTES => {
-            c.set("fetch.max.bytes", m.to_string());
-        }
-        (Some(f), None) if f < FETCH_MAX_BYTES => {
-            c.set("message.max.bytes", f.to_string());
-        }
-        _ => {}
-    }
-    // Every property is checked by librdkafka itself, so a misspelt pass-through is an error now.
-    c.create_native_config().map_err(|e| ConfigError {
-        var: "KAFKA_PROPERTY_*".into(),
-        message: format!("librdkafka rejected a property: {e}"),
-    })?;
-    Ok(c)
-}
 
 /// rdkafka callbacks: rebalances go through the ledger so that a revoked partition is committed
 /// once, then never again.
@@ -800,59 +733,6 @@ impl Backpressure {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Settings;
-
-    #[test]
-    fn tls_and_sasl_properties_are_accepted_by_librdkafka() {
-        // librdkafka refuses these at configuration time when built without OpenSSL or SASL.
-        for (protocol, mechanism) in
-            [("SASL_SSL", "SCRAM-SHA-512"), ("SASL_SSL", "SCRAM-SHA-256"), ("SASL_PLAINTEXT", "PLAIN")]
-        {
-            let env = vec![
-                ("KAFKA_PROPERTY_SECURITY_PROTOCOL".to_string(), protocol.to_string()),
-                ("KAFKA_PROPERTY_SASL_MECHANISM".to_string(), mechanism.to_string()),
-                ("KAFKA_PROPERTY_SASL_USERNAME".to_string(), "archiver".to_string()),
-                ("KAFKA_PROPERTY_SASL_PASSWORD".to_string(), "secret".to_string()),
-            ];
-            let s =
-                Settings { broker_hostname: Some("kafka".into()), kafka_topic: Some("t".into()), ..Default::default() };
-            let config = Config::from_settings(&s, &env).unwrap();
-            client_config(&config).unwrap_or_else(|e| panic!("{protocol}/{mechanism}: {e}"));
-        }
-        let env = vec![("KAFKA_PROPERTY_SECURITY_PROTOCOL".to_string(), "SSL".to_string())];
-        let s = Settings {
-            broker_hostname: Some("kafka".into()),
-            kafka_topic: Some("t".into()),
-            kafka_property: vec!["ssl.endpoint.identification.algorithm=https".into()],
-            ..Default::default()
-        };
-        client_config(&Config::from_settings(&s, &env).unwrap()).unwrap();
-        let bad = Settings { kafka_property: vec!["no.such.property=1".into()], ..s };
-        let err = client_config(&Config::from_settings(&bad, &[]).unwrap()).unwrap_err().to_string();
-        assert!(err.contains("no.such.property"), "{err}");
-    }
-
-    #[test]
-    fn fetches_are_small_but_follow_a_larger_message_size() {
-        let base =
-            Settings { broker_hostname: Some("kafka".into()), kafka_topic: Some("t".into()), ..Default::default() };
-        let fetch = |props: &[&str]| {
-            let s = Settings { kafka_property: props.iter().map(|p| p.to_string()).collect(), ..base.clone() };
-            let c = client_config(&Config::from_settings(&s, &[]).unwrap()).unwrap();
-            (c.get("fetch.max.bytes").unwrap().to_string(), c.get("message.max.bytes").unwrap().to_string())
-        };
-        let default = FETCH_MAX_BYTES.to_string();
-        assert_eq!(fetch(&[]), (default.clone(), default.clone()));
-        // Images of up to 20 MB: librdkafka would refuse fetch.max.bytes below message.max.bytes.
-        assert_eq!(fetch(&["message.max.bytes=20000000"]), ("20000000".into(), "20000000".into()));
-        assert_eq!(
-            fetch(&["message.max.bytes=20000000", "fetch.max.bytes=30000000"]),
-            ("30000000".into(), "20000000".into())
-        );
-        // Smaller fetches than the default are accepted as well.
-        assert_eq!(fetch(&["fetch.max.bytes=100000"]), ("100000".into(), "100000".into()));
-        assert_eq!(fetch(&["fetch.max.bytes=64000000"]), ("64000000".into(), default));
-    }
 
     const MIB: u64 = 1 << 20;
 

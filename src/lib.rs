@@ -15,6 +15,7 @@
 //! - [`record`]: the record every stage passes.
 //! - [`decode`]: SINETStream v2/v3 message → payload and tstamp.
 //! - [`keys`]: object keys and bodies of the archive contract.
+//! - [`kafka`]: the librdkafka configuration the consumer and the tools share.
 //! - [`consumer`]: rdkafka consumer thread; batches records into the spool.
 //! - [`spool`]: write-ahead queue on local disk (a sled index, values in append-only files).
 //! - [`upload`]: tokio tasks that store each record's objects and retry until stored.
@@ -46,6 +47,7 @@ pub mod connect;
 pub mod consumer;
 pub mod decode;
 pub mod http;
+pub mod kafka;
 pub mod keys;
 pub mod malloc;
 pub mod metrics;
@@ -99,7 +101,7 @@ pub async fn run(
     metrics: PrometheusHandle,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    let client = consumer::client_config(&config)?;
+    let client = kafka::client_config(&config)?;
     let spool = Arc::new(Spool::open(&config.spool_dir, SPOOL_CACHE_BYTES)?);
     let store = store::build(&config.store)?;
     if let config::StoreConfig::Local { dir, bucket } = &config.store {

@@ -141,7 +141,7 @@ fn main() -> ExitCode {
     let env: Vec<(String, String)> = std::env::vars().collect();
     // librdkafka checks the pass-through properties: a bad one is a configuration error too.
     let config =
-        Config::from_settings(&settings, &env).and_then(|c| kafka_s3_archiver::consumer::client_config(&c).map(|_| c));
+        Config::from_settings(&settings, &env).and_then(|c| kafka_s3_archiver::kafka::client_config(&c).map(|_| c));
     let config = match config {
         Ok(c) => c,
         Err(e) if checking => {
@@ -325,7 +325,7 @@ fn tool_config(mut settings: Settings, need_broker: bool, need_topic: bool) -> R
     // A tool that talks to Kafka has librdkafka check the pass-through properties now, not after
     // a listing of the whole bucket.
     Config::from_settings(&settings, &env)
-        .and_then(|c| if need_broker { kafka_s3_archiver::consumer::client_config(&c).map(|_| c) } else { Ok(c) })
+        .and_then(|c| if need_broker { kafka_s3_archiver::kafka::client_config(&c).map(|_| c) } else { Ok(c) })
         .map_err(|e| {
             eprintln!("error: {e}");
             ExitCode::from(USAGE)

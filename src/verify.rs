@@ -753,7 +753,7 @@ struct KafkaReader {
 
 impl KafkaReader {
     fn new(config: &Config, topic: &str, options: &VerifyOptions) -> Result<KafkaReader, VerifyError> {
-        let mut c = crate::consumer::client_config(config)?;
+        let mut c = crate::kafka::client_config(config)?;
         // Its own group id, never committed to: the archiver's offsets are not touched.
         c.set("group.id", "kafka-s3-archiver-verify")
             .set("enable.auto.commit", "false")
