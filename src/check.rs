@@ -19,7 +19,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::{Config, StoreConfig};
-use crate::upload::{error_reason, fix_for};
+use crate::store::{error_reason, fix_for};
 
 /// How long the brokers and the store get to answer each request.
 const TIMEOUT: Duration = Duration::from_secs(15);

@@ -3,6 +3,9 @@
 //! Amazon S3 or an S3-compatible endpoint (path-style, plain HTTP allowed), or a local directory
 //! laid out as MinIO lays out a bucket (`<ARCHIVE_DIR>/<bucket>/topics/...`). Objects appear whole:
 //! S3 PUTs are atomic, and the local store writes a staging file (`key#N`), fsyncs it and renames it.
+//!
+//! Its errors get a bounded reason (the metrics' label) and, where retrying alone will not help,
+//! what the operator should fix: the uploaders log them and `check` prints them.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -92,6 +95,31 @@ pub fn remove_stale_staging_files(root: &Path, before: SystemTime) -> std::io::R
         }
     }
     Ok(removed)
+}
+
+/// A bounded label for an object store error.
+pub fn error_reason(e: &object_store::Error) -> &'static str {
+    match e {
+        object_store::Error::NotFound { .. } => "not_found",
+        object_store::Error::PermissionDenied { .. } => "permission_denied",
+        object_store::Error::Unauthenticated { .. } => "unauthenticated",
+        object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => "conflict",
+        _ => "other",
+    }
+}
+
+/// What the operator should check for an error that retrying alone will not fix.
+pub fn fix_for(reason: &str) -> Option<&'static str> {
+    match reason {
+        "permission_denied" => Some(
+            "the store denied access (403): check AWS_ACCESS_KEY_ID / AWS_SECRET_KEY and that the key may write to S3_BUCKET_NAME",
+        ),
+        "unauthenticated" => {
+            Some("the store did not accept the credentials (401): check AWS_ACCESS_KEY_ID / AWS_SECRET_KEY")
+        }
+        "not_found" => Some("the bucket was not found (404): create S3_BUCKET_NAME or correct it"),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

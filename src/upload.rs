@@ -31,6 +31,7 @@ use crate::metrics as m;
 use crate::record::Record;
 use crate::spool::{Spool, SpoolError, SpoolKey};
 use crate::status::{STORE_FRESHNESS, Status};
+use crate::store::{error_reason, fix_for};
 use crate::throttle::{Say, Throttle};
 
 #[derive(Debug, thiserror::Error)]
@@ -541,20 +542,6 @@ async fn put_multipart(
     writer.finish().await.map(drop)
 }
 
-/// What the operator should check for an error that retrying alone will not fix.
-pub(crate) fn fix_for(reason: &str) -> Option<&'static str> {
-    match reason {
-        "permission_denied" => Some(
-            "the store denied access (403): check AWS_ACCESS_KEY_ID / AWS_SECRET_KEY and that the key may write to S3_BUCKET_NAME",
-        ),
-        "unauthenticated" => {
-            Some("the store did not accept the credentials (401): check AWS_ACCESS_KEY_ID / AWS_SECRET_KEY")
-        }
-        "not_found" => Some("the bucket was not found (404): create S3_BUCKET_NAME or correct it"),
-        _ => None,
-    }
-}
-
 /// What the operator should check when write-once cannot read back the object it found.
 fn fix_for_read_back(reason: &str) -> Option<&'static str> {
     match reason {
@@ -565,17 +552,6 @@ fn fix_for_read_back(reason: &str) -> Option<&'static str> {
         // The object went away between the PUT and the read: the next PUT stores it.
         "not_found" => None,
         _ => fix_for(reason),
-    }
-}
-
-/// A bounded label for an object store error.
-pub(crate) fn error_reason(e: &object_store::Error) -> &'static str {
-    match e {
-        object_store::Error::NotFound { .. } => "not_found",
-        object_store::Error::PermissionDenied { .. } => "permission_denied",
-        object_store::Error::Unauthenticated { .. } => "unauthenticated",
-        object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => "conflict",
-        _ => "other",
     }
 }
 
