@@ -2,7 +2,7 @@
 //!
 //! - `decode`: [`decode::decode`] on SINETStream v3 and v2 messages of 1 KB and 64 KB.
 //! - `keys`: the payload and timestamp objects of a record ([`Layout::payload`], [`Layout::timestamp`]).
-//! - `plan`: both, as [`upload::plan`] does them for a spooled record.
+//! - `plan`: both, as [`archive::plan`] does them for a spooled record.
 //!
 //! Each group comes in records/s (`Throughput::Elements`) and, for decoding, in bytes/s.
 
@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main, measurement::WallTime};
+use kafka_s3_archiver::archive::sinetstream::{self as decode, Format};
+use kafka_s3_archiver::archive::{self, Plan};
+use kafka_s3_archiver::archive::{Layout, RecordPlace, micros_to_millis};
 use kafka_s3_archiver::config::UndecodablePolicy;
-use kafka_s3_archiver::decode::{self, Format};
-use kafka_s3_archiver::keys::{Layout, RecordPlace, micros_to_millis};
 use kafka_s3_archiver::record::{Record, RecordTime};
-use kafka_s3_archiver::upload::{self, Plan};
 
 mod common;
 use common::{KAFKA_MS, TOPIC, json_payload};
@@ -88,7 +88,7 @@ fn bench_keys(c: &mut Criterion) {
         let r = record(value);
         g.bench_function(name, |b| {
             b.iter(|| {
-                let plan = upload::plan(black_box(&r), &layout, UndecodablePolicy::DeadLetter);
+                let plan = archive::plan(black_box(&r), &layout, UndecodablePolicy::DeadLetter);
                 assert!(matches!(plan, Plan::Store { undecodable: None, .. }));
                 plan
             })

@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+use kafka_s3_archiver::archive::Layout;
 use kafka_s3_archiver::commit::{Ledger, Tp};
 use kafka_s3_archiver::config::{StoreConfig, UndecodablePolicy};
-use kafka_s3_archiver::keys::Layout;
 use kafka_s3_archiver::record::Record;
 use kafka_s3_archiver::spool::Spool;
 use kafka_s3_archiver::status::Status;

@@ -16,8 +16,8 @@ use object_store::path::Path;
 use object_store::{Attributes, ObjectStore, PutOptions, PutPayload};
 use serde::Serialize;
 
+use crate::archive;
 use crate::record::{Record, RecordTime};
-use crate::upload;
 
 /// Bytes of a timestamp object (`2022-04-18T02:46:40.123\n`).
 const TIMESTAMP_BYTES: usize = 24;
@@ -64,7 +64,7 @@ pub async fn put_ceiling(
             key: None,
             value: Bytes::new(),
         };
-        upload::attributes(&upload::metadata(&record, Some(1_764_201_600_123_456)))
+        archive::attributes(&archive::metadata(&record, Some(1_764_201_600_123_456)))
     } else {
         Attributes::new()
     };

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use chrono_tz::Tz;
 use clap::Args;
 
-use crate::keys::Layout;
+use crate::archive::Layout;
 
 /// A configuration value that is wrong, named by its environment variable.
 #[derive(Debug, thiserror::Error)]

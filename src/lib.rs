@@ -13,8 +13,8 @@
 //!
 //! - [`config`]: environment and flags, validated once into [`config::Config`].
 //! - [`record`]: the record every stage passes.
-//! - [`decode`]: SINETStream v2/v3 message → payload and tstamp.
-//! - [`keys`]: object keys and bodies of the archive contract.
+//! - [`archive`]: the archive contract, written and read: SINETStream decoding, keys and bodies,
+//!   the objects of a record, parsing keys back, listing a topic.
 //! - [`kafka`]: the librdkafka configuration the consumer and the tools share.
 //! - [`consumer`]: rdkafka consumer thread; batches records into the spool.
 //! - [`spool`]: write-ahead queue on local disk (a sled index, values in append-only files).
@@ -25,7 +25,6 @@
 //!   archiver last ran.
 //! - [`metrics`], [`status`], [`http`], [`connect`]: what an operator and the Kafka Connect tools see.
 //! - [`throttle`]: when a trouble that repeats is logged.
-//! - [`archive`]: reading an archive back: parsing keys, listing a topic.
 //! - [`check`]: the preflight check of a configuration (`kafka-s3-archiver check`).
 //! - [`verify`], [`restore`]: the archive against Kafka; the archive replayed into a topic.
 //! - [`bench`]: the store's raw PUT rate (`kafka-s3-archiver bench-store`).
@@ -45,10 +44,8 @@ pub mod commit;
 pub mod config;
 pub mod connect;
 pub mod consumer;
-pub mod decode;
 pub mod http;
 pub mod kafka;
-pub mod keys;
 pub mod malloc;
 pub mod metrics;
 pub mod record;

@@ -21,9 +21,9 @@ use object_store::{Attribute, Attributes, ObjectStore, ObjectStoreExt};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 
+use crate::archive::sinetstream::{self, Format};
 use crate::archive::{self, ArchiveError, OffsetObjects, Selection, TopicIndex};
 use crate::config::Config;
-use crate::decode::{self, Format};
 use crate::verify::Progress;
 
 #[derive(Debug, thiserror::Error)]
@@ -287,10 +287,10 @@ async fn rebuild(
                 }
             }
         };
-        let value = decode::encode(tstamp_us, msg, Format::V3);
+        let value = sinetstream::encode(tstamp_us, msg, Format::V3);
         // The archive of the Kafka Connect deployment has no Kafka timestamp: the producer's
         // tstamp is the closest (SINETStream sets both from the same clock).
-        let timestamp_ms = kafka_ts.or(Some(crate::keys::micros_to_millis(tstamp_us)));
+        let timestamp_ms = kafka_ts.or(Some(crate::archive::micros_to_millis(tstamp_us)));
         return Ok(Ok(Some(Rebuilt { offset, value, key, timestamp_ms, how })));
     }
     if let Some(dead) = slot.dead_letter.first() {
@@ -388,7 +388,7 @@ mod tests {
     #[test]
     fn timestamp_objects_parse_back_to_their_milliseconds() {
         for ms in [0, 1_650_250_000_123, 1_650_250_000_999, 253_402_300_799_999] {
-            let text = crate::keys::timestamp_text(ms);
+            let text = crate::archive::timestamp_text(ms);
             assert_eq!(parse_timestamp_text(text.as_bytes()), Some(ms), "{text}");
         }
         assert_eq!(parse_timestamp_text(b"2022-04-18 02:46:40"), None);

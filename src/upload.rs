@@ -2,8 +2,8 @@
 //!
 //! A dispatcher takes records from the spool partition by partition, round robin, and starts one
 //! task per record, at most UPLOAD_WORKERS records and UPLOAD_WORKERS object PUTs in flight. A
-//! task decides the record's objects ([`plan`]), stores them all, and only then removes the
-//! record from the spool and marks it done in the commit ledger. A failed PUT is retried with
+//! task decides the record's objects ([`crate::archive::plan()`]), stores them all, and only
+//! then removes the record from the spool and marks it done in the commit ledger. A failed PUT is retried with
 //! exponential backoff and jitter for as long as it takes, and so is, with S3_CONDITIONAL_PUT, a failed
 //! read of the object a PUT found in its place: a record is never abandoned except on shutdown, and
 //! then it stays in the spool and uncommitted (design invariant 4).
@@ -14,19 +14,17 @@ use std::time::{Duration, Instant};
 
 use object_store::path::Path;
 use object_store::{
-    Attribute, AttributeValue, Attributes, ObjectStore, ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions,
-    PutPayload, WriteMultipart,
+    Attributes, ObjectStore, ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions, PutPayload, WriteMultipart,
 };
 use rand::Rng;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::archive;
+use crate::archive::sinetstream::Undecodable;
+use crate::archive::{Layout, Object, Plan, attributes, plan};
 use crate::commit::{Ledger, Tp};
 use crate::config::UndecodablePolicy;
-use crate::decode::{self, Undecodable};
-use crate::keys::{Layout, Object, RecordPlace, micros_to_millis};
 use crate::metrics as m;
 use crate::record::Record;
 use crate::spool::{Spool, SpoolError, SpoolKey};
@@ -43,83 +41,6 @@ pub enum UploadError {
          The record stays in the spool; set UNDECODABLE=dead-letter to keep it under errors/ and go on"
     )]
     Stopped { topic: String, partition: i32, offset: i64, reason: Undecodable },
-}
-
-/// What a record becomes in the store.
-#[derive(Debug)]
-pub enum Plan {
-    /// Store these objects.
-    Store { objects: Vec<Object>, undecodable: Option<Undecodable> },
-    /// UNDECODABLE=stop and the record cannot be decoded.
-    Stop(Undecodable),
-}
-
-/// Decides the objects of a record: its payload and timestamp objects when it is a SINETStream
-/// message, otherwise what the UNDECODABLE policy says.
-pub fn plan(record: &Record, layout: &Layout, policy: UndecodablePolicy) -> Plan {
-    let place = RecordPlace {
-        topic: &record.topic,
-        partition: record.partition,
-        offset: record.offset,
-        path_time_ms: record.time.millis(),
-    };
-    match decode::decode(&record.value) {
-        Ok(msg) => {
-            let mut payload = layout.payload(&place, record.value.slice(msg.msg));
-            payload.metadata = metadata(record, Some(msg.tstamp_us));
-            Plan::Store {
-                objects: vec![payload, layout.timestamp(&place, micros_to_millis(msg.tstamp_us))],
-                undecodable: None,
-            }
-        }
-        Err(why) => match policy {
-            UndecodablePolicy::DeadLetter => {
-                let mut dead = layout.dead_letter(&place, record.value.clone());
-                dead.metadata = metadata(record, None);
-                Plan::Store {
-                    objects: vec![dead, layout.dead_letter_reason(&place, record.time.kafka(), &why.to_string())],
-                    undecodable: Some(why),
-                }
-            }
-            UndecodablePolicy::Raw => {
-                let mut payload = layout.payload(&place, record.value.clone());
-                payload.metadata = metadata(record, None);
-                payload.metadata.push((archive::META_FORM, "raw".to_string()));
-                Plan::Store {
-                    objects: vec![payload, layout.timestamp(&place, record.time.millis())],
-                    undecodable: Some(why),
-                }
-            }
-            UndecodablePolicy::Stop => Plan::Stop(why),
-        },
-    }
-}
-
-/// The payload object's user metadata: what the body alone does not keep (the exact tstamp, the
-/// Kafka timestamp and key), so that `restore` can give a record back as it was.
-pub(crate) fn metadata(record: &Record, tstamp_us: Option<i64>) -> Vec<(&'static str, String)> {
-    use base64::Engine;
-    let mut m = Vec::with_capacity(3);
-    if let Some(us) = tstamp_us {
-        m.push((archive::META_TSTAMP_US, us.to_string()));
-    }
-    if let Some(ms) = record.time.kafka() {
-        m.push((archive::META_KAFKA_TIMESTAMP_MS, ms.to_string()));
-    }
-    if let Some(key) = &record.key {
-        let encoded = base64::engine::general_purpose::STANDARD.encode(key);
-        if encoded.len() <= archive::MAX_KEY_METADATA_BYTES {
-            m.push((archive::META_KAFKA_KEY, encoded));
-        } else {
-            m.push((archive::META_KAFKA_KEY_OMITTED, key.len().to_string()));
-        }
-    }
-    m
-}
-
-/// User metadata as object_store sends it (`x-amz-meta-*` headers on S3).
-pub(crate) fn attributes(metadata: &[(&'static str, String)]) -> Attributes {
-    metadata.iter().map(|(k, v)| (Attribute::Metadata((*k).into()), AttributeValue::from(v.clone()))).collect()
 }
 
 /// The dispatcher reads at most about this many value bytes per partition at a time (at least
@@ -561,10 +482,6 @@ mod tests {
     use crate::record::RecordTime;
     use bytes::Bytes;
 
-    fn layout() -> Layout {
-        Layout::default()
-    }
-
     impl Record {
         fn at(self, offset: i64) -> Record {
             Record { topic: "t".into(), partition: 0, offset, ..self }
@@ -586,7 +503,8 @@ mod tests {
     /// delivered; the shutdown timeout is 200 ms.
     fn stage(dir: &std::path::Path, store: Arc<dyn ObjectStore>, conditional_put: bool) -> (Uploader, Record) {
         let spool = Arc::new(Spool::open(dir, 1 << 20).unwrap());
-        let value = Bytes::from(crate::decode::encode(1, b"payload", crate::decode::Format::V3));
+        let value =
+            Bytes::from(crate::archive::sinetstream::encode(1, b"payload", crate::archive::sinetstream::Format::V3));
         let rec = Record { value, ..record(b"") }.at(0);
         spool.insert_batch(std::slice::from_ref(&rec)).unwrap();
         let tp = ("t".to_string(), 0);
@@ -827,7 +745,7 @@ mod tests {
 
     #[test]
     fn every_label_value_is_one_the_metrics_module_initialises() {
-        use crate::keys::ObjectKind;
+        use crate::archive::ObjectKind;
         for kind in [ObjectKind::Payload, ObjectKind::Timestamp, ObjectKind::DeadLetter, ObjectKind::DeadLetterReason] {
             assert!(m::OBJECT_KINDS.contains(&kind.label()), "{}", kind.label());
         }
@@ -852,22 +770,5 @@ mod tests {
         for why in &undecodable {
             assert!(m::UNDECODABLE_REASONS.contains(&why.label()), "{}", why.label());
         }
-    }
-
-    #[test]
-    fn policies_for_undecodable_records() {
-        let r = record(b"{\"no\":\"envelope\"}");
-        let Plan::Store { objects, undecodable } = plan(&r, &layout(), UndecodablePolicy::DeadLetter) else { panic!() };
-        assert_eq!(undecodable, Some(Undecodable::NoEnvelope));
-        assert_eq!(objects[0].key, "errors/t/year=1970/month=01/day=01/hour=09/t+1+0000000002.raw");
-        assert_eq!(objects[0].body_bytes(), r.value.to_vec());
-        assert!(String::from_utf8(objects[1].body_bytes()).unwrap().contains("no SINETStream envelope"));
-
-        let Plan::Store { objects, .. } = plan(&r, &layout(), UndecodablePolicy::Raw) else { panic!() };
-        assert_eq!(objects[0].key, "topics/t/year=1970/month=01/day=01/hour=09/t+1+0000000002.bin");
-        assert_eq!(objects[0].body_bytes(), [&r.value[..], b"\n"].concat());
-        assert_eq!(objects[1].body_bytes(), b"1970-01-01T00:00:00.000\n");
-
-        assert!(matches!(plan(&r, &layout(), UndecodablePolicy::Stop), Plan::Stop(Undecodable::NoEnvelope)));
     }
 }

@@ -4,7 +4,7 @@
 //! For each topic the bucket is listed one hour folder at a time, in parallel
 //! ([`crate::archive::list_topic`]). Records still in Kafka are read with a plain assignment (no
 //! group, nothing committed) and each is compared with what the archive contract gives for it:
-//! the keys [`crate::upload::plan`] names, their sizes, and unless `--sizes-only` their bodies
+//! the keys [`crate::archive::plan()`] names, their sizes, and unless `--sizes-only` their bodies
 //! and the payload's metadata. Offsets Kafka no longer holds are checked for completeness only:
 //! every payload has its timestamp object (every dead letter its reason) and no offset is
 //! missing between the first and the last archived one. Either way an offset archived more than
@@ -28,10 +28,10 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use crate::archive::{self, ArchiveError, Listed, OffsetObjects, Selection, TopicIndex};
+use crate::archive::{Layout, Object, ObjectKind};
+use crate::archive::{Plan, plan};
 use crate::config::{Config, UndecodablePolicy};
-use crate::keys::{Layout, Object, ObjectKind};
 use crate::record::{Record, RecordTime};
-use crate::upload::{Plan, plan};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
@@ -445,7 +445,7 @@ fn compare_record(
         }
         return;
     };
-    let decodable = crate::decode::decode(value).is_ok();
+    let decodable = crate::archive::sinetstream::decode(value).is_ok();
     // An undecodable record may have been archived under either policy: take the form found.
     let policy = if decodable {
         policy
@@ -963,7 +963,11 @@ mod tests {
             offset,
             time,
             key: None,
-            value: Bytes::from(crate::decode::encode(1_650_250_000_000_123, b"{}", crate::decode::Format::V3)),
+            value: Bytes::from(crate::archive::sinetstream::encode(
+                1_650_250_000_000_123,
+                b"{}",
+                crate::archive::sinetstream::Format::V3,
+            )),
         }
     }
 

@@ -2,7 +2,7 @@
 #![allow(dead_code)] // each bench binary uses a part of it
 
 use bytes::Bytes;
-use kafka_s3_archiver::decode::{self, Format};
+use kafka_s3_archiver::archive::sinetstream::{self, Format};
 use kafka_s3_archiver::record::{Record, RecordTime};
 
 pub const TOPIC: &str = "sinetstream.sensor";
@@ -30,9 +30,9 @@ pub fn json_payload(len: usize) -> Vec<u8> {
 
 /// Wraps `payload` in a SINETStream v3 envelope, trimmed so that the whole value is `len` bytes.
 pub fn envelope(mut payload: Vec<u8>, len: usize) -> Bytes {
-    let overhead = decode::encode(KAFKA_MS * 1000, &payload[..len], Format::V3).len() - len;
+    let overhead = sinetstream::encode(KAFKA_MS * 1000, &payload[..len], Format::V3).len() - len;
     payload.truncate(len - overhead);
-    let value = decode::encode(KAFKA_MS * 1000, &payload, Format::V3);
+    let value = sinetstream::encode(KAFKA_MS * 1000, &payload, Format::V3);
     debug_assert_eq!(value.len(), len);
     Bytes::from(value)
 }

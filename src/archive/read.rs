@@ -1,6 +1,5 @@
-//! Reading an archive back, for `verify` and `restore`: what a key says (topic, partition,
-//! offset, kind), the user metadata the archiver puts on payload objects, and a listing of a
-//! topic's objects that runs one hour prefix at a time, many at once.
+//! The read side, for `verify` and `restore`: what a key says (topic, partition, offset, kind)
+//! and a listing of a topic's objects that runs one hour prefix at a time, many at once.
 //!
 //! The listing walks `topics/T/` and `errors/T/` down to the `hour=` level with delimiter
 //! listings, then lists the hours in parallel: a bucket of millions of objects is a few thousand
@@ -15,22 +14,7 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{ObjectMeta, ObjectStore};
 
-use crate::keys::{Layout, ObjectKind};
-
-/// User metadata on payload objects (S3 `x-amz-meta-…`; the local-directory store keeps none).
-/// The Kafka Connect archive had none of these, so readers fall back to the timestamp object.
-pub const META_TSTAMP_US: &str = "sinetstream-tstamp-us";
-/// The Kafka record timestamp, milliseconds; absent for a record that had none.
-pub const META_KAFKA_TIMESTAMP_MS: &str = "kafka-timestamp-ms";
-/// The Kafka record key, base64 (standard alphabet, padded); absent for a record without key.
-pub const META_KAFKA_KEY: &str = "kafka-key-base64";
-/// `raw`: the payload object holds a record value that was not a SINETStream message
-/// (UNDECODABLE=raw), not an Avro `msg` field.
-pub const META_FORM: &str = "kafka-s3-archiver-form";
-/// S3 limits user metadata to 2 KB per object; a longer key is left out (its length is kept).
-pub const MAX_KEY_METADATA_BYTES: usize = 1500;
-/// Set instead of [`META_KAFKA_KEY`] when the key was too long to keep: its length in bytes.
-pub const META_KAFKA_KEY_OMITTED: &str = "kafka-key-omitted-bytes";
+use super::layout::{Layout, ObjectKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
