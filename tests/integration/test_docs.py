@@ -1,16 +1,17 @@
-"""The README keeps up with the code: every metric and every warning or error the archiver can log
-is documented, and nothing documented is gone from the code. No servers needed."""
+"""The docs keep up with the code: every metric and every warning or error the archiver can log
+is documented (docs/operations.md), and nothing documented is gone from the code. No servers needed."""
 import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-README = (REPO / "README.md").read_text()
+README = REPO / "README.md"
+OPERATIONS = REPO / "docs" / "operations.md"
 
 
-def section(title):
-    """The README's text under `## title`, up to the next `## ` heading."""
-    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", README, re.M | re.S)
-    assert match, f"the README has no '## {title}' section"
+def section(title, doc):
+    """The text of doc (a Markdown file) under `## title`, up to the next `## ` heading."""
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", doc.read_text(), re.M | re.S)
+    assert match, f"{doc.relative_to(REPO)} has no '## {title}' section"
     return match.group(1)
 
 
@@ -42,25 +43,25 @@ def logged_problems():
 
 
 def test_the_monitoring_section_lists_exactly_the_metrics_the_code_defines():
-    documented = set(re.findall(r"^\| `(kafka_s3_archiver_[a-z_]+)` \|", section("Monitoring"), re.M))
+    documented = set(re.findall(r"^\| `(kafka_s3_archiver_[a-z_]+)` \|", section("Monitoring", OPERATIONS), re.M))
     assert len(metric_names()) >= 20
     assert documented == metric_names(), (
         f"undocumented: {metric_names() - documented}; documented but gone: {documented - metric_names()}")
 
 
 def test_every_logged_warning_and_error_is_in_troubleshooting():
-    text = section("Troubleshooting")
+    text = section("Troubleshooting", OPERATIONS)
     problems = logged_problems()
     assert len(problems) >= 15, problems
     missing = {m: where for m, where in problems.items() if m not in text}
-    assert not missing, f"logged but not in the README's Troubleshooting section: {missing}"
+    assert not missing, f"logged but not in the Troubleshooting section of docs/operations.md: {missing}"
 
 
 def test_every_configuration_error_is_covered_by_name():
     """Configuration errors read `VARIABLE: what is wrong`; the section explains that form, and
     every variable a configuration error can name is in the configuration table."""
-    assert "(any `VARIABLE: …`)" in section("Troubleshooting")
+    assert "(any `VARIABLE: …`)" in section("Troubleshooting", OPERATIONS)
     src = (REPO / "src" / "config.rs").read_text()
     named = set(re.findall(r'invalid\(\s*"([A-Z_]+)"', src))
-    table = set(re.findall(r"^\| `([A-Z_<>]+)` \|", section("Configuration"), re.M))
+    table = set(re.findall(r"^\| `([A-Z_<>]+)` \|", section("Configuration", README), re.M))
     assert named and named <= table, named - table
