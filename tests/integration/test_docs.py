@@ -21,9 +21,10 @@ def metric_names():
 
 
 def logged_problems():
-    """The message of every tracing::warn! and tracing::error! in src/, up to its first `{`."""
+    """The message of every tracing::warn! and tracing::error! in src/ and its subfolders, up to its
+    first `{`."""
     out = {}
-    for path in sorted((REPO / "src").glob("*.rs")):
+    for path in sorted((REPO / "src").rglob("*.rs")):
         src = path.read_text()
         for m in re.finditer(r"tracing::(warn|error)!\(", src):
             literals, depth, i = [], 1, m.end()
@@ -38,7 +39,7 @@ def logged_problems():
             # The message is the macro's last string literal; "{e:#}" alone repeats an error documented elsewhere.
             message = literals[-1].split("{")[0].strip() if literals else ""
             if message:
-                out[message] = f"{path.name}:{src[:m.start()].count(chr(10)) + 1}"
+                out[message] = f"{path.relative_to(REPO / 'src')}:{src[:m.start()].count(chr(10)) + 1}"
     return out
 
 
