@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use kafka_s3_archiver::archive::Layout;
-use kafka_s3_archiver::commit::{Ledger, Tp};
 use kafka_s3_archiver::config::{StoreConfig, UndecodablePolicy};
+use kafka_s3_archiver::pipeline::commit::{Ledger, Tp};
+use kafka_s3_archiver::pipeline::status::Status;
+use kafka_s3_archiver::pipeline::upload::Uploader;
 use kafka_s3_archiver::record::Record;
 use kafka_s3_archiver::spool::Spool;
-use kafka_s3_archiver::status::Status;
 use kafka_s3_archiver::store;
-use kafka_s3_archiver::upload::Uploader;
 use object_store::ObjectStore;
 use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;

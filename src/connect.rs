@@ -22,9 +22,9 @@ use axum::{Json, body::Bytes};
 use serde::Serialize;
 use serde::ser::SerializeMap;
 
-use crate::commit::Ledger;
 use crate::config::{Config, StoreConfig};
-use crate::status::Status;
+use crate::pipeline::commit::Ledger;
+use crate::pipeline::status::Status;
 
 /// The names under which the Kafka Connect deployment ran its two sink connectors.
 pub const CONNECTORS: [&str; 2] = ["s3-sink-timestamp", "s3-sink-data"];

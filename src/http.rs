@@ -24,10 +24,10 @@ use tokio_util::sync::CancellationToken;
 use tower::Layer;
 use tower_http::normalize_path::NormalizePathLayer;
 
-use crate::commit::Ledger;
 use crate::connect;
+use crate::pipeline::commit::Ledger;
+use crate::pipeline::status::Status;
 use crate::spool::Spool;
-use crate::status::Status;
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on {addr} (REST_PORT / REST_BIND_ADDRESS): {source}")]

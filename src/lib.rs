@@ -3,31 +3,27 @@
 //!
 //! # Layout
 //!
-//! One module per stage of the pipeline, in the order a record goes through them:
+//! The folders are the design: the daemon's stages in [`pipeline`], the archive contract in
+//! [`archive`], the offline tools in [`tools`], and the wiring and what they share at the top.
 //!
 //! ```text
 //! Kafka ──▶ consumer ──▶ spool ──▶ upload ──▶ store (S3 or a directory)
-//!              │    (sled)  decode, keys  │
-//!              └──── commit ◀─────────────┘  offsets committed once stored
+//!              │                      │
+//!              └──── commit ◀─────────┘  offsets committed once stored
 //! ```
 //!
-//! - [`config`]: environment and flags, validated once into [`config::Config`].
-//! - [`record`]: the record every stage passes.
+//! - [`pipeline`]: the consumer thread, the upload tasks, the commit ledger, the status they
+//!   report, the topic-id check at start-up, and when a repeating trouble is logged.
+//! - [`spool`]: the write-ahead queue on local disk between the consumer and the uploaders.
 //! - [`archive`]: the archive contract, written and read: SINETStream decoding, keys and bodies,
 //!   the objects of a record, parsing keys back, listing a topic.
+//! - [`tools`]: `check`, `verify`, `restore`, `bench-store`; they use [`archive`], [`store`],
+//!   [`kafka`], [`config`] and [`record`], never [`pipeline`] (`tests/architecture.rs`).
+//! - [`config`]: environment and flags, validated once into [`config::Config`].
+//! - [`record`]: the record every stage passes.
 //! - [`kafka`]: the librdkafka configuration the consumer and the tools share.
-//! - [`consumer`]: rdkafka consumer thread; batches records into the spool.
-//! - [`spool`]: write-ahead queue on local disk (a sled index, values in append-only files).
-//! - [`upload`]: tokio tasks that store each record's objects and retry until stored.
-//! - [`commit`]: the ledger that turns stored offsets into safe commit positions.
-//! - [`store`]: the object_store backend (S3 or local directory).
-//! - [`topic_id`]: at start-up, says whether a topic was deleted and created again since the
-//!   archiver last ran.
-//! - [`metrics`], [`status`], [`http`], [`connect`]: what an operator and the Kafka Connect tools see.
-//! - [`throttle`]: when a trouble that repeats is logged.
-//! - [`check`]: the preflight check of a configuration (`kafka-s3-archiver check`).
-//! - [`verify`], [`restore`]: the archive against Kafka; the archive replayed into a topic.
-//! - [`bench`]: the store's raw PUT rate (`kafka-s3-archiver bench-store`).
+//! - [`store`]: the object_store backend (S3 or local directory), its error reasons and fixes.
+//! - [`http`], [`connect`], [`metrics`]: what an operator and the Kafka Connect tools see.
 //! - [`malloc`]: glibc malloc tuning for a long-running process.
 //!
 //! `docs/design.md` states the invariants the comments cite and where each is tested.
@@ -38,25 +34,17 @@
 //! up, reporting FAILED over HTTP as a Kafka Connect worker does, until it is signalled.
 
 pub mod archive;
-pub mod bench;
-pub mod check;
-pub mod commit;
 pub mod config;
 pub mod connect;
-pub mod consumer;
 pub mod http;
 pub mod kafka;
 pub mod malloc;
 pub mod metrics;
+pub mod pipeline;
 pub mod record;
-pub mod restore;
 pub mod spool;
-pub mod status;
 pub mod store;
-pub mod throttle;
-pub mod topic_id;
-pub mod upload;
-pub mod verify;
+pub mod tools;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -64,10 +52,11 @@ use std::time::Duration;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::commit::Ledger;
 use crate::config::Config;
+use crate::pipeline::commit::Ledger;
+use crate::pipeline::status::Status;
+use crate::pipeline::{consumer, topic_id, upload};
 use crate::spool::Spool;
-use crate::status::Status;
 
 /// sled's page cache, for the spool's index (keys and where the values are, 21 bytes each); a
 /// larger cache bought no throughput in the load benchmark, only memory. The benchmarks use it too.

@@ -265,12 +265,12 @@ fn init_logging(format: LogFormat, default_filter: &str) {
 fn check(config: Config) -> ExitCode {
     println!("kafka-s3-archiver {} check", env!("CARGO_PKG_VERSION"));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("start the tokio runtime");
-    let lines = runtime.block_on(kafka_s3_archiver::check::run(&config, |line| println!("{line}")));
-    if kafka_s3_archiver::check::passed(&lines) {
+    let lines = runtime.block_on(kafka_s3_archiver::tools::check::run(&config, |line| println!("{line}")));
+    if kafka_s3_archiver::tools::check::passed(&lines) {
         println!("all checks passed: start the archiver with `kafka-s3-archiver`");
         ExitCode::SUCCESS
     } else {
-        let n = lines.iter().filter(|l| l.outcome == kafka_s3_archiver::check::Outcome::Fail).count();
+        let n = lines.iter().filter(|l| l.outcome == kafka_s3_archiver::tools::check::Outcome::Fail).count();
         println!("{n} problem(s): fix them and run `kafka-s3-archiver check` again");
         ExitCode::from(FAILED)
     }
@@ -285,7 +285,7 @@ fn bench_store(args: BenchStoreArgs) -> ExitCode {
         Ok(x) => x,
         Err(code) => return code,
     };
-    let report = runtime.block_on(kafka_s3_archiver::bench::put_ceiling(
+    let report = runtime.block_on(kafka_s3_archiver::tools::bench::put_ceiling(
         store,
         &args.prefix,
         args.records,
@@ -385,7 +385,7 @@ fn parse_time(text: &str, tz: chrono_tz::Tz) -> Option<i64> {
 }
 
 fn verify(args: VerifyArgs) -> ExitCode {
-    use kafka_s3_archiver::verify;
+    use kafka_s3_archiver::tools::verify;
     let config = match tool_config(args.settings, !args.bucket_only, !args.all_topics) {
         Ok(c) => c,
         Err(code) => return code,
@@ -406,7 +406,7 @@ fn verify(args: VerifyArgs) -> ExitCode {
         Ok(x) => x,
         Err(code) => return code,
     };
-    let progress = verify::Progress::new("verify");
+    let progress = kafka_s3_archiver::tools::progress::Progress::new("verify");
     match runtime.block_on(verify::run(&config, store, &options, progress)) {
         Ok(reports) => {
             print!("{}", verify::render(&reports, &options));
@@ -420,7 +420,7 @@ fn verify(args: VerifyArgs) -> ExitCode {
 }
 
 fn restore(args: RestoreArgs) -> ExitCode {
-    use kafka_s3_archiver::{restore, verify::Progress};
+    use kafka_s3_archiver::tools::{progress::Progress, restore};
     let config = match tool_config(args.settings, !args.dry_run, true) {
         Ok(c) => c,
         Err(code) => return code,

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
-use crate::commit::{Ledger, Tp};
 use crate::metrics as m;
+use crate::pipeline::commit::{Ledger, Tp};
 use crate::spool::Spool;
 
 /// The pause reason while archiving is paused on request.

@@ -24,7 +24,7 @@ use rdkafka::util::Timeout;
 use crate::archive::sinetstream::{self, Format};
 use crate::archive::{self, ArchiveError, OffsetObjects, Selection, TopicIndex};
 use crate::config::Config;
-use crate::verify::Progress;
+use crate::tools::progress::Progress;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {

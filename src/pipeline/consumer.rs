@@ -25,13 +25,13 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
-use crate::commit::{Delivery, Ledger, Tp};
 use crate::config::{ConfigError, SpoolLimits};
 use crate::metrics as m;
+use crate::pipeline::commit::{Delivery, Ledger, Tp};
+use crate::pipeline::status::Status;
+use crate::pipeline::throttle::{Say, Throttle};
 use crate::record::{Record, RecordTime};
 use crate::spool::Spool;
-use crate::status::Status;
-use crate::throttle::{Say, Throttle};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {

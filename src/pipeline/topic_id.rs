@@ -30,7 +30,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 
-use crate::status::Status;
+use crate::pipeline::status::Status;
 
 /// How long Kafka gets to give the topics' ids.
 pub const KAFKA_TIMEOUT: Duration = Duration::from_secs(5);
@@ -71,7 +71,7 @@ pub fn key(topic: &str) -> String {
 
 /// Compares each configured topic's id in Kafka with the one recorded in SPOOL_DIR, says when a
 /// topic was deleted and created again, and records the current ids. Returns the topics that were:
-/// the records of theirs still in the spool are of the old topic ([`crate::commit::Ledger::topic_recreated`]).
+/// the records of theirs still in the spool are of the old topic ([`crate::pipeline::commit::Ledger::topic_recreated`]).
 /// Logs what it cannot do and returns: it never keeps the archiver from starting.
 pub async fn check(
     client: &ClientConfig,
@@ -327,7 +327,7 @@ mod tests {
     use object_store::memory::InMemory;
 
     use super::*;
-    use crate::commit::Ledger;
+    use crate::pipeline::commit::Ledger;
     use crate::spool::Spool;
 
     const OLD: &str = "AAAAAAAAAAAAAAAAAAAAAQ";

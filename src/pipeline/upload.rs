@@ -23,14 +23,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::archive::sinetstream::Undecodable;
 use crate::archive::{Layout, Object, Plan, attributes, plan};
-use crate::commit::{Ledger, Tp};
 use crate::config::UndecodablePolicy;
 use crate::metrics as m;
+use crate::pipeline::commit::{Ledger, Tp};
+use crate::pipeline::status::{STORE_FRESHNESS, Status};
+use crate::pipeline::throttle::{Say, Throttle};
 use crate::record::Record;
 use crate::spool::{Spool, SpoolError, SpoolKey};
-use crate::status::{STORE_FRESHNESS, Status};
 use crate::store::{error_reason, fix_for};
-use crate::throttle::{Say, Throttle};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
@@ -92,12 +92,13 @@ impl Shared {
     }
 
     /// Upload failures are over once the store took a request after the last of them and none
-    /// happened for [`crate::throttle::EVERY`] (so that failures among successes, a 503 now and
+    /// happened for [`crate::pipeline::throttle::EVERY`] (so that failures among successes, a 503 now and
     /// then, are not said to end at every success).
     fn say_recovered(&self) {
         let Some(answered) = *self.answered.lock().expect("answered lock") else { return };
         let now = std::time::Instant::now();
-        let over = |last: std::time::Instant| last < answered && now.duration_since(last) >= crate::throttle::EVERY;
+        let over =
+            |last: std::time::Instant| last < answered && now.duration_since(last) >= crate::pipeline::throttle::EVERY;
         for (reason, ended) in self.failing.end_where(over) {
             tracing::info!(
                 reason,
@@ -157,7 +158,7 @@ impl Uploader {
                 tokio::select! {
                     _ = shared.up.spool.inserted() => {}
                     // Idle after an outage: the failures are said to be over once they are.
-                    _ = tokio::time::sleep(crate::throttle::EVERY), if shared.failing.any() => shared.say_recovered(),
+                    _ = tokio::time::sleep(crate::pipeline::throttle::EVERY), if shared.failing.any() => shared.say_recovered(),
                     Some(done) = tasks.join_next() => {
                         if let Err(e) = flatten(done) {
                             result = Err(e);
@@ -377,7 +378,7 @@ enum Failure {
 
 impl Failure {
     /// Counts the failure, notes it on the partition and the store, and logs it when uploads start
-    /// failing, then at most every [`crate::throttle::EVERY`] while they go on (all uploads together: with
+    /// failing, then at most every [`crate::pipeline::throttle::EVERY`] while they go on (all uploads together: with
     /// the store down, each one in flight fails on its own).
     fn report(&self, shared: &Shared, tp: &Tp, key: &str, attempt: u32, wait: Duration) {
         let (e, fix) = match self {
