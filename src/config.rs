@@ -289,6 +289,19 @@ const MANAGED_PROPERTIES: &[(&str, &str)] = &[
     ("enable.auto.offset.store", "the archiver commits only what is stored"),
 ];
 
+/// What a command needs of the configuration: the daemon and `check` need brokers and topics;
+/// a tool may not (`verify --bucket-only`, `verify --all-topics`, `bench-store`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Needs {
+    /// Brokers, and pass-through properties librdkafka accepts.
+    pub broker: bool,
+    pub topic: bool,
+}
+
+impl Needs {
+    pub const ALL: Needs = Needs { broker: true, topic: true };
+}
+
 impl Config {
     /// Validates the settings. `env` gives the process environment (for the variables that are
     /// not flags: AWS_SECRET_ACCESS_KEY and KAFKA_PROPERTY_*).

@@ -17,8 +17,10 @@
 //! - [`spool`]: the write-ahead queue on local disk between the consumer and the uploaders.
 //! - [`archive`]: the archive contract, written and read: SINETStream decoding, keys and bodies,
 //!   the objects of a record, parsing keys back, listing a topic.
-//! - [`tools`]: `check`, `verify`, `restore`, `bench-store`; they use [`archive`], [`store`],
-//!   [`kafka`], [`config`] and [`record`], never [`pipeline`] (`tests/architecture.rs`).
+//! - [`tools`]: `check`, `verify`, `restore`, `bench-store`, each with its arguments and `run`;
+//!   they use [`archive`], [`store`], [`kafka`], [`config`] and [`record`], never [`pipeline`]
+//!   (`tests/architecture.rs`).
+//! - [`cli`], [`exit`]: the command line, and the one exit-status policy of every command.
 //! - [`config`]: environment and flags, validated once into [`config::Config`].
 //! - [`record`]: the record every stage passes.
 //! - [`kafka`]: the librdkafka configuration the consumer and the tools share.
@@ -34,8 +36,10 @@
 //! up, reporting FAILED over HTTP as a Kafka Connect worker does, until it is signalled.
 
 pub mod archive;
+pub mod cli;
 pub mod config;
 pub mod connect;
+pub mod exit;
 pub mod http;
 pub mod kafka;
 pub mod malloc;

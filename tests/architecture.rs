@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 /// What each group of files may name after `crate::`.
 const RULES: &[(&str, &[&str])] = &[
-    ("src/tools", &["archive", "config", "kafka", "record", "store", "tools"]),
+    ("src/tools", &["archive", "config", "exit", "kafka", "record", "store", "tools"]),
     ("src/archive", &["archive", "config", "record"]),
     ("src/store.rs", &["config"]),
     ("src/kafka.rs", &["config"]),

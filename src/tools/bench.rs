@@ -17,7 +17,10 @@ use object_store::{Attributes, ObjectStore, PutOptions, PutPayload};
 use serde::Serialize;
 
 use crate::archive;
+use crate::config::{Config, Needs, Settings};
+use crate::exit::Exit;
 use crate::record::{Record, RecordTime};
+use crate::tools::STORE_SETTINGS;
 
 /// Bytes of a timestamp object (`2022-04-18T02:46:40.123\n`).
 const TIMESTAMP_BYTES: usize = 24;
@@ -37,6 +40,54 @@ pub struct PutReport {
     pub errors: usize,
     /// Whether the payload objects carried the archiver's user metadata.
     pub metadata: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub settings: Settings,
+    /// Records to put (two objects each).
+    #[arg(long, default_value_t = 10_000)]
+    pub records: usize,
+    /// Payload size in bytes (the separator byte is added).
+    #[arg(long, default_value_t = 1024)]
+    pub payload_bytes: usize,
+    /// Key prefix of the objects.
+    #[arg(long, default_value = ".kafka-s3-archiver/bench")]
+    pub prefix: String,
+    /// Put the payloads without the user metadata the archiver gives them on S3, to see what
+    /// the metadata costs the store.
+    #[arg(long)]
+    pub no_metadata: bool,
+}
+
+impl Args {
+    pub fn needs(&self) -> Needs {
+        Needs { broker: false, topic: false }
+    }
+}
+
+/// The settings `bench-store` reads (the others are hidden from its help).
+pub fn reads() -> Vec<&'static str> {
+    [STORE_SETTINGS, &["UPLOAD_WORKERS", "UPLOAD_THREADS", "LOG_FORMAT"]].concat()
+}
+
+/// `kafka-s3-archiver bench-store`: the report as JSON on stdout.
+pub fn run(args: Args, config: &Config) -> Exit {
+    let (store, runtime) = match super::store_and_runtime(config) {
+        Ok(x) => x,
+        Err(exit) => return exit,
+    };
+    let report = runtime.block_on(put_ceiling(
+        store,
+        &args.prefix,
+        args.records,
+        args.payload_bytes,
+        config.upload_workers,
+        config.store.keeps_metadata() && !args.no_metadata,
+    ));
+    println!("{}", serde_json::to_string(&report).expect("serialize the report"));
+    Exit::Done
 }
 
 /// Puts `records` × 2 objects under `prefix`, `concurrency` at a time; a failed PUT is counted

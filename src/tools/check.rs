@@ -19,6 +19,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::{Config, StoreConfig};
+use crate::exit::Exit;
 use crate::store::{error_reason, fix_for};
 
 /// How long the brokers and the store get to answer each request.
@@ -57,8 +58,24 @@ impl fmt::Display for Line {
     }
 }
 
+/// `kafka-s3-archiver check`: each check's outcome on stdout as soon as it is known; exit status
+/// 1 when one failed.
+pub fn run(config: &Config) -> Exit {
+    println!("kafka-s3-archiver {} check", env!("CARGO_PKG_VERSION"));
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("start the tokio runtime");
+    let lines = runtime.block_on(checks(config, |line| println!("{line}")));
+    if passed(&lines) {
+        println!("all checks passed: start the archiver with `kafka-s3-archiver`");
+        Exit::Done
+    } else {
+        let n = lines.iter().filter(|l| l.outcome == Outcome::Fail).count();
+        println!("{n} problem(s): fix them and run `kafka-s3-archiver check` again");
+        Exit::Failed
+    }
+}
+
 /// Runs every check, calling `report` with each line as soon as it is known.
-pub async fn run(config: &Config, mut report: impl FnMut(&Line)) -> Vec<Line> {
+pub async fn checks(config: &Config, mut report: impl FnMut(&Line)) -> Vec<Line> {
     let mut lines = Vec::new();
     let mut add = |line: Line| {
         report(&line);
@@ -337,7 +354,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // Nothing listens on port 1.
         let c = config(dir.path(), "127.0.0.1:1");
-        let lines = run(&c, |_| {}).await;
+        let lines = checks(&c, |_| {}).await;
         let find = |what: &str| lines.iter().find(|l| l.what.starts_with(what)).unwrap_or_else(|| panic!("{lines:?}"));
         assert_eq!(find("spool directory").outcome, Outcome::Ok);
         assert_eq!(find("REST port").outcome, Outcome::Ok);

@@ -23,8 +23,11 @@ use rdkafka::util::Timeout;
 
 use crate::archive::sinetstream::{self, Format};
 use crate::archive::{self, ArchiveError, OffsetObjects, Selection, TopicIndex};
-use crate::config::Config;
+use crate::config::{Config, Needs, Settings};
+use crate::exit::Exit;
 use crate::tools::progress::Progress;
+use crate::tools::selection::SelectionArgs;
+use crate::tools::{KAFKA_SETTINGS, LAYOUT_SETTINGS, STORE_SETTINGS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
@@ -102,8 +105,73 @@ enum How {
     DeadLetter,
 }
 
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub settings: Settings,
+    #[command(flatten)]
+    pub selection: SelectionArgs,
+    /// Topic to produce to; it must exist with at least as many partitions as the archive.
+    #[arg(long)]
+    pub to_topic: Option<String>,
+    /// Also produce the raw values of dead-lettered records.
+    #[arg(long)]
+    pub dead_letters: bool,
+    /// Read and rebuild every record, produce nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+impl Args {
+    pub fn needs(&self) -> Needs {
+        Needs { broker: !self.dry_run, topic: true }
+    }
+}
+
+/// The settings `restore` reads (the others are hidden from its help).
+pub fn reads() -> Vec<&'static str> {
+    [KAFKA_SETTINGS, STORE_SETTINGS, LAYOUT_SETTINGS, &["UPLOAD_THREADS", "LOG_FORMAT"]].concat()
+}
+
+/// `kafka-s3-archiver restore`: a summary on stdout; exit status 1 when a record was skipped.
+pub fn run(args: Args, config: &Config) -> Exit {
+    if config.topics.len() != 1 {
+        eprintln!("error: restore takes one archived topic (--topic or KAFKA_TOPIC), not {}", config.topics.join(","));
+        return Exit::Usage;
+    }
+    if args.to_topic.is_none() && !args.dry_run {
+        eprintln!("error: give --to-topic (the topic to produce to), or --dry-run");
+        return Exit::Usage;
+    }
+    let selection = match args.selection.parse(config) {
+        Ok(s) => s,
+        Err(exit) => return exit,
+    };
+    let options = RestoreOptions {
+        topic: config.topics[0].clone(),
+        to_topic: args.to_topic,
+        selection,
+        dead_letters: args.dead_letters,
+        dry_run: args.dry_run,
+    };
+    let (store, runtime) = match super::store_and_runtime(config) {
+        Ok(x) => x,
+        Err(exit) => return exit,
+    };
+    match runtime.block_on(replay(config, store, &options, Progress::new("restore"))) {
+        Ok(summary) => {
+            print!("{}", render(&summary, &options));
+            if summary.skipped == 0 { Exit::Done } else { Exit::Failed }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Exit::Failed
+        }
+    }
+}
+
 /// Restores the archive of `options.topic`.
-pub async fn run(
+pub async fn replay(
     config: &Config,
     store: Arc<dyn ObjectStore>,
     options: &RestoreOptions,

@@ -28,9 +28,12 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use crate::archive::{self, ArchiveError, Listed, OffsetObjects, Selection, TopicIndex};
 use crate::archive::{Layout, Object, ObjectKind};
 use crate::archive::{Plan, plan};
-use crate::config::{Config, UndecodablePolicy};
+use crate::config::{Config, Needs, Settings, UndecodablePolicy};
+use crate::exit::Exit;
 use crate::record::{Record, RecordTime};
 use crate::tools::progress::Progress;
+use crate::tools::selection::SelectionArgs;
+use crate::tools::{KAFKA_SETTINGS, LAYOUT_SETTINGS, STORE_SETTINGS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
@@ -160,8 +163,68 @@ impl TopicReport {
     }
 }
 
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub settings: Settings,
+    #[command(flatten)]
+    pub selection: SelectionArgs,
+    /// Every topic the bucket holds (instead of KAFKA_TOPIC).
+    #[arg(long)]
+    pub all_topics: bool,
+    /// Check the bucket alone (completeness), without reading Kafka.
+    #[arg(long)]
+    pub bucket_only: bool,
+    /// Compare object sizes only, not bodies (no read of each object).
+    #[arg(long)]
+    pub sizes_only: bool,
+    /// How many problems to print in full (all are counted).
+    #[arg(long, default_value_t = 20)]
+    pub show: usize,
+}
+
+impl Args {
+    pub fn needs(&self) -> Needs {
+        Needs { broker: !self.bucket_only, topic: !self.all_topics }
+    }
+}
+
+/// The settings `verify` reads (the others are hidden from its help).
+pub fn reads() -> Vec<&'static str> {
+    [KAFKA_SETTINGS, STORE_SETTINGS, LAYOUT_SETTINGS, &["UNDECODABLE", "UPLOAD_THREADS", "LOG_FORMAT"]].concat()
+}
+
+/// `kafka-s3-archiver verify`: the report on stdout; exit status 0 only when clean.
+pub fn run(args: Args, config: &Config) -> Exit {
+    let selection = match args.selection.parse(config) {
+        Ok(s) => s,
+        Err(exit) => return exit,
+    };
+    let options = VerifyOptions {
+        topics: if args.all_topics { Vec::new() } else { config.topics.clone() },
+        selection,
+        bucket_only: args.bucket_only,
+        sizes_only: args.sizes_only,
+        show: args.show,
+    };
+    let (store, runtime) = match super::store_and_runtime(config) {
+        Ok(x) => x,
+        Err(exit) => return exit,
+    };
+    match runtime.block_on(audit(config, store, &options, Progress::new("verify"))) {
+        Ok(reports) => {
+            print!("{}", render(&reports, &options));
+            if totals(&reports).problems() == 0 { Exit::Done } else { Exit::Failed }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Exit::Failed
+        }
+    }
+}
+
 /// Verifies the archive of each topic; the reports come in topic order.
-pub async fn run(
+pub async fn audit(
     config: &Config,
     store: Arc<dyn ObjectStore>,
     options: &VerifyOptions,
@@ -887,7 +950,7 @@ mod tests {
     }
 
     async fn verify(store: Arc<InMemory>) -> TopicReport {
-        let mut reports = run(&config(), store, &options(), Progress::new("test")).await.unwrap();
+        let mut reports = audit(&config(), store, &options(), Progress::new("test")).await.unwrap();
         reports.remove(0)
     }
 
