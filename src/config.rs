@@ -198,38 +198,15 @@ pub enum LogFormat {
     Json,
 }
 
-/// Bounds of the spool. Above the low watermarks (80 % of a maximum) the consumer takes no records
-/// until the uploads bring the spool down to half; it pauses at the high ones (90 %), or when the
-/// spool stops shrinking, and resumes below the low ones (the consumer's `Backpressure` says
-/// why). The store still has seconds of work in the spool when consumption starts again.
+/// Bounds of the spool (SPOOL_MAX_BYTES, SPOOL_MAX_RECORDS, SPOOL_MIN_FREE_BYTES); the
+/// watermarks derived from them and what the consumer does at each are in
+/// `pipeline::backpressure`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SpoolLimits {
     pub max_bytes: u64,
     pub max_records: u64,
     /// Pause when the spool's file system has less free space than this.
     pub min_free_bytes: u64,
-}
-
-impl SpoolLimits {
-    /// At or above either high watermark: pause.
-    pub fn is_full(&self, bytes: u64, records: u64) -> bool {
-        bytes >= self.max_bytes / 10 * 9 || records >= self.max_records / 10 * 9
-    }
-
-    /// At or below both low watermarks: take records, resume.
-    pub fn has_room(&self, bytes: u64, records: u64) -> bool {
-        self.at_most(bytes, records, 16)
-    }
-
-    /// At or below half of both maxima: a consumer that waited for room takes records again.
-    pub fn has_room_for_more(&self, bytes: u64, records: u64) -> bool {
-        self.at_most(bytes, records, 10)
-    }
-
-    /// Both sizes at or below `twentieths` / 20 of their maxima.
-    fn at_most(&self, bytes: u64, records: u64, twentieths: u64) -> bool {
-        bytes <= self.max_bytes / 20 * twentieths && records <= self.max_records / 20 * twentieths
-    }
 }
 
 /// The validated configuration of one archiver process.
@@ -918,10 +895,6 @@ mod tests {
         assert_eq!(c.spool_limits.max_bytes, 2 << 30);
         let c = Config::from_settings(&Settings { spool_max_bytes: Some("500 MB".into()), ..base() }, &[]).unwrap();
         assert_eq!(c.spool_limits.max_bytes, 500_000_000);
-        let l = c.spool_limits;
-        assert!(l.is_full(450_000_000, 0) && !l.is_full(449_999_999, 0));
-        assert!(l.has_room(400_000_000, 0) && !l.has_room(400_000_001, 0));
-        assert!(l.is_full(0, 450_000) && !l.has_room(0, 400_001));
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //! The spool (`crate::spool`) sits between the consumer and the uploaders. The offline tools
 //! (`crate::tools`) never use anything in here: they read the archive through `crate::archive`.
 
+pub mod backpressure;
 pub mod commit;
 pub mod consumer;
 pub mod status;
