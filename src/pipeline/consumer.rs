@@ -1,15 +1,13 @@
 //! Consumer: the Kafka side, on its own thread (rdkafka's calls block).
 //!
-//! It subscribes to the topics as a member of GROUP_ID, polls records in batches, registers each
-//! in the commit ledger, and writes the new ones to the spool in one batch. Tombstones (null
-//! values) are counted and marked done. It also commits: every COMMIT_INTERVAL the positions
-//! the ledger says are stored, and on revocation, synchronously, what is done for the revoked
-//! partitions before they go (design invariant 6). Above the spool's low watermark it takes no
-//! records until the uploads bring the spool down to half; it pauses its partitions while the
-//! spool is over its high watermark, does not shrink, or cannot be written (a full disk), and
-//! resumes below the low watermark; a wait for room longer than 10 s becomes a pause until half, so
-//! that the consumer keeps polling and keeps its group membership. On shutdown it stops fetching,
-//! waits until the uploaders have drained, and commits what they finished.
+//! It subscribes to the topics as a member of GROUP_ID and loops over six steps: poll a batch,
+//! register it in the commit ledger (tombstones are counted and marked done) and write the new
+//! records to the spool in one batch, pace itself on the spool's fill (`backpressure`: wait for
+//! room, pause, resume), fetch again from reused offsets, commit every COMMIT_INTERVAL the
+//! positions the ledger says are stored, and read the group's commits back. On revocation it
+//! commits, synchronously, what is done for the revoked partitions before they go (design
+//! invariant 6). On shutdown it stops fetching, waits until the uploaders have drained, and
+//! commits what they finished.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -319,6 +317,21 @@ pub struct KafkaConsumer {
     pub limits: SpoolLimits,
 }
 
+/// What the consumer loop carries from one round to the next.
+struct Loop {
+    backpressure: Backpressure,
+    /// Registered in the ledger but not yet written to the spool (the write failed).
+    unspooled: Vec<Record>,
+    spool_failures: u32,
+    /// Partitions whose first tombstone was logged (the rest are counted).
+    tombstones_logged: HashSet<Tp>,
+    /// The pause state last applied to the assignment, and when.
+    pause_applied: bool,
+    last_pause: Instant,
+    last_commit: Instant,
+    last_read_back: Instant,
+}
+
 impl KafkaConsumer {
     /// Runs on the calling thread until `shutdown` is cancelled. Then waits (at most
     /// `drain_wait`) for `drained` to be cancelled by the upload stage, and commits what it stored.
@@ -341,126 +354,175 @@ impl KafkaConsumer {
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         tracing::info!(topics = %self.topics.join(","), "subscribed");
-        let mut last_commit = Instant::now();
-        let mut tombstones_logged: HashSet<Tp> = HashSet::new();
-        let mut batch: Vec<BorrowedMessage<'_>> = Vec::with_capacity(MAX_BATCH);
-        // Registered in the ledger but not yet written to the spool (the write failed).
-        let mut unspooled: Vec<Record> = Vec::new();
-        let mut spool_failures = 0u32;
         let max_poll_interval = self
             .client
             .get("max.poll.interval.ms")
             .and_then(|v| v.parse().ok())
             .map_or(Duration::from_secs(300), Duration::from_millis);
-        let mut backpressure = Backpressure::new(self.limits, max_poll_interval);
-        let (mut applied, mut last_pause) = (false, Instant::now());
-        let mut last_read_back = Instant::now();
+        let mut state = Loop {
+            backpressure: Backpressure::new(self.limits, max_poll_interval),
+            unspooled: Vec::new(),
+            spool_failures: 0,
+            tombstones_logged: HashSet::new(),
+            pause_applied: false,
+            last_pause: Instant::now(),
+            last_commit: Instant::now(),
+            last_read_back: Instant::now(),
+        };
+        let mut batch: Vec<BorrowedMessage<'_>> = Vec::with_capacity(MAX_BATCH);
         while !shutdown.is_cancelled() {
-            if backpressure.pacing() {
-                // Records wait in librdkafka's queue until the uploads make room; a wait longer
-                // than the backpressure's poll limit becomes a pause, and paused partitions are polled.
-                std::thread::sleep(PACE_WAIT);
-            } else {
-                let mut wait = Duration::from_millis(100);
-                while batch.len() < MAX_BATCH {
-                    match consumer.poll(wait) {
-                        Some(Ok(msg)) => batch.push(msg),
-                        Some(Err(e)) => {
-                            // rust-rdkafka hands every error event to the context's error callback
-                            // (which says it, with librdkafka's reason) before poll returns it.
-                            tracing::debug!(error = %e, "Kafka consumer error from poll");
-                            break;
-                        }
-                        None => break,
-                    }
-                    wait = Duration::ZERO;
+            self.poll(&consumer, &state, &mut batch);
+            let new = self.register(&mut batch, &mut state.tombstones_logged);
+            state.unspooled.extend(new);
+            self.spool(&mut state);
+            self.pace(&consumer, &mut state)?;
+            self.refetch(&consumer);
+            self.commit_when_due(&consumer, &mut state);
+            self.read_back_when_due(&consumer, &mut state)?;
+        }
+        self.stop(&consumer, &state, &drained, drain_wait)
+    }
+
+    /// Step 1, poll: up to [`MAX_BATCH`] records, or while the spool is above its low watermarks,
+    /// a short wait with the records left in librdkafka's queue (a wait longer than the
+    /// backpressure's poll limit becomes a pause, and paused partitions are polled).
+    fn poll<'c>(
+        &self,
+        consumer: &'c BaseConsumer<ArchiverContext>,
+        state: &Loop,
+        batch: &mut Vec<BorrowedMessage<'c>>,
+    ) {
+        if state.backpressure.pacing() {
+            std::thread::sleep(PACE_WAIT);
+            return;
+        }
+        let mut wait = Duration::from_millis(100);
+        while batch.len() < MAX_BATCH {
+            match consumer.poll(wait) {
+                Some(Ok(msg)) => batch.push(msg),
+                Some(Err(e)) => {
+                    // rust-rdkafka hands every error event to the context's error callback
+                    // (which says it, with librdkafka's reason) before poll returns it.
+                    tracing::debug!(error = %e, "Kafka consumer error from poll");
+                    break;
                 }
+                None => break,
             }
-            unspooled.extend(self.register(&mut batch, &mut tombstones_logged));
-            if !unspooled.is_empty() {
-                match self.spool.insert_batch(&unspooled) {
-                    Ok(()) => {
-                        if spool_failures > 0 {
-                            tracing::info!("the spool accepts writes again");
-                        }
-                        unspooled.clear();
-                        spool_failures = 0;
-                    }
-                    Err(e) => {
-                        // Disk full or an I/O error: keep the records, pause, retry. Nothing is lost:
-                        // they are registered, so nothing past them is committed.
-                        spool_failures += 1;
-                        self.status.error(None, format!("cannot write to the spool in SPOOL_DIR: {e}"));
-                        if spool_failures.is_power_of_two() {
-                            tracing::error!(error = %e, records = unspooled.len(), attempt = spool_failures,
-                                "cannot write to the spool in SPOOL_DIR (disk full?); consumption is paused until it can");
-                        }
-                    }
+            wait = Duration::ZERO;
+        }
+    }
+
+    /// Step 2, spool: the registered records in one batch. A write that fails (a full disk, an I/O
+    /// error) keeps them for the next round and pauses consumption; nothing is lost, because they
+    /// are registered, so nothing past them is committed.
+    fn spool(&self, state: &mut Loop) {
+        if state.unspooled.is_empty() {
+            return;
+        }
+        match self.spool.insert_batch(&state.unspooled) {
+            Ok(()) => {
+                if state.spool_failures > 0 {
+                    tracing::info!("the spool accepts writes again");
                 }
+                state.unspooled.clear();
+                state.spool_failures = 0;
             }
-            // Backpressure (design invariant 5): paused partitions keep the group membership alive.
-            let (bytes, records) = (self.spool.byte_count(), self.spool.record_count());
-            let state = SpoolState { bytes, records, free: self.spool.available_space(), unwritten: unspooled.len() };
-            let change = backpressure.update(&state, Instant::now());
-            // Paused on request through the REST API, too: the partitions are paused and polled.
-            let paused = backpressure.paused() || self.status.paused_on_request();
-            consumer.context().paused.store(paused, Ordering::Relaxed);
-            // Assigned partitions take the state on assignment; setting it again every second
-            // covers a pause or resume that failed there or here.
-            if change.is_some() || paused != applied || last_pause.elapsed() >= Duration::from_secs(1) {
-                let assignment = consumer.assignment()?;
-                if paused {
-                    consumer.pause(&assignment)?;
-                } else {
-                    consumer.resume(&assignment)?;
+            Err(e) => {
+                state.spool_failures += 1;
+                self.status.error(None, format!("cannot write to the spool in SPOOL_DIR: {e}"));
+                if state.spool_failures.is_power_of_two() {
+                    tracing::error!(error = %e, records = state.unspooled.len(), attempt = state.spool_failures,
+                        "cannot write to the spool in SPOOL_DIR (disk full?); consumption is paused until it can");
                 }
-                (applied, last_pause) = (paused, Instant::now());
-            }
-            // Records at reused offsets that waited for the old ones: fetched again now.
-            let refetch = self.ledger.lock().expect("ledger lock").refetch();
-            for ((topic, partition), from) in refetch {
-                if let Err(e) = consumer.seek(&topic, partition, Offset::Offset(from), Duration::from_secs(5)) {
-                    tracing::warn!(topic = %topic, partition, offset = from, error = %e,
-                        "cannot fetch the partition again from a reused offset; trying again");
-                    self.ledger.lock().expect("ledger lock").hold(&(topic, partition), from);
-                } else {
-                    tracing::info!(topic = %topic, partition, offset = from, "fetching again from a reused offset");
-                }
-            }
-            if let Some(why) = change {
-                let on_request = if self.status.paused_on_request() { " (still paused on request)" } else { "" };
-                tracing::info!(
-                    spool_bytes = bytes,
-                    spool_records = records,
-                    free_bytes = state.free,
-                    "{why}{on_request}"
-                );
-                self.status.set_paused(backpressure.paused().then_some(why));
-            }
-            if last_commit.elapsed() >= self.commit_interval {
-                let positions = self.ledger.lock().expect("ledger lock").to_commit();
-                if !positions.is_empty() {
-                    commit(&consumer, &positions, CommitMode::Async);
-                }
-                self.record_latencies();
-                last_commit = Instant::now();
-            }
-            if consumer.context().assigned.swap(false, Ordering::Relaxed)
-                || last_read_back.elapsed() >= READ_BACK_INTERVAL
-            {
-                if self.status.cluster_id().is_none() {
-                    // Known from the metadata by the time partitions are assigned: no wait.
-                    if let Some(id) = consumer.client().fetch_cluster_id(Duration::from_millis(100)) {
-                        self.status.set_cluster_id(id);
-                    }
-                }
-                self.read_back_commits(&consumer)?;
-                last_read_back = Instant::now();
             }
         }
-        if !unspooled.is_empty() && self.spool.insert_batch(&unspooled).is_err() {
+    }
+
+    /// Step 3, pace (design invariant 5): the backpressure's decision from the spool's fill, and
+    /// the pause applied to the assignment. Paused partitions keep the group membership alive.
+    fn pace(&self, consumer: &BaseConsumer<ArchiverContext>, state: &mut Loop) -> KafkaResult<()> {
+        let (bytes, records) = (self.spool.byte_count(), self.spool.record_count());
+        let spool = SpoolState { bytes, records, free: self.spool.available_space(), unwritten: state.unspooled.len() };
+        let change = state.backpressure.update(&spool, Instant::now());
+        // Paused on request through the REST API, too: the partitions are paused and polled.
+        let paused = state.backpressure.paused() || self.status.paused_on_request();
+        consumer.context().paused.store(paused, Ordering::Relaxed);
+        // Assigned partitions take the state on assignment; setting it again every second
+        // covers a pause or resume that failed there or here.
+        if change.is_some() || paused != state.pause_applied || state.last_pause.elapsed() >= Duration::from_secs(1) {
+            let assignment = consumer.assignment()?;
+            if paused {
+                consumer.pause(&assignment)?;
+            } else {
+                consumer.resume(&assignment)?;
+            }
+            (state.pause_applied, state.last_pause) = (paused, Instant::now());
+        }
+        if let Some(why) = change {
+            let on_request = if self.status.paused_on_request() { " (still paused on request)" } else { "" };
+            tracing::info!(spool_bytes = bytes, spool_records = records, free_bytes = spool.free, "{why}{on_request}");
+            self.status.set_paused(state.backpressure.paused().then_some(why));
+        }
+        Ok(())
+    }
+
+    /// Step 4: records at reused offsets that waited for the old ones are fetched again now.
+    fn refetch(&self, consumer: &BaseConsumer<ArchiverContext>) {
+        let refetch = self.ledger.lock().expect("ledger lock").refetch();
+        for ((topic, partition), from) in refetch {
+            if let Err(e) = consumer.seek(&topic, partition, Offset::Offset(from), Duration::from_secs(5)) {
+                tracing::warn!(topic = %topic, partition, offset = from, error = %e,
+                    "cannot fetch the partition again from a reused offset; trying again");
+                self.ledger.lock().expect("ledger lock").hold(&(topic, partition), from);
+            } else {
+                tracing::info!(topic = %topic, partition, offset = from, "fetching again from a reused offset");
+            }
+        }
+    }
+
+    /// Step 5, commit: every COMMIT_INTERVAL, what the ledger says is stored (design invariant 1).
+    fn commit_when_due(&self, consumer: &BaseConsumer<ArchiverContext>, state: &mut Loop) {
+        if state.last_commit.elapsed() < self.commit_interval {
+            return;
+        }
+        let positions = self.ledger.lock().expect("ledger lock").to_commit();
+        if !positions.is_empty() {
+            commit(consumer, &positions, CommitMode::Async);
+        }
+        self.record_latencies();
+        state.last_commit = Instant::now();
+    }
+
+    /// Step 6, read back commits: after an assignment and every [`READ_BACK_INTERVAL`].
+    fn read_back_when_due(&self, consumer: &BaseConsumer<ArchiverContext>, state: &mut Loop) -> KafkaResult<()> {
+        if !consumer.context().assigned.swap(false, Ordering::Relaxed)
+            && state.last_read_back.elapsed() < READ_BACK_INTERVAL
+        {
+            return Ok(());
+        }
+        if self.status.cluster_id().is_none() {
+            // Known from the metadata by the time partitions are assigned: no wait.
+            if let Some(id) = consumer.client().fetch_cluster_id(Duration::from_millis(100)) {
+                self.status.set_cluster_id(id);
+            }
+        }
+        self.read_back_commits(consumer)?;
+        state.last_read_back = Instant::now();
+        Ok(())
+    }
+
+    /// On shutdown: stop fetching, keep serving the client while the uploaders drain (at most
+    /// `drain_wait`), then commit synchronously what they stored.
+    fn stop(
+        &self,
+        consumer: &BaseConsumer<ArchiverContext>,
+        state: &Loop,
+        drained: &CancellationToken,
+        drain_wait: Duration,
+    ) -> Result<(), ConsumerError> {
+        if !state.unspooled.is_empty() && self.spool.insert_batch(&state.unspooled).is_err() {
             tracing::error!(
-                records = unspooled.len(),
+                records = state.unspooled.len(),
                 "the spool still cannot be written; these records are not committed and will be fetched again"
             );
         }
@@ -480,7 +542,7 @@ impl KafkaConsumer {
         }
         let positions = self.ledger.lock().expect("ledger lock").to_commit();
         if !positions.is_empty() {
-            commit(&consumer, &positions, CommitMode::Sync);
+            commit(consumer, &positions, CommitMode::Sync);
         }
         self.record_latencies();
         tracing::info!(committed = ?positions, "consumer stopped");
