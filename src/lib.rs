@@ -91,7 +91,47 @@ pub async fn run(
     metrics: PrometheusHandle,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    let client = kafka::client_config(&config)?;
+    let opened = open(&config)?;
+    let stops = Stops::default();
+    let http = serve(&config, &opened, metrics, &stops).await?;
+    let uploads = start_uploads(&config, &opened, &stops);
+    tokio::pin!(shutdown);
+    let signalled = check_topic_ids(&config, &opened, &mut shutdown).await;
+    let consumer = (!signalled).then(|| start_consumer(&config, &opened, &stops));
+    let result = wait_and_stop(&opened, &stops, uploads, consumer, signalled, &mut shutdown).await;
+    stops.http.cancel();
+    let _ = http.await;
+    tracing::info!(spool_records = opened.spool.record_count(), "stopped");
+    result
+}
+
+/// What each cancellation token stops.
+#[derive(Default)]
+struct Stops {
+    /// The pipeline: the consumer stops fetching, the uploaders stop taking records and give
+    /// those in flight SHUTDOWN_TIMEOUT. Cancelled on the signal or when a stage stops by itself.
+    pipeline: CancellationToken,
+    /// Cancelled once the uploaders are done: the consumer makes its last commit.
+    uploads_drained: CancellationToken,
+    /// The HTTP server and the metrics upkeep. They outlive the pipeline's stop, so that a FAILED
+    /// state stays visible until the signal.
+    http: CancellationToken,
+}
+
+/// What the stages share.
+struct Opened {
+    client: rdkafka::ClientConfig,
+    spool: Arc<Spool>,
+    store: Arc<dyn object_store::ObjectStore>,
+    ledger: Arc<Mutex<Ledger>>,
+    status: Arc<Status>,
+}
+
+/// Step 1: the Kafka client configuration, the spool (what it holds from the last run registered
+/// in the ledger, to be uploaded first), the store (staging files an interrupted run left in a
+/// local archive directory are removed in the background).
+fn open(config: &Config) -> Result<Opened, RunError> {
+    let client = kafka::client_config(config)?;
     let spool = Arc::new(Spool::open(&config.spool_dir, SPOOL_CACHE_BYTES)?);
     let store = store::build(&config.store)?;
     if let config::StoreConfig::Local { dir, bucket } = &config.store {
@@ -111,29 +151,40 @@ pub async fn run(
     if recovered > 0 {
         tracing::info!(records = recovered, "uploading what the spool held from the last run first");
     }
+    Ok(Opened { client, spool, store, ledger, status: Arc::new(Status::new()) })
+}
 
-    let status = Arc::new(Status::new());
-    let stop = CancellationToken::new();
-    // The HTTP server outlives the pipeline's stop: a FAILED state stays visible until the signal.
-    let http_stop = CancellationToken::new();
-    tokio::spawn(metrics::upkeep(metrics.clone(), http_stop.clone()));
+/// Step 2: the HTTP server (metrics, health, status, the Kafka Connect API).
+async fn serve(
+    config: &Config,
+    opened: &Opened,
+    metrics: PrometheusHandle,
+    stops: &Stops,
+) -> Result<tokio::task::JoinHandle<()>, RunError> {
+    tokio::spawn(metrics::upkeep(metrics.clone(), stops.http.clone()));
     let view = http::View {
         metrics,
-        status: status.clone(),
-        ledger: ledger.clone(),
-        spool: spool.clone(),
-        connectors: Arc::new(connect::Configs::new(&config)),
+        status: opened.status.clone(),
+        ledger: opened.ledger.clone(),
+        spool: opened.spool.clone(),
+        connectors: Arc::new(connect::Configs::new(config)),
     };
-    let http = http::serve(config.http_addr, view, http_stop.clone()).await?;
-    let http = tokio::spawn(http);
-    tokio::spawn(upload::watch_store(store.clone(), status.clone(), stop.clone()));
+    let server = http::serve(config.http_addr, view, stops.http.clone()).await?;
+    Ok(tokio::spawn(server))
+}
 
-    let drained = CancellationToken::new();
+/// Step 3: the uploaders, and the store watch that tells readiness whether the store answers.
+fn start_uploads(
+    config: &Config,
+    opened: &Opened,
+    stops: &Stops,
+) -> tokio::task::JoinHandle<Result<(), upload::UploadError>> {
+    tokio::spawn(upload::watch_store(opened.store.clone(), opened.status.clone(), stops.pipeline.clone()));
     let uploader = upload::Uploader {
-        store: store.clone(),
-        spool: spool.clone(),
-        ledger: ledger.clone(),
-        status: status.clone(),
+        store: opened.store.clone(),
+        spool: opened.spool.clone(),
+        ledger: opened.ledger.clone(),
+        status: opened.status.clone(),
         layout: config.layout.clone(),
         policy: config.undecodable,
         workers: config.upload_workers,
@@ -141,78 +192,109 @@ pub async fn run(
         conditional_put: config.conditional_put,
         metadata: config.store.keeps_metadata(),
     };
-    let mut uploads = tokio::spawn(uploader.run(stop.clone()));
+    tokio::spawn(uploader.run(stops.pipeline.clone()))
+}
 
-    // Before consuming (and while the spool's records upload): a topic deleted and created again
-    // since the archiver last ran. It takes seconds at most; a signal meanwhile is taken, and then
-    // the consumer does not start. The ids are kept in SPOOL_DIR: the bucket holds the archive only.
-    let topic_ids = object_store::local::LocalFileSystem::new_with_prefix(&config.spool_dir)
+/// Step 4, before consuming (while the spool's records upload): a topic deleted and created again
+/// since the archiver last ran; its records left in the spool are of the old topic, so the new
+/// records at those offsets are other records. It takes seconds at most; a signal meanwhile is
+/// taken (returns true), and then the consumer does not start. The ids are kept in SPOOL_DIR: the
+/// bucket holds the archive only.
+async fn check_topic_ids(
+    config: &Config,
+    opened: &Opened,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> bool {
+    let Some(ids) = object_store::local::LocalFileSystem::new_with_prefix(&config.spool_dir)
         .inspect_err(|e| tracing::warn!(error = %e, "cannot keep the topics' ids in SPOOL_DIR; the check that no topic was deleted and created again is skipped"))
-        .ok();
-    tokio::pin!(shutdown);
-    let (recreated, mut signalled) = match topic_ids {
-        Some(ids) => tokio::select! {
-            r = topic_id::check(&client, &config.topics, Arc::new(ids), &status) => (r, false),
-            _ = &mut shutdown => (Vec::new(), true),
-        },
-        None => (Vec::new(), false),
+        .ok()
+    else {
+        return false;
     };
-    // Their records left in the spool are of the old topic: the new records at those offsets are
-    // other records, not these.
+    let recreated = tokio::select! {
+        r = topic_id::check(&opened.client, &config.topics, Arc::new(ids), &opened.status) => r,
+        _ = shutdown.as_mut() => return true,
+    };
     for topic in &recreated {
-        ledger.lock().expect("ledger lock").topic_recreated(topic);
+        opened.ledger.lock().expect("ledger lock").topic_recreated(topic);
     }
+    false
+}
 
+/// The consumer thread, and a channel that says when it ended.
+struct ConsumerThread {
+    thread: std::thread::JoinHandle<Result<(), consumer::ConsumerError>>,
+    done: tokio::sync::oneshot::Receiver<()>,
+}
+
+/// Step 5: the consumer, on its own thread (rdkafka's calls block). When it ends by itself (a
+/// fatal error), it stops the pipeline.
+fn start_consumer(config: &Config, opened: &Opened, stops: &Stops) -> ConsumerThread {
     let kafka = consumer::KafkaConsumer {
-        client,
+        client: opened.client.clone(),
         topics: config.topics.clone(),
-        spool: spool.clone(),
-        ledger: ledger.clone(),
-        status: status.clone(),
+        spool: opened.spool.clone(),
+        ledger: opened.ledger.clone(),
+        status: opened.status.clone(),
         commit_interval: config.commit_interval,
         limits: config.spool_limits,
     };
-    let (consumer_stop, consumer_drained) = (stop.clone(), drained.clone());
+    let (stop, drained) = (stops.pipeline.clone(), stops.uploads_drained.clone());
     let drain_wait = config.shutdown_timeout + Duration::from_secs(5);
-    let (consumer_done_tx, consumer_done_rx) = tokio::sync::oneshot::channel();
-    let consumer_thread = (!signalled).then(|| {
-        std::thread::Builder::new()
-            .name("kafka-consumer".into())
-            .spawn(move || {
-                let result = kafka.run(consumer_stop.clone(), consumer_drained, drain_wait);
-                consumer_stop.cancel();
-                let _ = consumer_done_tx.send(());
-                result
-            })
-            .expect("spawn the consumer thread")
-    });
+    let (done_tx, done) = tokio::sync::oneshot::channel();
+    let thread = std::thread::Builder::new()
+        .name("kafka-consumer".into())
+        .spawn(move || {
+            let result = kafka.run(stop.clone(), drained, drain_wait);
+            stop.cancel();
+            let _ = done_tx.send(());
+            result
+        })
+        .expect("spawn the consumer thread");
+    ConsumerThread { thread, done }
+}
 
-    // Wait for the signal, or for a stage that stops by itself (UNDECODABLE=stop, a fatal error).
+/// Step 6: waits for the signal, or for a stage that stops by itself (UNDECODABLE=stop, a fatal
+/// error); then stops in order: the pipeline, the uploads (SHUTDOWN_TIMEOUT), the consumer's last
+/// commit, the spool's flush. When archiving stopped by itself, the process reports FAILED until
+/// the signal comes.
+async fn wait_and_stop(
+    opened: &Opened,
+    stops: &Stops,
+    mut uploads: tokio::task::JoinHandle<Result<(), upload::UploadError>>,
+    consumer: Option<ConsumerThread>,
+    mut signalled: bool,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<(), RunError> {
     let mut upload_result = None;
-    if !signalled {
-        tokio::select! {
-            _ = &mut shutdown => signalled = true,
-            r = &mut uploads => upload_result = Some(r),
-            _ = consumer_done_rx => {}
+    let consumer = match consumer {
+        Some(ConsumerThread { thread, done }) if !signalled => {
+            tokio::select! {
+                _ = shutdown.as_mut() => signalled = true,
+                r = &mut uploads => upload_result = Some(r),
+                _ = done => {}
+            }
+            Some(thread)
         }
-    }
+        other => other.map(|c| c.thread),
+    };
     if signalled {
         tracing::info!("shutting down: fetching stops, uploads in flight finish");
     }
-    stop.cancel();
+    stops.pipeline.cancel();
     let upload_result = match upload_result {
         Some(r) => r,
         None => uploads.await,
     };
-    drained.cancel();
-    let consumer_result = match consumer_thread {
+    stops.uploads_drained.cancel();
+    let consumer_result = match consumer {
         Some(thread) => tokio::task::spawn_blocking(move || thread.join())
             .await
             .expect("join the consumer thread")
             .map_err(|_| RunError::ConsumerPanicked)?,
         None => Ok(()),
     };
-    spool.flush()?;
+    opened.spool.flush()?;
     let result = match upload_result {
         Ok(r) => r.map_err(RunError::from).and(consumer_result.map_err(RunError::from)),
         Err(e) => std::panic::resume_unwind(e.into_panic()),
@@ -220,14 +302,11 @@ pub async fn run(
     if let Err(e) = &result
         && !signalled
     {
-        status.fail(format!("{e}"));
+        opened.status.fail(format!("{e}"));
         tracing::error!(error = %e,
             "archiving stopped; the process stays up to report FAILED on /status and /connectors until it is stopped (exit code 1)");
-        shutdown.await;
+        shutdown.as_mut().await;
     }
-    http_stop.cancel();
-    let _ = http.await;
-    tracing::info!(spool_records = spool.record_count(), "stopped");
     result
 }
 
