@@ -1,0 +1,176 @@
+//! The value codec: a record's key in the spool, and the encoding of its value side (time, Kafka
+//! key, value, zstd when that pays) as it is written to the value files and read back. A record's
+//! format on disk lives here alone, so that a change to it is made in one place.
+
+use bytes::Bytes;
+
+use super::SpoolError;
+use crate::record::{Record, RecordTime};
+
+/// The spool key of a record: topic length, topic, partition, offset (big endian, so that sled's
+/// byte order is offset order within a partition).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SpoolKey(pub Vec<u8>);
+
+impl SpoolKey {
+    pub fn new(topic: &str, partition: i32, offset: i64) -> SpoolKey {
+        let mut k = partition_prefix(topic, partition);
+        k.extend_from_slice(&(offset as u64).to_be_bytes());
+        SpoolKey(k)
+    }
+
+    /// The (topic, partition, offset) this key stands for.
+    pub fn parts(&self) -> Option<(&str, i32, i64)> {
+        let k = &self.0;
+        let n = usize::from(*k.first()?);
+        if k.len() != 1 + n + 12 {
+            return None;
+        }
+        let topic = std::str::from_utf8(&k[1..1 + n]).ok()?;
+        let partition = i32::from_be_bytes(k[1 + n..5 + n].try_into().ok()?);
+        let offset = i64::from_be_bytes(k[5 + n..13 + n].try_into().ok()?);
+        Some((topic, partition, offset))
+    }
+
+    /// The partition part of the key.
+    pub fn prefix(&self) -> &[u8] {
+        &self.0[..self.0.len().saturating_sub(8)]
+    }
+
+    /// The key of `offset` in the partition of `prefix`.
+    pub(super) fn at(prefix: &[u8], offset: i64) -> SpoolKey {
+        let mut k = Vec::with_capacity(prefix.len() + 8);
+        k.extend_from_slice(prefix);
+        k.extend_from_slice(&(offset as u64).to_be_bytes());
+        SpoolKey(k)
+    }
+
+    /// The offset part of the key.
+    pub(super) fn offset(&self) -> i64 {
+        let at = self.0.len().saturating_sub(8);
+        self.0.get(at..).and_then(|b| b.try_into().ok()).map_or(0, i64::from_be_bytes)
+    }
+
+    pub(super) fn describe(&self) -> String {
+        match self.parts() {
+            Some((t, p, o)) => format!("{t}+{p}+{o}"),
+            None => format!("{:02x?}", self.0),
+        }
+    }
+}
+
+/// The key prefix shared by all records of one partition.
+pub fn partition_prefix(topic: &str, partition: i32) -> Vec<u8> {
+    debug_assert!(topic.len() <= 255, "Kafka topic names are at most 249 bytes");
+    let mut k = Vec::with_capacity(1 + topic.len() + 12);
+    k.push(topic.len() as u8);
+    k.extend_from_slice(topic.as_bytes());
+    k.extend_from_slice(&partition.to_be_bytes());
+    k
+}
+
+const FORMAT_VERSION: u8 = 1;
+const FLAG_CONSUMED_TIME: u8 = 1;
+const FLAG_ZSTD: u8 = 2;
+const FLAG_KEY: u8 = 4;
+/// Values at least this large are tried with zstd.
+const COMPRESS_MIN_BYTES: usize = 16 * 1024;
+/// See [`SpoolOptions::flush_bytes`].
+const FLUSH_BYTES: u64 = 4 << 20;
+/// Largest value the spool accepts back from disk (guards decompression against corruption).
+const MAX_VALUE_BYTES: usize = 1 << 31;
+
+/// How the spool stores records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpoolOptions {
+    /// Values at least this large are tried with zstd; `None` stores every value as is.
+    pub compress_min_bytes: Option<usize>,
+    /// Inserts sync the values and the index once this many bytes were written since the last
+    /// sync, so that an OS crash loses (and Kafka delivers again) at most about this much.
+    pub flush_bytes: u64,
+}
+
+impl Default for SpoolOptions {
+    /// Values of 16 KiB and more are tried with zstd.
+    fn default() -> SpoolOptions {
+        SpoolOptions { compress_min_bytes: Some(COMPRESS_MIN_BYTES), flush_bytes: FLUSH_BYTES }
+    }
+}
+
+/// Encodes a record's value side: version, flags, time, optional key, value.
+pub fn encode_value(r: &Record) -> Vec<u8> {
+    encode_value_with(r, SpoolOptions::default())
+}
+
+/// [`encode_value`] with the given options.
+pub(super) fn encode_value_with(r: &Record, options: SpoolOptions) -> Vec<u8> {
+    let mut flags = 0;
+    if matches!(r.time, RecordTime::Consumed(_)) {
+        flags |= FLAG_CONSUMED_TIME;
+    }
+    if r.key.is_some() {
+        flags |= FLAG_KEY;
+    }
+    let compressed = options
+        .compress_min_bytes
+        .is_some_and(|min| r.value.len() >= min)
+        .then(|| zstd::bulk::compress(&r.value, 1).ok())
+        .flatten()
+        .filter(|c| c.len() + r.value.len() / 8 <= r.value.len());
+    if compressed.is_some() {
+        flags |= FLAG_ZSTD;
+    }
+    let key_len = r.key.as_ref().map_or(0, |k| 4 + k.len());
+    let mut out = Vec::with_capacity(10 + key_len + 4 + r.value.len());
+    out.push(FORMAT_VERSION);
+    out.push(flags);
+    out.extend_from_slice(&r.time.millis().to_be_bytes());
+    if let Some(k) = &r.key {
+        out.extend_from_slice(&(k.len() as u32).to_be_bytes());
+        out.extend_from_slice(k);
+    }
+    match compressed {
+        Some(c) => {
+            out.extend_from_slice(&(r.value.len() as u32).to_be_bytes());
+            out.extend_from_slice(&c);
+        }
+        None => out.extend_from_slice(&r.value),
+    }
+    out
+}
+
+/// Decodes a spool entry back into a record.
+pub fn decode_entry(key: &SpoolKey, raw: &[u8]) -> Result<Record, SpoolError> {
+    let corrupt = |why| SpoolError::Corrupt { key: key.describe(), why };
+    let (topic, partition, offset) = key.parts().ok_or_else(|| corrupt("bad key"))?;
+    if raw.len() < 10 || raw[0] != FORMAT_VERSION {
+        return Err(corrupt("unknown format"));
+    }
+    let flags = raw[1];
+    let ms = i64::from_be_bytes(raw[2..10].try_into().expect("8 bytes"));
+    let mut rest = &raw[10..];
+    let take_len = |rest: &mut &[u8]| -> Result<usize, SpoolError> {
+        let (n, tail) = rest.split_first_chunk::<4>().ok_or_else(|| corrupt("cut short"))?;
+        *rest = tail;
+        Ok(u32::from_be_bytes(*n) as usize)
+    };
+    let record_key = if flags & FLAG_KEY != 0 {
+        let n = take_len(&mut rest)?;
+        let k = rest.get(..n).ok_or_else(|| corrupt("key cut short"))?;
+        rest = &rest[n..];
+        Some(Bytes::copy_from_slice(k))
+    } else {
+        None
+    };
+    let value = if flags & FLAG_ZSTD != 0 {
+        let n = take_len(&mut rest)?;
+        if n > MAX_VALUE_BYTES {
+            return Err(corrupt("value too large"));
+        }
+        Bytes::from(zstd::bulk::decompress(rest, n)?)
+    } else {
+        Bytes::copy_from_slice(rest)
+    };
+    let time = if flags & FLAG_CONSUMED_TIME != 0 { RecordTime::Consumed(ms) } else { RecordTime::Kafka(ms) };
+    Ok(Record { topic: topic.to_string(), partition, offset, time, key: record_key, value })
+}

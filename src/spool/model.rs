@@ -1,0 +1,83 @@
+//! The spool against a model of what it should hold, through random inserts (with records
+//! delivered again, before and after their removal), removals and reopenings.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+
+use super::*;
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// Records (partition, offset) delivered in one batch.
+    Insert(Vec<(i32, i64)>),
+    /// Removes the live records picked by these numbers.
+    Remove(Vec<usize>),
+    /// Flushes, closes and opens the spool again.
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0i64..120, prop::collection::vec((0i32..3, 0i64..100), 1..150))
+            .prop_map(|(base, rs)| Op::Insert(rs.into_iter().map(|(p, o)| (p, base + o)).collect())),
+        3 => prop::collection::vec(any::<usize>(), 1..30).prop_map(Op::Remove),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #[test]
+    fn the_spool_holds_what_was_inserted_and_not_removed(ops in prop::collection::vec(op(), 1..40)) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = super::tests::open_spool(dir.path());
+        let mut model: BTreeMap<(i32, i64), Vec<u8>> = BTreeMap::new();
+        for (step, op) in ops.into_iter().enumerate() {
+            match op {
+                Op::Insert(rs) => {
+                    let batch: Vec<Record> = rs
+                        .iter()
+                        .map(|&(p, o)| Record {
+                            topic: "t".into(),
+                            partition: p,
+                            offset: o,
+                            time: RecordTime::Kafka(1),
+                            key: None,
+                            value: format!("{p}/{o}/{step}").into_bytes().into(),
+                        })
+                        .collect();
+                    spool.insert_batch(&batch).unwrap();
+                    for r in &batch {
+                        model.entry((r.partition, r.offset)).or_insert_with(|| r.value.to_vec());
+                    }
+                }
+                Op::Remove(picks) => {
+                    for pick in picks {
+                        if model.is_empty() {
+                            break;
+                        }
+                        let (p, o) = *model.keys().nth(pick % model.len()).unwrap();
+                        spool.remove(&SpoolKey::new("t", p, o)).unwrap();
+                        model.remove(&(p, o));
+                    }
+                }
+                Op::Reopen => {
+                    spool.flush().unwrap();
+                    drop(spool);
+                    spool = super::tests::open_spool(dir.path());
+                }
+            }
+            let mut held = BTreeMap::new();
+            for p in 0..3 {
+                for (key, r) in spool.pending(&partition_prefix("t", p), |_| false, usize::MAX, usize::MAX).unwrap() {
+                    prop_assert_eq!(key, SpoolKey::new("t", p, r.offset));
+                    prop_assert!(held.insert((p, r.offset), r.value.to_vec()).is_none(), "read twice: {}/{}", p, r.offset);
+                }
+            }
+            prop_assert_eq!(&held, &model);
+            prop_assert_eq!(spool.record_count(), model.len() as u64);
+            prop_assert_eq!(spool.keys().unwrap().len(), model.len());
+        }
+    }
+}
