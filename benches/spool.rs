@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use kafka_s3_archiver::spool::{Spool, SpoolOptions, partition_prefix};
+use kafka_s3_archiver::pipeline::spool::{Spool, SpoolOptions, partition_prefix};
 use rand::{RngCore, SeedableRng};
 
 mod common;

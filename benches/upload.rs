@@ -16,10 +16,10 @@ use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput, criterion_grou
 use kafka_s3_archiver::archive::Layout;
 use kafka_s3_archiver::config::{StoreConfig, UndecodablePolicy};
 use kafka_s3_archiver::pipeline::commit::{Ledger, Tp};
+use kafka_s3_archiver::pipeline::spool::Spool;
 use kafka_s3_archiver::pipeline::status::Status;
 use kafka_s3_archiver::pipeline::upload::Uploader;
 use kafka_s3_archiver::record::Record;
-use kafka_s3_archiver::spool::Spool;
 use kafka_s3_archiver::store;
 use object_store::ObjectStore;
 use tokio::runtime::Runtime;

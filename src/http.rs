@@ -26,8 +26,8 @@ use tower_http::normalize_path::NormalizePathLayer;
 
 use crate::connect;
 use crate::pipeline::commit::Ledger;
+use crate::pipeline::spool::Spool;
 use crate::pipeline::status::Status;
-use crate::spool::Spool;
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on {addr} (REST_PORT / REST_BIND_ADDRESS): {source}")]

@@ -12,9 +12,9 @@
 //!              └──── commit ◀─────────┘  offsets committed once stored
 //! ```
 //!
-//! - [`pipeline`]: the consumer thread, the upload tasks, the commit ledger, the status they
-//!   report, the topic-id check at start-up, and when a repeating trouble is logged.
-//! - [`spool`]: the write-ahead queue on local disk between the consumer and the uploaders.
+//! - [`pipeline`]: the consumer thread and its backpressure, the spool (the write-ahead queue on
+//!   local disk), the upload tasks, the commit ledger, the status they report, the topic-id check
+//!   at start-up, and when a repeating trouble is logged.
 //! - [`archive`]: the archive contract, written and read: SINETStream decoding, keys and bodies,
 //!   the objects of a record, parsing keys back, listing a topic.
 //! - [`tools`]: `check`, `verify`, `restore`, `bench-store`, each with its arguments and `run`;
@@ -46,7 +46,6 @@ pub mod malloc;
 pub mod metrics;
 pub mod pipeline;
 pub mod record;
-pub mod spool;
 pub mod store;
 pub mod tools;
 
@@ -58,9 +57,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::pipeline::commit::Ledger;
+use crate::pipeline::spool::Spool;
 use crate::pipeline::status::Status;
-use crate::pipeline::{consumer, topic_id, upload};
-use crate::spool::Spool;
+use crate::pipeline::{consumer, spool, topic_id, upload};
 
 /// sled's page cache, for the spool's index (keys and where the values are, 21 bytes each); a
 /// larger cache bought no throughput in the load benchmark, only memory. The benchmarks use it too.

@@ -27,10 +27,10 @@ use crate::config::{ConfigError, SpoolLimits};
 use crate::metrics as m;
 use crate::pipeline::backpressure::{Backpressure, PACE_WAIT, SpoolState};
 use crate::pipeline::commit::{Delivery, Ledger, Tp};
+use crate::pipeline::spool::Spool;
 use crate::pipeline::status::Status;
 use crate::pipeline::throttle::{Say, Throttle};
 use crate::record::{Record, RecordTime};
-use crate::spool::Spool;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {

@@ -8,18 +8,21 @@
 //!
 //! - [`consumer`]: the rdkafka consumer thread; batches records into the spool, paces itself on
 //!   the spool's fill, commits what the ledger says is stored.
+//! - [`backpressure`]: when the consumer waits for room, pauses and resumes, from the spool's fill.
+//! - [`spool`]: the write-ahead queue on local disk between the consumer and the uploaders.
 //! - [`upload`]: tokio tasks that store each record's objects and retry until they are stored.
 //! - [`commit`]: the ledger that turns stored offsets into safe commit positions.
 //! - [`status`]: what the stages report for `/status`, readiness and the Kafka Connect API.
 //! - [`topic_id`]: at start-up, whether a topic was deleted and created again since the last run.
 //! - [`throttle`]: when a trouble that repeats is logged.
 //!
-//! The spool (`crate::spool`) sits between the consumer and the uploaders. The offline tools
-//! (`crate::tools`) never use anything in here: they read the archive through `crate::archive`.
+//! The offline tools (`crate::tools`) never use anything in here: they read the archive through
+//! `crate::archive`.
 
 pub mod backpressure;
 pub mod commit;
 pub mod consumer;
+pub mod spool;
 pub mod status;
 pub mod throttle;
 pub mod topic_id;

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::metrics as m;
 use crate::pipeline::commit::{Ledger, Tp};
-use crate::spool::Spool;
+use crate::pipeline::spool::Spool;
 
 /// The pause reason while archiving is paused on request.
 const PAUSED_ON_REQUEST: &str =

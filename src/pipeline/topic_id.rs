@@ -328,7 +328,7 @@ mod tests {
 
     use super::*;
     use crate::pipeline::commit::Ledger;
-    use crate::spool::Spool;
+    use crate::pipeline::spool::Spool;
 
     const OLD: &str = "AAAAAAAAAAAAAAAAAAAAAQ";
     const NEW: &str = "3q2-796tvu_erb7v3q2-7w";

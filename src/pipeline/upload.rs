@@ -26,10 +26,10 @@ use crate::archive::{Layout, Object, Plan, attributes, plan};
 use crate::config::UndecodablePolicy;
 use crate::metrics as m;
 use crate::pipeline::commit::{Ledger, Tp};
+use crate::pipeline::spool::{Spool, SpoolError, SpoolKey};
 use crate::pipeline::status::{STORE_FRESHNESS, Status};
 use crate::pipeline::throttle::{Say, Throttle};
 use crate::record::Record;
-use crate::spool::{Spool, SpoolError, SpoolKey};
 use crate::store::{error_reason, fix_for};
 
 #[derive(Debug, thiserror::Error)]
