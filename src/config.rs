@@ -243,9 +243,8 @@ pub const DEFAULT_LOCAL_BUCKET: &str = "archive";
 pub const DEFAULT_REST_PORT: u16 = 8083;
 pub const DEFAULT_SPOOL_DIR: &str = "./spool";
 pub const DEFAULT_UPLOAD_WORKERS: usize = 32;
-/// Half the CPUs, at least one. The uploads are many small requests: on the load benchmark's two
-/// CPUs, one runtime thread archived 14 % faster than two, which woke each other for every
-/// request and took CPU from the store beside them.
+/// Half the CPUs, at least one. The uploads are many small requests: more runtime threads wake
+/// each other for every request and take CPU from a store on the same host.
 pub fn default_upload_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }

@@ -4,11 +4,8 @@
 /// Sets glibc's malloc up for a long-running process whose memory must not grow with its input;
 /// a variable of glibc's own (`MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_`) still overrides it.
 ///
-/// Measured on backlogs of 10,000 / 200,000 / 1,000,000 records (load benchmark, garage; see
-/// `benches/results/HISTORY.md`): the live heap of a long run is that of a short one (heaptrack), but
-/// with mimalloc, and with glibc's malloc limited to two arenas alone, peak RSS grew with the
-/// length of the run (27.3 / 33.6 / 36.3 MiB with the latter) because freed memory stayed with the
-/// allocator. With the mmap threshold and [`trim`] too: 27.0 / 31.8 / 29.7 MiB.
+/// Without it, peak RSS grew with the length of a backlog although the live heap did not: freed
+/// memory stayed with the allocator (`benches/results/HISTORY.md` has the runs). Two causes:
 /// - A thread that finds the arenas busy gets an arena of its own (up to eight per CPU), each
 ///   keeping what it freed; librdkafka's threads, the consumer and the runtime allocate in turns.
 /// - glibc raises its mmap threshold to the largest block freed, so librdkafka's fetch buffers

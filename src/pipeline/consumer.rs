@@ -41,9 +41,8 @@ pub enum ConsumerError {
 }
 
 /// Most records taken from one poll round before they are spooled together. sled keeps the node
-/// copies of a whole batch until the batch is written: 1,000 records of 1 KB made bursts of up to
-/// 11 MiB in 50 ms (page faults under perf); with 100 the spool still ingests 152,000 records/s
-/// (`cargo bench`).
+/// copies of a whole batch until the batch is written, so a large batch is a burst of memory; a
+/// hundred keeps the spool's ingest far above any store's rate.
 const MAX_BATCH: usize = 100;
 
 /// How often the group's committed offsets are read back from Kafka. rust-rdkafka 0.39 never
