@@ -23,7 +23,7 @@ PARTITIONS = 2
 # so both stay in the archive.
 FIRST_MS, AGAIN_MS = 1650250000123, 1650350000456
 CHANGED = "a topic was deleted and created again since the archiver last ran"
-ERROR = "ERROR kafka_s3_archiver::topic_id:"
+ERROR = "ERROR kafka_s3_archiver::pipeline::topic_id:"
 
 
 def kafka_topic_id(bootstrap, topic):
@@ -131,7 +131,7 @@ def test_a_topic_deleted_and_created_again_is_reported_and_its_new_records_archi
     # id to compare, and that is no error either.
     missing = f"missing-{uuid.uuid4().hex[:8]}"
     a = run_archiver(**{**env, "KAFKA_TOPIC": f"{topic},{missing}",
-                        "RUST_LOG": "info,object_store=warn,kafka_s3_archiver::topic_id=debug"})
+                        "RUST_LOG": "info,object_store=warn,kafka_s3_archiver::pipeline::topic_id=debug"})
     wait_for("partitions assigned", lambda: status(a.rest_port).get("partitions"), timeout=30, show=a.logs)
     assert a.stop() == 0, a.logs()
     assert CHANGED not in log(a) and ERROR not in log(a), log(a)
@@ -142,7 +142,7 @@ def test_a_topic_deleted_and_created_again_is_reported_and_its_new_records_archi
 def test_a_broker_that_is_down_delays_the_start_by_seconds_only(run_archiver, tmp_path):
     down = f"127.0.0.1:{testbed.free_port()}"
     a = run_archiver(BROKER_HOSTNAME=down, KAFKA_TOPIC="t", SPOOL_DIR=tmp_path / "spool",
-                     RUST_LOG="info,object_store=warn,kafka_s3_archiver::topic_id=debug",
+                     RUST_LOG="info,object_store=warn,kafka_s3_archiver::pipeline::topic_id=debug",
                      **Bucket("local", root=tmp_path / "data").env())
     started = time.time()
     wait_for("the consumer subscribed", lambda: "subscribed" in a.logs(), timeout=20, show=a.logs)
