@@ -84,6 +84,11 @@ def test_configuration_errors_exit_2_and_are_said_once(archiver_bin, tmp_path):
         code, out, err = run(archiver_bin, *command, cwd=tmp_path)
         print(f"$ kafka-s3-archiver {' '.join(command)}   # exit {code}\n{out}{err}")
         assert code == 2 and "BROKER_HOSTNAME" in out + err, (command, out, err)
+    # bench-store reads no Kafka setting; a bad one of its own is the same kind of error.
+    code, out, err = run(archiver_bin, "bench-store", env={"ARCHIVE_DIR": str(tmp_path), "UPLOAD_WORKERS": "many"},
+                         cwd=tmp_path)
+    print(f"$ UPLOAD_WORKERS=many kafka-s3-archiver bench-store   # exit {code}\n{out}{err}")
+    assert code == 2 and "UPLOAD_WORKERS" in err and '"objects"' not in out, (code, out, err)
 
 
 def test_one_exit_status_policy(archiver_bin, tmp_path):
