@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main, measurement::WallTime};
+use kafka_s3_archiver::archive::UndecodablePolicy;
 use kafka_s3_archiver::archive::sinetstream::{self as decode, Format};
 use kafka_s3_archiver::archive::{self, Plan};
 use kafka_s3_archiver::archive::{Layout, RecordPlace, micros_to_millis};
-use kafka_s3_archiver::config::UndecodablePolicy;
 use kafka_s3_archiver::record::{Record, RecordTime};
 
 mod common;

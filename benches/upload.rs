@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use kafka_s3_archiver::archive::Layout;
-use kafka_s3_archiver::config::{StoreConfig, UndecodablePolicy};
+use kafka_s3_archiver::archive::UndecodablePolicy;
+use kafka_s3_archiver::config::StoreConfig;
 use kafka_s3_archiver::pipeline::commit::{Ledger, Tp};
 use kafka_s3_archiver::pipeline::spool::Spool;
 use kafka_s3_archiver::pipeline::status::Status;

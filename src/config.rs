@@ -15,7 +15,7 @@ use bytes::Bytes;
 use chrono_tz::Tz;
 use clap::Args;
 
-use crate::archive::Layout;
+use crate::archive::{Layout, UndecodablePolicy};
 
 /// A configuration value that is wrong, named by its environment variable.
 #[derive(Debug, thiserror::Error)]
@@ -179,17 +179,6 @@ impl StoreConfig {
     pub fn keeps_metadata(&self) -> bool {
         matches!(self, StoreConfig::S3 { .. })
     }
-}
-
-/// What to do with a record the contract cannot decode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UndecodablePolicy {
-    /// Store the raw value under `errors/` with a reason object; keep archiving.
-    DeadLetter,
-    /// Archive the raw value as the payload, the Kafka timestamp as the timestamp object.
-    Raw,
-    /// Halt archiving with an error (the Kafka Connect behaviour).
-    Stop,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,10 +6,10 @@
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
+use kafka_s3_archiver::archive::UndecodablePolicy;
 use kafka_s3_archiver::archive::sinetstream::{Undecodable, decode};
 use kafka_s3_archiver::archive::{Layout, micros_to_millis, timestamp_text};
 use kafka_s3_archiver::archive::{Plan, plan};
-use kafka_s3_archiver::config::UndecodablePolicy;
 use kafka_s3_archiver::record::{Record, RecordTime};
 use serde_json::Value;
 

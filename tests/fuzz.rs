@@ -3,12 +3,12 @@
 //! accepted message round-trips. (The bad-input part of the crash-safety issue.)
 
 use bytes::Bytes;
+use kafka_s3_archiver::archive::UndecodablePolicy;
 use kafka_s3_archiver::archive::sinetstream::{
     Format, SCHEMA_FINGERPRINT, V2_MARKER, V3_MARKER, decode, encode, write_long,
 };
 use kafka_s3_archiver::archive::{Layout, RecordPlace, timestamp_text};
 use kafka_s3_archiver::archive::{Plan, plan};
-use kafka_s3_archiver::config::UndecodablePolicy;
 use kafka_s3_archiver::record::{Record, RecordTime};
 use proptest::prelude::*;
 

@@ -21,7 +21,7 @@ pub mod read;
 pub mod sinetstream;
 
 pub use layout::{Layout, Object, ObjectKind, RecordPlace, micros_to_millis, timestamp_text};
-pub use plan::{Plan, attributes, metadata, plan};
+pub use plan::{Plan, UndecodablePolicy, attributes, metadata, plan};
 pub use read::{
     ArchiveError, ArchivedKey, ListProgress, ListState, Listed, OffsetObjects, Selection, TimeRange, TopicIndex,
     hour_start_ms, list_topic, parse_key, topics,

@@ -7,8 +7,18 @@ use object_store::{Attribute, AttributeValue, Attributes};
 
 use super::layout::{Layout, Object, RecordPlace, micros_to_millis};
 use super::sinetstream::{self as decode, Undecodable};
-use crate::config::UndecodablePolicy;
 use crate::record::Record;
+
+/// What to do with a record that is not a SINETStream message (UNDECODABLE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UndecodablePolicy {
+    /// Store the raw value under `errors/` with a reason object; keep archiving.
+    DeadLetter,
+    /// Archive the raw value as the payload, the Kafka timestamp as the timestamp object.
+    Raw,
+    /// Halt archiving with an error (the Kafka Connect behaviour).
+    Stop,
+}
 
 /// What a record becomes in the store.
 #[derive(Debug)]

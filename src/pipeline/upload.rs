@@ -21,9 +21,9 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::archive::UndecodablePolicy;
 use crate::archive::sinetstream::Undecodable;
 use crate::archive::{Layout, Object, Plan, attributes, plan};
-use crate::config::UndecodablePolicy;
 use crate::metrics as m;
 use crate::pipeline::commit::{Ledger, Tp};
 use crate::pipeline::spool::{Spool, SpoolError, SpoolKey};

@@ -27,8 +27,8 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use crate::archive::{self, ArchiveError, Listed, OffsetObjects, Selection, TopicIndex};
 use crate::archive::{Layout, Object, ObjectKind};
-use crate::archive::{Plan, plan};
-use crate::config::{Config, Needs, Settings, UndecodablePolicy};
+use crate::archive::{Plan, UndecodablePolicy, plan};
+use crate::config::{Config, Needs, Settings};
 use crate::exit::Exit;
 use crate::record::{Record, RecordTime};
 use crate::tools::progress::Progress;
