@@ -1,6 +1,7 @@
-//! The Kafka client configuration, one for the daemon's consumer and the tools (`check`,
-//! `verify`, `restore`): the archiver's own settings first, then the KAFKA_PROPERTY_* pass-through,
-//! checked by librdkafka at once so that a misspelt property is a configuration error.
+//! The Kafka client configuration, one for the daemon (its consumer and the topic-id check) and the
+//! tools that read Kafka (`check`, `verify`): the archiver's own settings first, then the
+//! KAFKA_PROPERTY_* pass-through, checked by librdkafka when the configuration is loaded so that a
+//! misspelt property is a configuration error.
 
 use std::time::Duration;
 

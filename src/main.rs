@@ -99,11 +99,14 @@ fn run_daemon(config: Config) -> Exit {
         }
     };
     tracing::info!(config = %config.summary(), version = env!("CARGO_PKG_VERSION"), "starting");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.upload_threads)
-        .enable_all()
-        .build()
-        .expect("start the tokio runtime");
+    let runtime =
+        match tokio::runtime::Builder::new_multi_thread().worker_threads(config.upload_threads).enable_all().build() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("{:#}", anyhow::Error::new(e));
+                return Exit::Failed;
+            }
+        };
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     runtime.spawn(malloc::trim(std::time::Duration::from_millis(500)));
     match runtime.block_on(kafka_s3_archiver::run(config, metrics, shutdown_signal())) {
