@@ -8,6 +8,8 @@
 //!
 //! - [`consumer`]: the rdkafka consumer thread; batches records into the spool, paces itself on
 //!   the spool's fill, commits what the ledger says is stored.
+//! - [`batch`]: which records go into one object of the batched format, and when it is sealed
+//!   (issue 23, not wired in yet).
 //! - [`backpressure`]: when the consumer waits for room, pauses and resumes, from the spool's fill.
 //! - [`spool`]: the write-ahead queue on local disk between the consumer and the uploaders.
 //! - [`upload`]: tokio tasks that store each record's objects and retry until they are stored.
@@ -20,6 +22,7 @@
 //! `crate::archive`.
 
 pub mod backpressure;
+pub mod batch;
 pub mod commit;
 pub mod consumer;
 pub mod spool;
