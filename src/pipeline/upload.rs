@@ -12,6 +12,7 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use object_store::path::Path;
 use object_store::{
     Attributes, ObjectStore, ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions, PutPayload, WriteMultipart,
@@ -22,6 +23,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::archive::UndecodablePolicy;
+use crate::archive::parquet::{Row, Writer as ParquetWriter};
 use crate::archive::sinetstream::Undecodable;
 use crate::archive::{Layout, Object, Plan, attributes, plan};
 use crate::metrics as m;
@@ -464,6 +466,97 @@ async fn put_multipart(
     writer.finish().await.map(drop)
 }
 
+/// Parts of a Parquet object in flight at once: with PART_SIZE, what its upload holds beyond the
+/// row group being encoded.
+const PARQUET_PARTS_IN_FLIGHT: usize = 4;
+
+/// Why a Parquet object could not be stored.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error("cannot encode the Parquet object: {0}")]
+    Encode(#[from] parquet::errors::ParquetError),
+    #[error(transparent)]
+    Store(#[from] object_store::Error),
+}
+
+/// Stores one object of the batched format (issue 23, not wired in yet) from its row groups, in
+/// order. Each row group is encoded on a blocking thread and its bytes go on at once: into one PUT
+/// while the object is smaller than a part, else into a multipart upload with at most
+/// [`PARQUET_PARTS_IN_FLIGHT`] parts in flight. Memory holds a row group and a few parts, never
+/// the object. A multipart upload that fails is aborted.
+pub async fn put_parquet(
+    store: &dyn ObjectStore,
+    path: &Path,
+    row_groups: impl IntoIterator<Item = Vec<Row>>,
+    zstd_level: i32,
+) -> Result<(), BatchError> {
+    let mut writer = Some(ParquetWriter::new(zstd_level)?);
+    let (mut small, mut small_len) = (Vec::<Bytes>::new(), 0);
+    let mut upload: Option<WriteMultipart> = None;
+    let mut result = Ok(());
+    for rows in row_groups {
+        let mut w = writer.take().expect("the writer comes back from each row group");
+        let (w, encoded) = tokio::task::spawn_blocking(move || {
+            let encoded = w.row_group(&rows);
+            (w, encoded)
+        })
+        .await
+        .expect("the encoding task does not panic");
+        writer = Some(w);
+        let bytes = match encoded {
+            Ok(b) => b,
+            Err(e) => {
+                result = Err(e.into());
+                break;
+            }
+        };
+        if let Some(up) = &mut upload {
+            up.put(bytes);
+            if let Err(e) = up.wait_for_capacity(PARQUET_PARTS_IN_FLIGHT).await {
+                result = Err(e.into());
+                break;
+            }
+            continue;
+        }
+        small_len += bytes.len();
+        small.push(bytes);
+        if small_len >= PART_SIZE {
+            match store.put_multipart_opts(path, PutMultipartOptions::default()).await {
+                Ok(u) => {
+                    let mut up = WriteMultipart::new_with_chunk_size(u, PART_SIZE);
+                    small.drain(..).for_each(|b| up.put(b));
+                    upload = Some(up);
+                }
+                Err(e) => {
+                    result = Err(e.into());
+                    break;
+                }
+            }
+        }
+    }
+    let footer = match result {
+        Ok(()) => writer.expect("the writer is back").finish().map_err(BatchError::from),
+        Err(e) => Err(e),
+    };
+    match (footer, upload) {
+        (Ok(footer), Some(mut up)) => {
+            up.put(footer);
+            // finish() aborts the upload itself when a part or the completion fails.
+            up.finish().await?;
+        }
+        (Ok(footer), None) => {
+            small.push(footer);
+            store.put(path, PutPayload::from_iter(small)).await?;
+        }
+        (Err(e), Some(up)) => {
+            let _ = up.abort().await;
+            return Err(e);
+        }
+        (Err(e), None) => return Err(e),
+    }
+    Ok(())
+}
+
 /// What the operator should check when write-once cannot read back the object it found.
 fn fix_for_read_back(reason: &str) -> Option<&'static str> {
     match reason {
@@ -770,6 +863,36 @@ mod tests {
         ];
         for why in &undecodable {
             assert!(m::UNDECODABLE_REASONS.contains(&why.label()), "{}", why.label());
+        }
+    }
+
+    fn random_rows(offsets: std::ops::Range<i64>, len: usize) -> Vec<crate::archive::parquet::Row> {
+        offsets
+            .map(|o| {
+                let mut value = vec![0u8; len];
+                rand::rng().fill(&mut value[..]);
+                crate::archive::parquet::Row::of(&Record { value: Bytes::from(value), ..record(b"") }.at(o), false)
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_parquet_object_goes_up_row_group_by_row_group_and_reads_back_whole() {
+        let store = object_store::memory::InMemory::new();
+        // Small: one PUT. Large (three row groups of 5 MiB that zstd cannot shrink): a multipart
+        // upload of 8 MiB parts.
+        for (name, groups) in [
+            ("small", vec![random_rows(0..10, 100)]),
+            ("large", vec![random_rows(0..1024, 5120), random_rows(1024..2048, 5120), random_rows(2048..3072, 5120)]),
+        ] {
+            let path = Path::from(format!("topics/t/{name}.zstd.parquet"));
+            put_parquet(&store, &path, groups.clone(), 3).await.unwrap();
+            let object = store.get(&path).await.unwrap().bytes().await.unwrap();
+            if name == "large" {
+                assert!(object.len() > PART_SIZE, "{} bytes: more than a part", object.len());
+            }
+            let rows = crate::archive::parquet::read(object).unwrap();
+            assert_eq!(rows, groups.concat(), "{name}");
         }
     }
 }
