@@ -32,7 +32,8 @@
 //!
 //! This file holds the spool itself; each of its parts has a file of its own: `codec` (a record's
 //! key and encoded value), `runs` (the index of runs in sled), `segments` (the value files and
-//! their compaction) and `upgrade` (spools written by older versions).
+//! their compaction), `upgrade` (spools written by older versions) and `sealed` (the boundaries of
+//! the Parquet format's batches, issue 23).
 
 mod codec;
 #[cfg(test)]
@@ -40,6 +41,7 @@ mod faults;
 #[cfg(test)]
 mod model;
 mod runs;
+mod sealed;
 mod segments;
 #[cfg(test)]
 mod tests;
@@ -58,6 +60,7 @@ pub use self::codec::{SpoolKey, SpoolOptions, decode_entry, encode_value, partit
 use self::runs::{
     Around, Location, NORMAL, NewRecord, NewRun, RUNS_TREE, Run, SINGLE, build_runs, run_key, split_run_key,
 };
+pub use self::sealed::SealedBatch;
 use self::segments::{Removals, Segment, Segments, release_garbage};
 use self::upgrade::move_record_index;
 use crate::record::{Record, RecordTime};
@@ -83,6 +86,8 @@ pub struct Spool {
     options: SpoolOptions,
     db: sled::Db,
     index: sled::Tree,
+    /// Boundaries of the Parquet format's sealed batches (`sealed.rs`).
+    sealed: sled::Tree,
     segments: Mutex<Segments>,
     /// Partition prefixes that have (or recently had) records.
     partitions: Mutex<BTreeSet<Vec<u8>>>,
@@ -185,6 +190,7 @@ impl Spool {
             count: AtomicU64::new(count),
             bytes: AtomicU64::new(bytes),
             segments: Mutex::new(segments),
+            sealed: db.open_tree(self::sealed::SEALED_TREE)?,
             db,
             index,
             partitions: Mutex::new(partitions),
