@@ -67,6 +67,7 @@ impl Spool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::spool::tests::open_spool;
 
     fn batch(partition: i32, first_offset: i64, last_offset: i64) -> SealedBatch {
         SealedBatch { topic: "t".into(), partition, first_offset, last_offset, hour_ms: 1_650_247_200_000 }
@@ -91,12 +92,12 @@ mod tests {
             .output()
             .unwrap();
         assert!(!child.status.success(), "the child aborts: {child:?}");
-        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let spool = open_spool(dir.path());
         assert_eq!(spool.sealed().unwrap(), [batch(0, 5, 9), batch(1, 100, 199)]);
         spool.unseal("t", 0, 5).unwrap();
         spool.flush().unwrap();
         drop(spool);
-        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let spool = open_spool(dir.path());
         assert_eq!(spool.sealed().unwrap(), [batch(1, 100, 199)]);
         assert_eq!(spool.record_count(), 0, "batches are not records");
     }
