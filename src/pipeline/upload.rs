@@ -490,69 +490,59 @@ pub async fn put_parquet(
     row_groups: impl IntoIterator<Item = Vec<Row>>,
     zstd_level: i32,
 ) -> Result<(), BatchError> {
-    let mut writer = Some(ParquetWriter::new(zstd_level)?);
-    let (mut small, mut small_len) = (Vec::<Bytes>::new(), 0);
-    let mut upload: Option<WriteMultipart> = None;
-    let mut result = Ok(());
+    let mut upload = None;
+    let result = write_parquet(store, path, row_groups, zstd_level, &mut upload).await;
+    // An upload left open by a failure is aborted; finish() aborts its own failures.
+    if let (Err(_), Some(up)) = (&result, upload) {
+        let _ = up.abort().await;
+    }
+    result
+}
+
+/// [`put_parquet`]'s work; a multipart upload it starts is left in `upload` until it finishes it.
+async fn write_parquet(
+    store: &dyn ObjectStore,
+    path: &Path,
+    row_groups: impl IntoIterator<Item = Vec<Row>>,
+    zstd_level: i32,
+    upload: &mut Option<WriteMultipart>,
+) -> Result<(), BatchError> {
+    let mut writer = ParquetWriter::new(zstd_level)?;
+    let mut small = Vec::<Bytes>::new();
     for rows in row_groups {
-        let mut w = writer.take().expect("the writer comes back from each row group");
         let (w, encoded) = tokio::task::spawn_blocking(move || {
-            let encoded = w.row_group(&rows);
-            (w, encoded)
+            let encoded = writer.row_group(&rows);
+            (writer, encoded)
         })
         .await
         .expect("the encoding task does not panic");
-        writer = Some(w);
-        let bytes = match encoded {
-            Ok(b) => b,
-            Err(e) => {
-                result = Err(e.into());
-                break;
-            }
-        };
-        if let Some(up) = &mut upload {
+        writer = w;
+        let bytes = encoded?;
+        if let Some(up) = upload {
             up.put(bytes);
-            if let Err(e) = up.wait_for_capacity(PARQUET_PARTS_IN_FLIGHT).await {
-                result = Err(e.into());
-                break;
-            }
+            up.wait_for_capacity(PARQUET_PARTS_IN_FLIGHT).await?;
             continue;
         }
-        small_len += bytes.len();
         small.push(bytes);
-        if small_len >= PART_SIZE {
-            match store.put_multipart_opts(path, PutMultipartOptions::default()).await {
-                Ok(u) => {
-                    let mut up = WriteMultipart::new_with_chunk_size(u, PART_SIZE);
-                    small.drain(..).for_each(|b| up.put(b));
-                    upload = Some(up);
-                }
-                Err(e) => {
-                    result = Err(e.into());
-                    break;
-                }
-            }
+        if small.iter().map(Bytes::len).sum::<usize>() >= PART_SIZE {
+            let mut up = WriteMultipart::new_with_chunk_size(
+                store.put_multipart_opts(path, PutMultipartOptions::default()).await?,
+                PART_SIZE,
+            );
+            small.drain(..).for_each(|b| up.put(b));
+            *upload = Some(up);
         }
     }
-    let footer = match result {
-        Ok(()) => writer.expect("the writer is back").finish().map_err(BatchError::from),
-        Err(e) => Err(e),
-    };
-    match (footer, upload) {
-        (Ok(footer), Some(mut up)) => {
+    let footer = writer.finish()?;
+    match upload.take() {
+        Some(mut up) => {
             up.put(footer);
-            // finish() aborts the upload itself when a part or the completion fails.
             up.finish().await?;
         }
-        (Ok(footer), None) => {
+        None => {
             small.push(footer);
             store.put(path, PutPayload::from_iter(small)).await?;
         }
-        (Err(e), Some(up)) => {
-            let _ = up.abort().await;
-            return Err(e);
-        }
-        (Err(e), None) => return Err(e),
     }
     Ok(())
 }
