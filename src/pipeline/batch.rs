@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::archive::Layout;
+use crate::archive::{Layout, hour_start_ms};
 use crate::record::Record;
 
 /// When a batch is sealed.
@@ -43,6 +43,8 @@ pub struct Batch {
     pub records: usize,
     pub bytes: u64,
     opened: Instant,
+    /// The instants of `hour`, so that a record's hour is told without formatting its path.
+    hour_ms: std::ops::Range<i64>,
 }
 
 /// What to do with the next record of a partition.
@@ -75,10 +77,13 @@ impl Batcher {
     /// Takes the next record of the partition (offsets increasing) at `now`. When the open batch
     /// must be sealed first, it is returned with the reason, and the record opens a new batch.
     pub fn push(&mut self, record: &Record, now: Instant) -> Option<(Batch, Seal)> {
-        let hour = self.layout.hour_path(record.time.millis());
+        let ms = record.time.millis();
         let bytes = record.value.len() as u64;
+        // The hour's path only where the record is not within the open batch's hour (a batch's
+        // first record, an hour's end, a timestamp that went back).
+        let other_hour = |b: &Batch| !b.hour_ms.contains(&ms) && b.hour != self.layout.hour_path(ms);
         let sealed = match &self.open {
-            Some(b) if b.hour != hour => Some(Seal::Hour),
+            Some(b) if other_hour(b) => Some(Seal::Hour),
             Some(b) if b.records >= self.limits.max_records => Some(Seal::Records),
             // A record larger than max_bytes still goes alone into a batch of its own.
             Some(b) if b.bytes + bytes > self.limits.max_bytes => Some(Seal::Bytes),
@@ -92,6 +97,9 @@ impl Batcher {
                 b.bytes += bytes;
             }
             None => {
+                let hour = self.layout.hour_path(ms);
+                // No instant for the path (it cannot happen): every record then compares paths.
+                let hour_ms = hour_start_ms(&hour, &self.layout).map_or(0..0, |start| start..start + 3_600_000);
                 self.open = Some(Batch {
                     first_offset: record.offset,
                     last_offset: record.offset,
@@ -99,6 +107,7 @@ impl Batcher {
                     records: 1,
                     bytes,
                     opened: now,
+                    hour_ms,
                 });
             }
         }
