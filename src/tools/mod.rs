@@ -52,3 +52,16 @@ fn store_and_runtime(config: &Config) -> Result<(Arc<dyn ObjectStore>, tokio::ru
         .expect("start the tokio runtime");
     Ok((store, runtime))
 }
+
+/// Runs a tool's job against the store: a store that cannot be set up exits 2, a job that fails
+/// is said on stderr and exits 1.
+fn run_on_store<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
+    config: &Config,
+    job: impl FnOnce(Arc<dyn ObjectStore>) -> F,
+) -> Result<T, Exit> {
+    let (store, runtime) = store_and_runtime(config)?;
+    runtime.block_on(job(store)).map_err(|e| {
+        eprintln!("error: {e}");
+        Exit::Failed
+    })
+}

@@ -154,19 +154,12 @@ pub fn run(args: Args, config: &Config) -> Exit {
         dead_letters: args.dead_letters,
         dry_run: args.dry_run,
     };
-    let (store, runtime) = match super::store_and_runtime(config) {
-        Ok(x) => x,
-        Err(exit) => return exit,
-    };
-    match runtime.block_on(replay(config, store, &options, Progress::new("restore"))) {
+    match super::run_on_store(config, |store| replay(config, store, &options, Progress::new("restore"))) {
         Ok(summary) => {
             print!("{}", render(&summary, &options));
             if summary.skipped == 0 { Exit::Done } else { Exit::Failed }
         }
-        Err(e) => {
-            eprintln!("error: {e}");
-            Exit::Failed
-        }
+        Err(exit) => exit,
     }
 }
 

@@ -207,19 +207,12 @@ pub fn run(args: Args, config: &Config) -> Exit {
         sizes_only: args.sizes_only,
         show: args.show,
     };
-    let (store, runtime) = match super::store_and_runtime(config) {
-        Ok(x) => x,
-        Err(exit) => return exit,
-    };
-    match runtime.block_on(audit(config, store, &options, Progress::new("verify"))) {
+    match super::run_on_store(config, |store| audit(config, store, &options, Progress::new("verify"))) {
         Ok(reports) => {
             print!("{}", render(&reports, &options));
             if totals(&reports).problems() == 0 { Exit::Done } else { Exit::Failed }
         }
-        Err(e) => {
-            eprintln!("error: {e}");
-            Exit::Failed
-        }
+        Err(exit) => exit,
     }
 }
 
