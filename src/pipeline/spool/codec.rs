@@ -46,7 +46,7 @@ impl SpoolKey {
     }
 
     /// The offset part of the key.
-    pub(super) fn offset(&self) -> i64 {
+    pub fn offset(&self) -> i64 {
         let at = self.0.len().saturating_sub(8);
         self.0.get(at..).and_then(|b| b.try_into().ok()).map_or(0, i64::from_be_bytes)
     }

@@ -1,14 +1,21 @@
-//! Sealed batches of the Parquet format (issue 23, not wired in yet): the boundary of an object
-//! (a partition's first and last offset, and its hour) is kept here, durably, before the object
-//! is completed, so that after a crash the retry uploads the same range under the same key, and
-//! records Kafka delivers again do not start another object. Removed once the object is stored.
+//! The spool's part in the Parquet format (ARCHIVE_FORMAT=parquet): a partition's records read
+//! from an offset on, in offset order, and the boundaries of sealed batches.
+//!
+//! The boundary of an object (a partition's first and last offset, and its hour) is kept here,
+//! durably, before the object is stored, so that after a crash the retry uploads the same range
+//! under the same key, and records Kafka delivers again do not start another object. It stays,
+//! marked stored, until Kafka holds a committed offset past it: records of it delivered again
+//! after a crash are then known to be stored.
 
-use super::{Spool, SpoolError, SpoolKey};
+use super::runs::{Location, NORMAL, run_key, split_run_key};
+use super::{Spool, SpoolError, SpoolKey, decode_entry, partition_prefix};
+use crate::record::Record;
 
 /// The sled tree of sealed batches: key = the batch's first record's spool key, value = version
-/// byte, last offset, hour time in ms (big endian).
+/// byte, last offset, hour time in ms (big endian), stored (one byte).
 pub(super) const SEALED_TREE: &str = "sealed";
 const VERSION: u8 = 1;
+const VALUE_LEN: usize = 18;
 
 /// A batch whose records are decided: `first_offset..=last_offset` of the partition, the object
 /// in the hour folder of `hour_ms`.
@@ -19,30 +26,53 @@ pub struct SealedBatch {
     pub first_offset: i64,
     pub last_offset: i64,
     pub hour_ms: i64,
+    /// Its object is stored.
+    pub stored: bool,
 }
 
 impl Spool {
     /// Keeps `batch`'s boundary; durable when this returns.
     pub fn seal(&self, batch: &SealedBatch) -> Result<(), SpoolError> {
+        self.put_sealed(batch)?;
+        self.sealed.flush()?;
+        Ok(())
+    }
+
+    /// Notes that `batch`'s object is stored. Not made durable at once: lost in a crash, the
+    /// object is uploaded again, with the same bytes.
+    pub fn mark_stored(&self, batch: &SealedBatch) -> Result<(), SpoolError> {
+        self.put_sealed(&SealedBatch { stored: true, ..batch.clone() })
+    }
+
+    fn put_sealed(&self, batch: &SealedBatch) -> Result<(), SpoolError> {
         let key = SpoolKey::new(&batch.topic, batch.partition, batch.first_offset);
-        let mut value = Vec::with_capacity(17);
+        let mut value = Vec::with_capacity(VALUE_LEN);
         value.push(VERSION);
         value.extend_from_slice(&batch.last_offset.to_be_bytes());
         value.extend_from_slice(&batch.hour_ms.to_be_bytes());
+        value.push(u8::from(batch.stored));
         self.sealed.insert(key.0, value)?;
-        self.sealed.flush()?;
         Ok(())
     }
 
     /// Every sealed batch, by partition and first offset.
     pub fn sealed(&self) -> Result<Vec<SealedBatch>, SpoolError> {
+        self.sealed_under(&[])
+    }
+
+    /// The sealed batches of one partition, by first offset.
+    pub fn sealed_of(&self, topic: &str, partition: i32) -> Result<Vec<SealedBatch>, SpoolError> {
+        self.sealed_under(&partition_prefix(topic, partition))
+    }
+
+    fn sealed_under(&self, prefix: &[u8]) -> Result<Vec<SealedBatch>, SpoolError> {
         let mut out = Vec::new();
-        for entry in self.sealed.iter() {
+        for entry in self.sealed.scan_prefix(prefix) {
             let (k, v) = entry?;
             let key = SpoolKey(k.to_vec());
             let corrupt = |why| SpoolError::Corrupt { key: key.describe(), why };
             let (topic, partition, first_offset) = key.parts().ok_or_else(|| corrupt("a sealed batch's key"))?;
-            if v.len() != 17 || v[0] != VERSION {
+            if v.len() != VALUE_LEN || v[0] != VERSION || v[17] > 1 {
                 return Err(corrupt("a sealed batch's value"));
             }
             out.push(SealedBatch {
@@ -51,6 +81,7 @@ impl Spool {
                 first_offset,
                 last_offset: i64::from_be_bytes(v[1..9].try_into().expect("8 bytes")),
                 hour_ms: i64::from_be_bytes(v[9..17].try_into().expect("8 bytes")),
+                stored: v[17] == 1,
             });
         }
         Ok(out)
@@ -62,15 +93,124 @@ impl Spool {
         self.sealed.remove(SpoolKey::new(topic, partition, first_offset).0)?;
         Ok(())
     }
+
+    /// Records of partition `prefix` from offset `from` on, in offset order: at least `max`
+    /// records or `max_bytes` of values (as stored) when the spool holds that many, all of those
+    /// up to the last one returned.
+    pub fn read_from(
+        &self,
+        prefix: &[u8],
+        from: i64,
+        max: usize,
+        max_bytes: u64,
+    ) -> Result<Vec<(SpoolKey, Record)>, SpoolError> {
+        let mut wanted: Vec<(SpoolKey, Location)> = Vec::new();
+        {
+            // Under the lock that removals take, so that none removed is read; values outside it.
+            let segments = self.segments();
+            let lo = run_key(&SpoolKey::at(prefix, from), NORMAL);
+            let start = match self.normal_before(prefix, &lo)? {
+                Some((k, _)) => k.to_vec(),
+                None => lo,
+            };
+            // A single (a record delivered again after it was removed) comes after the normal run
+            // whose range holds its offset: the runs are read on while they may hold offsets
+            // below the highest one read.
+            let (mut covered, mut bytes) = (i64::MIN, 0u64);
+            for entry in self.index.range(start..) {
+                let (k, v) = entry?;
+                let (first, kind) = split_run_key(&k);
+                if first.prefix() != prefix || ((wanted.len() >= max || bytes >= max_bytes) && first.offset() > covered) {
+                    break;
+                }
+                let run = self.run(&segments, &k, &v)?;
+                if kind == NORMAL {
+                    let last = first.offset() + i64::from(run.slots.last().expect("runs are not empty").delta);
+                    covered = covered.max(last);
+                }
+                for (_, key, location) in run.live_records(&first) {
+                    if key.offset() >= from {
+                        bytes += u64::from(location.len);
+                        wanted.push((key, location));
+                    }
+                }
+            }
+        }
+        wanted.sort_by_key(|(k, _)| k.offset());
+        let mut out = Vec::with_capacity(wanted.len());
+        for (key, location) in wanted {
+            if let Some(raw) = self.value(&key, location)? {
+                let record = decode_entry(&key, &raw)?;
+                out.push((key, record));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes the records of a partition below offset `below` and returns their offsets.
+    pub fn remove_below(&self, topic: &str, partition: i32, below: i64) -> Result<Vec<i64>, SpoolError> {
+        let prefix = partition_prefix(topic, partition);
+        let mut keys = Vec::new();
+        {
+            let segments = self.segments();
+            for entry in self.index.scan_prefix(&prefix) {
+                let (k, v) = entry?;
+                let first = split_run_key(&k).0;
+                // Keys are in offset order: a run that starts at `below` holds nothing under it.
+                if first.offset() >= below {
+                    break;
+                }
+                let run = self.run(&segments, &k, &v)?;
+                keys.extend(run.live_records(&first).map(|(_, key, _)| key).filter(|k| k.offset() < below));
+            }
+        }
+        for key in &keys {
+            self.remove(key)?;
+        }
+        Ok(keys.iter().map(SpoolKey::offset).collect())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::spool::tests::open_spool;
+    use crate::pipeline::spool::tests::{open_spool, rec};
+
+    #[test]
+    fn a_partition_reads_in_offset_order_from_any_offset_with_records_delivered_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = open_spool(dir.path());
+        let batch: Vec<_> = (0..2000).map(|o| rec("t", 0, o, vec![o as u8; 10])).collect();
+        spool.insert_batch(&batch).unwrap();
+        spool.insert_batch(&[rec("t", 1, 5, vec![1]), rec("s", 0, 3, vec![1])]).unwrap();
+        // 700 and 701 removed, then delivered again: each a run of its own after the one
+        // that held it.
+        for o in [700, 701] {
+            spool.remove(&SpoolKey::new("t", 0, o)).unwrap();
+        }
+        spool.insert_batch(&[rec("t", 0, 701, vec![9]), rec("t", 0, 700, vec![9])]).unwrap();
+        let prefix = partition_prefix("t", 0);
+        let offsets = |from, max, bytes| -> Vec<i64> {
+            spool.read_from(&prefix, from, max, bytes).unwrap().iter().map(|(_, r)| r.offset).collect()
+        };
+        // Whole runs are read: at least `max`, contiguous from `from`, every one in order.
+        for (from, max) in [(0, 1), (600, 150), (650, 100), (1999, 10), (5, 10_000)] {
+            let got = offsets(from, max, u64::MAX);
+            assert!(got.len() >= max.min(2000 - from as usize), "{from}: {}", got.len());
+            assert_eq!(got, (from..from + got.len() as i64).collect::<Vec<_>>(), "from {from}");
+        }
+        assert!(offsets(2000, 10, u64::MAX).is_empty(), "nothing beyond the last");
+        assert!(offsets(0, usize::MAX, 100).len() < 2000, "bounded by bytes");
+        let read = spool.read_from(&prefix, 700, 2, u64::MAX).unwrap();
+        assert_eq!(read[0].1.value.as_ref(), [9], "the record delivered again");
+
+        assert_eq!(spool.remove_below("t", 0, 702).unwrap(), (0..702).collect::<Vec<_>>());
+        assert_eq!(offsets(0, 1, u64::MAX)[0], 702);
+        assert_eq!(spool.record_count(), 2000 - 702 + 2, "other partitions keep theirs");
+    }
 
     fn batch(partition: i32, first_offset: i64, last_offset: i64) -> SealedBatch {
-        SealedBatch { topic: "t".into(), partition, first_offset, last_offset, hour_ms: 1_650_247_200_000 }
+        SealedBatch { topic: "t".into(), partition, first_offset, last_offset, hour_ms: 1_650_247_200_000, stored: false }
     }
 
     /// Set in the child process that seals and then aborts.
@@ -100,5 +240,8 @@ mod tests {
         let spool = open_spool(dir.path());
         assert_eq!(spool.sealed().unwrap(), [batch(1, 100, 199)]);
         assert_eq!(spool.record_count(), 0, "batches are not records");
+        spool.mark_stored(&batch(1, 100, 199)).unwrap();
+        assert_eq!(spool.sealed_of("t", 1).unwrap(), [SealedBatch { stored: true, ..batch(1, 100, 199) }]);
+        assert!(spool.sealed_of("t", 0).unwrap().is_empty());
     }
 }

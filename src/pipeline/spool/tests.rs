@@ -14,7 +14,7 @@ use super::segments::SEGMENT_BYTES;
 use super::upgrade::{LEGACY_TREE, LOCATION_VERSION, RECORD_INDEX_TREE};
 use super::*;
 
-fn rec(topic: &str, partition: i32, offset: i64, value: Vec<u8>) -> Record {
+pub(super) fn rec(topic: &str, partition: i32, offset: i64, value: Vec<u8>) -> Record {
     Record {
         topic: topic.into(),
         partition,
