@@ -48,6 +48,11 @@ struct PartitionState {
     reset: bool,
     /// A record of it was delivered or found in the spool since the process started.
     seen: bool,
+    /// Counts the assignments of the partition: work started under one is not taken under
+    /// another (the batched format's uploads, [`Ledger::begin_upload`]).
+    generation: u64,
+    /// Objects of the batched format being stored.
+    uploading: usize,
 }
 
 /// What the consumer should do with a record it was just handed.
@@ -95,6 +100,20 @@ pub struct OffsetsReset {
     pub held: bool,
 }
 
+/// An assigned partition as the batched format's uploader sees it ([`Ledger::batching`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Assignment {
+    /// Which assignment of the partition this is.
+    pub generation: u64,
+    /// The first offset delivered in it, where the group's committed offset was; None until the
+    /// first record arrives.
+    pub start: Option<i64>,
+    /// One past the highest offset delivered in it.
+    pub next_delivery: Option<i64>,
+    /// The last position Kafka confirmed.
+    pub committed: Option<i64>,
+}
+
 /// One assigned partition as the ledger sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PartitionView {
@@ -116,6 +135,7 @@ impl Ledger {
     pub fn assign(&mut self, tp: &Tp) {
         let p = self.partitions.entry(tp.clone()).or_default();
         p.assigned = true;
+        p.generation += 1;
         p.committed = None;
         p.acked = None;
         p.next_delivery = None;
@@ -327,6 +347,45 @@ impl Ledger {
         if let Some(p) = self.partitions.get_mut(tp).filter(|p| p.assigned) {
             p.held_from = Some(from);
             self.holding = true;
+        }
+    }
+
+    /// The partition's current assignment, if it is assigned.
+    pub fn batching(&self, tp: &Tp) -> Option<Assignment> {
+        let p = self.partitions.get(tp).filter(|p| p.assigned)?;
+        Some(Assignment { generation: p.generation, start: p.start, next_delivery: p.next_delivery, committed: p.acked })
+    }
+
+    /// An object of the partition starts to be stored under assignment `generation`; false when
+    /// the partition is no longer assigned under it (the object must not be stored).
+    pub fn begin_upload(&mut self, tp: &Tp, generation: u64) -> bool {
+        match self.partitions.get_mut(tp) {
+            Some(p) if p.assigned && p.generation == generation => {
+                p.uploading += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// An object begun with [`Ledger::begin_upload`] is stored or given up. Returns whether the
+    /// partition is still under the same assignment (its records may then be marked complete).
+    pub fn end_upload(&mut self, tp: &Tp, generation: u64) -> bool {
+        let Some(p) = self.partitions.get_mut(tp) else { return false };
+        p.uploading = p.uploading.saturating_sub(1);
+        p.assigned && p.generation == generation
+    }
+
+    /// Objects being stored for any of `tps`.
+    pub fn uploading(&self, tps: &[Tp]) -> usize {
+        tps.iter().filter_map(|tp| self.partitions.get(tp)).map(|p| p.uploading).sum()
+    }
+
+    /// The partition was revoked and its spooled records dropped (the batched format): they are
+    /// forgotten, so that the next assignment spools them again.
+    pub fn forget(&mut self, tp: &Tp) {
+        if let Some(p) = self.partitions.get_mut(tp).filter(|p| !p.assigned) {
+            p.slots.clear();
         }
     }
 
