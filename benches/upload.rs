@@ -59,6 +59,7 @@ fn uploader(store: Arc<dyn ObjectStore>, spool: &Arc<Spool>, ledger: &Arc<Mutex<
         shutdown_timeout: Duration::from_secs(30),
         conditional_put: false,
         metadata: false,
+        batches: None,
     }
 }
 

@@ -108,6 +108,24 @@ pub struct Settings {
     /// Seconds in-flight uploads get to finish on shutdown.
     #[arg(long, env = "SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: Option<String>,
+    /// Archive format: connect (one object per record, the Kafka Connect layout) or parquet.
+    #[arg(long, env = "ARCHIVE_FORMAT")]
+    pub archive_format: Option<String>,
+    /// What the values are (parquet): sinetstream (decoded) or plain (kept as they are).
+    #[arg(long, env = "VALUE_FORMAT")]
+    pub value_format: Option<String>,
+    /// Records in one Parquet object at most.
+    #[arg(long, env = "BATCH_MAX_RECORDS")]
+    pub batch_max_records: Option<String>,
+    /// Record value bytes in one Parquet object at most, e.g. 64MiB.
+    #[arg(long, env = "BATCH_MAX_BYTES")]
+    pub batch_max_bytes: Option<String>,
+    /// How long a record waits for its Parquet object to be sealed at most, e.g. 60s or 500ms.
+    #[arg(long, env = "BATCH_MAX_AGE")]
+    pub batch_max_age: Option<String>,
+    /// zstd level of the Parquet objects (1 to 22).
+    #[arg(long, env = "PARQUET_ZSTD_LEVEL")]
+    pub parquet_zstd_level: Option<String>,
     /// Log format: text or json.
     #[arg(long, env = "LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -137,6 +155,12 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     ("UNDECODABLE", "dead-letter"),
     ("COMMIT_INTERVAL_MS", "1000"),
     ("SHUTDOWN_TIMEOUT", "30"),
+    ("ARCHIVE_FORMAT", "connect"),
+    ("VALUE_FORMAT", "sinetstream"),
+    ("BATCH_MAX_RECORDS", "100000"),
+    ("BATCH_MAX_BYTES", "64MiB"),
+    ("BATCH_MAX_AGE", "60s"),
+    ("PARQUET_ZSTD_LEVEL", "3"),
     ("LOG_FORMAT", "text"),
 ];
 
@@ -181,6 +205,30 @@ impl StoreConfig {
     }
 }
 
+/// The archive's format (ARCHIVE_FORMAT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArchiveFormat {
+    /// One object per record (and one per timestamp), as the Kafka Connect deployment wrote.
+    Connect,
+    /// Many records of a partition and an hour in one Parquet object (`crate::archive::parquet`).
+    Parquet(ParquetSettings),
+}
+
+/// The Parquet format's settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParquetSettings {
+    /// An object is sealed at this many records (BATCH_MAX_RECORDS),
+    pub max_records: usize,
+    /// or this many bytes of record values (BATCH_MAX_BYTES),
+    pub max_bytes: u64,
+    /// or when its oldest record waited this long (BATCH_MAX_AGE).
+    pub max_age: Duration,
+    pub zstd_level: i32,
+    /// Values are SINETStream messages, decoded into tstamp and payload (VALUE_FORMAT); else
+    /// kept as they are.
+    pub sinetstream: bool,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -217,6 +265,9 @@ pub struct Config {
     /// Upload with If-None-Match so an existing object is never overwritten (S3_CONDITIONAL_PUT).
     pub conditional_put: bool,
     pub undecodable: UndecodablePolicy,
+    pub format: ArchiveFormat,
+    /// Settings given that the archive format ignores (said at start-up).
+    pub ignored: Vec<&'static str>,
     pub http_addr: SocketAddr,
     pub commit_interval: Duration,
     pub shutdown_timeout: Duration,
@@ -243,6 +294,10 @@ pub const DEFAULT_SPOOL_MIN_FREE_BYTES: u64 = 256 << 20;
 pub const DEFAULT_TIMEZONE: &str = "Asia/Tokyo";
 pub const DEFAULT_COMMIT_INTERVAL_MS: u64 = 1000;
 pub const DEFAULT_SHUTDOWN_TIMEOUT_S: u64 = 30;
+pub const DEFAULT_BATCH_MAX_RECORDS: u64 = 100_000;
+pub const DEFAULT_BATCH_MAX_BYTES: u64 = 64 << 20;
+pub const DEFAULT_BATCH_MAX_AGE: Duration = Duration::from_secs(60);
+pub const DEFAULT_PARQUET_ZSTD_LEVEL: u64 = 3;
 /// Prefix of the environment variables passed through to librdkafka.
 pub const KAFKA_PROPERTY_PREFIX: &str = "KAFKA_PROPERTY_";
 
@@ -337,6 +392,7 @@ impl Config {
             0,
             3600,
         )?);
+        let (format, ignored) = parse_format(s)?;
         let log_format = match non_empty(&s.log_format).unwrap_or("text") {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -357,6 +413,8 @@ impl Config {
             upload_threads,
             conditional_put,
             undecodable,
+            format,
+            ignored,
             http_addr: SocketAddr::new(bind, port),
             commit_interval,
             shutdown_timeout,
@@ -380,7 +438,7 @@ impl Config {
         };
         format!(
             "brokers={} topics={} group_id={} store=[{store}] extension={} separator={:?} timezone={} spool_dir={} \
-             spool_max_bytes={} spool_max_records={} spool_min_free_bytes={} upload_workers={} upload_threads={} conditional_put={} undecodable={:?} http={} commit_interval={:?} shutdown_timeout={:?} kafka_properties=[{}]",
+             spool_max_bytes={} spool_max_records={} spool_min_free_bytes={} upload_workers={} upload_threads={} conditional_put={} undecodable={:?} format={} http={} commit_interval={:?} shutdown_timeout={:?} kafka_properties=[{}]",
             self.brokers.join(","),
             self.topics.join(","),
             self.group_id,
@@ -395,6 +453,7 @@ impl Config {
             self.upload_threads,
             self.conditional_put,
             self.undecodable,
+            self.format.describe(),
             self.http_addr,
             self.commit_interval,
             self.shutdown_timeout,
@@ -418,6 +477,12 @@ impl Config {
     /// Settings that are valid but can cost records, said once at start-up.
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
+        if !self.ignored.is_empty() {
+            out.push(format!(
+                "{} set, but ARCHIVE_FORMAT is connect: they apply to ARCHIVE_FORMAT=parquet only and do nothing here",
+                self.ignored.join(", ")
+            ));
+        }
         if self.offset_reset() == OffsetReset::Latest {
             out.push(
                 "auto.offset.reset=latest: a new group, or a partition whose committed offset is out of range \
@@ -428,6 +493,84 @@ impl Config {
         }
         out
     }
+}
+
+impl ArchiveFormat {
+    /// The settings as the start-up log and `check` show them.
+    pub fn describe(&self) -> String {
+        match self {
+            ArchiveFormat::Connect => "connect".to_string(),
+            ArchiveFormat::Parquet(p) => format!(
+                "parquet (values {}, batches of at most {} records, {} bytes, {:?}; zstd level {})",
+                if p.sinetstream { "sinetstream" } else { "plain" },
+                p.max_records,
+                p.max_bytes,
+                p.max_age,
+                p.zstd_level
+            ),
+        }
+    }
+}
+
+/// ARCHIVE_FORMAT and its settings, and those of the settings given that the format ignores
+/// (the Parquet settings with the connect format: said at start-up, as the user may have meant
+/// ARCHIVE_FORMAT=parquet). They are validated either way.
+fn parse_format(s: &Settings) -> Result<(ArchiveFormat, Vec<&'static str>), ConfigError> {
+    let sinetstream = match non_empty(&s.value_format).map(str::to_ascii_lowercase).as_deref() {
+        None | Some("sinetstream") => true,
+        Some("plain") => false,
+        Some(other) => {
+            return Err(invalid("VALUE_FORMAT", format!("{other:?} is not one of sinetstream, plain")));
+        }
+    };
+    let parquet = ParquetSettings {
+        max_records: parse_number(&s.batch_max_records, "BATCH_MAX_RECORDS", DEFAULT_BATCH_MAX_RECORDS, 1, 100_000_000)?
+            as usize,
+        max_bytes: parse_size(&s.batch_max_bytes, "BATCH_MAX_BYTES", DEFAULT_BATCH_MAX_BYTES)?.max(1),
+        max_age: parse_duration(&s.batch_max_age, "BATCH_MAX_AGE", DEFAULT_BATCH_MAX_AGE)?,
+        zstd_level: parse_number(&s.parquet_zstd_level, "PARQUET_ZSTD_LEVEL", DEFAULT_PARQUET_ZSTD_LEVEL, 1, 22)?
+            as i32,
+        sinetstream,
+    };
+    match non_empty(&s.archive_format).map(str::to_ascii_lowercase).as_deref() {
+        None | Some("connect") => {
+            let given = [
+                ("VALUE_FORMAT", &s.value_format),
+                ("BATCH_MAX_RECORDS", &s.batch_max_records),
+                ("BATCH_MAX_BYTES", &s.batch_max_bytes),
+                ("BATCH_MAX_AGE", &s.batch_max_age),
+                ("PARQUET_ZSTD_LEVEL", &s.parquet_zstd_level),
+            ];
+            Ok((
+                ArchiveFormat::Connect,
+                given.iter().filter(|(_, v)| non_empty(v).is_some()).map(|(n, _)| *n).collect(),
+            ))
+        }
+        Some("parquet") => Ok((ArchiveFormat::Parquet(parquet), Vec::new())),
+        Some(other) => Err(invalid("ARCHIVE_FORMAT", format!("{other:?} is not one of connect, parquet"))),
+    }
+}
+
+/// A duration: a number with `ms`, `s`, `m` or `h` (seconds when none), from 10 ms to a day.
+fn parse_duration(value: &Option<String>, var: &str, default: Duration) -> Result<Duration, ConfigError> {
+    let Some(v) = non_empty(value) else {
+        return Ok(default);
+    };
+    let split = v.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(v.len());
+    let (number, unit) = v.split_at(split);
+    let scale = match unit.trim() {
+        "ms" => 0.001,
+        "" | "s" => 1.0,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(invalid(var, format!("{v:?}: the unit is not one of ms, s, m, h"))),
+    };
+    let n: f64 = number.parse().map_err(|_| invalid(var, format!("{v:?} is not a number with a unit, e.g. 60s")))?;
+    let d = Duration::from_secs_f64(n * scale);
+    if d < Duration::from_millis(10) || d > Duration::from_secs(86_400) {
+        return Err(invalid(var, format!("{v} is out of range (10ms to 24h)")));
+    }
+    Ok(d)
 }
 
 /// Shows only the first four characters of an access key id.
@@ -754,6 +897,11 @@ mod tests {
                 "COMMIT_INTERVAL_MS" => s.commit_interval_ms = v,
                 "SHUTDOWN_TIMEOUT" => s.shutdown_timeout = v,
                 "LOG_FORMAT" => s.log_format = v,
+                "ARCHIVE_FORMAT" => s.archive_format = v,
+                // Said to do nothing with the connect format (a warning): checked below.
+                "VALUE_FORMAT" | "BATCH_MAX_RECORDS" | "BATCH_MAX_BYTES" | "BATCH_MAX_AGE" | "PARQUET_ZSTD_LEVEL" => {
+                    return None;
+                }
                 // Only with an S3 store; a sentence, not a value.
                 "S3_REGION" | "UPLOAD_THREADS" => return None,
                 other => panic!("{other} has a default but is not checked here"),
@@ -771,6 +919,62 @@ mod tests {
             Config::from_settings(&s, &[]).unwrap().summary()
         };
         assert_eq!(s3(None), s3(Some("us-east-1")));
+        let parquet = |extra: Option<(&str, &str)>| {
+            let mut s = Settings { archive_format: Some("parquet".into()), ..base() };
+            match extra {
+                Some(("VALUE_FORMAT", v)) => s.value_format = Some(v.into()),
+                Some(("BATCH_MAX_RECORDS", v)) => s.batch_max_records = Some(v.into()),
+                Some(("BATCH_MAX_BYTES", v)) => s.batch_max_bytes = Some(v.into()),
+                Some(("BATCH_MAX_AGE", v)) => s.batch_max_age = Some(v.into()),
+                Some(("PARQUET_ZSTD_LEVEL", v)) => s.parquet_zstd_level = Some(v.into()),
+                _ => {}
+            }
+            Config::from_settings(&s, &[]).unwrap().summary()
+        };
+        for (var, default) in DEFAULTS.iter().filter(|(v, _)| {
+            ["VALUE_FORMAT", "BATCH_MAX_RECORDS", "BATCH_MAX_BYTES", "BATCH_MAX_AGE", "PARQUET_ZSTD_LEVEL"].contains(v)
+        }) {
+            assert_eq!(parquet(Some((var, default))), parquet(None), "{var}={default}");
+        }
+    }
+
+    #[test]
+    fn the_parquet_settings_are_read_and_said_to_do_nothing_with_the_connect_format() {
+        let s = Settings {
+            archive_format: Some("Parquet".into()),
+            value_format: Some("plain".into()),
+            batch_max_records: Some("500".into()),
+            batch_max_bytes: Some("1MiB".into()),
+            batch_max_age: Some("250ms".into()),
+            parquet_zstd_level: Some("9".into()),
+            ..base()
+        };
+        let c = Config::from_settings(&s, &[]).unwrap();
+        assert_eq!(
+            c.format,
+            ArchiveFormat::Parquet(ParquetSettings {
+                max_records: 500,
+                max_bytes: 1 << 20,
+                max_age: Duration::from_millis(250),
+                zstd_level: 9,
+                sinetstream: false,
+            })
+        );
+        let age =
+            |v: &str| Settings { archive_format: Some("parquet".into()), batch_max_age: Some(v.into()), ..base() };
+        let format = |s: &Settings| Config::from_settings(s, &[]).map(|c| c.format);
+        assert!(matches!(format(&age("2m")), Ok(ArchiveFormat::Parquet(p)) if p.max_age == Duration::from_secs(120)));
+        assert!(matches!(format(&age("90")), Ok(ArchiveFormat::Parquet(p)) if p.max_age == Duration::from_secs(90)));
+        assert!(err(age("1 week")).contains("BATCH_MAX_AGE"));
+        assert!(err(age("1ms")).contains("out of range"));
+        let c = Config::from_settings(&Settings { batch_max_records: Some("10".into()), ..base() }, &[]).unwrap();
+        assert_eq!(c.format, ArchiveFormat::Connect);
+        assert!(c.warnings().iter().any(|w| w.contains("BATCH_MAX_RECORDS set, but ARCHIVE_FORMAT is connect")));
+        assert!(err(Settings { batch_max_age: Some("soon".into()), ..base() }).contains("BATCH_MAX_AGE"));
+        assert!(err(Settings { archive_format: Some("avro".into()), ..base() }).contains("connect, parquet"));
+        let e =
+            err(Settings { archive_format: Some("parquet".into()), parquet_zstd_level: Some("30".into()), ..base() });
+        assert!(e.contains("PARQUET_ZSTD_LEVEL"), "{e}");
     }
 
     #[test]

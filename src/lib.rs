@@ -190,6 +190,16 @@ fn start_uploads(
         shutdown_timeout: config.shutdown_timeout,
         conditional_put: config.conditional_put,
         metadata: config.store.keeps_metadata(),
+        batches: match config.format {
+            config::ArchiveFormat::Connect => None,
+            // Half the spool's bounds: the largest open batch is sealed there, so that batches
+            // leave the spool before consumption has to pause.
+            config::ArchiveFormat::Parquet(parquet) => Some(upload::BatchSettings {
+                parquet,
+                seal_at_records: config.spool_limits.max_records / 2,
+                seal_at_bytes: config.spool_limits.max_bytes / 2,
+            }),
+        },
     };
     tokio::spawn(uploader.run(stops.pipeline.clone()))
 }
@@ -237,6 +247,7 @@ fn start_consumer(config: &Config, opened: &Opened, stops: &Stops) -> ConsumerTh
         status: opened.status.clone(),
         commit_interval: config.commit_interval,
         limits: config.spool_limits,
+        batched: matches!(config.format, config::ArchiveFormat::Parquet(_)).then_some(config.shutdown_timeout),
     };
     let (stop, drained) = (stops.pipeline.clone(), stops.uploads_drained.clone());
     let drain_wait = config.shutdown_timeout + Duration::from_secs(5);

@@ -33,10 +33,15 @@ pub const COMMITS: &str = "kafka_s3_archiver_commits_total";
 pub const COMMIT_ERRORS: &str = "kafka_s3_archiver_commit_errors_total";
 pub const STORE_REACHABLE: &str = "kafka_s3_archiver_store_reachable";
 pub const FAILED: &str = "kafka_s3_archiver_failed";
+pub const BATCHES_SEALED: &str = "kafka_s3_archiver_batches_sealed_total";
+pub const BATCH_AGE: &str = "kafka_s3_archiver_batch_age_seconds";
+pub const OBJECT_RECORDS: &str = "kafka_s3_archiver_object_records";
+pub const OBJECT_SIZE: &str = "kafka_s3_archiver_object_size_bytes";
 
 /// The values of the bounded labels, so every series exists (at 0) from the start: `rate()` and
 /// `increase()` then see the first event, and a dashboard shows 0 rather than "no data".
-pub const OBJECT_KINDS: [&str; 4] = ["payload", "timestamp", "dead_letter", "dead_letter_reason"];
+pub const OBJECT_KINDS: [&str; 5] = ["payload", "timestamp", "dead_letter", "dead_letter_reason", "parquet"];
+pub const SEAL_REASONS: [&str; 6] = ["hour", "records", "bytes", "age", "spool", "boundary"];
 pub const UPLOAD_ERROR_REASONS: [&str; 5] = ["permission_denied", "unauthenticated", "not_found", "conflict", "other"];
 pub const UNDECODABLE_REASONS: [&str; 6] =
     ["encrypted", "no_envelope", "wrong_marker", "wrong_fingerprint", "truncated", "malformed"];
@@ -46,6 +51,25 @@ const UPLOAD_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0
 /// Record timestamp to commit: sub-second when keeping up, hours when catching up a backlog.
 const LATENCY_BUCKETS: &[f64] =
     &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0];
+
+/// Records per Parquet object: from a quiet partition's few to BATCH_MAX_RECORDS.
+const OBJECT_RECORDS_BUCKETS: &[f64] = &[1.0, 10.0, 100.0, 1e3, 1e4, 3e4, 1e5, 3e5, 1e6];
+/// Bytes per Parquet object: 1 KiB to 1 GiB, by fours.
+const OBJECT_SIZE_BUCKETS: &[f64] = &[
+    1024.0,
+    4096.0,
+    16384.0,
+    65536.0,
+    262144.0,
+    1048576.0,
+    4194304.0,
+    16777216.0,
+    67108864.0,
+    268435456.0,
+    1073741824.0,
+];
+/// A batch's oldest record at its seal: up to BATCH_MAX_AGE (a minute by default) or longer.
+const BATCH_AGE_BUCKETS: &[f64] = &[0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0];
 
 /// Gauges not set for this long disappear from `/metrics`: the per-partition gauges of a
 /// partition that was revoked. Every gauge is set again at each scrape, so live ones never expire.
@@ -69,6 +93,9 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(UPLOAD_DURATION.into()), UPLOAD_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(END_TO_END_LATENCY.into()), LATENCY_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(OBJECT_RECORDS.into()), OBJECT_RECORDS_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(OBJECT_SIZE.into()), OBJECT_SIZE_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(BATCH_AGE.into()), BATCH_AGE_BUCKETS)?
         .idle_timeout(MetricKindMask::GAUGE, Some(GAUGE_IDLE_TIMEOUT))
         .install_recorder()?;
     describe();
@@ -89,6 +116,9 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
     for kind in OBJECT_KINDS {
         metrics::counter!(OBJECTS_UPLOADED, "kind" => kind).increment(0);
     }
+    for reason in SEAL_REASONS {
+        metrics::counter!(BATCHES_SEALED, "reason" => reason).increment(0);
+    }
     for reason in UPLOAD_ERROR_REASONS {
         metrics::counter!(UPLOAD_ERRORS, "reason" => reason).increment(0);
     }
@@ -108,7 +138,7 @@ pub fn describe() {
     );
     describe_counter!(
         OBJECTS_UPLOADED,
-        "Objects stored, by kind (payload, timestamp, dead_letter, dead_letter_reason)."
+        "Objects stored, by kind (payload, timestamp, dead_letter, dead_letter_reason; parquet in the Parquet format)."
     );
     describe_counter!(UPLOADED_BYTES, Unit::Bytes, "Bytes of object bodies stored.");
     describe_histogram!(UPLOAD_DURATION, Unit::Seconds, "Time of one object PUT that succeeded.");
@@ -148,5 +178,16 @@ pub fn describe() {
         STORE_REACHABLE,
         "1 when the last request to the object store succeeded (or a probe found it reachable), else 0."
     );
+    describe_counter!(
+        BATCHES_SEALED,
+        "Parquet format: batches sealed, by reason (hour, records, bytes, age, spool, boundary)."
+    );
+    describe_histogram!(
+        BATCH_AGE,
+        Unit::Seconds,
+        "Parquet format: how long a batch's oldest record waited when it was sealed."
+    );
+    describe_histogram!(OBJECT_RECORDS, "Parquet format: records per object stored.");
+    describe_histogram!(OBJECT_SIZE, Unit::Bytes, "Parquet format: size of each object stored.");
     describe_gauge!(FAILED, "1 when archiving stopped with an error (UNDECODABLE=stop or a fatal error); see /status.");
 }

@@ -89,15 +89,21 @@ impl Row {
     /// tstamp, anything else is kept raw with the reason. Without, every value is a plain payload
     /// (topics that do not carry SINETStream messages).
     pub fn of(record: &Record, sinetstream: bool) -> Row {
-        let (tstamp_us, payload, undecodable) = if !sinetstream {
+        Row::decoded(record, sinetstream).0
+    }
+
+    /// [`Row::of`], and why the value is not a SINETStream message.
+    pub fn decoded(record: &Record, sinetstream: bool) -> (Row, Option<sinetstream::Undecodable>) {
+        let (tstamp_us, payload, why) = if !sinetstream {
             (None, record.value.clone(), None)
         } else {
             match sinetstream::decode(&record.value) {
                 Ok(msg) => (Some(msg.tstamp_us), record.value.slice(msg.msg), None),
-                Err(why) => (None, record.value.clone(), Some(why.to_string())),
+                Err(why) => (None, record.value.clone(), Some(why)),
             }
         };
-        Row {
+        let undecodable = why.as_ref().map(ToString::to_string);
+        let row = Row {
             offset: record.offset,
             kafka_timestamp_ms: record.time.kafka(),
             key: record.key.clone(),
@@ -105,7 +111,8 @@ impl Row {
             tstamp_us,
             payload: Some(payload),
             undecodable,
-        }
+        };
+        (row, why)
     }
 }
 

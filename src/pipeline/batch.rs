@@ -1,5 +1,5 @@
-//! Batches of the Parquet format (issue 23, not wired in yet): which of a partition's records go
-//! into one object, and when the object is sealed.
+//! Batches of the Parquet format (ARCHIVE_FORMAT=parquet): which of a partition's records go into
+//! one object, and when the object is sealed.
 //!
 //! A batch holds consecutive records of one partition whose path times fall in one hour folder
 //! (the archive's layout: every record of an object is in that object's hour). It is sealed when a
@@ -31,6 +31,24 @@ pub enum Seal {
     Bytes,
     /// Its oldest record waited `max_age`.
     Age,
+    /// The spool fills: the largest open batch goes, so that records leave it.
+    Spool,
+    /// Records after it belong to a batch sealed earlier (before a crash).
+    Boundary,
+}
+
+impl Seal {
+    /// The `reason` label of the seal metric.
+    pub fn label(self) -> &'static str {
+        match self {
+            Seal::Hour => "hour",
+            Seal::Records => "records",
+            Seal::Bytes => "bytes",
+            Seal::Age => "age",
+            Seal::Spool => "spool",
+            Seal::Boundary => "boundary",
+        }
+    }
 }
 
 /// The open batch of one partition.
@@ -42,7 +60,10 @@ pub struct Batch {
     pub hour: String,
     pub records: usize,
     pub bytes: u64,
-    opened: Instant,
+    /// The path time of its first record, ms: its hour.
+    pub first_ms: i64,
+    /// When its first record came.
+    pub opened: Instant,
     /// The instants of `hour`, so that a record's hour is told without formatting its path.
     hour_ms: std::ops::Range<i64>,
 }
@@ -106,12 +127,18 @@ impl Batcher {
                     hour,
                     records: 1,
                     bytes,
+                    first_ms: ms,
                     opened: now,
                     hour_ms,
                 });
             }
         }
         done
+    }
+
+    /// Seals the open batch now, if there is one.
+    pub fn seal(&mut self) -> Option<Batch> {
+        self.open.take()
     }
 
     /// Seals the open batch when it holds `max_records` or `max_bytes`, or its oldest record has

@@ -353,7 +353,12 @@ impl Ledger {
     /// The partition's current assignment, if it is assigned.
     pub fn batching(&self, tp: &Tp) -> Option<Assignment> {
         let p = self.partitions.get(tp).filter(|p| p.assigned)?;
-        Some(Assignment { generation: p.generation, start: p.start, next_delivery: p.next_delivery, committed: p.acked })
+        Some(Assignment {
+            generation: p.generation,
+            start: p.start,
+            next_delivery: p.next_delivery,
+            committed: p.acked,
+        })
     }
 
     /// An object of the partition starts to be stored under assignment `generation`; false when

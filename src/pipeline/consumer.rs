@@ -68,9 +68,67 @@ struct ArchiverContext {
     errors: Throttle<i32>,
     /// The configured topics.
     topics: Vec<String>,
+    /// The Parquet format: a revocation waits for the partitions' objects being stored, then
+    /// drops their spooled records (see [`ArchiverContext::hand_over`]).
+    batched: Option<HandOver>,
+}
+
+/// What a revocation needs in the Parquet format.
+struct HandOver {
+    spool: Arc<Spool>,
+    /// How long it waits for objects being stored (SHUTDOWN_TIMEOUT).
+    wait: Duration,
 }
 
 impl ArchiverContext {
+    /// The Parquet format, on revocation: the objects being stored of the revoked partitions get
+    /// `wait` to finish (so the commit that follows covers them and the next owner starts after
+    /// them); no new one starts (the ledger refuses it).
+    fn wait_for_objects(&self, tps: &[Tp]) {
+        let Some(h) = &self.batched else { return };
+        let deadline = Instant::now() + h.wait;
+        loop {
+            let n = self.ledger.lock().expect("ledger lock").uploading(tps);
+            if n == 0 {
+                return;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    objects = n,
+                    "revocation: objects still being stored after SHUTDOWN_TIMEOUT; the next owner of their partitions may store the same records again (verify reports overlaps)"
+                );
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The Parquet format, after the revocation's commit: the revoked partitions' spooled records
+    /// and sealed batches go. They are not committed, so their next owner (this process or
+    /// another) fetches them from the committed offset and batches them from there; kept, they
+    /// could end up in two objects.
+    fn hand_over(&self, tps: &[Tp]) {
+        let Some(h) = &self.batched else { return };
+        for tp in tps {
+            let dropped = (|| -> Result<usize, crate::pipeline::spool::SpoolError> {
+                let records = h.spool.remove_below(&tp.0, tp.1, i64::MAX)?.len();
+                for batch in h.spool.sealed_of(&tp.0, tp.1)? {
+                    h.spool.unseal(&tp.0, tp.1, batch.first_offset)?;
+                }
+                Ok(records)
+            })();
+            match dropped {
+                Ok(records) => {
+                    self.ledger.lock().expect("ledger lock").forget(tp);
+                    tracing::debug!(topic = %tp.0, partition = tp.1, records, "revoked: spooled records dropped; the next owner fetches them");
+                }
+                // Kept in the ledger: if the partition comes back, they are not spooled twice.
+                Err(e) => tracing::warn!(topic = %tp.0, partition = tp.1, error = %e,
+                    "revoked: cannot drop the partition's spooled records"),
+            }
+        }
+    }
+
     /// A Kafka error, from librdkafka's error callback or from a poll (librdkafka reports a broker
     /// that refuses connections both ways, about 20 times a second).
     fn kafka_error(&self, error: &KafkaError, reason: &str) {
@@ -195,6 +253,7 @@ impl ConsumerContext for ArchiverContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let tps = tps_of(tpl);
+            self.wait_for_objects(&tps);
             let positions = self.ledger.lock().expect("ledger lock").positions(&tps);
             if !positions.is_empty() {
                 commit(consumer, &positions, CommitMode::Sync);
@@ -203,6 +262,8 @@ impl ConsumerContext for ArchiverContext {
             for tp in &tps {
                 ledger.revoke(tp);
             }
+            drop(ledger);
+            self.hand_over(&tps);
             tracing::info!(partitions = %describe(&tps), "partitions revoked");
         }
     }
@@ -314,6 +375,9 @@ pub struct KafkaConsumer {
     pub status: Arc<Status>,
     pub commit_interval: Duration,
     pub limits: SpoolLimits,
+    /// The Parquet format: how long a revocation waits for objects being stored; None for the
+    /// Connect format.
+    pub batched: Option<Duration>,
 }
 
 /// What the consumer loop carries from one round to the next.
@@ -349,6 +413,7 @@ impl KafkaConsumer {
             last_transport_error: Mutex::new(String::new()),
             errors: Throttle::default(),
             topics: self.topics.clone(),
+            batched: self.batched.map(|wait| HandOver { spool: self.spool.clone(), wait }),
         })?;
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;

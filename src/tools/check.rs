@@ -102,7 +102,12 @@ fn describe(config: &Config) -> String {
         }
         StoreConfig::Local { dir, bucket } => format!("local directory {}", dir.join(bucket).display()),
     };
-    format!("topics {}, group {}, {store}", config.topics.join(","), config.group_id)
+    format!(
+        "topics {}, group {}, {store}, format {}",
+        config.topics.join(","),
+        config.group_id,
+        config.format.describe()
+    )
 }
 
 fn spool_dir(config: &Config) -> Line {

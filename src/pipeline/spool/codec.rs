@@ -38,7 +38,7 @@ impl SpoolKey {
     }
 
     /// The key of `offset` in the partition of `prefix`.
-    pub(super) fn at(prefix: &[u8], offset: i64) -> SpoolKey {
+    pub fn at(prefix: &[u8], offset: i64) -> SpoolKey {
         let mut k = Vec::with_capacity(prefix.len() + 8);
         k.extend_from_slice(prefix);
         k.extend_from_slice(&(offset as u64).to_be_bytes());

@@ -242,7 +242,11 @@ impl Spool {
 
     /// The normal run of partition `prefix` with the greatest key below `key`; singles in between
     /// are passed (a single covers its own offset only).
-    pub(super) fn normal_before(&self, prefix: &[u8], key: &[u8]) -> Result<Option<(sled::IVec, sled::IVec)>, SpoolError> {
+    pub(super) fn normal_before(
+        &self,
+        prefix: &[u8],
+        key: &[u8],
+    ) -> Result<Option<(sled::IVec, sled::IVec)>, SpoolError> {
         let mut below = self.index.get_lt(key)?;
         while let Some((k, v)) = below {
             let (first, kind) = split_run_key(&k);

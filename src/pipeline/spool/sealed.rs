@@ -12,10 +12,10 @@ use super::{Spool, SpoolError, SpoolKey, decode_entry, partition_prefix};
 use crate::record::Record;
 
 /// The sled tree of sealed batches: key = the batch's first record's spool key, value = version
-/// byte, last offset, hour time in ms (big endian), stored (one byte).
+/// byte, last offset, hour time in ms, records (big endian), stored (one byte).
 pub(super) const SEALED_TREE: &str = "sealed";
 const VERSION: u8 = 1;
-const VALUE_LEN: usize = 18;
+const VALUE_LEN: usize = 26;
 
 /// A batch whose records are decided: `first_offset..=last_offset` of the partition, the object
 /// in the hour folder of `hour_ms`.
@@ -26,6 +26,8 @@ pub struct SealedBatch {
     pub first_offset: i64,
     pub last_offset: i64,
     pub hour_ms: i64,
+    /// How many records it holds (offsets may have gaps: compaction, transaction markers).
+    pub records: u64,
     /// Its object is stored.
     pub stored: bool,
 }
@@ -50,6 +52,7 @@ impl Spool {
         value.push(VERSION);
         value.extend_from_slice(&batch.last_offset.to_be_bytes());
         value.extend_from_slice(&batch.hour_ms.to_be_bytes());
+        value.extend_from_slice(&batch.records.to_be_bytes());
         value.push(u8::from(batch.stored));
         self.sealed.insert(key.0, value)?;
         Ok(())
@@ -72,7 +75,7 @@ impl Spool {
             let key = SpoolKey(k.to_vec());
             let corrupt = |why| SpoolError::Corrupt { key: key.describe(), why };
             let (topic, partition, first_offset) = key.parts().ok_or_else(|| corrupt("a sealed batch's key"))?;
-            if v.len() != VALUE_LEN || v[0] != VERSION || v[17] > 1 {
+            if v.len() != VALUE_LEN || v[0] != VERSION || v[25] > 1 {
                 return Err(corrupt("a sealed batch's value"));
             }
             out.push(SealedBatch {
@@ -81,7 +84,8 @@ impl Spool {
                 first_offset,
                 last_offset: i64::from_be_bytes(v[1..9].try_into().expect("8 bytes")),
                 hour_ms: i64::from_be_bytes(v[9..17].try_into().expect("8 bytes")),
-                stored: v[17] == 1,
+                records: u64::from_be_bytes(v[17..25].try_into().expect("8 bytes")),
+                stored: v[25] == 1,
             });
         }
         Ok(out)
@@ -120,7 +124,8 @@ impl Spool {
             for entry in self.index.range(start..) {
                 let (k, v) = entry?;
                 let (first, kind) = split_run_key(&k);
-                if first.prefix() != prefix || ((wanted.len() >= max || bytes >= max_bytes) && first.offset() > covered) {
+                if first.prefix() != prefix || ((wanted.len() >= max || bytes >= max_bytes) && first.offset() > covered)
+                {
                     break;
                 }
                 let run = self.run(&segments, &k, &v)?;
@@ -145,6 +150,28 @@ impl Spool {
             }
         }
         Ok(out)
+    }
+
+    /// How many records of partition `prefix` the spool holds in `first..=last`.
+    pub fn count_between(&self, prefix: &[u8], first: i64, last: i64) -> Result<u64, SpoolError> {
+        let segments = self.segments();
+        let lo = run_key(&SpoolKey::at(prefix, first), NORMAL);
+        let start = match self.normal_before(prefix, &lo)? {
+            Some((k, _)) => k.to_vec(),
+            None => lo,
+        };
+        let mut n = 0;
+        for entry in self.index.range(start..) {
+            let (k, v) = entry?;
+            let (run_first, _) = split_run_key(&k);
+            if run_first.prefix() != prefix || run_first.offset() > last {
+                break;
+            }
+            let run = self.run(&segments, &k, &v)?;
+            n += run.live_records(&run_first).filter(|(_, key, _)| (first..=last).contains(&key.offset())).count()
+                as u64;
+        }
+        Ok(n)
     }
 
     /// Removes the records of a partition below offset `below` and returns their offsets.
@@ -204,13 +231,23 @@ mod tests {
         let read = spool.read_from(&prefix, 700, 2, u64::MAX).unwrap();
         assert_eq!(read[0].1.value.as_ref(), [9], "the record delivered again");
 
+        assert_eq!(spool.count_between(&prefix, 650, 749).unwrap(), 100);
+        assert_eq!(spool.count_between(&prefix, 1990, 3000).unwrap(), 10);
         assert_eq!(spool.remove_below("t", 0, 702).unwrap(), (0..702).collect::<Vec<_>>());
         assert_eq!(offsets(0, 1, u64::MAX)[0], 702);
         assert_eq!(spool.record_count(), 2000 - 702 + 2, "other partitions keep theirs");
     }
 
     fn batch(partition: i32, first_offset: i64, last_offset: i64) -> SealedBatch {
-        SealedBatch { topic: "t".into(), partition, first_offset, last_offset, hour_ms: 1_650_247_200_000, stored: false }
+        SealedBatch {
+            topic: "t".into(),
+            partition,
+            first_offset,
+            last_offset,
+            hour_ms: 1_650_247_200_000,
+            records: 7,
+            stored: false,
+        }
     }
 
     /// Set in the child process that seals and then aborts.

@@ -8,11 +8,14 @@
 //! read of the object a PUT found in its place: a record is never abandoned except on shutdown, and
 //! then it stays in the spool and uncommitted (design invariant 4).
 
+mod batches;
+
+pub use batches::{BatchSettings, put_parquet};
+
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use object_store::path::Path;
 use object_store::{
     Attributes, ObjectStore, ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions, PutPayload, WriteMultipart,
@@ -23,7 +26,6 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::archive::UndecodablePolicy;
-use crate::archive::parquet::{Row, Writer as ParquetWriter};
 use crate::archive::sinetstream::Undecodable;
 use crate::archive::{Layout, Object, Plan, attributes, plan};
 use crate::metrics as m;
@@ -38,6 +40,8 @@ use crate::store::{error_reason, fix_for};
 pub enum UploadError {
     #[error(transparent)]
     Spool(#[from] SpoolError),
+    #[error("cannot encode the Parquet object {key}: {error}")]
+    Encode { key: String, error: String },
     #[error(
         "archiving stopped (UNDECODABLE=stop): {topic} partition {partition} offset {offset}: {reason}. \
          The record stays in the spool; set UNDECODABLE=dead-letter to keep it under errors/ and go on"
@@ -64,6 +68,8 @@ pub struct Uploader {
     pub conditional_put: bool,
     /// The store keeps user metadata (S3 does; the local-directory store does not).
     pub metadata: bool,
+    /// The Parquet format: batches, not records (None: the Connect format).
+    pub batches: Option<BatchSettings>,
 }
 
 /// State shared by the dispatcher and its tasks.
@@ -118,6 +124,7 @@ impl Uploader {
     /// spool fails.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), UploadError> {
         let workers = self.workers;
+        let batches = self.batches;
         let shared = Arc::new(Shared {
             puts: Semaphore::new(workers),
             in_flight: Mutex::new(HashSet::new()),
@@ -127,6 +134,9 @@ impl Uploader {
             answered: Mutex::new(None),
             up: self,
         });
+        if let Some(settings) = batches {
+            return batches::run(shared, settings, shutdown).await;
+        }
         let records = Arc::new(Semaphore::new(workers));
         let mut tasks: JoinSet<Result<(), UploadError>> = JoinSet::new();
         // Records read from the spool and not yet started. Reading a chunk per partition at a
@@ -184,33 +194,43 @@ impl Uploader {
                 r
             });
         }
-        // Drain: in-flight uploads get the shutdown timeout, then are abandoned (their records
-        // stay in the spool and uncommitted).
-        let deadline = tokio::time::sleep(shared.up.shutdown_timeout);
-        tokio::pin!(deadline);
-        loop {
-            tokio::select! {
-                next = tasks.join_next() => match next {
-                    None => break,
-                    Some(done) => if let Err(e) = flatten(done) && result.is_ok() { result = Err(e); },
-                },
-                _ = &mut deadline => {
-                    tracing::warn!(in_flight = tasks.len(), "shutdown timeout: abandoning uploads in flight; their records stay in the spool");
-                    // Retrying uploads stop at once (their records stay); a PUT still on the wire
-                    // gets a moment, then is aborted.
-                    shared.abandon.cancel();
-                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                        while tasks.join_next().await.is_some() {}
-                    })
-                    .await;
-                    tasks.abort_all();
+        drain(&shared, tasks, result).await
+    }
+}
+
+/// Drains the upload tasks: those in flight get the shutdown timeout, then are abandoned (their
+/// records stay in the spool and uncommitted). Returns the first error, `result`'s if any.
+async fn drain(
+    shared: &Shared,
+    mut tasks: JoinSet<Result<(), UploadError>>,
+    mut result: Result<(), UploadError>,
+) -> Result<(), UploadError> {
+    // Drain: in-flight uploads get the shutdown timeout, then are abandoned (their records
+    // stay in the spool and uncommitted).
+    let deadline = tokio::time::sleep(shared.up.shutdown_timeout);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            next = tasks.join_next() => match next {
+                None => break,
+                Some(done) => if let Err(e) = flatten(done) && result.is_ok() { result = Err(e); },
+            },
+            _ = &mut deadline => {
+                tracing::warn!(in_flight = tasks.len(), "shutdown timeout: abandoning uploads in flight; their records stay in the spool");
+                // Retrying uploads stop at once (their records stay); a PUT still on the wire
+                // gets a moment, then is aborted.
+                shared.abandon.cancel();
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
                     while tasks.join_next().await.is_some() {}
-                    break;
-                }
+                })
+                .await;
+                tasks.abort_all();
+                while tasks.join_next().await.is_some() {}
+                break;
             }
         }
-        result
     }
+    result
 }
 
 fn flatten(r: Result<Result<(), UploadError>, tokio::task::JoinError>) -> Result<(), UploadError> {
@@ -272,7 +292,7 @@ async fn upload_record(shared: &Shared, key: &SpoolKey, record: Record) -> Resul
 /// Bodies at least this large are stored with a multipart upload.
 pub const MULTIPART_THRESHOLD: usize = 16 << 20;
 /// Part size of a multipart upload (S3 wants at least 5 MiB per part but the last).
-const PART_SIZE: usize = 8 << 20;
+pub(super) const PART_SIZE: usize = 8 << 20;
 
 /// Counts an undecodable record once stored; logs the first of each kind per partition.
 fn log_undecodable(shared: &Shared, record: &Record, why: &Undecodable) {
@@ -466,87 +486,6 @@ async fn put_multipart(
     writer.finish().await.map(drop)
 }
 
-/// Parts of a Parquet object in flight at once: with PART_SIZE, what its upload holds beyond the
-/// row group being encoded.
-const PARQUET_PARTS_IN_FLIGHT: usize = 4;
-
-/// Why a Parquet object could not be stored.
-#[derive(Debug, thiserror::Error)]
-pub enum BatchError {
-    #[error("cannot encode the Parquet object: {0}")]
-    Encode(#[from] parquet::errors::ParquetError),
-    #[error(transparent)]
-    Store(#[from] object_store::Error),
-}
-
-/// Stores one object of the batched format (issue 23, not wired in yet) from its row groups, in
-/// order. Each row group is encoded on a blocking thread and its bytes go on at once: into one PUT
-/// while the object is smaller than a part, else into a multipart upload with at most
-/// [`PARQUET_PARTS_IN_FLIGHT`] parts in flight. Memory holds a row group and a few parts, never
-/// the object. A multipart upload that fails is aborted.
-pub async fn put_parquet(
-    store: &dyn ObjectStore,
-    path: &Path,
-    row_groups: impl IntoIterator<Item = Vec<Row>>,
-    zstd_level: i32,
-) -> Result<(), BatchError> {
-    let mut upload = None;
-    let result = write_parquet(store, path, row_groups, zstd_level, &mut upload).await;
-    // An upload left open by a failure is aborted; finish() aborts its own failures.
-    if let (Err(_), Some(up)) = (&result, upload) {
-        let _ = up.abort().await;
-    }
-    result
-}
-
-/// [`put_parquet`]'s work; a multipart upload it starts is left in `upload` until it finishes it.
-async fn write_parquet(
-    store: &dyn ObjectStore,
-    path: &Path,
-    row_groups: impl IntoIterator<Item = Vec<Row>>,
-    zstd_level: i32,
-    upload: &mut Option<WriteMultipart>,
-) -> Result<(), BatchError> {
-    let mut writer = ParquetWriter::new(zstd_level)?;
-    let mut small = Vec::<Bytes>::new();
-    for rows in row_groups {
-        let (w, encoded) = tokio::task::spawn_blocking(move || {
-            let encoded = writer.row_group(&rows);
-            (writer, encoded)
-        })
-        .await
-        .expect("the encoding task does not panic");
-        writer = w;
-        let bytes = encoded?;
-        if let Some(up) = upload {
-            up.put(bytes);
-            up.wait_for_capacity(PARQUET_PARTS_IN_FLIGHT).await?;
-            continue;
-        }
-        small.push(bytes);
-        if small.iter().map(Bytes::len).sum::<usize>() >= PART_SIZE {
-            let mut up = WriteMultipart::new_with_chunk_size(
-                store.put_multipart_opts(path, PutMultipartOptions::default()).await?,
-                PART_SIZE,
-            );
-            small.drain(..).for_each(|b| up.put(b));
-            *upload = Some(up);
-        }
-    }
-    let footer = writer.finish()?;
-    match upload.take() {
-        Some(mut up) => {
-            up.put(footer);
-            up.finish().await?;
-        }
-        None => {
-            small.push(footer);
-            store.put(path, PutPayload::from_iter(small)).await?;
-        }
-    }
-    Ok(())
-}
-
 /// What the operator should check when write-once cannot read back the object it found.
 fn fix_for_read_back(reason: &str) -> Option<&'static str> {
     match reason {
@@ -606,6 +545,7 @@ mod tests {
             shutdown_timeout: Duration::from_millis(200),
             conditional_put,
             metadata: false,
+            batches: None,
         };
         (up, rec)
     }
@@ -853,36 +793,6 @@ mod tests {
         ];
         for why in &undecodable {
             assert!(m::UNDECODABLE_REASONS.contains(&why.label()), "{}", why.label());
-        }
-    }
-
-    fn random_rows(offsets: std::ops::Range<i64>, len: usize) -> Vec<crate::archive::parquet::Row> {
-        offsets
-            .map(|o| {
-                let mut value = vec![0u8; len];
-                rand::rng().fill(&mut value[..]);
-                crate::archive::parquet::Row::of(&Record { value: Bytes::from(value), ..record(b"") }.at(o), false)
-            })
-            .collect()
-    }
-
-    #[tokio::test]
-    async fn a_parquet_object_goes_up_row_group_by_row_group_and_reads_back_whole() {
-        let store = object_store::memory::InMemory::new();
-        // Small: one PUT. Large (three row groups of 5 MiB that zstd cannot shrink): a multipart
-        // upload of 8 MiB parts.
-        for (name, groups) in [
-            ("small", vec![random_rows(0..10, 100)]),
-            ("large", vec![random_rows(0..1024, 5120), random_rows(1024..2048, 5120), random_rows(2048..3072, 5120)]),
-        ] {
-            let path = Path::from(format!("topics/t/{name}.zstd.parquet"));
-            put_parquet(&store, &path, groups.clone(), 3).await.unwrap();
-            let object = store.get(&path).await.unwrap().bytes().await.unwrap();
-            if name == "large" {
-                assert!(object.len() > PART_SIZE, "{} bytes: more than a part", object.len());
-            }
-            let rows = crate::archive::parquet::read(object).unwrap();
-            assert_eq!(rows, groups.concat(), "{name}");
         }
     }
 }
