@@ -30,6 +30,8 @@ PY_PACKAGES=(
   "sinetstream-kafka==1.10.0"
   "pyyaml"
   "pytest==8.4.2"
+  "pyarrow==26.0.1"
+  "duckdb==2.0.1"
 )
 stamp=$VENV/.installed-$(printf '%s\n' "${PY_PACKAGES[@]}" | sha1sum | cut -c1-12)
 if [ ! -f "$stamp" ]; then

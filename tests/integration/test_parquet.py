@@ -1,0 +1,205 @@
+"""ARCHIVE_FORMAT=parquet end to end: the real SINETStream producer and the fixture records go
+through the archiver into garage and a local directory; two independent Parquet readers (pyarrow
+and DuckDB) read the objects back, and every row is compared with the record read from Kafka and
+decoded by SINETStream itself."""
+import datetime
+import json
+import random
+import re
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+
+import oracle
+import testbed
+from test_archive import VARIANTS, produce_sinetstream, sinetstream_messages, wait_committed
+from test_verify_restore import produce
+
+EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+NAME = re.compile(r"^topics/([^/]+)/(year=\d{4}/month=\d\d/day=\d\d/hour=\d\d)/\1\+(\d+)\+(\d{10})\.zstd\.parquet$")
+
+
+def download(bucket, into):
+    """The archive's objects as files under `into`, keys as paths (the local store is one already)."""
+    if bucket.kind == "local":
+        return bucket.root / "archive"
+    for key, body in bucket.read_all().items():
+        path = into / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(body)
+    return into
+
+
+def expected_rows(records, sinetstream=True, fixtures=None):
+    """{(partition, offset): row} as the format defines it, from the records read from Kafka and
+    SINETStream's own decoder (or the fixture's recorded decoding)."""
+    rows = {}
+    for p, o, ts, value, key in records:
+        fields = None
+        if sinetstream and value is not None:
+            fx = (fixtures or {}).get(value)
+            if fx is not None:
+                fields = None if fx["avro_msg_hex"] is None else (fx["tstamp_us"], bytes.fromhex(fx["avro_msg_hex"]))
+            else:
+                fields = oracle.sinetstream_fields(value)
+        rows[(p, o)] = {
+            "offset": o,
+            "kafka_timestamp": ts,
+            "key": key,
+            "tstamp": fields[0] if fields else None,
+            "payload": fields[1] if fields else value,
+            "undecodable": sinetstream and value is not None and fields is None,
+            "hour": oracle.hour_path(ts),
+        }
+    return rows
+
+
+def rows_by_pyarrow(root, topic):
+    """{(partition, offset): row} from every object of the topic, with the objects' checks: each is
+    named after its first offset, holds one partition's records of its hour folder in offset order,
+    and no offset is in two objects."""
+    rows, objects = {}, 0
+    for f in sorted((root / "topics" / topic).rglob("*")):
+        if not f.is_file():
+            continue
+        m = NAME.match(str(f.relative_to(root)))
+        assert m, f"not a Parquet object name of the format: {f.relative_to(root)}"
+        _, hour, partition, first = m.groups()
+        table = pq.read_table(f)
+        assert table.schema.names == ["offset", "kafka_timestamp", "key", "headers", "tstamp", "payload", "undecodable"]
+        assert str(table.schema.field("kafka_timestamp").type) == "timestamp[ms, tz=UTC]"
+        assert str(table.schema.field("tstamp").type) == "timestamp[us, tz=UTC]"
+        offsets = table.column("offset").to_pylist()
+        assert offsets == sorted(offsets) and offsets[0] == int(first), f"{f.name}: {offsets}"
+        objects += 1
+        for r in table.to_pylist():
+            k = (int(partition), r["offset"])
+            assert k not in rows, f"offset {k} in two objects"
+            ts = r["kafka_timestamp"]
+            rows[k] = {
+                "offset": r["offset"],
+                "kafka_timestamp": None if ts is None else (ts - EPOCH) // datetime.timedelta(milliseconds=1),
+                "key": r["key"],
+                "tstamp": None if r["tstamp"] is None else (r["tstamp"] - EPOCH) // datetime.timedelta(microseconds=1),
+                "payload": r["payload"],
+                "undecodable": r["undecodable"] is not None,
+                "hour": hour,
+            }
+    return rows, objects
+
+
+def rows_by_duckdb(root, topic):
+    """{(partition, offset): (kafka ms, tstamp µs, payload, key, undecodable?, hour path)} as DuckDB
+    reads the archive, hive partitioning on: what an analyst would query."""
+    con = duckdb.connect()
+    q = f"""
+        SELECT filename, "offset", epoch_ms(kafka_timestamp), epoch_us(tstamp), payload, key,
+               undecodable IS NOT NULL, year, month, day, hour
+        FROM read_parquet('{root}/topics/{topic}/*/*/*/*/*.parquet', hive_partitioning = true, filename = true)
+    """
+    out = {}
+    for filename, offset, kms, tus, payload, key, undecodable, year, month, day, hour in con.execute(q).fetchall():
+        partition = int(NAME.match(str(Path(filename).relative_to(root))).group(3))
+        out[(partition, offset)] = (kms, tus, payload, key, undecodable,
+                                    f"year={int(year):04d}/month={int(month):02d}/day={int(day):02d}/hour={int(hour):02d}")
+    return out
+
+
+def check(root, topic, expected):
+    got, objects = rows_by_pyarrow(root, topic)
+    assert set(got) == set(expected), (f"missing {sorted(set(expected) - set(got))[:10]}, "
+                                       f"extra {sorted(set(got) - set(expected))[:10]}")
+    wrong = [k for k in expected if got[k] != expected[k]]
+    assert not wrong, f"{len(wrong)} rows differ, e.g. {wrong[0]}: {got[wrong[0]]} != {expected[wrong[0]]}"
+    by_duckdb = rows_by_duckdb(root, topic)
+    as_duckdb = {k: (e["kafka_timestamp"], e["tstamp"], e["payload"], e["key"], e["undecodable"], e["hour"])
+                 for k, e in expected.items()}
+    assert by_duckdb == as_duckdb
+    return objects
+
+
+@pytest.fixture(params=["garage", "local"])
+def bucket(request, tmp_path):
+    from test_archive import Bucket
+    if request.param == "local":
+        return Bucket("local", root=tmp_path / "data")
+    name = f"parquet-{uuid.uuid4().hex[:12]}"
+    request.getfixturevalue("garage").create_bucket(name)
+    return Bucket("garage", server=request.getfixturevalue("garage"), name=name)
+
+
+def test_sinetstream_records_in_parquet_read_back_by_pyarrow_and_duckdb(broker, bucket, run_archiver, tmp_path):
+    rng = random.Random(23)
+    run = uuid.uuid4().hex[:8]
+    topic, group = f"pq.{run}", f"archiver-{run}"
+    fixtures = oracle.fixture_records()
+    broker.create_topic(topic, max(3, 1 + max(r["partition"] for r in fixtures)))
+    # The real producer, every message format it offers.
+    messages = 0
+    for params in VARIANTS.values():
+        batch = sinetstream_messages(rng, 12)
+        produce_sinetstream(broker.bootstrap, topic, params, batch)
+        messages += len(batch)
+    # The fixture records as SINETStream wrote them (undecodable ones among them), some with a
+    # key, an empty value, and records two hours later.
+    items = [(r["partition"], f"k{i}".encode() if i % 3 == 0 else None, bytes.fromhex(r["record_value_hex"]),
+              r["kafka_timestamp_ms"]) for i, r in enumerate(fixtures)]
+    items += [(0, b"empty", b"", 1795545118001), (1, None, b"\x00not sinetstream", 1795552318002)]
+    produce(broker.bootstrap, topic, items)
+    total = messages + len(items)
+    records = oracle.read_topic(broker.bootstrap, topic, total)
+    by_value = {bytes.fromhex(r["record_value_hex"]): r for r in fixtures}
+    expected = expected_rows(records, fixtures=by_value)
+    undecodable = sum(1 for e in expected.values() if e["undecodable"])
+    assert undecodable >= 3
+
+    a = run_archiver(BROKER_HOSTNAME=broker.bootstrap, KAFKA_TOPIC=topic, GROUP_ID=group, SPOOL_DIR=tmp_path / "spool",
+                     ARCHIVE_FORMAT="parquet", BATCH_MAX_RECORDS=7, BATCH_MAX_AGE="1s", **bucket.env())
+    a.wait_archived(total)
+    m = a.metrics()
+    assert a.stop() == 0, a.logs()
+    assert sum(v for k, v in m.items() if k.startswith("kafka_s3_archiver_undecodable_records_total")) == undecodable
+    objects = check(download(bucket, tmp_path / "download"), topic, expected)
+    assert m['kafka_s3_archiver_objects_uploaded_total{kind="parquet"}'] == objects
+    assert m['kafka_s3_archiver_objects_uploaded_total{kind="payload"}'] == 0
+    assert objects >= total // 7, f"{objects} objects for {total} records in batches of at most 7"
+    ends = oracle.end_offsets(records)
+    assert wait_committed(broker.bootstrap, group, topic, ends) == ends
+
+    # A second run after a restart archives only what is new, in objects of its own.
+    more = sinetstream_messages(rng, 9)
+    produce_sinetstream(broker.bootstrap, topic, {}, more)
+    records = oracle.read_topic(broker.bootstrap, topic, total + len(more))
+    expected = expected_rows(records, fixtures=by_value)
+    a = run_archiver(BROKER_HOSTNAME=broker.bootstrap, KAFKA_TOPIC=topic, GROUP_ID=group, SPOOL_DIR=tmp_path / "spool",
+                     ARCHIVE_FORMAT="parquet", BATCH_MAX_RECORDS=7, BATCH_MAX_AGE="1s", **bucket.env())
+    a.wait_archived(len(more))
+    time.sleep(1.5)  # anything extra would be archived by now
+    assert a.metrics()["kafka_s3_archiver_records_archived_total"] == len(more)
+    assert a.stop() == 0, a.logs()
+    check(download(bucket, tmp_path / "download2"), topic, expected)
+
+
+def test_plain_values_of_any_producer(broker, run_archiver, tmp_path):
+    """VALUE_FORMAT=plain: values are kept as they are, none is taken for an undecodable message."""
+    run = uuid.uuid4().hex[:8]
+    topic = f"plain.{run}"
+    broker.create_topic(topic, 2)
+    base = 1795545116000
+    items = [(i % 2, None, json.dumps({"sensor": i, "t": 20 + i / 10}).encode(), base + i * 1000) for i in range(40)]
+    produce(broker.bootstrap, topic, items)
+    records = oracle.read_topic(broker.bootstrap, topic, len(items))
+    a = run_archiver(BROKER_HOSTNAME=broker.bootstrap, KAFKA_TOPIC=topic, GROUP_ID=f"g-{run}",
+                     SPOOL_DIR=tmp_path / "spool", ARCHIVE_DIR=tmp_path / "data", ARCHIVE_FORMAT="parquet",
+                     VALUE_FORMAT="plain", BATCH_MAX_AGE="500ms")
+    a.wait_archived(len(items))
+    m = a.metrics()
+    assert a.stop() == 0, a.logs()
+    objects = check(tmp_path / "data" / "archive", topic, expected_rows(records, sinetstream=False))
+    assert objects == 2, "one object per partition: 20 records, one hour, sealed by age"
+    assert m['kafka_s3_archiver_batches_sealed_total{reason="age"}'] == 2
