@@ -53,6 +53,9 @@ struct PartitionState {
     generation: u64,
     /// Objects of the batched format being stored.
     uploading: usize,
+    /// Every record delivered below this offset in this assignment is in the spool (or needs no
+    /// upload): the consumer says so after each write to the spool ([`Ledger::all_spooled`]).
+    spooled_to: Option<i64>,
 }
 
 /// What the consumer should do with a record it was just handed.
@@ -112,6 +115,9 @@ pub struct Assignment {
     pub next_delivery: Option<i64>,
     /// The last position Kafka confirmed.
     pub committed: Option<i64>,
+    /// Every record below this offset delivered in it is in the spool. Records of the spool at or
+    /// above it (left by an earlier run) may still have gaps that Kafka fills as it delivers.
+    pub spooled_to: Option<i64>,
 }
 
 /// One assigned partition as the ledger sees it.
@@ -136,6 +142,7 @@ impl Ledger {
         let p = self.partitions.entry(tp.clone()).or_default();
         p.assigned = true;
         p.generation += 1;
+        p.spooled_to = None;
         p.committed = None;
         p.acked = None;
         p.next_delivery = None;
@@ -358,6 +365,7 @@ impl Ledger {
             start: p.start,
             next_delivery: p.next_delivery,
             committed: p.acked,
+            spooled_to: p.spooled_to,
         })
     }
 
@@ -379,6 +387,14 @@ impl Ledger {
         let Some(p) = self.partitions.get_mut(tp) else { return false };
         p.uploading = p.uploading.saturating_sub(1);
         p.assigned && p.generation == generation
+    }
+
+    /// The consumer wrote every record it was handed to the spool: what was delivered so far is
+    /// there.
+    pub fn all_spooled(&mut self) {
+        for p in self.partitions.values_mut().filter(|p| p.assigned) {
+            p.spooled_to = p.next_delivery;
+        }
     }
 
     /// Objects being stored for any of `tps`.

@@ -481,6 +481,7 @@ impl KafkaConsumer {
     /// are registered, so nothing past them is committed.
     fn spool(&self, state: &mut Loop) {
         if state.unspooled.is_empty() {
+            self.ledger.lock().expect("ledger lock").all_spooled();
             return;
         }
         match self.spool.insert_batch(&state.unspooled) {
@@ -490,6 +491,8 @@ impl KafkaConsumer {
                 }
                 state.unspooled.clear();
                 state.spool_failures = 0;
+                // The Parquet format batches a partition's records in offset order up to here.
+                self.ledger.lock().expect("ledger lock").all_spooled();
             }
             Err(e) => {
                 state.spool_failures += 1;

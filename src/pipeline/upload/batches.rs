@@ -197,7 +197,11 @@ fn dispatch(
         if let Some(committed) = assignment.committed {
             part.forget_committed(&up.spool, committed)?;
         }
-        part.read(&up.spool, &up.ledger, now)?;
+        // Records a crash left in the spool beyond what Kafka delivered again may have gaps that
+        // its deliveries fill: batches are read up to where the spool is known whole.
+        if let Some(spooled_to) = assignment.spooled_to {
+            part.read(&up.spool, &up.ledger, spooled_to, now)?;
+        }
         if let Some((batch, why)) = part.batcher.poll(now) {
             part.seal(&up.spool, batch, why, now)?;
         }
@@ -271,14 +275,24 @@ impl Partition {
                 ledger.complete(&self.tp, *offset);
             }
         }
+        tracing::debug!(topic, partition, start, dropped = below.len(), "assignment starts: records below it dropped");
         self.sealed.clear();
         for batch in spool.sealed_of(topic, partition)? {
+            // Committed (or, starting inside it, the committed offset moved under another
+            // owner): what is left of it is batched anew.
             if batch.first_offset < start {
-                // Committed (or, starting inside it, the committed offset moved under another
-                // owner): what is left of it is batched anew.
                 spool.unseal(topic, partition, batch.first_offset)?;
                 continue;
             }
+            tracing::debug!(
+                topic,
+                partition,
+                first = batch.first_offset,
+                last = batch.last_offset,
+                records = batch.records,
+                stored = batch.stored,
+                "a batch sealed before is taken up again"
+            );
             self.sealed.insert(batch.first_offset, Sealed { batch, uploading: false, complete: false });
         }
         self.cursor = start;
@@ -306,15 +320,19 @@ impl Partition {
         self.sealed.range(..=offset).next_back().map(|(_, s)| s).filter(|s| offset <= s.batch.last_offset)
     }
 
-    /// Reads what the spool holds from the cursor on into batches.
+    /// Reads what the spool holds from the cursor up to `below` into batches.
     fn read(
         &mut self,
         spool: &Spool,
         ledger: &std::sync::Mutex<crate::pipeline::commit::Ledger>,
+        below: i64,
         now: Instant,
     ) -> Result<(), SpoolError> {
+        if self.cursor >= below {
+            return Ok(());
+        }
         let records = spool.read_from(&self.prefix, self.cursor, READ_RECORDS, READ_BYTES)?;
-        for (key, record) in records {
+        for (key, record) in records.into_iter().take_while(|(_, r)| r.offset < below) {
             self.cursor = record.offset + 1;
             if let Some(s) = self.sealed_holding(record.offset) {
                 let stored = s.batch.stored;
@@ -347,6 +365,8 @@ impl Partition {
             stored: false,
         };
         spool.seal(&sealed)?;
+        tracing::debug!(topic = %self.tp.0, partition = self.tp.1, first = sealed.first_offset, last = sealed.last_offset,
+            records = sealed.records, reason = why.label(), "batch sealed");
         metrics::counter!(m::BATCHES_SEALED, "reason" => why.label()).increment(1);
         metrics::histogram!(m::BATCH_AGE).record(now.duration_since(batch.opened).as_secs_f64());
         self.sealed.insert(batch.first_offset, Sealed { batch: sealed, uploading: false, complete: true });
@@ -416,7 +436,10 @@ async fn store_batch(
             }
             Err(BatchError::Rows(e)) => return Err(e),
             // Not stored; the dispatcher waits until the spool holds the batch again.
-            Err(BatchError::Short { .. }) => return Ok(None),
+            Err(e @ BatchError::Short { .. }) => {
+                tracing::debug!(key, error = %e, "batch not whole in the spool; not stored");
+                return Ok(None);
+            }
             Err(BatchError::Encode(e)) => {
                 // The rows are the spool's; an encoder that refuses them fails every retry.
                 return Err(UploadError::Encode { key, error: e.to_string() });
@@ -705,6 +728,7 @@ mod tests {
             .cloned()
             .collect();
         up.spool.insert_batch(&new).unwrap();
+        ledger.all_spooled();
     }
 
     /// Every object under topics/t: key → offsets of its rows.
