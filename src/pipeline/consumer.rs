@@ -104,7 +104,7 @@ impl ArchiverContext {
     }
 
     /// The Parquet format, after the revocation's commit: the revoked partitions' spooled records
-    /// and sealed batches go. They are not committed, so their next owner (this process or
+    /// and batches sealed but not stored go. They are not committed, so their next owner (this process or
     /// another) fetches them from the committed offset and batches them from there; kept, they
     /// could end up in two objects.
     fn hand_over(&self, tps: &[Tp]) {
@@ -112,7 +112,10 @@ impl ArchiverContext {
         for tp in tps {
             let dropped = (|| -> Result<usize, crate::pipeline::spool::SpoolError> {
                 let records = h.spool.remove_below(&tp.0, tp.1, i64::MAX)?.len();
-                for batch in h.spool.sealed_of(&tp.0, tp.1)? {
+                // Stored batches stay: the committed offset may lie inside one (records of it
+                // delivered again after a crash were marked done), and if the partition comes
+                // back, the rest of its records must not go into a second object.
+                for batch in h.spool.sealed_of(&tp.0, tp.1)?.iter().filter(|b| !b.stored) {
                     h.spool.unseal(&tp.0, tp.1, batch.first_offset)?;
                 }
                 Ok(records)

@@ -278,9 +278,11 @@ impl Partition {
         tracing::debug!(topic, partition, start, dropped = below.len(), "assignment starts: records below it dropped");
         self.sealed.clear();
         for batch in spool.sealed_of(topic, partition)? {
-            // Committed (or, starting inside it, the committed offset moved under another
-            // owner): what is left of it is batched anew.
-            if batch.first_offset < start {
+            // Committed; or not stored and started below the committed offset (another owner
+            // moved it): what is left of it is batched anew. A stored batch the committed offset
+            // falls inside (its records delivered again in part before a crash) stays: the rest
+            // of its records are in its object.
+            if batch.last_offset < start || (!batch.stored && batch.first_offset < start) {
                 spool.unseal(topic, partition, batch.first_offset)?;
                 continue;
             }
@@ -869,5 +871,42 @@ mod tests {
             let rows = crate::archive::parquet::read(object).unwrap();
             assert_eq!(rows, groups.concat(), "{name}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_committed_offset_inside_a_stored_batch_starts_no_second_object() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        {
+            // The last run stored 0..=4, then, after a crash, saw 0 and 1 delivered again (in the
+            // object: marked done), committed 2 and crashed again.
+            let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+            spool
+                .seal(&SealedBatch {
+                    topic: "t".into(),
+                    partition: 0,
+                    first_offset: 0,
+                    last_offset: 4,
+                    hour_ms: T0,
+                    records: 5,
+                    stored: true,
+                })
+                .unwrap();
+            spool.flush().unwrap();
+        }
+        let up = uploader(dir.path(), store.clone(), 100);
+        let ledger = up.ledger.clone();
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(up.clone().run(stop.clone()));
+        deliver(&up, &(2..10).map(|o| message(o, T0)).collect::<Vec<_>>());
+        until("all committed", || committed(&ledger) == Some(10)).await;
+        let keys: Vec<_> = objects(store.as_ref())
+            .await
+            .into_iter()
+            .map(|(k, v)| (k.rsplit('/').next().unwrap().to_string(), v))
+            .collect();
+        assert_eq!(keys, [("t+0+0000000005.zstd.parquet".to_string(), vec![5, 6, 7, 8, 9])]);
+        stop.cancel();
+        run.await.unwrap().unwrap();
     }
 }
