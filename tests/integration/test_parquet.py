@@ -4,9 +4,12 @@ and DuckDB) read the objects back, and every row is compared with the record rea
 decoded by SINETStream itself."""
 import datetime
 import json
+import os
 import random
 import re
+import signal
 import time
+import urllib.request
 import uuid
 from collections import defaultdict
 from pathlib import Path
@@ -17,6 +20,7 @@ import pytest
 
 import oracle
 import testbed
+from load import Producer
 from test_archive import VARIANTS, produce_sinetstream, sinetstream_messages, wait_committed
 from test_verify_restore import produce
 
@@ -110,7 +114,20 @@ def rows_by_duckdb(root, topic):
     return out
 
 
+def ranges(root, topic):
+    """{partition: [(first, last offset) of each object]}, by first offset."""
+    out = defaultdict(list)
+    for f in (root / "topics" / topic).rglob("*.parquet"):
+        partition = int(NAME.match(str(f.relative_to(root))).group(3))
+        offsets = pq.read_table(f, columns=["offset"]).column("offset").to_pylist()
+        out[partition].append((offsets[0], offsets[-1]))
+    return {p: sorted(r) for p, r in out.items()}
+
+
 def check(root, topic, expected):
+    for p, rs in ranges(root, topic).items():
+        overlaps = [(a, b) for a, b in zip(rs, rs[1:]) if b[0] <= a[1]]
+        assert not overlaps, f"partition {p}: objects overlap: {overlaps[:5]}"
     got, objects = rows_by_pyarrow(root, topic)
     assert set(got) == set(expected), (f"missing {sorted(set(expected) - set(got))[:10]}, "
                                        f"extra {sorted(set(got) - set(expected))[:10]}")
@@ -203,3 +220,59 @@ def test_plain_values_of_any_producer(broker, run_archiver, tmp_path):
     objects = check(tmp_path / "data" / "archive", topic, expected_rows(records, sinetstream=False))
     assert objects == 2, "one object per partition: 20 records, one hour, sealed by age"
     assert m['kafka_s3_archiver_batches_sealed_total{reason="age"}'] == 2
+
+
+@pytest.mark.parametrize("store", ["garage", "local"])
+def test_sigkill_cycles_leave_every_offset_in_exactly_one_object(broker, store, run_archiver, tmp_path, request):
+    """A producer writes continuously while the archiver is killed (SIGKILL, every fourth cycle
+    SIGTERM) and restarted; small batches and a short BATCH_MAX_AGE seal objects all the time, so
+    kills land while batches are sealed, uploaded, marked stored and committed. In the end every
+    offset is in exactly one object, objects of a partition do not overlap, every row is exact and
+    the committed offsets are the end offsets."""
+    from test_archive import Bucket
+    cycles = int(os.environ.get("PARQUET_CRASH_CYCLES", "10"))
+    rng = random.Random(23)
+    run = uuid.uuid4().hex[:8]
+    topic, group, partitions = f"pqcrash.{run}", f"pqcrash-{run}", 4
+    broker.create_topic(topic, partitions)
+    if store == "local":
+        bucket = Bucket("local", root=tmp_path / "data")
+    else:
+        bucket = Bucket("garage", server=request.getfixturevalue("garage"), name=f"pqcrash-{run}")
+        bucket.server.create_bucket(bucket.name)
+    env = dict(BROKER_HOSTNAME=broker.bootstrap, KAFKA_TOPIC=topic, GROUP_ID=group, SPOOL_DIR=tmp_path / "spool",
+               COMMIT_INTERVAL_MS=2000, ARCHIVE_FORMAT="parquet", BATCH_MAX_RECORDS=50, BATCH_MAX_AGE="300ms",
+               **bucket.env())
+    producer = Producer(broker.bootstrap, topic, partitions, rate=300, sizes=(10, 200, 1000, 20_000),
+                        undecodable_every=50)
+    producer.start()
+    terms, kills = 0, 0
+    for cycle in range(cycles):
+        a = run_archiver(**env)
+        time.sleep(rng.uniform(0.5, 8.0))
+        assert a.proc.poll() is None, a.logs()
+        if cycle % 4 == 3:
+            terms += 1
+            assert a.stop(signal.SIGTERM) == 0, a.logs()
+        else:
+            kills += 1
+            a.proc.send_signal(signal.SIGKILL)
+            a.proc.wait()
+    produced = producer.stop()
+
+    records = oracle.read_topic(broker.bootstrap, topic, produced)
+    ends = oracle.end_offsets(records)
+    final = run_archiver(**env)
+    deadline = time.time() + float(os.environ.get("PARQUET_CRASH_RECOVER_S", "300"))
+    while (committed := oracle.committed(broker.bootstrap, group, topic, list(ends))) != ends:
+        if time.time() > deadline or final.proc.poll() is not None:
+            with urllib.request.urlopen(f"http://127.0.0.1:{final.rest_port}/status", timeout=5) as r:
+                status = r.read().decode()
+            raise AssertionError(f"committed {committed}, end {ends}\n/status: {status}\n{final.logs()}")
+        time.sleep(1)
+    sealed = {k: v for k, v in final.metrics().items() if k.startswith("kafka_s3_archiver_batches_sealed_total")}
+    assert final.stop() == 0, final.logs()
+    objects = check(download(bucket, tmp_path / "download"), topic, expected_rows(records))
+    print(f"\nSUMMARY parquet crash[{store}]: {kills} SIGKILL, {terms} SIGTERM, records={produced} "
+          f"objects={objects} last run's seals={sealed}")
+    assert objects >= produced // 50
