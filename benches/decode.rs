@@ -58,7 +58,14 @@ fn bench_decode(c: &mut Criterion) {
 }
 
 fn record(value: Bytes) -> Record {
-    Record { topic: TOPIC.into(), partition: 3, offset: 1_234_567, time: RecordTime::Kafka(KAFKA_MS), key: None, value }
+    Record {
+        topic: TOPIC.into(),
+        partition: 3,
+        offset: 1_234_567,
+        time: RecordTime::Kafka(KAFKA_MS),
+        key: None,
+        value: Some(value),
+    }
 }
 
 fn bench_keys(c: &mut Criterion) {

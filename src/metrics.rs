@@ -153,7 +153,10 @@ pub fn describe() {
     );
     describe_counter!(ALREADY_STORED, "Write-once PUTs that found the same bytes already stored.");
     describe_counter!(UNDECODABLE_RECORDS, "Records that are not a decodable SINETStream message, by reason.");
-    describe_counter!(TOMBSTONES, "Records with a null value, skipped.");
+    describe_counter!(
+        TOMBSTONES,
+        "Records with a null value (skipped in the Connect layout; rows with a null payload in the Parquet format)."
+    );
     describe_counter!(
         RECORDS_WITHOUT_TIMESTAMP,
         "Records without a Kafka timestamp; their path uses the time they were consumed."

@@ -35,5 +35,13 @@ pub struct Record {
     pub offset: i64,
     pub time: RecordTime,
     pub key: Option<Bytes>,
-    pub value: Bytes,
+    /// None for a tombstone (a null value).
+    pub value: Option<Bytes>,
+}
+
+impl Record {
+    /// The value's bytes; empty for a tombstone.
+    pub fn value_bytes(&self) -> &[u8] {
+        self.value.as_deref().unwrap_or_default()
+    }
 }

@@ -52,7 +52,7 @@ fn every_fixture_record_gives_the_stored_payload_and_timestamp() {
             offset: r["offset"].as_i64().unwrap(),
             time: RecordTime::Kafka(r["kafka_timestamp_ms"].as_i64().unwrap()),
             key: None,
-            value: Bytes::from(value.clone()),
+            value: Some(Bytes::from(value.clone())),
         };
         match hex_field(&r, "avro_msg_hex") {
             Some(avro_msg) => {

@@ -53,7 +53,7 @@ pub fn records(value: &Bytes, next: &mut i64, n: usize) -> Vec<Record> {
             offset,
             time: RecordTime::Kafka(KAFKA_MS + offset),
             key: None,
-            value: value.clone(),
+            value: Some(value.clone()),
         })
         .collect()
 }

@@ -94,13 +94,13 @@ impl Row {
 
     /// [`Row::of`], and why the value is not a SINETStream message.
     pub fn decoded(record: &Record, sinetstream: bool) -> (Row, Option<sinetstream::Undecodable>) {
-        let (tstamp_us, payload, why) = if !sinetstream {
-            (None, record.value.clone(), None)
-        } else {
-            match sinetstream::decode(&record.value) {
-                Ok(msg) => (Some(msg.tstamp_us), record.value.slice(msg.msg), None),
-                Err(why) => (None, record.value.clone(), Some(why)),
-            }
+        let (tstamp_us, payload, why) = match &record.value {
+            None => (None, None, None),
+            Some(value) if !sinetstream => (None, Some(value.clone()), None),
+            Some(value) => match sinetstream::decode(value) {
+                Ok(msg) => (Some(msg.tstamp_us), Some(value.slice(msg.msg)), None),
+                Err(why) => (None, Some(value.clone()), Some(why)),
+            },
         };
         let undecodable = why.as_ref().map(ToString::to_string);
         let row = Row {
@@ -109,7 +109,7 @@ impl Row {
             key: record.key.clone(),
             headers: None,
             tstamp_us,
-            payload: Some(payload),
+            payload,
             undecodable,
         };
         (row, why)
@@ -311,7 +311,7 @@ mod tests {
             offset,
             time: RecordTime::Kafka(1_650_250_000_000 + offset),
             key: None,
-            value,
+            value: Some(value),
         }
     }
 

@@ -30,17 +30,21 @@ pub enum Plan {
 }
 
 /// Decides the objects of a record: its payload and timestamp objects when it is a SINETStream
-/// message, otherwise what the UNDECODABLE policy says.
+/// message, otherwise what the UNDECODABLE policy says. A tombstone has no objects in this layout
+/// (the consumer does not spool it for this format).
 pub fn plan(record: &Record, layout: &Layout, policy: UndecodablePolicy) -> Plan {
+    let Some(value) = &record.value else {
+        return Plan::Store { objects: Vec::new(), undecodable: None };
+    };
     let place = RecordPlace {
         topic: &record.topic,
         partition: record.partition,
         offset: record.offset,
         path_time_ms: record.time.millis(),
     };
-    match decode::decode(&record.value) {
+    match decode::decode(value) {
         Ok(msg) => {
-            let mut payload = layout.payload(&place, record.value.slice(msg.msg));
+            let mut payload = layout.payload(&place, value.slice(msg.msg));
             payload.metadata = metadata(record, Some(msg.tstamp_us));
             Plan::Store {
                 objects: vec![payload, layout.timestamp(&place, micros_to_millis(msg.tstamp_us))],
@@ -49,7 +53,7 @@ pub fn plan(record: &Record, layout: &Layout, policy: UndecodablePolicy) -> Plan
         }
         Err(why) => match policy {
             UndecodablePolicy::DeadLetter => {
-                let mut dead = layout.dead_letter(&place, record.value.clone());
+                let mut dead = layout.dead_letter(&place, value.clone());
                 dead.metadata = metadata(record, None);
                 Plan::Store {
                     objects: vec![dead, layout.dead_letter_reason(&place, record.time.kafka(), &why.to_string())],
@@ -57,7 +61,7 @@ pub fn plan(record: &Record, layout: &Layout, policy: UndecodablePolicy) -> Plan
                 }
             }
             UndecodablePolicy::Raw => {
-                let mut payload = layout.payload(&place, record.value.clone());
+                let mut payload = layout.payload(&place, value.clone());
                 payload.metadata = metadata(record, None);
                 payload.metadata.push((super::META_FORM, "raw".to_string()));
                 Plan::Store {
@@ -115,7 +119,7 @@ mod tests {
             offset: 2,
             time: RecordTime::Kafka(0),
             key: None,
-            value: Bytes::copy_from_slice(value),
+            value: Some(Bytes::copy_from_slice(value)),
         }
     }
 
@@ -125,12 +129,12 @@ mod tests {
         let Plan::Store { objects, undecodable } = plan(&r, &layout(), UndecodablePolicy::DeadLetter) else { panic!() };
         assert_eq!(undecodable, Some(Undecodable::NoEnvelope));
         assert_eq!(objects[0].key, "errors/t/year=1970/month=01/day=01/hour=09/t+1+0000000002.raw");
-        assert_eq!(objects[0].body_bytes(), r.value.to_vec());
+        assert_eq!(objects[0].body_bytes(), r.value_bytes().to_vec());
         assert!(String::from_utf8(objects[1].body_bytes()).unwrap().contains("no SINETStream envelope"));
 
         let Plan::Store { objects, .. } = plan(&r, &layout(), UndecodablePolicy::Raw) else { panic!() };
         assert_eq!(objects[0].key, "topics/t/year=1970/month=01/day=01/hour=09/t+1+0000000002.bin");
-        assert_eq!(objects[0].body_bytes(), [&r.value[..], b"\n"].concat());
+        assert_eq!(objects[0].body_bytes(), [r.value_bytes(), b"\n"].concat());
         assert_eq!(objects[1].body_bytes(), b"1970-01-01T00:00:00.000\n");
 
         assert!(matches!(plan(&r, &layout(), UndecodablePolicy::Stop), Plan::Stop(Undecodable::NoEnvelope)));

@@ -99,7 +99,7 @@ impl Batcher {
     /// must be sealed first, it is returned with the reason, and the record opens a new batch.
     pub fn push(&mut self, record: &Record, now: Instant) -> Option<(Batch, Seal)> {
         let ms = record.time.millis();
-        let bytes = record.value.len() as u64;
+        let bytes = record.value_bytes().len() as u64;
         // The hour's path only where the record is not within the open batch's hour (a batch's
         // first record, an hour's end, a timestamp that went back).
         let other_hour = |b: &Batch| !b.hour_ms.contains(&ms) && b.hour != self.layout.hour_path(ms);
@@ -176,7 +176,7 @@ mod tests {
             offset,
             time: RecordTime::Kafka(ms),
             key: None,
-            value: Bytes::from(vec![0; len]),
+            value: Some(Bytes::from(vec![0; len])),
         }
     }
 

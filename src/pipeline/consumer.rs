@@ -1,7 +1,7 @@
 //! Consumer: the Kafka side, on its own thread (rdkafka's calls block).
 //!
 //! It subscribes to the topics as a member of GROUP_ID and loops over six steps: poll a batch,
-//! register it in the commit ledger (tombstones are counted and marked done) and write the new
+//! register it in the commit ledger (tombstones are counted, and marked done in the Connect layout) and write the new
 //! records to the spool in one batch, pace itself on the spool's fill (`backpressure`: wait for
 //! room, pause, resume), fetch again from reused offsets, commit every COMMIT_INTERVAL the
 //! positions the ledger says are stored, and read the group's commits back. On revocation it
@@ -662,15 +662,20 @@ impl KafkaConsumer {
         for msg in batch.drain(..) {
             let tp = (msg.topic().to_string(), msg.partition());
             let kafka_ms = kafka_time(&msg);
-            let Some(value) = msg.payload() else {
+            let value = msg.payload();
+            if value.is_none() {
                 metrics::counter!(m::TOMBSTONES).increment(1);
+            }
+            // The Connect layout has nothing to store for a tombstone; the Parquet format keeps
+            // it as a row with a null payload.
+            if value.is_none() && self.batched.is_none() {
                 if tombstones_logged.insert(tp.clone()) {
                     tracing::info!(topic = %tp.0, partition = tp.1, offset = msg.offset(),
                         "tombstone (null value) skipped; further ones of this partition are counted, not logged");
                 }
                 ledger.deliver(&tp, msg.offset(), true, kafka_ms);
                 continue;
-            };
+            }
             let delivery = ledger.deliver(&tp, msg.offset(), false, kafka_ms);
             if delivery != Delivery::Spool {
                 continue;
@@ -682,7 +687,7 @@ impl KafkaConsumer {
                 offset: msg.offset(),
                 time,
                 key: msg.key().map(Bytes::copy_from_slice),
-                value: Bytes::copy_from_slice(value),
+                value: value.map(Bytes::copy_from_slice),
             });
         }
         for reset in ledger.take_resets() {

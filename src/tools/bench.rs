@@ -113,7 +113,7 @@ pub async fn put_ceiling(
             offset: 0,
             time: RecordTime::Kafka(1_764_201_600_125),
             key: None,
-            value: Bytes::new(),
+            value: Some(Bytes::new()),
         };
         archive::attributes(&archive::metadata(&record, Some(1_764_201_600_123_456)))
     } else {

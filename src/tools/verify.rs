@@ -397,7 +397,7 @@ fn compare_record(
             offset: r.offset,
             time,
             key: r.key.clone(),
-            value: value.clone(),
+            value: Some(value.clone()),
         };
         match plan(&record, layout, policy) {
             Plan::Store { objects, .. } => objects,
@@ -896,11 +896,11 @@ mod tests {
             offset,
             time,
             key: None,
-            value: Bytes::from(crate::archive::sinetstream::encode(
+            value: Some(Bytes::from(crate::archive::sinetstream::encode(
                 1_650_250_000_000_123,
                 b"{}",
                 crate::archive::sinetstream::Format::V3,
-            )),
+            ))),
         }
     }
 
@@ -1031,7 +1031,7 @@ mod tests {
         let store = Arc::new(InMemory::new());
         archive(&store, (0..2).chain(3..5)).await;
         let mut r = record(2, RecordTime::Kafka(1_650_250_002_000));
-        r.value = Bytes::from_static(b"not a SINETStream message");
+        r.value = Some(Bytes::from_static(b"not a SINETStream message"));
         let raw = put(&store, &r, UndecodablePolicy::Raw).await;
         let dead = put(&store, &r, UndecodablePolicy::DeadLetter).await;
         let r = verify(store).await;
@@ -1052,7 +1052,7 @@ mod tests {
     /// Offset 2 as Kafka gives it: no timestamp.
     fn in_kafka() -> KafkaRecord {
         let r = record(2, RecordTime::Consumed(0));
-        KafkaRecord { topic: r.topic, partition: 0, offset: 2, timestamp_ms: None, key: None, value: Some(r.value) }
+        KafkaRecord { topic: r.topic, partition: 0, offset: 2, timestamp_ms: None, key: None, value: r.value }
     }
 
     /// Offset 2 of the archive compared with the record Kafka has, bodies included.

@@ -163,10 +163,11 @@ def test_sinetstream_records_in_parquet_read_back_by_pyarrow_and_duckdb(broker, 
         produce_sinetstream(broker.bootstrap, topic, params, batch)
         messages += len(batch)
     # The fixture records as SINETStream wrote them (undecodable ones among them), some with a
-    # key, an empty value, and records two hours later.
+    # key, an empty value, two tombstones and records two hours later.
     items = [(r["partition"], f"k{i}".encode() if i % 3 == 0 else None, bytes.fromhex(r["record_value_hex"]),
               r["kafka_timestamp_ms"]) for i, r in enumerate(fixtures)]
-    items += [(0, b"empty", b"", 1795545118001), (1, None, b"\x00not sinetstream", 1795552318002)]
+    items += [(0, b"empty", b"", 1795545118001), (1, None, b"\x00not sinetstream", 1795552318002),
+              (2, b"deleted", None, 1795552318003), (0, None, None, 1795552318004)]
     produce(broker.bootstrap, topic, items)
     total = messages + len(items)
     records = oracle.read_topic(broker.bootstrap, topic, total)
@@ -181,6 +182,7 @@ def test_sinetstream_records_in_parquet_read_back_by_pyarrow_and_duckdb(broker, 
     m = a.metrics()
     assert a.stop() == 0, a.logs()
     assert sum(v for k, v in m.items() if k.startswith("kafka_s3_archiver_undecodable_records_total")) == undecodable
+    assert m["kafka_s3_archiver_tombstones_total"] == 2, "counted, and kept as rows with a null payload"
     objects = check(download(bucket, tmp_path / "download"), topic, expected)
     assert m['kafka_s3_archiver_objects_uploaded_total{kind="parquet"}'] == objects
     assert m['kafka_s3_archiver_objects_uploaded_total{kind="payload"}'] == 0

@@ -73,6 +73,8 @@ const FORMAT_VERSION: u8 = 1;
 const FLAG_CONSUMED_TIME: u8 = 1;
 const FLAG_ZSTD: u8 = 2;
 const FLAG_KEY: u8 = 4;
+/// A tombstone: no value follows.
+const FLAG_NULL: u8 = 8;
 /// Values at least this large are tried with zstd.
 const COMPRESS_MIN_BYTES: usize = 16 * 1024;
 /// See [`SpoolOptions::flush_bytes`].
@@ -111,17 +113,21 @@ pub(super) fn encode_value_with(r: &Record, options: SpoolOptions) -> Vec<u8> {
     if r.key.is_some() {
         flags |= FLAG_KEY;
     }
+    if r.value.is_none() {
+        flags |= FLAG_NULL;
+    }
+    let value = r.value_bytes();
     let compressed = options
         .compress_min_bytes
-        .is_some_and(|min| r.value.len() >= min)
-        .then(|| zstd::bulk::compress(&r.value, 1).ok())
+        .is_some_and(|min| value.len() >= min)
+        .then(|| zstd::bulk::compress(value, 1).ok())
         .flatten()
-        .filter(|c| c.len() + r.value.len() / 8 <= r.value.len());
+        .filter(|c| c.len() + value.len() / 8 <= value.len());
     if compressed.is_some() {
         flags |= FLAG_ZSTD;
     }
     let key_len = r.key.as_ref().map_or(0, |k| 4 + k.len());
-    let mut out = Vec::with_capacity(10 + key_len + 4 + r.value.len());
+    let mut out = Vec::with_capacity(10 + key_len + 4 + value.len());
     out.push(FORMAT_VERSION);
     out.push(flags);
     out.extend_from_slice(&r.time.millis().to_be_bytes());
@@ -131,10 +137,10 @@ pub(super) fn encode_value_with(r: &Record, options: SpoolOptions) -> Vec<u8> {
     }
     match compressed {
         Some(c) => {
-            out.extend_from_slice(&(r.value.len() as u32).to_be_bytes());
+            out.extend_from_slice(&(value.len() as u32).to_be_bytes());
             out.extend_from_slice(&c);
         }
-        None => out.extend_from_slice(&r.value),
+        None => out.extend_from_slice(value),
     }
     out
 }
@@ -162,14 +168,16 @@ pub fn decode_entry(key: &SpoolKey, raw: &[u8]) -> Result<Record, SpoolError> {
     } else {
         None
     };
-    let value = if flags & FLAG_ZSTD != 0 {
+    let value = if flags & FLAG_NULL != 0 {
+        None
+    } else if flags & FLAG_ZSTD != 0 {
         let n = take_len(&mut rest)?;
         if n > MAX_VALUE_BYTES {
             return Err(corrupt("value too large"));
         }
-        Bytes::from(zstd::bulk::decompress(rest, n)?)
+        Some(Bytes::from(zstd::bulk::decompress(rest, n)?))
     } else {
-        Bytes::copy_from_slice(rest)
+        Some(Bytes::copy_from_slice(rest))
     };
     let time = if flags & FLAG_CONSUMED_TIME != 0 { RecordTime::Consumed(ms) } else { RecordTime::Kafka(ms) };
     Ok(Record { topic: topic.to_string(), partition, offset, time, key: record_key, value })

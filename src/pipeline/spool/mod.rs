@@ -417,7 +417,7 @@ impl Spool {
                 continue;
             };
             let record = decode_entry(&key, &raw)?;
-            bytes += record.value.len();
+            bytes += record.value_bytes().len();
             out.push((key, record));
             if bytes >= max_bytes {
                 break;

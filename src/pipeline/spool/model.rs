@@ -44,12 +44,12 @@ proptest! {
                             offset: o,
                             time: RecordTime::Kafka(1),
                             key: None,
-                            value: format!("{p}/{o}/{step}").into_bytes().into(),
+                            value: Some(format!("{p}/{o}/{step}").into_bytes().into()),
                         })
                         .collect();
                     spool.insert_batch(&batch).unwrap();
                     for r in &batch {
-                        model.entry((r.partition, r.offset)).or_insert_with(|| r.value.to_vec());
+                        model.entry((r.partition, r.offset)).or_insert_with(|| r.value_bytes().to_vec());
                     }
                 }
                 Op::Remove(picks) => {
@@ -72,7 +72,7 @@ proptest! {
             for p in 0..3 {
                 for (key, r) in spool.pending(&partition_prefix("t", p), |_| false, usize::MAX, usize::MAX).unwrap() {
                     prop_assert_eq!(key, SpoolKey::new("t", p, r.offset));
-                    prop_assert!(held.insert((p, r.offset), r.value.to_vec()).is_none(), "read twice: {}/{}", p, r.offset);
+                    prop_assert!(held.insert((p, r.offset), r.value_bytes().to_vec()).is_none(), "read twice: {}/{}", p, r.offset);
                 }
             }
             prop_assert_eq!(&held, &model);

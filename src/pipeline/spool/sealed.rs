@@ -229,7 +229,7 @@ mod tests {
         assert!(offsets(2000, 10, u64::MAX).is_empty(), "nothing beyond the last");
         assert!(offsets(0, usize::MAX, 100).len() < 2000, "bounded by bytes");
         let read = spool.read_from(&prefix, 700, 2, u64::MAX).unwrap();
-        assert_eq!(read[0].1.value.as_ref(), [9], "the record delivered again");
+        assert_eq!(read[0].1.value_bytes(), [9], "the record delivered again");
 
         assert_eq!(spool.count_between(&prefix, 650, 749).unwrap(), 100);
         assert_eq!(spool.count_between(&prefix, 1990, 3000).unwrap(), 10);

@@ -21,7 +21,7 @@ pub(super) fn rec(topic: &str, partition: i32, offset: i64, value: Vec<u8>) -> R
         offset,
         time: RecordTime::Kafka(1_650_000_000_000),
         key: None,
-        value: value.into(),
+        value: Some(value.into()),
     }
 }
 
@@ -65,6 +65,14 @@ fn values_round_trip_with_and_without_compression() {
     let noise: Vec<u8> = (0..100_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     let random = rec("t", 0, 5, noise);
     assert_eq!(decode_entry(&key, &encode_value(&random)).unwrap(), random);
+    let tombstone = Record { value: None, ..rec("t", 0, 5, Vec::new()) };
+    assert_eq!(decode_entry(&key, &encode_value(&tombstone)).unwrap(), tombstone);
+    let empty = rec("t", 0, 5, Vec::new());
+    assert_eq!(
+        decode_entry(&key, &encode_value(&empty)).unwrap().value.as_deref(),
+        Some(&b""[..]),
+        "empty is not null"
+    );
     assert!(decode_entry(&key, &[9, 0]).is_err());
 }
 
@@ -104,7 +112,7 @@ fn spool_survives_reopen_and_dedupes() {
     assert_eq!(s.partitions(), vec![partition_prefix("a", 0), partition_prefix("b", 3)]);
     let got = s.pending(&partition_prefix("a", 0), |_| false, 10, usize::MAX).unwrap();
     assert_eq!(got.len(), 1);
-    assert_eq!(got[0].1.value, Bytes::from_static(b"x"));
+    assert_eq!(got[0].1.value_bytes(), Bytes::from_static(b"x"));
     let skipped = s.pending(&partition_prefix("a", 0), |k| k.parts().unwrap().2 == 1, 10, usize::MAX).unwrap();
     assert!(skipped.is_empty());
     // Kafka delivering again what the reopened spool holds, and a record twice in one batch.
@@ -117,7 +125,7 @@ fn spool_survives_reopen_and_dedupes() {
     .unwrap();
     assert_eq!(s.record_count(), 3);
     let got = s.pending(&partition_prefix("a", 0), |_| false, 10, usize::MAX).unwrap();
-    let got: Vec<_> = got.iter().map(|(_, r)| (r.offset, r.value.clone())).collect();
+    let got: Vec<_> = got.iter().map(|(_, r)| (r.offset, r.value.clone().unwrap_or_default())).collect();
     assert_eq!(got, vec![(1, Bytes::from_static(b"x")), (5, Bytes::from_static(b"new"))]);
 }
 
@@ -278,7 +286,7 @@ fn records_inserted_while_others_are_removed_are_each_read_once() {
         assert!(std::time::Instant::now() < deadline, "{} records never came out", s.record_count());
         for p in 0..4 {
             for (key, record) in s.pending(&partition_prefix("t", p), |_| false, 32, usize::MAX).unwrap() {
-                assert_eq!(record.value, noise(record.offset, 1000));
+                assert_eq!(record.value_bytes(), noise(record.offset, 1000));
                 seen[record.offset as usize] += 1;
                 s.remove(&key).unwrap();
             }
@@ -316,7 +324,7 @@ fn a_record_delivered_again_after_its_removal_is_stored_and_read_once() {
     let dir = tempfile::tempdir().unwrap();
     let offsets = |s: &Spool| -> Vec<(i64, Bytes)> {
         let got = s.pending(&partition_prefix("t", 0), |_| false, usize::MAX, usize::MAX).unwrap();
-        got.into_iter().map(|(_, r)| (r.offset, r.value)).collect()
+        got.into_iter().map(|(_, r)| (r.offset, r.value.unwrap_or_default())).collect()
     };
     {
         let s = open_spool(dir.path());

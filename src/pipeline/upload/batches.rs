@@ -686,7 +686,14 @@ mod tests {
             format!("{{\"n\":{offset}}}").as_bytes(),
             crate::archive::sinetstream::Format::V3,
         );
-        Record { topic: "t".into(), partition: 0, offset, time: RecordTime::Kafka(ms), key: None, value: value.into() }
+        Record {
+            topic: "t".into(),
+            partition: 0,
+            offset,
+            time: RecordTime::Kafka(ms),
+            key: None,
+            value: Some(value.into()),
+        }
     }
 
     fn uploader(dir: &std::path::Path, store: Arc<dyn ObjectStore>, max_records: usize) -> Uploader {
@@ -733,7 +740,7 @@ mod tests {
         ledger.all_spooled();
     }
 
-    /// Every object under topics/t: key → offsets of its rows.
+    /// Every object under topics/t: key → offsets of its rows (negative for a null payload).
     async fn objects(store: &dyn ObjectStore) -> BTreeMap<String, Vec<i64>> {
         use futures::TryStreamExt;
         let mut out = BTreeMap::new();
@@ -741,7 +748,10 @@ mod tests {
         for meta in metas {
             let bytes = store.get(&meta.location).await.unwrap().bytes().await.unwrap();
             let rows = crate::archive::parquet::read(bytes).unwrap();
-            out.insert(meta.location.to_string(), rows.iter().map(|r| r.offset).collect());
+            out.insert(
+                meta.location.to_string(),
+                rows.iter().map(|r| if r.payload.is_some() { r.offset } else { -r.offset }).collect(),
+            );
         }
         out
     }
@@ -766,6 +776,7 @@ mod tests {
         let (spool, ledger) = (up.spool.clone(), up.ledger.clone());
         // 0..6 in one hour, 6..9 in the next (with a gap at 7: a compacted offset).
         let mut records: Vec<Record> = (0..6).map(|o| message(o, T0 + o)).collect();
+        records[5].value = None; // a tombstone: a row with a null payload
         records.extend([6, 8].map(|o| message(o, T0 + 3_600_000 + o)));
         deliver(&up, &records);
         let stop = CancellationToken::new();
@@ -780,7 +791,7 @@ mod tests {
                     "topics/t/year=2022/month=04/day=18/hour=11/t+0+0000000000.zstd.parquet".to_string(),
                     vec![0, 1, 2, 3]
                 ),
-                ("topics/t/year=2022/month=04/day=18/hour=11/t+0+0000000004.zstd.parquet".to_string(), vec![4, 5]),
+                ("topics/t/year=2022/month=04/day=18/hour=11/t+0+0000000004.zstd.parquet".to_string(), vec![4, -5]),
                 ("topics/t/year=2022/month=04/day=18/hour=12/t+0+0000000006.zstd.parquet".to_string(), vec![6, 8]),
             ]
         );
@@ -845,7 +856,7 @@ mod tests {
                     offset: o,
                     time: RecordTime::Kafka(0),
                     key: None,
-                    value: Bytes::from(value),
+                    value: Some(Bytes::from(value)),
                 };
                 Row::of(&record, false)
             })

@@ -518,7 +518,7 @@ mod tests {
             offset: 2,
             time: RecordTime::Kafka(0),
             key: None,
-            value: Bytes::copy_from_slice(value),
+            value: Some(Bytes::copy_from_slice(value)),
         }
     }
 
@@ -528,7 +528,7 @@ mod tests {
         let spool = Arc::new(Spool::open(dir, 1 << 20).unwrap());
         let value =
             Bytes::from(crate::archive::sinetstream::encode(1, b"payload", crate::archive::sinetstream::Format::V3));
-        let rec = Record { value, ..record(b"") }.at(0);
+        let rec = Record { value: Some(value), ..record(b"") }.at(0);
         spool.insert_batch(std::slice::from_ref(&rec)).unwrap();
         let tp = ("t".to_string(), 0);
         let ledger = Arc::new(Mutex::new(Ledger::new()));
