@@ -232,7 +232,7 @@ def test_sigkill_cycles_leave_every_offset_in_exactly_one_object(broker, store, 
     offset is in exactly one object, objects of a partition do not overlap, every row is exact and
     the committed offsets are the end offsets."""
     from test_archive import Bucket
-    cycles = int(os.environ.get("PARQUET_CRASH_CYCLES", "10"))
+    cycles = int(os.environ.get("PARQUET_CRASH_CYCLES", "13"))  # 10 SIGKILL, 3 SIGTERM
     rng = random.Random(23)
     run = uuid.uuid4().hex[:8]
     topic, group, partitions = f"pqcrash.{run}", f"pqcrash-{run}", 4
