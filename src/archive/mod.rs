@@ -9,8 +9,8 @@
 //!   (`../shared/docs/compat.md` is the contract).
 //! - [`mod@plan`]: a record → its objects and their user metadata (write side).
 //! - [`read`]: a key → what it says; listing a topic's objects hour by hour (read side).
-//! - [`parquet`]: the batched format (coming, issue 23): many records of a partition-hour in one
-//!   Parquet object, written row group by row group, and read back.
+//! - [`parquet`]: the batched format (ARCHIVE_FORMAT=parquet): many records of a partition-hour
+//!   in one Parquet object, written row group by row group, and read back.
 //!
 //! The seam for another format: the per-offset layout is one format, a record in, a few objects
 //! out. A batched format adds its own write side next to [`plan()`] (many records, one object) and

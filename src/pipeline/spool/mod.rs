@@ -33,7 +33,7 @@
 //! This file holds the spool itself; each of its parts has a file of its own: `codec` (a record's
 //! key and encoded value), `runs` (the index of runs in sled), `segments` (the value files and
 //! their compaction), `upgrade` (spools written by older versions) and `sealed` (the boundaries of
-//! the Parquet format's batches, issue 23).
+//! the Parquet format's batches).
 
 mod codec;
 #[cfg(test)]
