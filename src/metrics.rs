@@ -116,6 +116,10 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
     for kind in OBJECT_KINDS {
         metrics::counter!(OBJECTS_UPLOADED, "kind" => kind).increment(0);
     }
+    // Histograms too: the Parquet format's stay at zero with the Connect format.
+    for name in [UPLOAD_DURATION, END_TO_END_LATENCY, OBJECT_RECORDS, OBJECT_SIZE, BATCH_AGE] {
+        let _ = metrics::histogram!(name);
+    }
     for reason in SEAL_REASONS {
         metrics::counter!(BATCHES_SEALED, "reason" => reason).increment(0);
     }
