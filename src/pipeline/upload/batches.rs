@@ -424,7 +424,7 @@ async fn store_batch(
         let rows = BatchRows::new(up.spool.clone(), batch, settings.sinetstream, up.policy);
         let started = Instant::now();
         let permit = shared.puts.acquire().await.expect("semaphore is never closed");
-        let result = put_parquet(up.store.as_ref(), &path, rows, settings.zstd_level).await;
+        let result = put_parquet(up.store.as_ref(), &path, rows, settings.zstd_level, &shared.abandon).await;
         drop(permit);
         let failure = match result {
             Ok((rows, size)) => {
@@ -437,6 +437,7 @@ async fn store_batch(
                 return Ok(Some(rows.offsets));
             }
             Err(BatchError::Rows(e)) => return Err(e),
+            Err(BatchError::Abandoned) => return Ok(None),
             // Not stored; the dispatcher waits until the spool holds the batch again.
             Err(e @ BatchError::Short { .. }) => {
                 tracing::debug!(key, error = %e, "batch not whole in the spool; not stored");
@@ -582,14 +583,16 @@ pub enum BatchError {
     Rows(UploadError),
     #[error("the spool holds {read} of the batch's {sealed} records")]
     Short { read: u64, sealed: u64 },
+    #[error("given up at the shutdown timeout")]
+    Abandoned,
     #[error("cannot encode the Parquet object: {0}")]
     Encode(#[from] ::parquet::errors::ParquetError),
     #[error(transparent)]
     Store(#[from] object_store::Error),
 }
 
-/// Stores one Parquet object from its row groups, in order; gives back the source and the
-/// object's size. Each row group is read and encoded on a blocking thread and its bytes go on at
+/// Stores one Parquet object from its row groups, in order, unless `abandon` is cancelled first;
+/// gives back the source and the object's size. Each row group is read and encoded on a blocking thread and its bytes go on at
 /// once: into one PUT while the object is smaller than a part, else into a multipart upload with
 /// at most [`PARQUET_PARTS_IN_FLIGHT`] parts in flight. Memory holds a row group and a few
 /// parts, never the object. A multipart upload that fails is aborted.
@@ -598,9 +601,15 @@ pub async fn put_parquet<G: RowGroups>(
     path: &Path,
     groups: G,
     zstd_level: i32,
+    abandon: &CancellationToken,
 ) -> Result<(G, u64), BatchError> {
     let mut upload = None;
-    let result = write_parquet(store, path, groups, zstd_level, &mut upload).await;
+    // Given up at the shutdown timeout: the multipart upload is aborted rather than left to the
+    // bucket's lifecycle rule.
+    let result = tokio::select! {
+        r = write_parquet(store, path, groups, zstd_level, &mut upload) => r,
+        _ = abandon.cancelled() => Err(BatchError::Abandoned),
+    };
     // An upload left open by a failure is aborted; finish() aborts its own failures.
     if let (Err(_), Some(up)) = (&result, upload) {
         let _ = up.abort().await;
@@ -873,7 +882,8 @@ mod tests {
             ("large", vec![random_rows(0..1024, 5120), random_rows(1024..2048, 5120), random_rows(2048..3072, 5120)]),
         ] {
             let path = Path::from(format!("topics/t/{name}.zstd.parquet"));
-            let (_, size) = put_parquet(&store, &path, groups.clone().into_iter(), 3).await.unwrap();
+            let never = CancellationToken::new();
+            let (_, size) = put_parquet(&store, &path, groups.clone().into_iter(), 3, &never).await.unwrap();
             let object = store.get(&path).await.unwrap().bytes().await.unwrap();
             assert_eq!(object.len() as u64, size);
             if name == "large" {

@@ -10,7 +10,7 @@
 
 mod batches;
 
-pub use batches::{BatchSettings, put_parquet};
+pub use batches::BatchSettings;
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
