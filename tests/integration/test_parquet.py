@@ -278,3 +278,52 @@ def test_sigkill_cycles_leave_every_offset_in_exactly_one_object(broker, store, 
     print(f"\nSUMMARY parquet crash[{store}]: {kills} SIGKILL, {terms} SIGTERM, records={produced} "
           f"objects={objects} last run's seals={sealed}")
     assert objects >= produced // 50
+
+
+def test_store_outage_loses_nothing_and_memory_stays_flat(broker, garage, run_archiver, tmp_path):
+    """The store goes away under 1,000 records/s: batches keep being sealed, their uploads retry,
+    the spool fills to its bound and consumption pauses, with memory flat; when the store returns
+    every record is in exactly one object, exact."""
+    from test_archive import Bucket
+    from test_faults import drain
+    outage = int(os.environ.get("OUTAGE_SECONDS", "20"))
+    run = uuid.uuid4().hex[:8]
+    topic, group, name = f"pqoutage.{run}", f"pqoutage-{run}", f"pqoutage-{run}"
+    broker.create_topic(topic, 4)
+    garage.create_bucket(name)
+    proxy = testbed.TcpProxy(garage.s3_port)
+    bucket = Bucket("garage", server=garage, name=name)
+    max_bytes = 8 << 20
+    a = run_archiver(BROKER_HOSTNAME=broker.bootstrap, KAFKA_TOPIC=topic, GROUP_ID=group, SPOOL_DIR=tmp_path / "spool",
+                     SPOOL_MAX_BYTES=max_bytes, ARCHIVE_FORMAT="parquet", BATCH_MAX_AGE="1s", S3_BUCKET_NAME=name,
+                     S3_ENDPOINT_URL=proxy.endpoint, AWS_ACCESS_KEY_ID=testbed.ACCESS_KEY,
+                     AWS_SECRET_KEY=testbed.SECRET_KEY)
+    producer = Producer(broker.bootstrap, topic, 4, rate=1000)
+    producer.start()
+    time.sleep(8)  # join, then archive at the produce rate
+    assert a.archived() > 0, a.logs()
+
+    proxy.down()
+    samples = []  # (seconds into the outage, spool bytes, rss bytes, paused)
+    t0 = time.time()
+    while time.time() - t0 < outage:
+        m = a.metrics()
+        samples.append((time.time() - t0, m.get("kafka_s3_archiver_spool_bytes", 0),
+                        testbed.rss_bytes(a.proc.pid), m.get("kafka_s3_archiver_consumer_paused", 0)))
+        time.sleep(1)
+    proxy.up()
+    t_up = time.time()
+    records = drain(broker, group, topic, producer, a, timeout=300)
+    catch_up = time.time() - t_up
+    objects = check(download(bucket, tmp_path / "download"), topic, expected_rows(records))
+
+    paused_at = next((s[0] for s in samples if s[3] == 1), None)
+    assert paused_at is not None, f"the consumer never paused in {outage}s: {samples}"
+    flat = [s for s in samples if s[0] >= paused_at + 2]
+    rss = [s[2] for s in flat]
+    print(f"\nOUTAGE parquet garage: {outage}s down under 1000 records/s of 1 KB; paused after {paused_at:.0f}s; "
+          f"peak spool {max(s[1] for s in samples) / 2**20:.1f} MiB (SPOOL_MAX_BYTES 8 MiB); RSS while paused "
+          f"{min(rss) / 2**20:.1f}-{max(rss) / 2**20:.1f} MiB; {producer.count} records in {objects} objects, "
+          f"all committed {catch_up:.1f}s after the store returned")
+    assert max(s[1] for s in samples) <= max_bytes + (16 << 20)
+    assert len(flat) >= 3 and max(rss) <= min(rss) * 1.10 + (16 << 20), rss
