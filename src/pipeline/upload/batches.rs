@@ -210,8 +210,12 @@ fn dispatch(
             s.complete = held >= s.batch.records;
         }
     }
-    // A filling spool: the largest open batch is sealed so that its records can leave.
-    if up.spool.record_count() >= settings.seal_at_records || up.spool.byte_count() >= settings.seal_at_bytes {
+    // A filling spool: the largest open batch is sealed so that its records can leave, when an
+    // upload can take it (sealing more while sealed batches wait only makes objects smaller).
+    let waiting = parts.values().flat_map(|p| p.sealed.values()).any(|s| !s.batch.stored && !s.uploading);
+    let pressed =
+        up.spool.record_count() >= settings.seal_at_records || up.spool.byte_count() >= settings.seal_at_bytes;
+    if pressed && !waiting && tasks.len() < OBJECTS_IN_FLIGHT {
         let largest = parts.values_mut().filter(|p| p.batcher.open().is_some()).max_by_key(|p| {
             let b = p.batcher.open().expect("filtered");
             (b.bytes, b.records)
