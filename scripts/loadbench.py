@@ -135,8 +135,10 @@ def run_archiver(workdir, broker, server, topic, n, ends, workers, endpoint=None
     cpu = cpu_seconds(a.proc.pid)
     assert a.stop() == 0, a.logs()
     seconds = done - first
+    objects = sum(v for k, v in metrics.items() if k.startswith("kafka_s3_archiver_objects_uploaded_total"))
     return {"records": n, "workers": workers, "seconds": seconds, "from_start_seconds": done - started,
-            "records_per_second": n / seconds, "objects_per_second": 2 * n / seconds,
+            "records_per_second": n / seconds, "objects_per_second": objects / seconds, "objects": objects,
+            "uploaded_bytes": metrics.get("kafka_s3_archiver_uploaded_bytes_total", 0),
             "cpu_us_per_record": 1e6 * cpu / n, "peak_rss_mib": a.peak_rss / 2**20, "peak_spool_mib": a.peak_spool / 2**20,
             "upload_p50_ms": 1e3 * quantile(metrics, "kafka_s3_archiver_upload_duration_seconds", 0.5),
             "upload_p99_ms": 1e3 * quantile(metrics, "kafka_s3_archiver_upload_duration_seconds", 0.99)}
@@ -253,6 +255,94 @@ def svg_plot(curves, path, title):
     Path(path).write_text("\n".join(out))
 
 
+def sensor_json(rng, i, size):
+    """About `size` bytes of a sensor's JSON reading, as SINETStream users send them: a device,
+    a time, and a series of float readings with a few decimals."""
+    doc = {"device": f"sensor-{i % 64:03d}", "seq": i, "unit": "celsius", "values": []}
+    while len(json.dumps(doc)) < size:
+        doc["values"].append(round(20 + rng.gauss(0, 3), 2))
+    return json.dumps(doc).encode()[:size]
+
+
+def preload_json(broker, topic, partitions, n, size):
+    """n SINETStream v3 messages carrying sensor JSON of about `size` bytes, round robin; returns
+    the end offsets and the bytes of the values produced."""
+    import random
+    rng = random.Random(7)
+    p = ck.Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 20, "batch.size": 16384,
+                     "queue.buffering.max.messages": 200000, "log_level": 2})
+    now, produced = int(time.time() * 1000), 0
+    # A few thousand distinct documents, reused: generating a million is slower than the archiver.
+    docs = [sensor_json(rng, i, size) for i in range(4096)]
+    for i in range(n):
+        value = v3_message(now * 1000 + i, docs[i % len(docs)])
+        produced += len(value)
+        while True:
+            try:
+                p.produce(topic, value=value, partition=i % partitions, timestamp=now)
+                break
+            except BufferError:
+                p.poll(0.05)
+        if i % 10000 == 0:
+            p.poll(0)
+    assert p.flush(120) == 0
+    return {q: n // partitions + (1 if q < n % partitions else 0) for q in range(partitions)}, produced
+
+
+def fetch_ceiling(broker, topic, partitions, n):
+    """What Kafka delivers to a plain librdkafka consumer that discards the records: records/s
+    from the first record to the n-th."""
+    c = ck.Consumer({"bootstrap.servers": broker.bootstrap, "group.id": f"fetch-{uuid.uuid4().hex[:8]}",
+                     "enable.auto.commit": False, "log_level": 2})
+    c.assign([ck.TopicPartition(topic, q, ck.OFFSET_BEGINNING) for q in range(partitions)])
+    got, first = 0, None
+    deadline = time.time() + 600
+    while got < n and time.time() < deadline:
+        msgs = c.consume(num_messages=10000, timeout=1.0)
+        if msgs and first is None:
+            first = time.time()
+        got += sum(1 for m in msgs if not m.error())
+    seconds = time.time() - first
+    c.close()
+    assert got >= n, f"fetched {got} of {n}"
+    return {"records": n, "seconds": seconds, "records_per_second": n / seconds}
+
+
+def parquet_section(args, broker, workdir, servers):
+    """ARCHIVE_FORMAT=parquet against the fetch ceiling and the Connect format, same store and
+    run: records/s, PUTs per 1,000 records, stored / produced bytes, peak RSS."""
+    out = {"records": args.parquet_records, "settings": "defaults but BATCH_MAX_AGE=1s", "payload": f"sensor JSON of about {args.payload_bytes} B in a "
+           "SINETStream v3 envelope (a device, a time, float readings with 2 decimals)", "stores": {}}
+    topic = f"pq-{uuid.uuid4().hex[:8]}"
+    broker.create_topic(topic, args.partitions)
+    ends, produced = preload_json(broker, topic, args.partitions, args.parquet_records, args.payload_bytes)
+    small = f"pqc-{uuid.uuid4().hex[:8]}"
+    broker.create_topic(small, args.partitions)
+    small_ends, _ = preload_json(broker, small, args.partitions, args.parquet_connect_records, args.payload_bytes)
+    for name in [x for x in args.parquet_stores.split(",") if x]:
+        fresh = Fresh(name)
+        servers.append(fresh)
+        fetch = fetch_ceiling(broker, topic, args.partitions, args.parquet_records)
+        # BATCH_MAX_AGE 1s: a backlog's last batches (the spool below half full) are sealed by age;
+        # with the default minute the measure would be that minute. Everything else at defaults.
+        pq = run_archiver(workdir, broker, fresh(), topic, args.parquet_records, ends, args.workers,
+                          extra={"ARCHIVE_FORMAT": "parquet", "BATCH_MAX_AGE": "1s"})
+        connect = run_archiver(workdir, broker, fresh(), small, args.parquet_connect_records, small_ends, args.workers)
+        r = out["stores"][name] = {
+            "fetch_ceiling": fetch, "parquet": pq, "connect": connect,
+            "parquet_vs_fetch": pq["records_per_second"] / fetch["records_per_second"],
+            "parquet_vs_connect": pq["records_per_second"] / connect["records_per_second"],
+            "puts_per_1000_records": 1000 * pq["objects"] / args.parquet_records,
+            "stored_over_produced": pq["uploaded_bytes"] / produced,
+        }
+        log(f"{name}: fetch {fetch['records_per_second']:.0f}, parquet {pq['records_per_second']:.0f} "
+            f"({r['parquet_vs_fetch']:.2f} of fetch), connect {connect['records_per_second']:.0f} records/s "
+            f"(parquet {r['parquet_vs_connect']:.1f}x); {r['puts_per_1000_records']:.2f} PUTs per 1,000 records; "
+            f"stored/produced {r['stored_over_produced']:.3f}; peak RSS {pq['peak_rss_mib']:.0f} MiB, "
+            f"CPU {pq['cpu_us_per_record']:.0f} us/record")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", type=int, default=200_000)
@@ -274,6 +364,11 @@ def main():
                     help="store of the backlog runs (garage keeps small objects in its database: a million fit in memory)")
     ap.add_argument("--ingest-records", type=int, default=200_000,
                     help="backlog the consumer takes into the spool with the store down (0 to skip)")
+    ap.add_argument("--parquet-records", type=int, default=200_000,
+                    help="records of the ARCHIVE_FORMAT=parquet comparison (0 to skip)")
+    ap.add_argument("--parquet-connect-records", type=int, default=20_000,
+                    help="records of the Connect-format run it is compared with")
+    ap.add_argument("--parquet-stores", default="s3s-fs,garage")
     ap.add_argument("--out", default=str(REPO / "target" / "bench"))
     args = ap.parse_args()
     out = Path(args.out)
@@ -288,6 +383,8 @@ def main():
     broker = testbed.Tansu()
     servers = []
     try:
+        if args.parquet_records:
+            results["parquet"] = parquet_section(args, broker, workdir, servers)
         if args.ingest_records:
             topic = f"ingest-{uuid.uuid4().hex[:8]}"
             broker.create_topic(topic, args.partitions)
@@ -431,6 +528,16 @@ def table(r):
         rows.append((name, f"steady {st['rate']} rec/s", "", "", "",
                      f"end-to-end p50 {st['end_to_end_p50_ms']:.0f} ms p99 {st['end_to_end_p99_ms']:.0f} ms; "
                      f"upload p50 {st['upload_p50_ms']:.1f} ms p99 {st['upload_p99_ms']:.1f} ms"))
+    for name, p in r.get("parquet", {}).get("stores", {}).items():
+        f, q, c = p["fetch_ceiling"], p["parquet"], p["connect"]
+        rows.append((name, "Kafka fetch ceiling", f"{f['records_per_second']:.0f}", "", "1.00",
+                     "a librdkafka consumer discarding the records"))
+        rows.append((name, "ARCHIVE_FORMAT=parquet", f"{q['records_per_second']:.0f}", f"{q['objects_per_second']:.1f}",
+                     f"{p['parquet_vs_fetch']:.2f}", f"{p['puts_per_1000_records']:.2f} PUTs per 1,000 records; stored "
+                     f"{p['stored_over_produced']:.3f} of the bytes produced; peak RSS {q['peak_rss_mib']:.0f} MiB; "
+                     f"CPU {q['cpu_us_per_record']:.0f} us/record"))
+        rows.append((name, "ARCHIVE_FORMAT=connect", f"{c['records_per_second']:.0f}", f"{c['objects_per_second']:.0f}",
+                     "", f"{c['records']} records; parquet {p['parquet_vs_connect']:.1f}x faster"))
     if "consumer_ingest" in r:
         i = r["consumer_ingest"]
         rows.append(("(none)", "consumer ingest", f"{i['records_per_second']:.0f}", "", "",
