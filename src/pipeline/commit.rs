@@ -53,6 +53,8 @@ struct PartitionState {
     generation: u64,
     /// Objects of the batched format being stored.
     uploading: usize,
+    /// Being revoked: no object of it may start ([`Ledger::closing`]).
+    closing: bool,
     /// Every record delivered below this offset in this assignment is in the spool (or needs no
     /// upload): the consumer says so after each write to the spool ([`Ledger::all_spooled`]).
     spooled_to: Option<i64>,
@@ -142,6 +144,7 @@ impl Ledger {
         let p = self.partitions.entry(tp.clone()).or_default();
         p.assigned = true;
         p.generation += 1;
+        p.closing = false;
         p.spooled_to = None;
         p.committed = None;
         p.acked = None;
@@ -373,7 +376,7 @@ impl Ledger {
     /// the partition is no longer assigned under it (the object must not be stored).
     pub fn begin_upload(&mut self, tp: &Tp, generation: u64) -> bool {
         match self.partitions.get_mut(tp) {
-            Some(p) if p.assigned && p.generation == generation => {
+            Some(p) if p.assigned && !p.closing && p.generation == generation => {
                 p.uploading += 1;
                 true
             }
@@ -381,12 +384,27 @@ impl Ledger {
         }
     }
 
-    /// An object begun with [`Ledger::begin_upload`] is stored or given up. Returns whether the
-    /// partition is still under the same assignment (its records may then be marked complete).
-    pub fn end_upload(&mut self, tp: &Tp, generation: u64) -> bool {
-        let Some(p) = self.partitions.get_mut(tp) else { return false };
-        p.uploading = p.uploading.saturating_sub(1);
-        p.assigned && p.generation == generation
+    /// An object begun with [`Ledger::begin_upload`] is stored (its records marked complete
+    /// first) or given up.
+    pub fn end_upload(&mut self, tp: &Tp) {
+        if let Some(p) = self.partitions.get_mut(tp) {
+            p.uploading = p.uploading.saturating_sub(1);
+        }
+    }
+
+    /// Whether the partition is still held under assignment `generation`.
+    pub fn holds(&self, tp: &Tp, generation: u64) -> bool {
+        self.partitions.get(tp).is_some_and(|p| p.assigned && p.generation == generation)
+    }
+
+    /// The partitions are being revoked: no object of theirs starts from now on (those being
+    /// stored finish; the revocation waits for them, then commits).
+    pub fn closing(&mut self, tps: &[Tp]) {
+        for tp in tps {
+            if let Some(p) = self.partitions.get_mut(tp) {
+                p.closing = true;
+            }
+        }
     }
 
     /// The consumer wrote every record it was handed to the spool: what was delivered so far is
@@ -458,6 +476,26 @@ mod tests {
 
     fn tp() -> Tp {
         ("t".to_string(), 0)
+    }
+
+    #[test]
+    fn a_partition_being_revoked_starts_no_object_and_a_new_assignment_is_another() {
+        let mut l = Ledger::new();
+        l.assign(&tp());
+        let g = l.batching(&tp()).unwrap().generation;
+        assert!(l.begin_upload(&tp(), g));
+        l.closing(&[tp()]);
+        assert!(!l.begin_upload(&tp(), g), "revoking: no new object");
+        assert_eq!(l.uploading(&[tp()]), 1, "the one in flight is waited for");
+        assert!(l.holds(&tp(), g), "and still held until revoked: its records may be completed");
+        l.end_upload(&tp());
+        assert_eq!(l.uploading(&[tp()]), 0);
+        l.revoke(&tp());
+        assert!(!l.holds(&tp(), g));
+        l.assign(&tp());
+        let g2 = l.batching(&tp()).unwrap().generation;
+        assert!(g2 != g && !l.begin_upload(&tp(), g), "work of the old assignment is refused");
+        assert!(l.begin_upload(&tp(), g2));
     }
 
     #[test]

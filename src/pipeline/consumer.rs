@@ -86,6 +86,7 @@ impl ArchiverContext {
     /// them); no new one starts (the ledger refuses it).
     fn wait_for_objects(&self, tps: &[Tp]) {
         let Some(h) = &self.batched else { return };
+        self.ledger.lock().expect("ledger lock").closing(tps);
         let deadline = Instant::now() + h.wait;
         loop {
             let n = self.ledger.lock().expect("ledger lock").uploading(tps);

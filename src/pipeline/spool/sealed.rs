@@ -46,6 +46,13 @@ impl Spool {
         self.put_sealed(&SealedBatch { stored: true, ..batch.clone() })
     }
 
+    /// Makes the sealed batches' changes durable (a [`Spool::mark_stored`] before the batch's
+    /// offsets are marked done).
+    pub fn flush_sealed(&self) -> Result<(), SpoolError> {
+        self.sealed.flush()?;
+        Ok(())
+    }
+
     fn put_sealed(&self, batch: &SealedBatch) -> Result<(), SpoolError> {
         let key = SpoolKey::new(&batch.topic, batch.partition, batch.first_offset);
         let mut value = Vec::with_capacity(VALUE_LEN);

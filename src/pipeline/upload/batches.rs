@@ -81,6 +81,7 @@ struct Sealed {
 #[derive(Debug)]
 struct Finished {
     prefix: Vec<u8>,
+    generation: u64,
     first_offset: i64,
     stored: bool,
 }
@@ -153,7 +154,8 @@ pub(super) async fn run(
 /// An upload ended: its batch is stored, or is looked at again (its records counted) before it is
 /// uploaded again.
 fn finish(parts: &mut HashMap<Vec<u8>, Partition>, f: &Finished) {
-    if let Some(s) = parts.get_mut(&f.prefix).and_then(|p| p.sealed.get_mut(&f.first_offset)) {
+    let part = parts.get_mut(&f.prefix).filter(|p| p.generation == f.generation);
+    if let Some(s) = part.and_then(|p| p.sealed.get_mut(&f.first_offset)) {
         s.uploading = false;
         s.batch.stored |= f.stored;
         s.complete &= f.stored;
@@ -240,9 +242,10 @@ fn dispatch(
             let (parquet, finished, prefix) = (settings.parquet, finished.clone(), part.prefix.clone());
             tasks.spawn(async move {
                 let first_offset = batch.first_offset;
-                let stored = upload_batch(&shared, batch, generation, parquet).await;
-                let _ = finished.send(Finished { prefix, first_offset, stored: matches!(stored, Ok(true)) });
-                stored.map(drop)
+                let result = upload_batch(&shared, batch, generation, parquet).await;
+                let stored = matches!(result, Ok(true));
+                let _ = finished.send(Finished { prefix, generation, first_offset, stored });
+                result.map(drop)
             });
         }
     }
@@ -389,25 +392,39 @@ async fn upload_batch(
     generation: u64,
     settings: ParquetSettings,
 ) -> Result<bool, UploadError> {
-    let result = store_batch(shared, &batch, settings).await;
-    let held =
-        shared.up.ledger.lock().expect("ledger lock").end_upload(&(batch.topic.clone(), batch.partition), generation);
-    let Some(offsets) = result? else { return Ok(false) };
     let up = &shared.up;
-    up.spool.mark_stored(&batch)?;
-    for offset in &offsets {
-        up.spool.remove(&SpoolKey::new(&batch.topic, batch.partition, *offset))?;
-    }
-    if held {
-        let mut ledger = up.ledger.lock().expect("ledger lock");
-        let tp = (batch.topic.clone(), batch.partition);
+    let tp = (batch.topic.clone(), batch.partition);
+    let result = async {
+        let Some(offsets) = store_batch(shared, &batch, settings).await? else { return Ok(None) };
+        // A revocation waits for this upload (it counts until end_upload below), so the partition
+        // is still held unless that wait timed out; then its spool and sealed batches are the
+        // next assignment's, not this task's.
+        if !up.ledger.lock().expect("ledger lock").holds(&tp, generation) {
+            return Ok(None);
+        }
+        // Stored durably before its offsets are done: a commit inside the batch must find it
+        // stored after a crash (records of it delivered again are then not batched again).
+        up.spool.mark_stored(&batch)?;
+        up.spool.flush_sealed()?;
         for offset in &offsets {
+            up.spool.remove(&SpoolKey::new(&batch.topic, batch.partition, *offset))?;
+        }
+        Ok::<_, UploadError>(Some(offsets))
+    }
+    .await;
+    let mut ledger = up.ledger.lock().expect("ledger lock");
+    if let Ok(Some(offsets)) = &result
+        && ledger.holds(&tp, generation)
+    {
+        for offset in offsets {
             ledger.complete(&tp, *offset);
         }
+        metrics::counter!(m::RECORDS_ARCHIVED).increment(offsets.len() as u64);
+        metrics::histogram!(m::OBJECT_RECORDS).record(offsets.len() as f64);
     }
-    metrics::counter!(m::RECORDS_ARCHIVED).increment(offsets.len() as u64);
-    metrics::histogram!(m::OBJECT_RECORDS).record(offsets.len() as f64);
-    Ok(true)
+    // Last: the revocation's commit, which waits for this, then covers the batch.
+    ledger.end_upload(&tp);
+    result.map(|offsets| offsets.is_some())
 }
 
 /// Uploads the batch's object until it is stored; the offsets it holds, or None when given up.
