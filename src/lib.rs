@@ -145,6 +145,21 @@ fn open(config: &Config) -> Result<Opened, RunError> {
             }
         });
     }
+    if matches!(config.format, config::ArchiveFormat::Parquet(_)) {
+        // The Parquet format batches a partition's records in offset order from where Kafka
+        // delivers them again, so records a stopped run left are fetched again rather than kept:
+        // kept, they would count against the spool's bounds before they could leave it (a full
+        // spool would pause the consumer for good), and those of partitions now held elsewhere
+        // would stay. The sealed batches' boundaries stay (`pipeline::upload::batches`).
+        let dropped = spool.remove_all_records()?;
+        spool.flush()?;
+        if dropped > 0 {
+            tracing::info!(
+                records = dropped,
+                "Parquet format: the records the spool held are fetched again from the committed offsets"
+            );
+        }
+    }
     let ledger = Arc::new(Mutex::new(Ledger::new()));
     let recovered = recover(&spool, &ledger)?;
     if recovered > 0 {

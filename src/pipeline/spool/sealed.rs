@@ -181,6 +181,15 @@ impl Spool {
         Ok(n)
     }
 
+    /// Removes every record (not the sealed batches); returns how many there were.
+    pub fn remove_all_records(&self) -> Result<u64, SpoolError> {
+        let keys = self.keys()?;
+        for key in &keys {
+            self.remove(key)?;
+        }
+        Ok(keys.len() as u64)
+    }
+
     /// Removes the records of a partition below offset `below` and returns their offsets.
     pub fn remove_below(&self, topic: &str, partition: i32, below: i64) -> Result<Vec<i64>, SpoolError> {
         let prefix = partition_prefix(topic, partition);
