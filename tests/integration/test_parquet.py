@@ -327,3 +327,43 @@ def test_store_outage_loses_nothing_and_memory_stays_flat(broker, garage, run_ar
           f"all committed {catch_up:.1f}s after the store returned")
     assert max(s[1] for s in samples) <= max_bytes + (16 << 20)
     assert len(flat) >= 3 and max(rss) <= min(rss) * 1.10 + (16 << 20), rss
+
+
+def test_instances_joining_and_leaving_under_load_store_each_offset_once(broker, garage, run_archiver, tmp_path):
+    """Rebalances in the Parquet format: under a producer, a second and a third instance join and
+    the second leaves (SIGTERM), each time moving partitions between instances while their
+    batches are sealed and stored. Every offset ends up in exactly one object, no two overlap."""
+    from test_archive import Bucket
+    run = uuid.uuid4().hex[:8]
+    topic, group, name, partitions = f"pqgroup.{run}", f"pqgroup-{run}", f"pqgroup-{run}", 6
+    broker.create_topic(topic, partitions)
+    garage.create_bucket(name)
+    bucket = Bucket("garage", server=garage, name=name)
+    producer = Producer(broker.bootstrap, topic, partitions, rate=300, undecodable_every=50)
+    producer.start()
+
+    def instance(i):
+        return run_archiver(BROKER_HOSTNAME=broker.bootstrap, KAFKA_TOPIC=topic, GROUP_ID=group,
+                            SPOOL_DIR=tmp_path / f"spool-{i}", ARCHIVE_FORMAT="parquet", BATCH_MAX_RECORDS=50,
+                            BATCH_MAX_AGE="300ms", COMMIT_INTERVAL_MS=1000, **bucket.env())
+
+    a = instance(0)
+    time.sleep(6)
+    b = instance(1)
+    time.sleep(8)
+    c = instance(2)
+    time.sleep(8)
+    b_share = b.archived()
+    assert b.stop() == 0, b.logs()
+    time.sleep(8)
+    producer.stop()
+    records = oracle.read_topic(broker.bootstrap, topic, producer.count)
+    ends = oracle.end_offsets(records)
+    assert wait_committed(broker.bootstrap, group, topic, ends, timeout=120) == ends, a.logs()
+    shares = [a.archived(), b_share, c.archived()]
+    for m in (a, c):
+        assert m.stop() == 0, m.logs()
+    objects = check(download(bucket, tmp_path / "download"), topic, expected_rows(records))
+    print(f"\nGROUP parquet: 3 instances joining and one leaving on {partitions} partitions; archived {shares} "
+          f"by each; {producer.count} records in {objects} objects, each offset once, no overlap")
+    assert all(n > 0 for n in shares[:2]), shares
