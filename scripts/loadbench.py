@@ -62,26 +62,30 @@ def delayed(server, rtt_ms):
     return testbed.TcpProxy(int(server.endpoint.rsplit(":", 1)[1]), delay=rtt_ms / 1000).endpoint
 
 
-def preload(broker, topic, partitions, n, payload_bytes):
-    """n records round robin over the partitions; returns the end offsets. Record batches of up to
-    16 KiB, as the users' producer writes them (SINETStream's Kafka plugin: kafka-python-ng,
-    batch_size 16384); librdkafka's own default of 1 MB would make every fetch a whole MB per
-    partition, whatever the consumer asks for (tansu returns whole batches)."""
+def preload(broker, topic, partitions, n, payload_bytes, payloads=None):
+    """n records round robin over the partitions; returns the end offsets and the bytes of the
+    values produced. Each value is a SINETStream v3 message around `payloads[i % len]` (random
+    bytes of payload_bytes when not given). Record batches of up to 16 KiB, as the users' producer
+    writes them (SINETStream's Kafka plugin: kafka-python-ng, batch_size 16384); librdkafka's own
+    default of 1 MB would make every fetch a whole MB per partition, whatever the consumer asks for
+    (tansu returns whole batches)."""
     p = ck.Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 20, "batch.size": 16384,
                      "queue.buffering.max.messages": 200000, "log_level": 2})
-    payload = os.urandom(payload_bytes)
-    now = int(time.time() * 1000)
+    payloads = payloads or [os.urandom(payload_bytes)]
+    now, produced = int(time.time() * 1000), 0
     for i in range(n):
+        value = v3_message(now * 1000 + i, payloads[i % len(payloads)])
+        produced += len(value)
         while True:
             try:
-                p.produce(topic, value=v3_message(now * 1000 + i, payload), partition=i % partitions, timestamp=now)
+                p.produce(topic, value=value, partition=i % partitions, timestamp=now)
                 break
             except BufferError:
                 p.poll(0.05)
         if i % 10000 == 0:
             p.poll(0)
     assert p.flush(120) == 0
-    return {q: n // partitions + (1 if q < n % partitions else 0) for q in range(partitions)}
+    return {q: n // partitions + (1 if q < n % partitions else 0) for q in range(partitions)}, produced
 
 
 def store_env(server, bucket, endpoint=None):
@@ -265,28 +269,11 @@ def sensor_json(rng, i, size):
 
 
 def preload_json(broker, topic, partitions, n, size):
-    """n SINETStream v3 messages carrying sensor JSON of about `size` bytes, round robin; returns
-    the end offsets and the bytes of the values produced."""
+    """preload() with sensor JSON of about `size` bytes (4,096 distinct documents, reused:
+    generating a million is slower than the archiver)."""
     import random
     rng = random.Random(7)
-    p = ck.Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 20, "batch.size": 16384,
-                     "queue.buffering.max.messages": 200000, "log_level": 2})
-    now, produced = int(time.time() * 1000), 0
-    # A few thousand distinct documents, reused: generating a million is slower than the archiver.
-    docs = [sensor_json(rng, i, size) for i in range(4096)]
-    for i in range(n):
-        value = v3_message(now * 1000 + i, docs[i % len(docs)])
-        produced += len(value)
-        while True:
-            try:
-                p.produce(topic, value=value, partition=i % partitions, timestamp=now)
-                break
-            except BufferError:
-                p.poll(0.05)
-        if i % 10000 == 0:
-            p.poll(0)
-    assert p.flush(120) == 0
-    return {q: n // partitions + (1 if q < n % partitions else 0) for q in range(partitions)}, produced
+    return preload(broker, topic, partitions, n, size, [sensor_json(rng, i, size) for i in range(4096)])
 
 
 def fetch_ceiling(broker, topic, partitions, n):
@@ -399,7 +386,7 @@ def main():
             topic = f"bench-{uuid.uuid4().hex[:8]}"
             broker.create_topic(topic, args.partitions)
             t = time.time()
-            ends = preload(broker, topic, args.partitions, args.records, args.payload_bytes)
+            ends, _ = preload(broker, topic, args.partitions, args.records, args.payload_bytes)
             log(f"{name}: preloaded {args.records} records in {time.time() - t:.0f}s")
             # This VM's speed drifts by a tenth or more within minutes (the same ceiling measured
             # 1,888 and 2,291 records/s ten minutes apart), more than what is compared. So the
@@ -426,7 +413,7 @@ def main():
                 f"({' / '.join(f'{x:.2f}' for x in r['ratios'])})")
             seq_topic = f"seq-{uuid.uuid4().hex[:8]}"
             broker.create_topic(seq_topic, args.partitions)
-            seq_ends = preload(broker, seq_topic, args.partitions, args.sequential_records, args.payload_bytes)
+            seq_ends, _ = preload(broker, seq_topic, args.partitions, args.sequential_records, args.payload_bytes)
             r["sequential"] = run_archiver(workdir, broker, fresh(), seq_topic, args.sequential_records, seq_ends, 1)
             r["speedup_over_sequential"] = r["archiver"]["records_per_second"] / r["sequential"]["records_per_second"]
             log(f"{name}: sequential {r['sequential']['records_per_second']:.0f} records/s")
@@ -434,7 +421,7 @@ def main():
                 rtt = r["rtt"] = {"rtt_ms": args.rtt_ms}
                 rtt_topic = f"rtt-{uuid.uuid4().hex[:8]}"
                 broker.create_topic(rtt_topic, args.partitions)
-                rtt_ends = preload(broker, rtt_topic, args.partitions, args.rtt_records, args.payload_bytes)
+                rtt_ends, _ = preload(broker, rtt_topic, args.partitions, args.rtt_records, args.payload_bytes)
                 server = fresh()
                 rtt["ceiling"] = ceiling(server, args.rtt_records, args.payload_bytes, args.workers,
                                          delayed(server, args.rtt_ms))
@@ -443,7 +430,7 @@ def main():
                                                args.workers, delayed(server, args.rtt_ms))
                 seq_topic = f"rttseq-{uuid.uuid4().hex[:8]}"
                 broker.create_topic(seq_topic, args.partitions)
-                seq_ends = preload(broker, seq_topic, args.partitions, args.rtt_sequential_records, args.payload_bytes)
+                seq_ends, _ = preload(broker, seq_topic, args.partitions, args.rtt_sequential_records, args.payload_bytes)
                 server = fresh()
                 rtt["sequential"] = run_archiver(workdir, broker, server, seq_topic, args.rtt_sequential_records,
                                                  seq_ends, 1, delayed(server, args.rtt_ms))
@@ -462,7 +449,7 @@ def main():
             curve = results["curve"] = {"store": first, "records": args.curve_records, "points": []}
             topic = f"curve-{uuid.uuid4().hex[:8]}"
             broker.create_topic(topic, args.partitions)
-            ends = preload(broker, topic, args.partitions, args.curve_records, args.payload_bytes)
+            ends, _ = preload(broker, topic, args.partitions, args.curve_records, args.payload_bytes)
             for w in [int(x) for x in args.curve.split(",")]:
                 c = ceiling(fresh(), args.curve_records, args.payload_bytes, w)
                 a = run_archiver(workdir, broker, fresh(), topic, args.curve_records, ends, w)
@@ -481,7 +468,7 @@ def main():
             for n in [int(x) for x in args.backlogs.split(",")]:
                 topic = f"backlog-{uuid.uuid4().hex[:8]}"
                 broker.create_topic(topic, args.partitions)
-                ends = preload(broker, topic, args.partitions, n, args.payload_bytes)
+                ends, _ = preload(broker, topic, args.partitions, n, args.payload_bytes)
                 a = run_archiver(workdir, broker, fresh(), topic, n, ends, args.workers)
                 rss.append({"backlog": n, "peak_rss_mib": a["peak_rss_mib"], "peak_spool_mib": a["peak_spool_mib"],
                             "records_per_second": a["records_per_second"]})
