@@ -41,6 +41,8 @@ pub enum ObjectKind {
     Timestamp,
     DeadLetter,
     DeadLetterReason,
+    /// A Parquet object of the batched format: many records of one partition-hour.
+    Parquet,
 }
 
 impl ObjectKind {
@@ -50,6 +52,7 @@ impl ObjectKind {
             ObjectKind::Timestamp => "timestamp",
             ObjectKind::DeadLetter => "dead_letter",
             ObjectKind::DeadLetterReason => "dead_letter_reason",
+            ObjectKind::Parquet => "parquet",
         }
     }
 }

@@ -34,6 +34,7 @@ use parquet::errors::ParquetError;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::file::writer::SerializedFileWriter;
+use parquet::record::reader::RowIter;
 use parquet::record::{Field, List};
 use parquet::schema::parser::parse_message_type;
 use parquet::schema::types::ColumnPath;
@@ -242,37 +243,59 @@ fn write_headers(value: bool, rows: &[Row], column: &mut ColumnWriter<'_>) -> Re
 
 /// The rows of a Parquet object written by [`Writer`], in the order they were written.
 pub fn read(object: Bytes) -> Result<Vec<Row>, ParquetError> {
+    rows(object)?.collect()
+}
+
+/// The rows of an object one at a time, decoded page by page: memory holds the object's
+/// compressed bytes, not its rows. Fails at once when the object has no valid footer (a truncated
+/// or foreign object).
+pub fn rows(object: Bytes) -> Result<Rows, ParquetError> {
     let reader = SerializedFileReader::new(object)?;
-    let mut rows = Vec::with_capacity(reader.metadata().file_metadata().num_rows().max(0) as usize);
-    for row in reader.get_row_iter(None)? {
-        let row = row?;
-        let mut r = Row {
-            offset: 0,
-            kafka_timestamp_ms: None,
-            key: None,
-            headers: None,
-            tstamp_us: None,
-            payload: None,
-            undecodable: None,
-        };
-        for (name, field) in row.get_column_iter() {
-            match (name.as_str(), field) {
-                (_, Field::Null) => {}
-                ("offset", Field::Long(v)) => r.offset = *v,
-                ("kafka_timestamp", Field::TimestampMillis(v)) => r.kafka_timestamp_ms = Some(*v),
-                ("key", Field::Bytes(b)) => r.key = Some(Bytes::copy_from_slice(b.data())),
-                ("headers", Field::ListInternal(list)) => r.headers = Some(headers(list)?),
-                ("tstamp", Field::TimestampMicros(v)) => r.tstamp_us = Some(*v),
-                ("payload", Field::Bytes(b)) => r.payload = Some(Bytes::copy_from_slice(b.data())),
-                ("undecodable", Field::Str(s)) => r.undecodable = Some(s.clone()),
-                (name, other) => {
-                    return Err(ParquetError::General(format!("unexpected column {name}: {other:?}")));
-                }
+    let count = reader.metadata().file_metadata().num_rows().max(0) as u64;
+    Ok(Rows { rows: RowIter::from_file_into(Box::new(reader)), count })
+}
+
+/// The iterator [`rows`] gives.
+pub struct Rows {
+    rows: RowIter<'static>,
+    /// How many rows the footer says the object has.
+    pub count: u64,
+}
+
+impl Iterator for Rows {
+    type Item = Result<Row, ParquetError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        Some(self.rows.next()?.and_then(|row| as_row(&row)))
+    }
+}
+
+fn as_row(row: &parquet::record::Row) -> Result<Row, ParquetError> {
+    let mut r = Row {
+        offset: 0,
+        kafka_timestamp_ms: None,
+        key: None,
+        headers: None,
+        tstamp_us: None,
+        payload: None,
+        undecodable: None,
+    };
+    for (name, field) in row.get_column_iter() {
+        match (name.as_str(), field) {
+            (_, Field::Null) => {}
+            ("offset", Field::Long(v)) => r.offset = *v,
+            ("kafka_timestamp", Field::TimestampMillis(v)) => r.kafka_timestamp_ms = Some(*v),
+            ("key", Field::Bytes(b)) => r.key = Some(Bytes::copy_from_slice(b.data())),
+            ("headers", Field::ListInternal(list)) => r.headers = Some(headers(list)?),
+            ("tstamp", Field::TimestampMicros(v)) => r.tstamp_us = Some(*v),
+            ("payload", Field::Bytes(b)) => r.payload = Some(Bytes::copy_from_slice(b.data())),
+            ("undecodable", Field::Str(s)) => r.undecodable = Some(s.clone()),
+            (name, other) => {
+                return Err(ParquetError::General(format!("unexpected column {name}: {other:?}")));
             }
         }
-        rows.push(r);
     }
-    Ok(rows)
+    Ok(r)
 }
 
 fn headers(list: &List) -> Result<Vec<(String, Option<Bytes>)>, ParquetError> {

@@ -45,7 +45,9 @@ pub fn parse_key(key: &str, layout: &Layout) -> Option<ArchivedKey> {
     let name = name.strip_prefix(&stem_prefix)?;
     let (kind, stem) = match root {
         "topics" => {
-            if let Some(stem) = name.strip_suffix("-timestamp.txt") {
+            if let Some(stem) = name.strip_suffix(super::parquet::EXTENSION) {
+                (ObjectKind::Parquet, stem)
+            } else if let Some(stem) = name.strip_suffix("-timestamp.txt") {
                 (ObjectKind::Timestamp, stem)
             } else {
                 (ObjectKind::Payload, name.strip_suffix(layout.extension.as_str())?)
@@ -115,6 +117,7 @@ impl Listed {
             Some(ObjectKind::Timestamp) => "-timestamp.txt",
             Some(ObjectKind::DeadLetter) => ".raw",
             Some(ObjectKind::DeadLetterReason) => "-reason.txt",
+            Some(ObjectKind::Parquet) => super::parquet::EXTENSION,
             None => "",
         };
         self.key.strip_suffix(suffix).unwrap_or(&self.key)
@@ -157,13 +160,21 @@ impl Selection {
         self.from_offset.is_none_or(|f| offset >= f) && self.to_offset.is_none_or(|t| offset <= t)
     }
 
-    /// Drops from `index` the partitions and offsets outside the selection.
+    /// Drops from `index` the partitions and offsets outside the selection. Of the Parquet
+    /// objects it keeps those that may hold a selected offset: the name gives only the first.
     pub fn apply(&self, index: &mut TopicIndex) {
         if let Some(p) = self.partition {
             index.partitions.retain(|&q, _| q == p);
+            index.batches.retain(|&q, _| q == p);
         }
         for slots in index.partitions.values_mut() {
             slots.retain(|&o, _| self.keeps_offset(o));
+        }
+        for objects in index.batches.values_mut() {
+            let first = |l: &Listed| l.parsed.as_ref().map_or(0, |k| k.offset);
+            // The last object starting at or below `from` may hold it; those before it cannot.
+            let from = self.from_offset.and_then(|f| objects.iter().map(first).filter(|&o| o <= f).max());
+            objects.retain(|l| from.is_none_or(|f| first(l) >= f) && self.to_offset.is_none_or(|t| first(l) <= t));
         }
     }
 }
@@ -324,7 +335,10 @@ impl OffsetObjects {
 /// Archive objects of a topic grouped by partition and offset; other keys apart.
 #[derive(Debug, Default)]
 pub struct TopicIndex {
+    /// The per-offset (Kafka Connect) layout's objects.
     pub partitions: BTreeMap<i32, BTreeMap<i64, OffsetObjects>>,
+    /// The Parquet objects of each partition, by first offset (then key).
+    pub batches: BTreeMap<i32, Vec<Listed>>,
     pub unexpected: Vec<Listed>,
 }
 
@@ -333,6 +347,9 @@ impl TopicIndex {
         let mut index = TopicIndex::default();
         for l in listed {
             match &l.parsed {
+                Some(k) if k.topic == topic && k.kind == ObjectKind::Parquet => {
+                    index.batches.entry(k.partition).or_default().push(l);
+                }
                 Some(k) if k.topic == topic => {
                     let slot = index.partitions.entry(k.partition).or_default().entry(k.offset).or_default();
                     match k.kind {
@@ -340,10 +357,17 @@ impl TopicIndex {
                         ObjectKind::Timestamp => slot.timestamp.push(l),
                         ObjectKind::DeadLetter => slot.dead_letter.push(l),
                         ObjectKind::DeadLetterReason => slot.reason.push(l),
+                        ObjectKind::Parquet => unreachable!("kept apart above"),
                     }
                 }
                 _ => index.unexpected.push(l),
             }
+        }
+        for objects in index.batches.values_mut() {
+            objects.sort_by(|a, b| {
+                let first = |l: &Listed| l.parsed.as_ref().map_or(0, |k| k.offset);
+                (first(a), &a.key).cmp(&(first(b), &b.key))
+            });
         }
         index
     }
@@ -365,6 +389,8 @@ mod tests {
         assert_eq!(k.map(|k| k.kind), Some(ObjectKind::DeadLetter));
         let k = parse_key("errors/s.t/year=2022/month=04/day=18/hour=10/s.t+0+0000000001-reason.txt", &layout);
         assert_eq!(k.map(|k| k.kind), Some(ObjectKind::DeadLetterReason));
+        let k = parse_key("topics/s.t/year=2022/month=04/day=18/hour=10/s.t+2+0000000100.zstd.parquet", &layout);
+        assert_eq!(k.map(|k| (k.partition, k.offset, k.kind)), Some((2, 100, ObjectKind::Parquet)));
         for other in [
             "topics/s.t/year=2022/month=04/day=18/hour=10/s.t+3+0000000042.json", // another extension
             "topics/s.t/year=2022/month=04/day=18/hour=10/other+3+0000000042.bin", // another topic's name
@@ -372,6 +398,8 @@ mod tests {
             "topics/s.t/year=2022/month=04/day=18/hour=10/s.t+3+42.bin",          // unpadded offset
             "topics/s.t/year=2022/month=04/day=18/hour=10/notes.txt",
             "errors/s.t/year=2022/month=04/day=18/hour=10/s.t+0+0000000001.bin-conflict.txt",
+            "errors/s.t/year=2022/month=04/day=18/hour=10/s.t+0+0000000001.zstd.parquet", // only under topics/
+            "topics/s.t/year=2022/month=04/day=18/hour=10/s.t+0+1.zstd.parquet",
         ] {
             assert_eq!(parse_key(other, &layout), None, "{other}");
         }

@@ -33,8 +33,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::{Failure, PART_SIZE, Shared, UploadError, drain, flatten};
-use crate::archive::UndecodablePolicy;
 use crate::archive::parquet::{self, Row, Writer as ParquetWriter};
+use crate::archive::{ObjectKind, UndecodablePolicy};
 use crate::config::ParquetSettings;
 use crate::metrics as m;
 use crate::pipeline::batch::{Batch, BatchLimits, Batcher, Seal};
@@ -451,7 +451,7 @@ async fn store_batch(
             Ok((rows, size)) => {
                 shared.store_answers();
                 metrics::histogram!(m::UPLOAD_DURATION).record(started.elapsed().as_secs_f64());
-                metrics::counter!(m::OBJECTS_UPLOADED, "kind" => "parquet").increment(1);
+                metrics::counter!(m::OBJECTS_UPLOADED, "kind" => ObjectKind::Parquet.label()).increment(1);
                 metrics::counter!(m::UPLOADED_BYTES).increment(size);
                 metrics::histogram!(m::OBJECT_SIZE).record(size as f64);
                 rows.report_undecodable(shared, &tp);

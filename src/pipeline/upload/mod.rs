@@ -770,7 +770,13 @@ mod tests {
     #[test]
     fn every_label_value_is_one_the_metrics_module_initialises() {
         use crate::archive::ObjectKind;
-        for kind in [ObjectKind::Payload, ObjectKind::Timestamp, ObjectKind::DeadLetter, ObjectKind::DeadLetterReason] {
+        for kind in [
+            ObjectKind::Payload,
+            ObjectKind::Timestamp,
+            ObjectKind::DeadLetter,
+            ObjectKind::DeadLetterReason,
+            ObjectKind::Parquet,
+        ] {
             assert!(m::OBJECT_KINDS.contains(&kind.label()), "{}", kind.label());
         }
         let errors = [
