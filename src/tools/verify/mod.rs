@@ -12,6 +12,12 @@
 //! archiver files a record without a Kafka timestamp under the hour it was consumed, so such a
 //! record consumed twice (stored, then fetched again before its offset was committed) is written
 //! twice. Anything else under the topic's folders is reported as unexpected.
+//!
+//! Parquet objects (the batched format) are read row by row, a partition's in offset order
+//! (`batches.rs`): their rows stand where the per-offset layout has objects, and a topic may hold
+//! both formats.
+
+mod batches;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -28,12 +34,13 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use crate::archive::{self, ArchiveError, Listed, OffsetObjects, Selection, TopicIndex};
 use crate::archive::{Layout, Object, ObjectKind};
 use crate::archive::{Plan, UndecodablePolicy, plan};
-use crate::config::{Config, Needs, Settings};
+use crate::config::{ArchiveFormat, Config, Needs, Settings};
 use crate::exit::Exit;
 use crate::record::{Record, RecordTime};
 use crate::tools::progress::Progress;
 use crate::tools::selection::SelectionArgs;
 use crate::tools::{KAFKA_SETTINGS, LAYOUT_SETTINGS, STORE_SETTINGS};
+use batches::Walk;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
@@ -175,7 +182,7 @@ pub struct Args {
     /// Check the bucket alone (completeness), without reading Kafka.
     #[arg(long)]
     pub bucket_only: bool,
-    /// Compare object sizes only, not bodies (no read of each object).
+    /// Compare object sizes only, not bodies (no read of each object; Parquet objects are read).
     #[arg(long)]
     pub sizes_only: bool,
     /// How many problems to print in full (all are counted).
@@ -191,7 +198,13 @@ impl Args {
 
 /// The settings `verify` reads (the others are hidden from its help).
 pub fn reads() -> Vec<&'static str> {
-    [KAFKA_SETTINGS, STORE_SETTINGS, LAYOUT_SETTINGS, &["UNDECODABLE", "UPLOAD_THREADS", "LOG_FORMAT"]].concat()
+    [
+        KAFKA_SETTINGS,
+        STORE_SETTINGS,
+        LAYOUT_SETTINGS,
+        &["ARCHIVE_FORMAT", "UNDECODABLE", "UPLOAD_THREADS", "LOG_FORMAT"],
+    ]
+    .concat()
 }
 
 /// `kafka-s3-archiver verify`: the report on stdout; exit status 0 only when clean.
@@ -285,10 +298,29 @@ async fn verify_topic(
     options.selection.apply(&mut index);
     report.counts.objects_found +=
         index.partitions.values().flat_map(|slots| slots.values()).map(|slot| slot.all().count() as u64).sum::<u64>();
+    report.counts.objects_found += index.batches.values().map(|objects| objects.len() as u64).sum::<u64>();
+    let mut walks: BTreeMap<i32, Walk> = std::mem::take(&mut index.batches)
+        .into_iter()
+        .map(|(p, objects)| (p, Walk::new(p, objects, store.clone(), layout.clone())))
+        .collect();
     if !options.bucket_only {
-        check_against_kafka(config, store.clone(), options, topic, &mut index, &mut report, progress.clone()).await?;
+        check_against_kafka(
+            config,
+            store.clone(),
+            options,
+            topic,
+            &mut index,
+            &mut walks,
+            &mut report,
+            progress.clone(),
+        )
+        .await?;
     }
     // What Kafka did not account for: completeness of the archive alone.
+    for (partition, walk) in walks {
+        let kafka = report.kafka_ranges.get(&partition).copied();
+        walk.finish(kafka, &mut report).await;
+    }
     for (&partition, slots) in &index.partitions {
         let kafka = report.kafka_ranges.get(&partition).copied();
         check_alone(partition, slots, kafka, layout, &mut report);
@@ -298,22 +330,65 @@ async fn verify_topic(
 }
 
 /// Reads the topic's records from Kafka and compares each with its objects. Slots it accounts
-/// for are removed from `index`.
+/// for are removed from `index`; rows are taken from the partitions' `walks` (those of the
+/// partitions read are finished here, so that memory holds a few partitions' objects at a time).
+#[allow(clippy::too_many_arguments)]
 async fn check_against_kafka(
     config: &Config,
     store: Arc<dyn ObjectStore>,
     options: &VerifyOptions,
     topic: &str,
     index: &mut TopicIndex,
+    walks: &mut BTreeMap<i32, Walk>,
     report: &mut TopicReport,
     progress: Arc<Progress>,
 ) -> Result<(), VerifyError> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<KafkaRecord>, VerifyError>>(4);
-    let reader = KafkaReader::new(config, topic, options)?;
+    // Partitions with Parquet objects are read from Kafka a few at a time; the others at once.
+    let with_objects: Vec<i32> = walks.keys().copied().collect();
+    let mut groups: Vec<Box<dyn Fn(i32) -> bool + Send>> = Vec::new();
+    for chunk in with_objects.chunks(PARQUET_PARTITIONS_AT_ONCE) {
+        let chunk = chunk.to_vec();
+        groups.push(Box::new(move |p| chunk.contains(&p)));
+    }
+    groups.push(Box::new(move |p| !with_objects.contains(&p)));
+    for group in groups {
+        let reader = KafkaReader::new(config, topic, options, group)?;
+        let partitions: Vec<i32> = reader.ranges.keys().copied().collect();
+        check_partitions(config, store.clone(), reader, options, topic, index, walks, report, &progress).await?;
+        for p in partitions {
+            if let Some(walk) = walks.remove(&p) {
+                let kafka = report.kafka_ranges.get(&p).copied();
+                walk.finish(kafka, report).await;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// How many partitions with Parquet objects are compared at once: each holds two objects.
+const PARQUET_PARTITIONS_AT_ONCE: usize = 4;
+
+#[allow(clippy::too_many_arguments)]
+async fn check_partitions(
+    config: &Config,
+    store: Arc<dyn ObjectStore>,
+    reader: KafkaReader,
+    options: &VerifyOptions,
+    topic: &str,
+    index: &mut TopicIndex,
+    walks: &mut BTreeMap<i32, Walk>,
+    report: &mut TopicReport,
+    progress: &Progress,
+) -> Result<(), VerifyError> {
     let total = reader.total();
+    if total == 0 {
+        return Ok(());
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<KafkaRecord>, VerifyError>>(4);
     progress.set_stage(&format!("checking {topic} against Kafka"), total);
     let reading = tokio::task::spawn_blocking(move || reader.read(tx));
     let policy = config.undecodable;
+    let parquet_archive = matches!(config.format, ArchiveFormat::Parquet(_));
     while let Some(batch) = rx.recv().await {
         let batch = batch?;
         let mut fetches = Vec::new();
@@ -321,14 +396,40 @@ async fn check_against_kafka(
             let range = report.kafka_ranges.entry(r.partition).or_insert((r.offset, r.offset));
             range.0 = range.0.min(r.offset);
             range.1 = range.1.max(r.offset);
+            let kafka_first = range.0;
             let slot = index.partitions.get_mut(&r.partition).and_then(|s| s.remove(&r.offset)).unwrap_or_default();
+            if parquet_archive && slot.all().next().is_none() {
+                // A partition with no object yet is still one of this format.
+                walks
+                    .entry(r.partition)
+                    .or_insert_with(|| Walk::new(r.partition, Vec::new(), store.clone(), config.layout.clone()));
+            }
+            let row = match walks.get_mut(&r.partition) {
+                Some(walk) => walk.take_at(r.offset, kafka_first, report).await,
+                None => None,
+            };
             if r.timestamp_ms.is_some_and(|ts| !options.selection.range.contains(ts)) {
                 // Outside the time range: its objects are not this run's business.
                 continue;
             }
             report.counts.offsets += 1;
             report.counts.against_kafka += 1;
-            compare_record(r, &slot, &config.layout, policy, options.sizes_only, report, &mut fetches);
+            let walk = walks.get_mut(&r.partition);
+            let Some(row) = row else {
+                match walk {
+                    Some(walk) if slot.all().next().is_none() => walk.missing(r, &config.layout, report),
+                    _ => compare_record(r, &slot, &config.layout, policy, options.sizes_only, report, &mut fetches),
+                }
+                continue;
+            };
+            if let Some(walk) = walk {
+                walk.flush_missing(report);
+            }
+            batches::compare_row(r, &row, report);
+            if let Some(other) = slot.all().next() {
+                let detail = format!("offset {} is archived twice: in {} and {}", r.offset, row.key, other.key);
+                report.problem(ProblemKind::Twice, row.key.as_ref(), detail);
+            }
         }
         let n = batch.len() as u64;
         compare_bodies(store.as_ref(), fetches, options.selection.parallel, report).await;
@@ -685,7 +786,13 @@ struct KafkaReader {
 }
 
 impl KafkaReader {
-    fn new(config: &Config, topic: &str, options: &VerifyOptions) -> Result<KafkaReader, VerifyError> {
+    /// A reader of the topic's partitions that `read_partition` takes.
+    fn new(
+        config: &Config,
+        topic: &str,
+        options: &VerifyOptions,
+        read_partition: impl Fn(i32) -> bool,
+    ) -> Result<KafkaReader, VerifyError> {
         let mut c = crate::kafka::client_config(config)?;
         // Its own group id, never committed to: the archiver's offsets are not touched.
         c.set("group.id", "kafka-s3-archiver-verify")
@@ -699,11 +806,12 @@ impl KafkaReader {
             .iter()
             .filter(|t| t.name() == topic && t.error().is_none())
             .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-            .filter(|&p| options.selection.partition.is_none_or(|q| q == p))
             .collect();
-        if partitions.is_empty() && options.selection.partition.is_none() {
+        if partitions.is_empty() {
             return Err(VerifyError::NoSuchTopic(topic.to_string()));
         }
+        let partitions =
+            partitions.into_iter().filter(|&p| options.selection.partition.is_none_or(|q| q == p) && read_partition(p));
         let mut ranges = HashMap::new();
         let mut tpl = TopicPartitionList::new();
         for p in partitions {
@@ -821,7 +929,8 @@ pub fn render(reports: &[TopicReport], options: &VerifyOptions) -> String {
         } else {
             format!("{} bodies compared", c.bodies_compared)
         };
-        let expected = if c.against_kafka > 0 {
+        // The per-offset layout's objects follow from the records; the Parquet format's do not.
+        let expected = if c.objects_expected > 0 {
             format!(" ({} expected from Kafka's records)", c.objects_expected)
         } else {
             String::new()
@@ -869,7 +978,7 @@ mod tests {
     use object_store::memory::InMemory;
     use object_store::{ObjectStoreExt, PutPayload};
 
-    fn config() -> Config {
+    pub(super) fn config() -> Config {
         let s = Settings {
             broker_hostname: Some("unused:9092".into()),
             kafka_topic: Some("t".into()),
@@ -878,7 +987,7 @@ mod tests {
         Config::from_settings(&s, &[]).unwrap()
     }
 
-    fn options() -> VerifyOptions {
+    pub(super) fn options() -> VerifyOptions {
         VerifyOptions {
             topics: vec!["t".into()],
             selection: Selection { parallel: 4, ..Selection::default() },
