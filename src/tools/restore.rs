@@ -7,10 +7,16 @@
 //! key and Kafka timestamp come back from the metadata when it has them. Records archived raw
 //! (UNDECODABLE=raw) go back as they were; dead letters only with `--dead-letters`.
 //!
+//! In the Parquet format (ARCHIVE_FORMAT=parquet) each row is a record: a SINETStream message
+//! (tstamp and msg) is encoded again as v3 with its exact tstamp, any other value (not a message,
+//! or VALUE_FORMAT=plain) goes back as it was, a tombstone as a null value, with the key, headers
+//! and Kafka timestamp the row kept.
+//!
 //! Partition P of the archive goes to partition P of the target topic, through an idempotent
-//! producer, so each partition's order is kept even when sends are retried.
+//! producer, so each partition's order is kept even when sends are retried. An offset archived
+//! twice (overlapping objects, or both formats) is produced once, from its first copy.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,9 +24,11 @@ use bytes::Bytes;
 use futures::StreamExt;
 use object_store::path::Path;
 use object_store::{Attribute, Attributes, ObjectStore, ObjectStoreExt};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 
+use crate::archive::parquet::Row;
 use crate::archive::sinetstream::{self, Format};
 use crate::archive::{self, ArchiveError, OffsetObjects, Selection, TopicIndex};
 use crate::config::{Config, Needs, Settings};
@@ -80,6 +88,12 @@ pub struct RestoreSummary {
     pub dead_letters_skipped: u64,
     /// Records with their Kafka key back.
     pub with_key: u64,
+    /// Records with their Kafka headers back (Parquet format).
+    pub with_headers: u64,
+    /// Tombstones (null values) produced again (Parquet format; the per-offset layout has none).
+    pub tombstones: u64,
+    /// Offsets archived more than once, produced once.
+    pub twice: u64,
     /// Offsets that could not be rebuilt (see `problems`); nothing was produced for them.
     pub skipped: u64,
     pub problems: Vec<String>,
@@ -91,8 +105,10 @@ pub struct RestoreSummary {
 #[derive(Debug)]
 struct Rebuilt {
     offset: i64,
-    value: Vec<u8>,
+    /// None: a tombstone.
+    value: Option<Vec<u8>>,
     key: Option<Vec<u8>>,
+    headers: Option<Vec<(String, Option<Bytes>)>>,
     timestamp_ms: Option<i64>,
     how: How,
 }
@@ -103,6 +119,7 @@ enum How {
     Millisecond,
     Raw,
     DeadLetter,
+    Tombstone,
 }
 
 #[derive(clap::Args, Debug)]
@@ -186,90 +203,219 @@ pub async fn replay(
     let mut index = TopicIndex::build(&options.topic, listed);
     options.selection.apply(&mut index);
     index.partitions.retain(|_, s| !s.is_empty());
-    if index.partitions.is_empty() {
+    index.batches.retain(|_, objects| !objects.is_empty());
+    let partitions: BTreeSet<i32> = index.partitions.keys().chain(index.batches.keys()).copied().collect();
+    let Some(&max_partition) = partitions.last() else {
         return Err(RestoreError::Empty(options.topic.clone()));
-    }
+    };
     let producer = match (&options.to_topic, options.dry_run) {
-        (Some(to), false) => Some(producer(config, to, *index.partitions.keys().last().expect("not empty"))?),
+        (Some(to), false) => Some((producer(config, to, max_partition)?, to.clone())),
         _ => None,
     };
-    let total: u64 = index.partitions.values().map(|s| s.len() as u64).sum();
+    // Progress counts offsets of the per-offset layout and objects of the Parquet format.
+    let total: u64 = index.partitions.values().map(|s| s.len() as u64).sum::<u64>()
+        + index.batches.values().map(|o| o.len() as u64).sum::<u64>();
     progress.set_stage(&format!("restoring {}", options.topic), total);
     let mut summary = RestoreSummary::default();
-    for (&partition, slots) in &index.partitions {
-        let separator = layout.separator.clone();
-        let rebuilt = futures::stream::iter(slots.iter())
-            .map(|(&offset, slot)| rebuild(store.as_ref(), offset, slot, &separator, options.dead_letters))
-            .buffered(options.selection.parallel);
-        tokio::pin!(rebuilt);
-        let mut pending: VecDeque<(i64, DeliveryFuture)> = VecDeque::new();
-        while let Some(r) = rebuilt.next().await {
+    for partition in partitions {
+        let mut out = Output { partition, producer: producer.as_ref(), pending: VecDeque::new(), last: None };
+        let mut slots = index.partitions.remove(&partition).unwrap_or_default();
+        let objects = index.batches.remove(&partition).unwrap_or_default();
+        // A topic archived in both formats (ARCHIVE_FORMAT changed): the per-offset objects below
+        // the first Parquet object, the Parquet objects, then the per-offset objects above them.
+        let first_batch = objects.first().and_then(|l| l.parsed.as_ref()).map(|k| k.offset);
+        let after = first_batch.map(|o| slots.split_off(&o)).unwrap_or_default();
+        restore_slots(store.as_ref(), &slots, options, layout, &mut out, &mut summary, &progress).await?;
+        for object in &objects {
+            restore_object(store.as_ref(), object, options, &mut out, &mut summary).await?;
             progress.inc(1);
-            let r = match r? {
-                Ok(Some(r)) => r,
-                Ok(None) => {
-                    summary.dead_letters_skipped += 1;
-                    continue;
-                }
-                Err(problem) => {
-                    summary.skipped += 1;
-                    summary.problems.push(format!("partition {partition}: {problem}"));
-                    continue;
-                }
-            };
-            match r.how {
-                How::Exact => summary.exact_tstamp += 1,
-                How::Millisecond => summary.millisecond_tstamp += 1,
-                How::Raw => summary.raw += 1,
-                How::DeadLetter => summary.dead_letters_produced += 1,
-            }
-            summary.with_key += u64::from(r.key.is_some());
-            summary.produced += 1;
-            let e = summary.partitions.entry(partition).or_insert((r.offset, r.offset, 0));
-            e.1 = r.offset;
-            e.2 += 1;
-            if let (Some(producer), Some(to)) = (&producer, &options.to_topic) {
-                let mut record = FutureRecord::<[u8], [u8]>::to(to).partition(partition).payload(&r.value);
-                if let Some(k) = &r.key {
-                    record = record.key(k.as_slice());
-                }
-                if let Some(ts) = r.timestamp_ms {
-                    record = record.timestamp(ts);
-                }
-                let delivery = loop {
-                    match producer.send_result(record) {
-                        Ok(d) => break d,
-                        // The local queue is full: wait for deliveries, then send again.
-                        Err((
-                            rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
-                            back,
-                        )) => {
-                            record = back;
-                            if let Some((offset, d)) = pending.pop_front() {
-                                delivered(partition, offset, d).await?;
-                            } else {
-                                producer.poll(Duration::from_millis(100));
-                            }
-                        }
-                        Err((error, _)) => return Err(RestoreError::Delivery { partition, offset: r.offset, error }),
-                    }
-                };
-                pending.push_back((r.offset, delivery));
-                while pending.len() > 10_000 {
-                    let (offset, d) = pending.pop_front().expect("not empty");
-                    delivered(partition, offset, d).await?;
-                }
-            }
         }
-        for (offset, d) in pending {
-            delivered(partition, offset, d).await?;
-        }
+        restore_slots(store.as_ref(), &after, options, layout, &mut out, &mut summary, &progress).await?;
+        out.flush().await?;
     }
-    if let Some(p) = &producer {
+    if let Some((p, _)) = &producer {
         p.flush(Timeout::After(Duration::from_secs(60)))?;
     }
     progress.finish();
     Ok(summary)
+}
+
+/// Where rebuilt records of one partition go, in offset order.
+struct Output<'a> {
+    partition: i32,
+    producer: Option<&'a (FutureProducer, String)>,
+    pending: VecDeque<(i64, DeliveryFuture)>,
+    /// The last offset produced: an offset archived twice goes once.
+    last: Option<i64>,
+}
+
+impl Output<'_> {
+    /// Produces `r` (counted in `summary`), unless its offset went already.
+    async fn send(&mut self, r: Rebuilt, from: &str, summary: &mut RestoreSummary) -> Result<(), RestoreError> {
+        let partition = self.partition;
+        if self.last.is_some_and(|last| r.offset <= last) {
+            summary.twice += 1;
+            summary.problems.push(format!(
+                "partition {partition}: offset {} is archived again in {from}: produced once, from the first copy",
+                r.offset
+            ));
+            return Ok(());
+        }
+        self.last = Some(r.offset);
+        match r.how {
+            How::Exact => summary.exact_tstamp += 1,
+            How::Millisecond => summary.millisecond_tstamp += 1,
+            How::Raw => summary.raw += 1,
+            How::DeadLetter => summary.dead_letters_produced += 1,
+            How::Tombstone => summary.tombstones += 1,
+        }
+        summary.with_key += u64::from(r.key.is_some());
+        summary.with_headers += u64::from(r.headers.as_ref().is_some_and(|h| !h.is_empty()));
+        summary.produced += 1;
+        let e = summary.partitions.entry(partition).or_insert((r.offset, r.offset, 0));
+        e.1 = r.offset;
+        e.2 += 1;
+        let Some((producer, to)) = self.producer else { return Ok(()) };
+        let headers = r.headers.as_ref().map(|hs| {
+            hs.iter().fold(OwnedHeaders::new_with_capacity(hs.len()), |h, (name, value)| {
+                h.insert(Header { key: name, value: value.as_deref() })
+            })
+        });
+        let mut record = FutureRecord::<[u8], [u8]>::to(to).partition(partition);
+        if let Some(v) = &r.value {
+            record = record.payload(v);
+        }
+        if let Some(k) = &r.key {
+            record = record.key(k.as_slice());
+        }
+        if let Some(ts) = r.timestamp_ms {
+            record = record.timestamp(ts);
+        }
+        if let Some(h) = headers {
+            record = record.headers(h);
+        }
+        let delivery = loop {
+            match producer.send_result(record) {
+                Ok(d) => break d,
+                // The local queue is full: wait for deliveries, then send again.
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                    back,
+                )) => {
+                    record = back;
+                    if let Some((offset, d)) = self.pending.pop_front() {
+                        delivered(partition, offset, d).await?;
+                    } else {
+                        producer.poll(Duration::from_millis(100));
+                    }
+                }
+                Err((error, _)) => return Err(RestoreError::Delivery { partition, offset: r.offset, error }),
+            }
+        };
+        self.pending.push_back((r.offset, delivery));
+        while self.pending.len() > 10_000 {
+            let (offset, d) = self.pending.pop_front().expect("not empty");
+            delivered(partition, offset, d).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until Kafka took every record sent.
+    async fn flush(&mut self) -> Result<(), RestoreError> {
+        while let Some((offset, d)) = self.pending.pop_front() {
+            delivered(self.partition, offset, d).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Restores offsets of the per-offset (Kafka Connect) layout, reading objects in parallel.
+async fn restore_slots(
+    store: &dyn ObjectStore,
+    slots: &BTreeMap<i64, OffsetObjects>,
+    options: &RestoreOptions,
+    layout: &archive::Layout,
+    out: &mut Output<'_>,
+    summary: &mut RestoreSummary,
+    progress: &Progress,
+) -> Result<(), RestoreError> {
+    let rebuilt = futures::stream::iter(slots.iter())
+        .map(|(&offset, slot)| rebuild(store, offset, slot, &layout.separator, options.dead_letters))
+        .buffered(options.selection.parallel);
+    tokio::pin!(rebuilt);
+    let mut offsets = slots.iter();
+    while let Some(r) = rebuilt.next().await {
+        progress.inc(1);
+        let (_, slot) = offsets.next().expect("one result per slot");
+        match r? {
+            Ok(Some(r)) => {
+                let from = slot.payload.first().or(slot.dead_letter.first()).map_or("", |l| l.key.as_str());
+                out.send(r, from, summary).await?;
+            }
+            Ok(None) => summary.dead_letters_skipped += 1,
+            Err(problem) => {
+                summary.skipped += 1;
+                summary.problems.push(format!("partition {}: {problem}", out.partition));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Restores the rows of one Parquet object that are in the selection.
+async fn restore_object(
+    store: &dyn ObjectStore,
+    object: &archive::Listed,
+    options: &RestoreOptions,
+    out: &mut Output<'_>,
+    summary: &mut RestoreSummary,
+) -> Result<(), RestoreError> {
+    let (body, _) = get(store, &object.key).await?;
+    let rows = match archive::parquet::rows(body) {
+        Ok(rows) => rows,
+        Err(e) => {
+            summary.skipped += 1;
+            let problem = format!("{} is not a readable Parquet object ({e}): none of its records", object.key);
+            summary.problems.push(format!("partition {}: {problem}", out.partition));
+            return Ok(());
+        }
+    };
+    for row in rows {
+        let row = match row {
+            Ok(row) => row,
+            Err(e) => {
+                summary.skipped += 1;
+                let problem = format!("{}: a row cannot be read ({e}): the rest of the object", object.key);
+                summary.problems.push(format!("partition {}: {problem}", out.partition));
+                return Ok(());
+            }
+        };
+        if !options.selection.keeps_offset(row.offset) {
+            continue;
+        }
+        out.send(rebuild_row(row), &object.key, summary).await?;
+    }
+    Ok(())
+}
+
+/// A row as the record it was: a SINETStream message is encoded again (v3, the exact tstamp),
+/// anything else goes back as it was kept.
+fn rebuild_row(row: Row) -> Rebuilt {
+    let (value, how) = match (row.payload, row.tstamp_us) {
+        (None, _) => (None, How::Tombstone),
+        (Some(msg), Some(us)) if row.undecodable.is_none() => {
+            (Some(sinetstream::encode(us, &msg, Format::V3)), How::Exact)
+        }
+        (Some(raw), _) => (Some(raw.to_vec()), How::Raw),
+    };
+    Rebuilt {
+        offset: row.offset,
+        value,
+        key: row.key.map(|k| k.to_vec()),
+        headers: row.headers,
+        timestamp_ms: row.kafka_timestamp_ms,
+        how,
+    }
 }
 
 async fn delivered(partition: i32, offset: i64, d: DeliveryFuture) -> Result<(), RestoreError> {
@@ -326,7 +472,14 @@ async fn rebuild(
         };
         let (key, kafka_ts) = kafka_key_and_time(&attrs);
         if meta(&attrs, archive::META_FORM).as_deref() == Some("raw") {
-            return Ok(Ok(Some(Rebuilt { offset, value: msg.to_vec(), key, timestamp_ms: kafka_ts, how: How::Raw })));
+            return Ok(Ok(Some(Rebuilt {
+                offset,
+                value: Some(msg.to_vec()),
+                key,
+                headers: None,
+                timestamp_ms: kafka_ts,
+                how: How::Raw,
+            })));
         }
         let (tstamp_us, how) = match meta(&attrs, archive::META_TSTAMP_US).and_then(|v| v.parse::<i64>().ok()) {
             Some(us) => (us, How::Exact),
@@ -352,7 +505,7 @@ async fn rebuild(
         // The archive of the Kafka Connect deployment has no Kafka timestamp: the producer's
         // tstamp is the closest (SINETStream sets both from the same clock).
         let timestamp_ms = kafka_ts.or(Some(crate::archive::micros_to_millis(tstamp_us)));
-        return Ok(Ok(Some(Rebuilt { offset, value, key, timestamp_ms, how })));
+        return Ok(Ok(Some(Rebuilt { offset, value: Some(value), key, headers: None, timestamp_ms, how })));
     }
     if let Some(dead) = slot.dead_letter.first() {
         if !dead_letters {
@@ -360,7 +513,8 @@ async fn rebuild(
         }
         let (body, attrs) = get(store, &dead.key).await?;
         let (key, timestamp_ms) = kafka_key_and_time(&attrs);
-        return Ok(Ok(Some(Rebuilt { offset, value: body.to_vec(), key, timestamp_ms, how: How::DeadLetter })));
+        let value = Some(body.to_vec());
+        return Ok(Ok(Some(Rebuilt { offset, value, key, headers: None, timestamp_ms, how: How::DeadLetter })));
     }
     Ok(Err(format!(
         "offset {offset} has no payload object (only {})",
@@ -412,7 +566,7 @@ pub fn render(s: &RestoreSummary, options: &RestoreOptions) -> String {
     let _ = writeln!(out, "{verb} {} records:", s.produced);
     let _ = writeln!(
         out,
-        "  {} SINETStream messages with the exact tstamp (microseconds, from the payload's metadata)",
+        "  {} SINETStream messages with the exact tstamp (microseconds, from the payload's metadata or the Parquet row)",
         s.exact_tstamp
     );
     if s.millisecond_tstamp > 0 {
@@ -423,9 +577,22 @@ pub fn render(s: &RestoreSummary, options: &RestoreOptions) -> String {
             s.millisecond_tstamp
         );
     }
-    let _ = writeln!(out, "  {} raw values (archived with UNDECODABLE=raw)", s.raw);
+    let _ = writeln!(
+        out,
+        "  {} raw values (archived with UNDECODABLE=raw, or rows of the Parquet format that are not SINETStream messages)",
+        s.raw
+    );
+    if s.tombstones > 0 {
+        let _ = writeln!(out, "  {} tombstones (null values)", s.tombstones);
+    }
     let _ = writeln!(out, "  {} dead letters as their raw values", s.dead_letters_produced);
     let _ = writeln!(out, "  {} with their Kafka key", s.with_key);
+    if s.with_headers > 0 {
+        let _ = writeln!(out, "  {} with their Kafka headers", s.with_headers);
+    }
+    if s.twice > 0 {
+        let _ = writeln!(out, "left out: {} offsets archived twice, produced once (verify names the copies)", s.twice);
+    }
     if s.dead_letters_skipped > 0 {
         let _ = writeln!(
             out,
@@ -444,7 +611,74 @@ pub fn render(s: &RestoreSummary, options: &RestoreOptions) -> String {
 
 #[cfg(test)]
 mod tests {
+    use object_store::PutPayload;
+    use object_store::memory::InMemory;
+
     use super::*;
+    use crate::archive::Layout;
+    use crate::record::{Record, RecordTime};
+
+    /// A record of partition 1 at `offset` with `value`, an hour in Tokyo from 10:00 2022-04-18.
+    fn row(offset: i64, value: Option<&[u8]>, sinetstream: bool) -> Row {
+        let record = Record {
+            topic: "t".into(),
+            partition: 1,
+            offset,
+            time: RecordTime::Kafka(1_650_243_600_000 + offset),
+            key: Some(Bytes::from(format!("k{offset}"))),
+            value: value.map(Bytes::copy_from_slice),
+        };
+        Row::of(&record, sinetstream)
+    }
+
+    async fn put(store: &InMemory, rows: &[Row]) {
+        let key = archive::parquet::key(&Layout::default(), "t", 1, rows[0].offset, 1_650_243_600_000);
+        let mut w = archive::parquet::Writer::new(3).unwrap();
+        let body = [w.row_group(rows).unwrap(), w.finish().unwrap()].concat();
+        store.put(&Path::from(key.as_str()), PutPayload::from(body)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn parquet_rows_rebuild_as_the_records_they_were_and_an_overlap_goes_once() {
+        let message = sinetstream::encode(1_650_243_600_123_456, b"{\"v\":1}", Format::V2);
+        let mut rows = [
+            row(0, Some(&message), true),
+            row(1, Some(b"not a message"), true),
+            row(2, None, true),
+            row(3, Some(b"{\"plain\":true}"), false),
+        ];
+        rows[3].headers = Some(vec![("h".into(), Some(Bytes::from_static(b"v"))), ("h".into(), None)]);
+        let store = Arc::new(InMemory::new());
+        put(&store, &rows[..3]).await;
+        put(&store, &rows[2..]).await; // offset 2 in both objects
+        let settings = Settings {
+            kafka_topic: Some("t".into()),
+            broker_hostname: Some("unused:9092".into()),
+            ..Default::default()
+        };
+        let config = Config::from_settings(&settings, &[]).unwrap();
+        let options = RestoreOptions {
+            topic: "t".into(),
+            to_topic: None,
+            selection: Selection { parallel: 2, ..Selection::default() },
+            dead_letters: false,
+            dry_run: true,
+        };
+        let s = replay(&config, store, &options, Progress::new("test")).await.unwrap();
+        assert_eq!((s.produced, s.exact_tstamp, s.raw, s.tombstones, s.twice), (4, 1, 2, 1, 1), "{s:?}");
+        assert_eq!((s.with_key, s.with_headers, s.skipped), (4, 1, 0));
+        assert_eq!(s.partitions.get(&1), Some(&(0, 3, 4)));
+        assert!(s.problems[0].contains("offset 2 is archived again"), "{:?}", s.problems);
+
+        let back = rebuild_row(rows[0].clone());
+        // The v2 message comes back as v3, with the same tstamp and msg.
+        let decoded = sinetstream::decode(back.value.as_deref().unwrap()).unwrap();
+        assert_eq!(decoded.tstamp_us, 1_650_243_600_123_456);
+        assert_eq!(&back.value.as_ref().unwrap()[decoded.msg], b"{\"v\":1}");
+        assert_eq!((back.key.as_deref(), back.timestamp_ms), (Some(&b"k0"[..]), Some(1_650_243_600_000)));
+        assert_eq!(rebuild_row(rows[1].clone()).value.as_deref(), Some(&b"not a message"[..]));
+        assert_eq!(rebuild_row(rows[3].clone()).headers, rows[3].headers);
+    }
 
     #[test]
     fn timestamp_objects_parse_back_to_their_milliseconds() {
