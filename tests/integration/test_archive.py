@@ -84,6 +84,20 @@ class Bucket:
                 out[o["Key"]] = s3.get_object(Bucket=self.name, Key=o["Key"])["Body"].read()
         return out
 
+    def put(self, key, body):
+        if self.kind == "local":
+            path = self.root / "archive" / key
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(body)
+        else:
+            self.server.client().put_object(Bucket=self.name, Key=key, Body=body)
+
+    def delete(self, key):
+        if self.kind == "local":
+            (self.root / "archive" / key).unlink()
+        else:
+            self.server.client().delete_object(Bucket=self.name, Key=key)
+
 
 @pytest.fixture(params=["garage", "moto", "local"])
 def bucket(request, tmp_path):

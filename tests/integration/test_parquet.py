@@ -3,6 +3,7 @@ through the archiver into garage and a local directory; two independent Parquet 
 and DuckDB) read the objects back, and every row is compared with the record read from Kafka and
 decoded by SINETStream itself."""
 import datetime
+import io
 import json
 import os
 import random
@@ -22,7 +23,7 @@ import oracle
 import testbed
 from load import Producer
 from test_archive import VARIANTS, produce_sinetstream, sinetstream_messages, wait_committed
-from test_verify_restore import produce
+from test_verify_restore import produce, read_raw, sinetstream_reader, tool
 
 EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 NAME = re.compile(r"^topics/([^/]+)/(year=\d{4}/month=\d\d/day=\d\d/hour=\d\d)/\1\+(\d+)\+(\d{10})\.zstd\.parquet$")
@@ -150,7 +151,8 @@ def bucket(request, tmp_path):
     return Bucket("garage", server=request.getfixturevalue("garage"), name=name)
 
 
-def test_sinetstream_records_in_parquet_read_back_by_pyarrow_and_duckdb(broker, bucket, run_archiver, tmp_path):
+def test_sinetstream_records_in_parquet_read_back_by_pyarrow_and_duckdb(broker, bucket, run_archiver, tmp_path,
+                                                                        archiver_bin, monkeypatch):
     rng = random.Random(23)
     run = uuid.uuid4().hex[:8]
     topic, group = f"pq.{run}", f"archiver-{run}"
@@ -201,7 +203,87 @@ def test_sinetstream_records_in_parquet_read_back_by_pyarrow_and_duckdb(broker, 
     time.sleep(1.5)  # anything extra would be archived by now
     assert a.metrics()["kafka_s3_archiver_records_archived_total"] == len(more)
     assert a.stop() == 0, a.logs()
-    check(download(bucket, tmp_path / "download2"), topic, expected)
+    root = download(bucket, tmp_path / "download2")
+    objects = check(root, topic, expected)
+    env = {"BROKER_HOSTNAME": broker.bootstrap, "KAFKA_TOPIC": topic, "ARCHIVE_FORMAT": "parquet",
+           **{k: str(v) for k, v in bucket.env().items()}}
+    verify_and_restore(archiver_bin, env, broker, bucket, root, topic, records, expected, objects,
+                       lambda target: sinetstream_reader(tmp_path, monkeypatch, broker.bootstrap, target))
+
+
+def verify_and_restore(archiver_bin, env, broker, bucket, root, topic, records, expected, objects, reader):
+    """`verify` finds the archive clean; `restore` gives back every record (SINETStream's reader
+    decodes the messages, to the microsecond); then a deleted, a truncated and an overlapping
+    object are each named, with Kafka and from the bucket alone."""
+    n = len(expected)
+    code, out, err = tool(archiver_bin, env, "verify")
+    assert code == 0, out + err
+    assert f"checked {n} offsets ({n} against Kafka, 0 from the bucket alone), {objects} objects found" in out, out
+    assert f"clean: {n} offsets, {objects} objects" in out, out
+
+    target = f"{topic}.restored"
+    broker.create_topic(target, 1 + max(p for p, _ in expected))
+    code, out, err = tool(archiver_bin, env, "restore", "--to-topic", target)
+    assert code == 0 and f"produced {n} records" in out and "2 tombstones" in out, out + err
+    decode = reader(target)
+    restored = {(p, o): (key, value, ts) for p, o, key, value, ts in read_raw(broker.bootstrap, target, n)}
+    assert len(restored) == n
+    for p, o, ts, value, key in records:
+        e = expected[(p, o)]
+        got_key, got_value, got_ts = restored[(p, o)]
+        assert (got_key, got_ts) == (key, ts), (p, o)
+        if e["tstamp"] is None:
+            assert got_value == value, f"{(p, o)}: kept as it was"
+        else:
+            m = decode(got_value)
+            assert (m.value, m.timestamp_us) == (e["payload"], e["tstamp"]), (p, o)
+
+    per_partition = ranges(root, topic)
+    p = max(per_partition, key=lambda q: len(per_partition[q]))
+    assert len(per_partition[p]) >= 5, per_partition
+    name = {}
+    for f in (root / "topics" / topic).rglob("*.parquet"):
+        m = NAME.match(str(f.relative_to(root)))
+        name[(int(m.group(3)), int(m.group(4)))] = (str(f.relative_to(root)), f)
+    objs = per_partition[p]
+    # Deleted: the second object, truncated: the fourth, copied but its first row: the largest of the others.
+    (d_first, d_last), (t_first, t_last) = objs[1], objs[3]
+    o_first, o_last = max([objs[2], *objs[4:]], key=lambda r: r[1] - r[0])
+    deleted, truncated = name[(p, d_first)][0], name[(p, t_first)][0]
+    bucket.delete(deleted)
+    body = name[(p, t_first)][1].read_bytes()
+    bucket.put(truncated, body[: len(body) // 2])
+    # Written by another writer (pyarrow): the last object's rows but its first.
+    again = pq.read_table(name[(p, o_first)][1]).slice(1)
+    assert again.num_rows >= 1
+    sink = io.BytesIO()
+    pq.write_table(again, sink, compression="zstd")
+    second = again.column("offset")[0].as_py()
+    overlapping = name[(p, o_first)][0].replace(f"+{o_first:010d}.", f"+{second:010d}.")
+    bucket.put(overlapping, sink.getvalue())
+    lost = (d_last - d_first + 1) + (t_last - t_first + 1)
+
+    def span(first, last):
+        return f"offset {first} is" if first == last else f"offsets {first}..={last} ({last - first + 1} records) are"
+
+    code, out, err = tool(archiver_bin, env, "verify")
+    assert code == 1, out + err
+    lines = out.splitlines()
+    def line_for(kind, key):
+        return next((line for line in lines if line.split()[:2] == [kind, key]), "")
+    assert f"{span(d_first, d_last)} in Kafka and in no object" in line_for("MISSING", deleted), out
+    assert "not a readable Parquet object" in line_for("MISMATCHED", truncated), out
+    assert f"{span(t_first, t_last)} in Kafka and in no object" in line_for("MISSING", truncated), out
+    assert f"partition {p}: {span(second, o_last)} in both" in line_for("TWICE", overlapping), out
+    assert f"missing {lost}, mismatched 1, extra 0, offsets in gaps 0, archived twice {o_last - second + 1}" in out
+
+    alone = {k: v for k, v in env.items() if k != "BROKER_HOSTNAME"}
+    code, out, err = tool(archiver_bin, alone, "verify", "--bucket-only")
+    assert code == 1, out + err
+    assert f"offsets {d_first}..={d_last} are in no object" in out, out
+    assert f"offsets {t_first}..={t_last} are in no object" in out, out
+    assert "not a readable Parquet object" in line_for("MISMATCHED", truncated), out
+    assert f"TWICE      {overlapping}" in out, out
 
 
 def test_plain_values_of_any_producer(broker, run_archiver, tmp_path):
@@ -275,6 +357,10 @@ def test_sigkill_cycles_leave_every_offset_in_exactly_one_object(broker, store, 
     sealed = {k: v for k, v in final.metrics().items() if k.startswith("kafka_s3_archiver_batches_sealed_total")}
     assert final.stop() == 0, final.logs()
     objects = check(download(bucket, tmp_path / "download"), topic, expected_rows(records))
+    verify_env = {"BROKER_HOSTNAME": broker.bootstrap, "KAFKA_TOPIC": topic, "ARCHIVE_FORMAT": "parquet",
+                  **{k: str(v) for k, v in bucket.env().items()}}
+    code, out, err = tool(request.getfixturevalue("archiver_bin"), verify_env, "verify")
+    assert code == 0 and f"clean: {produced} offsets, {objects} objects" in out, out + err
     print(f"\nSUMMARY parquet crash[{store}]: {kills} SIGKILL, {terms} SIGTERM, records={produced} "
           f"objects={objects} last run's seals={sealed}")
     assert objects >= produced // 50
