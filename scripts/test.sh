@@ -14,4 +14,4 @@ cargo test --locked
 cargo build --release --locked
 # Absolute: the tests start the binary from their own working directories.
 export ARCHIVER_BIN=$(realpath -m "${CARGO_TARGET_DIR:-target}")/release/kafka-s3-archiver
-"$VENV/bin/pytest" tests/integration -p no:warnings -p no:cacheprovider -v -s -rA
+"$VENV/bin/pytest" tests/integration -p no:warnings -p no:cacheprovider -v -s -rA --durations=30
