@@ -5,9 +5,12 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use rdkafka::config::ClientConfig;
+use rdkafka::message::{Headers as _, Message};
 
 use crate::config::{Config, ConfigError};
+use crate::record::Headers;
 
 /// librdkafka's fetch.max.bytes (its default is 50 MiB) and message.max.bytes (librdkafka wants
 /// the first no larger than the second); see [`client_config`]. A record larger than this is
@@ -69,6 +72,13 @@ pub fn client_config(config: &Config) -> Result<ClientConfig, ConfigError> {
         message: format!("librdkafka rejected a property: {e}"),
     })?;
     Ok(c)
+}
+
+/// A message's headers, as the archiver keeps them. A name that is not UTF-8 (Kafka's clients
+/// write names as strings) is kept with its bad bytes replaced.
+pub fn headers(message: &impl Message) -> Headers {
+    let Some(headers) = message.headers() else { return Headers::new() };
+    headers.iter().map(|h| (h.key.to_string(), h.value.map(Bytes::copy_from_slice))).collect()
 }
 
 #[cfg(test)]

@@ -27,6 +27,9 @@ impl RecordTime {
     }
 }
 
+/// A record's headers as Kafka gives them: in order, a name may repeat, a value may be null.
+pub type Headers = Vec<(String, Option<Bytes>)>;
+
 /// A Kafka record as the archiver keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
@@ -37,6 +40,8 @@ pub struct Record {
     pub key: Option<Bytes>,
     /// None for a tombstone (a null value).
     pub value: Option<Bytes>,
+    /// Empty when the record has none.
+    pub headers: Headers,
 }
 
 impl Record {

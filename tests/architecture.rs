@@ -11,7 +11,7 @@ const RULES: &[(&str, &[&str])] = &[
     ("src/tools", &["archive", "config", "exit", "kafka", "record", "store", "tools"]),
     ("src/archive", &["archive", "record"]),
     ("src/store.rs", &["config"]),
-    ("src/kafka.rs", &["config"]),
+    ("src/kafka.rs", &["config", "record"]),
     ("src/config.rs", &["archive", "config"]),
     ("src/record.rs", &[]),
 ];

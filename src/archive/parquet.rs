@@ -13,7 +13,7 @@
 //! offset           int64                                  required
 //! kafka_timestamp  timestamp[ms, UTC]                     null when the record had none
 //! key              binary                                 null when none
-//! headers          list<struct<name: string, value: binary>>  null until the record carries them
+//! headers          list<struct<name: string, value: binary>>  empty when none (null: not kept)
 //! tstamp           timestamp[us, UTC]                     the SINETStream tstamp; null when not one
 //! payload          binary                                 the SINETStream msg bytes, or the raw value
 //! undecodable      string                                 why the value is not a SINETStream message
@@ -74,7 +74,8 @@ pub struct Row {
     /// The Kafka record timestamp, ms; None for a record that had none.
     pub kafka_timestamp_ms: Option<i64>,
     pub key: Option<Bytes>,
-    /// The record's headers (name, value); None where they are not known.
+    /// The record's headers (name, value), empty when it has none; None in objects written before
+    /// headers were kept.
     pub headers: Option<Vec<(String, Option<Bytes>)>>,
     /// The SINETStream tstamp, µs; None when the value is not a SINETStream message.
     pub tstamp_us: Option<i64>,
@@ -108,7 +109,7 @@ impl Row {
             offset: record.offset,
             kafka_timestamp_ms: record.time.kafka(),
             key: record.key.clone(),
-            headers: None,
+            headers: Some(record.headers.clone()),
             tstamp_us,
             payload,
             undecodable,
@@ -335,6 +336,7 @@ mod tests {
             time: RecordTime::Kafka(1_650_250_000_000 + offset),
             key: None,
             value: Some(value),
+            headers: Vec::new(),
         }
     }
 

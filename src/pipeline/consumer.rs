@@ -689,6 +689,7 @@ impl KafkaConsumer {
                 time,
                 key: msg.key().map(Bytes::copy_from_slice),
                 value: value.map(Bytes::copy_from_slice),
+                headers: crate::kafka::headers(&msg),
             });
         }
         for reset in ledger.take_resets() {

@@ -37,8 +37,9 @@ def fixture_records():
     return records
 
 
-def read_topic(bootstrap, topic, count, timeout=60):
-    """All records of a topic: [(partition, offset, timestamp_ms, value, key)], value None for a tombstone."""
+def read_topic(bootstrap, topic, count, timeout=60, headers=False):
+    """All records of a topic: [(partition, offset, timestamp_ms, value, key)], value None for a tombstone;
+    with `headers`, each record's [(name, value)] after them."""
     md = AdminClient({"bootstrap.servers": bootstrap}).list_topics(topic, timeout=10)
     c = ck.Consumer({"bootstrap.servers": bootstrap, "group.id": f"oracle-{time.time_ns()}",
                      "enable.auto.commit": False})
@@ -48,7 +49,8 @@ def read_topic(bootstrap, topic, count, timeout=60):
         m = c.poll(0.5)
         if m is None or m.error():
             continue
-        out.append((m.partition(), m.offset(), m.timestamp()[1], m.value(), m.key()))
+        out.append((m.partition(), m.offset(), m.timestamp()[1], m.value(), m.key())
+                   + ((m.headers() or [],) if headers else ()))
     c.close()
     assert len(out) == count, f"read {len(out)} of {count} records of {topic}"
     return sorted(out)

@@ -44,7 +44,7 @@ def expected_rows(records, sinetstream=True, fixtures=None):
     """{(partition, offset): row} as the format defines it, from the records read from Kafka and
     SINETStream's own decoder (or the fixture's recorded decoding)."""
     rows = {}
-    for p, o, ts, value, key in records:
+    for p, o, ts, value, key, *headers in records:
         fields = None
         if sinetstream and value is not None:
             fx = (fixtures or {}).get(value)
@@ -61,6 +61,8 @@ def expected_rows(records, sinetstream=True, fixtures=None):
             "undecodable": sinetstream and value is not None and fields is None,
             "hour": oracle.hour_path(ts),
         }
+        if headers:
+            rows[(p, o)]["headers"] = headers[0]
     return rows
 
 
@@ -94,6 +96,7 @@ def rows_by_pyarrow(root, topic):
                 "payload": r["payload"],
                 "undecodable": r["undecodable"] is not None,
                 "hour": hour,
+                "headers": [(h["name"], h["value"]) for h in r["headers"]],
             }
     return rows, objects
 
@@ -132,6 +135,9 @@ def check(root, topic, expected):
     got, objects = rows_by_pyarrow(root, topic)
     assert set(got) == set(expected), (f"missing {sorted(set(expected) - set(got))[:10]}, "
                                        f"extra {sorted(set(got) - set(expected))[:10]}")
+    if not any("headers" in e for e in expected.values()):
+        for row in got.values():
+            del row["headers"]
     wrong = [k for k in expected if got[k] != expected[k]]
     assert not wrong, f"{len(wrong)} rows differ, e.g. {wrong[0]}: {got[wrong[0]]} != {expected[wrong[0]]}"
     by_duckdb = rows_by_duckdb(root, topic)
@@ -170,9 +176,12 @@ def test_sinetstream_records_in_parquet_read_back_by_pyarrow_and_duckdb(broker, 
               r["kafka_timestamp_ms"]) for i, r in enumerate(fixtures)]
     items += [(0, b"empty", b"", 1795545118001), (1, None, b"\x00not sinetstream", 1795552318002),
               (2, b"deleted", None, 1795552318003), (0, None, None, 1795552318004)]
+    # Headers as producers set them: a name twice, a null and an empty value, a non-ASCII name.
+    headers = [("trace-id", b"\x00\x01"), ("trace-id", None), ("センサー", b"")]
+    items = [item + ((headers[: 1 + i % 3],) if i % 4 == 1 else ()) for i, item in enumerate(items)]
     produce(broker.bootstrap, topic, items)
     total = messages + len(items)
-    records = oracle.read_topic(broker.bootstrap, topic, total)
+    records = oracle.read_topic(broker.bootstrap, topic, total, headers=True)
     by_value = {bytes.fromhex(r["record_value_hex"]): r for r in fixtures}
     expected = expected_rows(records, fixtures=by_value)
     undecodable = sum(1 for e in expected.values() if e["undecodable"])
@@ -195,7 +204,7 @@ def test_sinetstream_records_in_parquet_read_back_by_pyarrow_and_duckdb(broker, 
     # A second run after a restart archives only what is new, in objects of its own.
     more = sinetstream_messages(rng, 9)
     produce_sinetstream(broker.bootstrap, topic, {}, more)
-    records = oracle.read_topic(broker.bootstrap, topic, total + len(more))
+    records = oracle.read_topic(broker.bootstrap, topic, total + len(more), headers=True)
     expected = expected_rows(records, fixtures=by_value)
     a = run_archiver(BROKER_HOSTNAME=broker.bootstrap, KAFKA_TOPIC=topic, GROUP_ID=group, SPOOL_DIR=tmp_path / "spool",
                      ARCHIVE_FORMAT="parquet", BATCH_MAX_RECORDS=7, BATCH_MAX_AGE="1s", **bucket.env())
@@ -225,13 +234,16 @@ def verify_and_restore(archiver_bin, env, broker, bucket, root, topic, records, 
     broker.create_topic(target, 1 + max(p for p, _ in expected))
     code, out, err = tool(archiver_bin, env, "restore", "--to-topic", target)
     assert code == 0 and f"produced {n} records" in out and "2 tombstones" in out, out + err
+    with_headers = sum(1 for e in expected.values() if e.get("headers"))
+    assert with_headers >= 3 and f"{with_headers} with their Kafka headers" in out, out
     decode = reader(target)
-    restored = {(p, o): (key, value, ts) for p, o, key, value, ts in read_raw(broker.bootstrap, target, n)}
+    restored = {(p, o): (key, value, ts, h)
+                for p, o, key, value, ts, h in read_raw(broker.bootstrap, target, n, headers=True)}
     assert len(restored) == n
-    for p, o, ts, value, key in records:
+    for p, o, ts, value, key, headers in records:
         e = expected[(p, o)]
-        got_key, got_value, got_ts = restored[(p, o)]
-        assert (got_key, got_ts) == (key, ts), (p, o)
+        got_key, got_value, got_ts, got_headers = restored[(p, o)]
+        assert (got_key, got_ts, got_headers) == (key, ts, headers), (p, o)
         if e["tstamp"] is None:
             assert got_value == value, f"{(p, o)}: kept as it was"
         else:

@@ -23,17 +23,18 @@ PARTITIONS = 3
 
 
 def produce(bootstrap, topic, items):
-    """items: [(partition, key, value, timestamp_ms)]."""
+    """items: [(partition, key, value, timestamp_ms[, headers])], headers [(name, value or None)]."""
     p = ck.Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "log_level": 2})
     errors = []
-    for partition, key, value, ts in items:
-        p.produce(topic, key=key, value=value, partition=partition, timestamp=ts,
+    for partition, key, value, ts, *headers in items:
+        p.produce(topic, key=key, value=value, partition=partition, timestamp=ts, headers=headers[0] if headers else None,
                   on_delivery=lambda err, msg: err and errors.append(err))
     assert p.flush(60) == 0 and not errors, errors
 
 
-def read_raw(bootstrap, topic, count, timeout=60):
-    """Every record of `topic` (assign, from the start): [(partition, offset, key, value, timestamp_ms)]."""
+def read_raw(bootstrap, topic, count, timeout=60, headers=False):
+    """Every record of `topic` (assign, from the start): [(partition, offset, key, value, timestamp_ms)],
+    with `headers` each record's [(name, value)] after them."""
     md = AdminClient({"bootstrap.servers": bootstrap}).list_topics(topic, timeout=10)
     parts = list(md.topics[topic].partitions)
     c = ck.Consumer({"bootstrap.servers": bootstrap, "group.id": f"read-{uuid.uuid4().hex[:6]}",
@@ -45,11 +46,11 @@ def read_raw(bootstrap, topic, count, timeout=60):
         m = c.poll(0.5)
         if m is None or m.error():
             continue
-        out.append((m.partition(), m.offset(), m.key(), m.value(), m.timestamp()[1]))
+        out.append((m.partition(), m.offset(), m.key(), m.value(), m.timestamp()[1]) + ((m.headers() or [],) if headers else ()))
     time.sleep(1)  # anything beyond `count` would be a duplicate: read it too
     while (m := c.poll(1.0)) is not None:
         if not m.error():
-            out.append((m.partition(), m.offset(), m.key(), m.value(), m.timestamp()[1]))
+            out.append((m.partition(), m.offset(), m.key(), m.value(), m.timestamp()[1]) + ((m.headers() or [],) if headers else ()))
     c.close()
     return out
 

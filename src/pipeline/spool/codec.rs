@@ -5,7 +5,7 @@
 use bytes::Bytes;
 
 use super::SpoolError;
-use crate::record::{Record, RecordTime};
+use crate::record::{Headers, Record, RecordTime};
 
 /// The spool key of a record: topic length, topic, partition, offset (big endian, so that sled's
 /// byte order is offset order within a partition).
@@ -75,6 +75,10 @@ const FLAG_ZSTD: u8 = 2;
 const FLAG_KEY: u8 = 4;
 /// A tombstone: no value follows.
 const FLAG_NULL: u8 = 8;
+/// Headers follow the key: a count, then each name and value (a null value's length is
+/// [`NULL_LEN`]). Entries without headers are written as before this flag existed.
+const FLAG_HEADERS: u8 = 16;
+const NULL_LEN: u32 = u32::MAX;
 /// Values at least this large are tried with zstd.
 const COMPRESS_MIN_BYTES: usize = 16 * 1024;
 /// See [`SpoolOptions::flush_bytes`].
@@ -99,7 +103,7 @@ impl Default for SpoolOptions {
     }
 }
 
-/// Encodes a record's value side: version, flags, time, optional key, value.
+/// Encodes a record's value side: version, flags, time, optional key, optional headers, value.
 pub fn encode_value(r: &Record) -> Vec<u8> {
     encode_value_with(r, SpoolOptions::default())
 }
@@ -115,6 +119,9 @@ pub(super) fn encode_value_with(r: &Record, options: SpoolOptions) -> Vec<u8> {
     }
     if r.value.is_none() {
         flags |= FLAG_NULL;
+    }
+    if !r.headers.is_empty() {
+        flags |= FLAG_HEADERS;
     }
     let value = r.value_bytes();
     let compressed = options
@@ -134,6 +141,20 @@ pub(super) fn encode_value_with(r: &Record, options: SpoolOptions) -> Vec<u8> {
     if let Some(k) = &r.key {
         out.extend_from_slice(&(k.len() as u32).to_be_bytes());
         out.extend_from_slice(k);
+    }
+    if !r.headers.is_empty() {
+        out.extend_from_slice(&(r.headers.len() as u32).to_be_bytes());
+        for (name, value) in &r.headers {
+            out.extend_from_slice(&(name.len() as u32).to_be_bytes());
+            out.extend_from_slice(name.as_bytes());
+            match value {
+                Some(v) => {
+                    out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+                    out.extend_from_slice(v);
+                }
+                None => out.extend_from_slice(&NULL_LEN.to_be_bytes()),
+            }
+        }
     }
     match compressed {
         Some(c) => {
@@ -168,6 +189,25 @@ pub fn decode_entry(key: &SpoolKey, raw: &[u8]) -> Result<Record, SpoolError> {
     } else {
         None
     };
+    let mut headers = Headers::new();
+    if flags & FLAG_HEADERS != 0 {
+        let count = take_len(&mut rest)?;
+        for _ in 0..count {
+            let n = take_len(&mut rest)?;
+            let name = rest.get(..n).ok_or_else(|| corrupt("header name cut short"))?;
+            let name = std::str::from_utf8(name).map_err(|_| corrupt("header name not UTF-8"))?.to_string();
+            rest = &rest[n..];
+            let value = match take_len(&mut rest)? {
+                n if n == NULL_LEN as usize => None,
+                n => {
+                    let v = rest.get(..n).ok_or_else(|| corrupt("header value cut short"))?;
+                    rest = &rest[n..];
+                    Some(Bytes::copy_from_slice(v))
+                }
+            };
+            headers.push((name, value));
+        }
+    }
     let value = if flags & FLAG_NULL != 0 {
         None
     } else if flags & FLAG_ZSTD != 0 {
@@ -180,5 +220,5 @@ pub fn decode_entry(key: &SpoolKey, raw: &[u8]) -> Result<Record, SpoolError> {
         Some(Bytes::copy_from_slice(rest))
     };
     let time = if flags & FLAG_CONSUMED_TIME != 0 { RecordTime::Consumed(ms) } else { RecordTime::Kafka(ms) };
-    Ok(Record { topic: topic.to_string(), partition, offset, time, key: record_key, value })
+    Ok(Record { topic: topic.to_string(), partition, offset, time, key: record_key, value, headers })
 }

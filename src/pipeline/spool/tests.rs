@@ -22,6 +22,7 @@ pub(super) fn rec(topic: &str, partition: i32, offset: i64, value: Vec<u8>) -> R
         time: RecordTime::Kafka(1_650_000_000_000),
         key: None,
         value: Some(value.into()),
+        headers: Vec::new(),
     }
 }
 
@@ -74,6 +75,32 @@ fn values_round_trip_with_and_without_compression() {
         "empty is not null"
     );
     assert!(decode_entry(&key, &[9, 0]).is_err());
+}
+
+#[test]
+fn headers_round_trip_and_entries_written_before_them_read_as_none() {
+    let key = SpoolKey::new("t", 0, 5);
+    let headers = vec![
+        ("trace-id".to_string(), Some(Bytes::from_static(b"\x00\x01"))),
+        ("trace-id".to_string(), None),
+        ("センサー".to_string(), Some(Bytes::new())),
+    ];
+    for value in [Some(b"small".to_vec()), Some(vec![7; 100_000]), None] {
+        let mut r = rec("t", 0, 5, value.clone().unwrap_or_default());
+        r.value = value.map(Bytes::from);
+        r.key = Some(Bytes::from_static(b"k"));
+        r.headers = headers.clone();
+        assert_eq!(decode_entry(&key, &encode_value(&r)).unwrap(), r);
+        let cut = encode_value(&r);
+        assert!(decode_entry(&key, &cut[..16]).is_err(), "headers cut short are corrupt");
+    }
+    // An entry as the spool wrote it before headers were kept: version, flags (a key), time, key.
+    let mut old = vec![1, 4];
+    old.extend_from_slice(&1_650_000_000_000i64.to_be_bytes());
+    old.extend_from_slice(&1u32.to_be_bytes());
+    old.extend_from_slice(b"kvalue");
+    let r = decode_entry(&key, &old).unwrap();
+    assert_eq!((r.key.as_deref(), r.value.as_deref(), r.headers.len()), (Some(&b"k"[..]), Some(&b"value"[..]), 0));
 }
 
 #[test]

@@ -723,6 +723,7 @@ mod tests {
             time: RecordTime::Kafka(ms),
             key: None,
             value: Some(value.into()),
+            headers: Vec::new(),
         }
     }
 
@@ -887,6 +888,7 @@ mod tests {
                     time: RecordTime::Kafka(0),
                     key: None,
                     value: Some(Bytes::from(value)),
+                    headers: Vec::new(),
                 };
                 Row::of(&record, false)
             })

@@ -345,12 +345,15 @@ pub(super) fn compare_row(r: &KafkaRecord, found: &Found, report: &mut TopicRepo
         time: r.timestamp_ms.map_or(RecordTime::Consumed(0), RecordTime::Kafka),
         key: r.key.clone(),
         value: r.value.clone(),
+        headers: r.headers.clone(),
     };
     let row = &found.row;
     let plain = row.tstamp_us.is_none() && row.undecodable.is_none();
     let mut want = Row::of(&record, !plain);
-    // Kafka's headers are not read yet: the row's are taken as they are.
-    want.headers = row.headers.clone();
+    if row.headers.is_none() {
+        // Written before headers were kept: there is nothing to compare them with.
+        want.headers = None;
+    }
     report.counts.tombstones += u64::from(r.value.is_none());
     if want == *row {
         return;
@@ -368,6 +371,10 @@ pub(super) fn compare_row(r: &KafkaRecord, found: &Found, report: &mut TopicRepo
     if want.payload != row.payload {
         let len = |b: &Option<Bytes>| b.as_ref().map_or("null".to_string(), |b| format!("{} bytes", b.len()));
         differ.push(format!("payload {} (Kafka: {})", len(&row.payload), len(&want.payload)));
+    }
+    if want.headers != row.headers {
+        let count = |h: &Option<crate::record::Headers>| h.as_ref().map_or("null".to_string(), |h| h.len().to_string());
+        differ.push(format!("headers {} (Kafka: {})", count(&row.headers), count(&want.headers)));
     }
     if want.undecodable != row.undecodable {
         differ.push(format!("undecodable {:?} (Kafka: {:?})", row.undecodable, want.undecodable));
@@ -400,6 +407,7 @@ mod tests {
             time: RecordTime::Kafka(HOUR + offset * 1000),
             key: None,
             value: Some(value),
+            headers: Vec::new(),
         };
         Row::of(&record, true)
     }

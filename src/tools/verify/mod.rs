@@ -448,6 +448,7 @@ struct KafkaRecord {
     timestamp_ms: Option<i64>,
     key: Option<Bytes>,
     value: Option<Bytes>,
+    headers: crate::record::Headers,
 }
 
 /// A body and its attributes (user metadata) as read.
@@ -499,6 +500,7 @@ fn compare_record(
             time,
             key: r.key.clone(),
             value: Some(value.clone()),
+            headers: Vec::new(),
         };
         match plan(&record, layout, policy) {
             Plan::Store { objects, .. } => objects,
@@ -897,6 +899,7 @@ impl KafkaReader {
                         timestamp_ms: m.timestamp().to_millis(),
                         key: m.key().map(Bytes::copy_from_slice),
                         value: m.payload().map(Bytes::copy_from_slice),
+                        headers: crate::kafka::headers(&m),
                     });
                     if batch.len() >= 1000 && tx.blocking_send(Ok(std::mem::take(&mut batch))).is_err() {
                         return Ok(());
@@ -1010,6 +1013,7 @@ mod tests {
                 b"{}",
                 crate::archive::sinetstream::Format::V3,
             ))),
+            headers: Vec::new(),
         }
     }
 
@@ -1161,7 +1165,15 @@ mod tests {
     /// Offset 2 as Kafka gives it: no timestamp.
     fn in_kafka() -> KafkaRecord {
         let r = record(2, RecordTime::Consumed(0));
-        KafkaRecord { topic: r.topic, partition: 0, offset: 2, timestamp_ms: None, key: None, value: r.value }
+        KafkaRecord {
+            topic: r.topic,
+            partition: 0,
+            offset: 2,
+            timestamp_ms: None,
+            key: None,
+            value: r.value,
+            headers: Vec::new(),
+        }
     }
 
     /// Offset 2 of the archive compared with the record Kafka has, bodies included.
