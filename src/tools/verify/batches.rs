@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 
 use super::{KafkaRecord, Problem, ProblemKind, TopicReport};
 use crate::archive::parquet::{self, Row, Rows};
-use crate::archive::{Layout, Listed};
+use crate::archive::{Layout, Listed, Selection};
 use crate::record::{Record, RecordTime};
 
 /// A row and the object it is in.
@@ -46,6 +46,8 @@ struct Open {
 /// One partition's Parquet objects, read in offset order.
 pub(super) struct Walk {
     partition: i32,
+    /// Rows outside it are checked as part of their object, not handed out.
+    selection: Selection,
     store: Arc<dyn ObjectStore>,
     layout: Layout,
     queue: VecDeque<Listed>,
@@ -65,9 +67,16 @@ pub(super) struct Walk {
 
 impl Walk {
     /// `objects`: the partition's objects, by first offset (as [`crate::archive::TopicIndex`]).
-    pub fn new(partition: i32, objects: Vec<Listed>, store: Arc<dyn ObjectStore>, layout: Layout) -> Walk {
+    pub fn new(
+        partition: i32,
+        objects: Vec<Listed>,
+        selection: &Selection,
+        store: Arc<dyn ObjectStore>,
+        layout: Layout,
+    ) -> Walk {
         Walk {
             partition,
+            selection: selection.clone(),
             store,
             layout,
             queue: objects.into(),
@@ -146,6 +155,9 @@ impl Walk {
                 continue;
             }
             self.highest = Some((row.offset, open.key.clone()));
+            if !self.selection.keeps_offset(row.offset) {
+                continue;
+            }
             self.peeked = Some(Found { row, key: open.key.clone() });
         }
         self.peeked.as_ref()
@@ -439,6 +451,19 @@ mod tests {
         let r = verify(store).await;
         assert_eq!(r.counts.problems(), 0, "{:?}", r.problems);
         assert_eq!((r.counts.offsets, r.counts.objects_found, r.counts.bodies_compared), (26, 3, 3));
+    }
+
+    #[tokio::test]
+    async fn an_offset_range_checks_the_objects_that_hold_it_and_only_its_offsets() {
+        let store = Arc::new(InMemory::new());
+        for range in [0..10, 10..25, 25..30, 30..40] {
+            put(&store, range).await;
+        }
+        let mut o = options();
+        (o.selection.from_offset, o.selection.to_offset) = (Some(12), Some(27));
+        let r = audit(&config(), store, &o, Progress::new("test")).await.unwrap().remove(0);
+        assert_eq!(r.counts.problems(), 0, "{:?}", r.problems);
+        assert_eq!((r.counts.offsets, r.counts.objects_found), (16, 2), "offsets 12..=27 in two objects");
     }
 
     #[tokio::test]

@@ -301,7 +301,7 @@ async fn verify_topic(
     report.counts.objects_found += index.batches.values().map(|objects| objects.len() as u64).sum::<u64>();
     let mut walks: BTreeMap<i32, Walk> = std::mem::take(&mut index.batches)
         .into_iter()
-        .map(|(p, objects)| (p, Walk::new(p, objects, store.clone(), layout.clone())))
+        .map(|(p, objects)| (p, Walk::new(p, objects, &options.selection, store.clone(), layout.clone())))
         .collect();
     if !options.bucket_only {
         check_against_kafka(
@@ -400,9 +400,9 @@ async fn check_partitions(
             let slot = index.partitions.get_mut(&r.partition).and_then(|s| s.remove(&r.offset)).unwrap_or_default();
             if parquet_archive && slot.all().next().is_none() {
                 // A partition with no object yet is still one of this format.
-                walks
-                    .entry(r.partition)
-                    .or_insert_with(|| Walk::new(r.partition, Vec::new(), store.clone(), config.layout.clone()));
+                walks.entry(r.partition).or_insert_with(|| {
+                    Walk::new(r.partition, Vec::new(), &options.selection, store.clone(), config.layout.clone())
+                });
             }
             let row = match walks.get_mut(&r.partition) {
                 Some(walk) => walk.take_at(r.offset, kafka_first, report).await,
