@@ -347,6 +347,8 @@ def main():
     ap.add_argument("--curve-records", type=int, default=20_000)
     ap.add_argument("--steady-seconds", type=int, default=30)
     ap.add_argument("--backlogs", default="10000,200000,1000000", help="backlogs for the RSS comparison ('' to skip)")
+    ap.add_argument("--backlog-format", default="connect", choices=["connect", "parquet"],
+                    help="ARCHIVE_FORMAT of the backlog runs (parquet: sensor JSON, BATCH_MAX_AGE=1s)")
     ap.add_argument("--backlog-store", default="garage",
                     help="store of the backlog runs (garage keeps small objects in its database: a million fit in memory)")
     ap.add_argument("--ingest-records", type=int, default=200_000,
@@ -464,12 +466,16 @@ def main():
             fresh = Fresh(args.backlog_store)
             servers.append(fresh)
             results["backlog_store"] = args.backlog_store
+            results["backlog_format"] = args.backlog_format
             rss = results["backlog_rss"] = []
+            parquet = args.backlog_format == "parquet"
             for n in [int(x) for x in args.backlogs.split(",")]:
                 topic = f"backlog-{uuid.uuid4().hex[:8]}"
                 broker.create_topic(topic, args.partitions)
-                ends, _ = preload(broker, topic, args.partitions, n, args.payload_bytes)
-                a = run_archiver(workdir, broker, fresh(), topic, n, ends, args.workers)
+                load = preload_json if parquet else preload
+                ends, _ = load(broker, topic, args.partitions, n, args.payload_bytes)
+                extra = {"ARCHIVE_FORMAT": "parquet", "BATCH_MAX_AGE": "1s"} if parquet else None
+                a = run_archiver(workdir, broker, fresh(), topic, n, ends, args.workers, extra=extra)
                 rss.append({"backlog": n, "peak_rss_mib": a["peak_rss_mib"], "peak_spool_mib": a["peak_spool_mib"],
                             "records_per_second": a["records_per_second"]})
                 log(f"backlog {n}: peak RSS {a['peak_rss_mib']:.1f} MiB")
@@ -530,7 +536,8 @@ def table(r):
         rows.append(("(none)", "consumer ingest", f"{i['records_per_second']:.0f}", "", "",
                      f"Kafka -> spool alone, {i['records']} records, the store down"))
     for b in r.get("backlog_rss", []):
-        rows.append((r["backlog_store"], f"backlog {b['backlog']}", f"{b['records_per_second']:.0f}", "", "",
+        rows.append((r["backlog_store"], f"backlog {b['backlog']} ({r.get('backlog_format', 'connect')})",
+                     f"{b['records_per_second']:.0f}", "", "",
                      f"peak RSS {b['peak_rss_mib']:.1f} MiB, spool {b['peak_spool_mib']:.0f} MiB"))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(" | ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows)
