@@ -242,6 +242,37 @@ fn write_headers(value: bool, rows: &[Row], column: &mut ColumnWriter<'_>) -> Re
     w.write_batch(&values, Some(&defs), Some(&reps)).map(drop)
 }
 
+/// The first and last offset of an object and how many rows it has, from its footer (the offset
+/// column's statistics) without decoding the rows; from the rows where the footer has no
+/// statistics (an object another writer made).
+pub fn span(object: Bytes) -> Result<(i64, i64, u64), ParquetError> {
+    use parquet::file::statistics::Statistics;
+    let reader = SerializedFileReader::new(object.clone())?;
+    let meta = reader.metadata();
+    let count = meta.file_metadata().num_rows().max(0) as u64;
+    let (mut first, mut last) = (None::<i64>, None::<i64>);
+    for group in meta.row_groups() {
+        match group.column(0).statistics() {
+            Some(Statistics::Int64(s)) if s.min_opt().is_some() && s.max_opt().is_some() => {
+                let (lo, hi) = (*s.min_opt().expect("checked"), *s.max_opt().expect("checked"));
+                first = Some(first.map_or(lo, |f| f.min(lo)));
+                last = Some(last.map_or(hi, |l| l.max(hi)));
+            }
+            _ => {
+                let offsets: Vec<i64> = rows(object)?.map(|r| r.map(|r| r.offset)).collect::<Result<_, _>>()?;
+                let (Some(f), Some(l)) = (offsets.iter().min(), offsets.iter().max()) else {
+                    return Err(ParquetError::General("no rows".into()));
+                };
+                return Ok((*f, *l, offsets.len() as u64));
+            }
+        }
+    }
+    match (first, last) {
+        (Some(f), Some(l)) => Ok((f, l, count)),
+        _ => Err(ParquetError::General("no rows".into())),
+    }
+}
+
 /// The rows of a Parquet object written by [`Writer`], in the order they were written.
 pub fn read(object: Bytes) -> Result<Vec<Row>, ParquetError> {
     rows(object)?.collect()
@@ -404,6 +435,7 @@ mod tests {
         };
         assert_eq!(times.min_opt(), Some(&(1_650_250_000_000 + 100)));
         assert!(meta.row_group(0).column(6).statistics().is_none(), "no statistics on payloads");
+        assert_eq!(span(object.clone()).unwrap(), (100, 1099, 1000), "from the footer");
         assert_eq!(read(object).unwrap(), rows);
     }
 
