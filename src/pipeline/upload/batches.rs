@@ -98,6 +98,59 @@ struct Partition {
     batcher: Batcher,
     /// By first offset.
     sealed: BTreeMap<i64, Sealed>,
+    /// Where an object stored by an earlier owner may start (see [`Probe`]); None once none
+    /// does.
+    probe_at: Option<i64>,
+    probe: Probe,
+}
+
+/// At the start of an assignment, before a batch is started at an offset no batch of the spool
+/// holds, the store is asked whether an object starts there: one stored by an earlier owner of
+/// the partition (another instance, or this one with its spool lost) whose offsets were not
+/// committed. Such an object is taken as a stored batch, and the next offset after it asked in
+/// turn, so that no record goes into a second object.
+#[derive(Debug, Default)]
+enum Probe {
+    #[default]
+    Idle,
+    Asking,
+    /// The answer for this offset: the object's last offset and rows, if there is one.
+    Answered(i64, Option<(i64, u64)>),
+    /// The store did not answer: asked again after this.
+    Later(Instant),
+}
+
+/// Where the dispatcher's tasks send what they found.
+struct Replies {
+    finished: tokio::sync::mpsc::UnboundedSender<Finished>,
+    probes: tokio::sync::mpsc::UnboundedSender<ProbeAnswer>,
+}
+
+/// A probe's answer, for the dispatcher.
+struct ProbeAnswer {
+    prefix: Vec<u8>,
+    generation: u64,
+    at: i64,
+    found: Result<Option<(i64, u64)>, String>,
+}
+
+/// Whether an object starts at `at` (named as its record at `ms` files it), and its span.
+async fn probe(store: Arc<dyn ObjectStore>, key: String) -> Result<Option<(i64, u64)>, String> {
+    let path = Path::from(key.as_str());
+    let body = match store.get(&path).await {
+        Ok(r) => r.bytes().await.map_err(|e| e.to_string())?,
+        Err(object_store::Error::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    match parquet::span(body) {
+        Ok((_, last, rows)) => Ok(Some((last, rows))),
+        // Not an object this format can read (another writer's): not taken, and the key is
+        // written over by the batch that starts there.
+        Err(e) => {
+            tracing::warn!(key, error = %e, "an object at the key of the next batch cannot be read: it is replaced");
+            Ok(None)
+        }
+    }
 }
 
 /// Runs the Parquet format's uploads until `shutdown`, then gives those in flight the shutdown
@@ -115,10 +168,15 @@ pub(super) async fn run(
     let mut parts: HashMap<Vec<u8>, Partition> = HashMap::new();
     let mut tasks: JoinSet<Result<(), UploadError>> = JoinSet::new();
     let (finished_tx, mut finished) = tokio::sync::mpsc::unbounded_channel::<Finished>();
+    let (probes_tx, mut probes) = tokio::sync::mpsc::unbounded_channel::<ProbeAnswer>();
+    let replies = Replies { finished: finished_tx, probes: probes_tx };
     let mut result = Ok(());
     loop {
         while let Ok(f) = finished.try_recv() {
             finish(&mut parts, &f);
+        }
+        while let Ok(a) = probes.try_recv() {
+            answered(&mut parts, a);
         }
         while let Some(done) = tasks.try_join_next() {
             if let Err(e) = flatten(done) {
@@ -129,7 +187,7 @@ pub(super) async fn run(
             break;
         }
         let now = Instant::now();
-        if let Err(e) = dispatch(&shared, &settings, limits, &mut parts, &mut tasks, &finished_tx, now) {
+        if let Err(e) = dispatch(&shared, &settings, limits, &mut parts, &mut tasks, &replies, now) {
             result = Err(e);
             break;
         }
@@ -140,6 +198,7 @@ pub(super) async fn run(
             // Sealed batches wait for a free upload or for Kafka to deliver them again.
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             Some(f) = finished.recv() => finish(&mut parts, &f),
+            Some(a) = probes.recv() => answered(&mut parts, a),
             Some(done) = tasks.join_next() => {
                 if let Err(e) = flatten(done) {
                     result = Err(e);
@@ -162,6 +221,19 @@ fn finish(parts: &mut HashMap<Vec<u8>, Partition>, f: &Finished) {
     }
 }
 
+/// The store answered a probe (see [`Probe`]).
+fn answered(parts: &mut HashMap<Vec<u8>, Partition>, a: ProbeAnswer) {
+    let Some(part) = parts.get_mut(&a.prefix).filter(|p| p.generation == a.generation) else { return };
+    part.probe = match a.found {
+        Ok(found) => Probe::Answered(a.at, found),
+        Err(error) => {
+            tracing::debug!(topic = %part.tp.0, partition = part.tp.1, offset = a.at, error,
+                "cannot ask the store for an earlier owner's object; asking again");
+            Probe::Later(Instant::now() + Duration::from_secs(1))
+        }
+    };
+}
+
 /// One round over the partitions: align, read, seal, and start the uploads there is room for.
 fn dispatch(
     shared: &Arc<Shared>,
@@ -169,7 +241,7 @@ fn dispatch(
     limits: BatchLimits,
     parts: &mut HashMap<Vec<u8>, Partition>,
     tasks: &mut JoinSet<Result<(), UploadError>>,
-    finished: &tokio::sync::mpsc::UnboundedSender<Finished>,
+    replies: &Replies,
     now: Instant,
 ) -> Result<(), UploadError> {
     let up = &shared.up;
@@ -202,7 +274,7 @@ fn dispatch(
         // Records a crash left in the spool beyond what Kafka delivered again may have gaps that
         // its deliveries fill: batches are read up to where the spool is known whole.
         if let Some(spooled_to) = assignment.spooled_to {
-            part.read(&up.spool, &up.ledger, spooled_to, now)?;
+            part.read(up, spooled_to, now, &replies.probes)?;
         }
         if let Some((batch, why)) = part.batcher.poll(now) {
             part.seal(&up.spool, batch, why, now)?;
@@ -239,7 +311,7 @@ fn dispatch(
             }
             s.uploading = true;
             let (shared, batch, generation) = (shared.clone(), s.batch.clone(), part.generation);
-            let (parquet, finished, prefix) = (settings.parquet, finished.clone(), part.prefix.clone());
+            let (parquet, finished, prefix) = (settings.parquet, replies.finished.clone(), part.prefix.clone());
             tasks.spawn(async move {
                 let first_offset = batch.first_offset;
                 let result = upload_batch(&shared, batch, generation, parquet).await;
@@ -262,6 +334,8 @@ impl Partition {
             cursor: 0,
             batcher: Batcher::new(limits, up.layout.clone()),
             sealed: BTreeMap::new(),
+            probe_at: None,
+            probe: Probe::Idle,
         }
     }
 
@@ -305,6 +379,8 @@ impl Partition {
             self.sealed.insert(batch.first_offset, Sealed { batch, uploading: false, complete: false });
         }
         self.cursor = start;
+        self.probe_at = Some(start);
+        self.probe = Probe::Idle;
         self.aligned = true;
         Ok(())
     }
@@ -329,19 +405,66 @@ impl Partition {
         self.sealed.range(..=offset).next_back().map(|(_, s)| s).filter(|s| offset <= s.batch.last_offset)
     }
 
-    /// Reads what the spool holds from the cursor up to `below` into batches.
+    /// Reads what the spool holds from the cursor up to `below` into batches. Stops at a record
+    /// that would start a batch while the store is asked whether an object starts there.
     fn read(
         &mut self,
-        spool: &Spool,
-        ledger: &std::sync::Mutex<crate::pipeline::commit::Ledger>,
+        up: &super::Uploader,
         below: i64,
         now: Instant,
+        answers: &tokio::sync::mpsc::UnboundedSender<ProbeAnswer>,
     ) -> Result<(), SpoolError> {
+        let (spool, ledger) = (&up.spool, &up.ledger);
         if self.cursor >= below {
             return Ok(());
         }
         let records = spool.read_from(&self.prefix, self.cursor, READ_RECORDS, READ_BYTES)?;
         for (key, record) in records.into_iter().take_while(|(_, r)| r.offset < below) {
+            if self.probe_at.is_some() && self.sealed_holding(record.offset).is_none() {
+                // The record starts a batch (none is open while probing): an earlier owner's
+                // object may start here.
+                let at = record.offset;
+                match std::mem::take(&mut self.probe) {
+                    Probe::Answered(asked, found) if asked == at => match found {
+                        Some((last, rows)) => {
+                            let sealed = SealedBatch {
+                                topic: self.tp.0.clone(),
+                                partition: self.tp.1,
+                                first_offset: at,
+                                last_offset: last,
+                                hour_ms: record.time.millis(),
+                                records: rows,
+                                stored: true,
+                            };
+                            spool.seal(&sealed)?;
+                            tracing::info!(topic = %self.tp.0, partition = self.tp.1, first = at, last, records = rows,
+                                "an object an earlier owner stored is taken as it is: its records are not stored again");
+                            self.sealed.insert(at, Sealed { batch: sealed, uploading: false, complete: true });
+                            self.probe_at = Some(last + 1);
+                        }
+                        None => self.probe_at = None,
+                    },
+                    Probe::Later(after) if now < after => {
+                        self.probe = Probe::Later(after);
+                        return Ok(());
+                    }
+                    Probe::Asking => {
+                        self.probe = Probe::Asking;
+                        return Ok(());
+                    }
+                    _ => {
+                        self.probe = Probe::Asking;
+                        let key = parquet::key(&up.layout, &self.tp.0, self.tp.1, at, record.time.millis());
+                        let (store, answers) = (up.store.clone(), answers.clone());
+                        let (prefix, generation) = (self.prefix.clone(), self.generation);
+                        tokio::spawn(async move {
+                            let found = probe(store, key).await;
+                            let _ = answers.send(ProbeAnswer { prefix, generation, at, found });
+                        });
+                        return Ok(());
+                    }
+                }
+            }
             self.cursor = record.offset + 1;
             if let Some(s) = self.sealed_holding(record.offset) {
                 let stored = s.batch.stored;
@@ -827,6 +950,44 @@ mod tests {
             ]
         );
         assert!(spool.sealed().unwrap().iter().all(|b| b.stored), "kept until Kafka holds the commit");
+        stop.cancel();
+        run.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn objects_an_earlier_owner_stored_are_taken_as_they_are_and_the_next_starts_after_them() {
+        let store: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        let records: Vec<Record> = (0..12).map(|o| message(o, T0 + o)).collect();
+        // Another instance stored 0..=3 and 4..=6 and was killed before committing: Kafka
+        // delivers from 0 again to an owner without its spool.
+        let earlier = tempfile::tempdir().unwrap();
+        let first = uploader(earlier.path(), store.clone(), 4);
+        deliver(&first, &records[..7]);
+        let first_spool = first.spool.clone();
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(first.run(stop.clone()));
+        until("the earlier owner stored 0..=6", || first_spool.record_count() == 0).await;
+        stop.cancel();
+        run.await.unwrap().unwrap();
+        let before = objects(store.as_ref()).await;
+        assert_eq!(before.values().cloned().collect::<Vec<_>>(), [vec![0, 1, 2, 3], vec![4, 5, 6]]);
+
+        let dir = tempfile::tempdir().unwrap();
+        let up = uploader(dir.path(), store.clone(), 4);
+        let (spool, ledger) = (up.spool.clone(), up.ledger.clone());
+        deliver(&up, &records);
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(up.run(stop.clone()));
+        until("all stored", || spool.record_count() == 0).await;
+        until("all committed", || committed(&ledger) == Some(12)).await;
+        let got = objects(store.as_ref()).await;
+        assert_eq!(
+            got.values().cloned().collect::<Vec<_>>(),
+            [vec![0, 1, 2, 3], vec![4, 5, 6], vec![7, 8, 9, 10], vec![11]]
+        );
+        for (key, offsets) in &before {
+            assert_eq!(&got[key], offsets, "{key} is not written again");
+        }
         stop.cancel();
         run.await.unwrap().unwrap();
     }
