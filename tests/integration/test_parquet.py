@@ -465,3 +465,50 @@ def test_instances_joining_and_leaving_under_load_store_each_offset_once(broker,
     print(f"\nGROUP parquet: 3 instances joining and one leaving on {partitions} partitions; archived {shares} "
           f"by each; {producer.count} records in {objects} objects, each offset once, no overlap")
     assert all(n > 0 for n in shares[:2]), shares
+
+
+def test_a_new_owner_without_the_spool_takes_the_stored_objects_as_they_are(broker, garage, run_archiver, tmp_path):
+    """An instance stores objects and is killed before it commits them; the next owner of the
+    partitions has none of its spool (another instance, or a lost disk). Kafka delivers from the
+    committed offset again: the objects already stored are found and taken as they are, so no
+    offset goes into a second object and no object is written over."""
+    run = uuid.uuid4().hex[:8]
+    topic, group, bucket = f"pqtake.{run}", f"pqtake-{run}", f"pqtake-{run}"
+    broker.create_topic(topic, 2)
+    garage.create_bucket(bucket)
+    base = 1795545116000
+    items = [(i % 2, None, json.dumps({"sensor": i}).encode(), base + i * 100) for i in range(300)]
+    produce(broker.bootstrap, topic, items)
+    records = oracle.read_topic(broker.bootstrap, topic, len(items))
+    ends = oracle.end_offsets(records)
+    store = {"S3_BUCKET_NAME": bucket, "S3_ENDPOINT_URL": garage.endpoint, "AWS_ACCESS_KEY_ID": testbed.ACCESS_KEY,
+             "AWS_SECRET_KEY": testbed.SECRET_KEY}
+    env = dict(BROKER_HOSTNAME=broker.bootstrap, KAFKA_TOPIC=topic, GROUP_ID=group, ARCHIVE_FORMAT="parquet",
+               VALUE_FORMAT="plain", BATCH_MAX_RECORDS=40, BATCH_MAX_AGE="300ms", **store)
+    # The first owner commits once an hour: killed, it leaves every object stored and uncommitted.
+    first = run_archiver(SPOOL_DIR=tmp_path / "spool-1", COMMIT_INTERVAL_MS=3_600_000, **env)
+    first.wait_archived(len(items))
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait()
+    assert oracle.committed(broker.bootstrap, group, topic, list(ends)) != ends, "the test needs uncommitted objects"
+    s3 = garage.client()
+    before = {o["Key"]: o["ETag"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}
+    more = [(i % 2, None, json.dumps({"sensor": i}).encode(), base + i * 100) for i in range(300, 400)]
+    produce(broker.bootstrap, topic, more)
+    records = oracle.read_topic(broker.bootstrap, topic, len(items) + len(more))
+    ends = oracle.end_offsets(records)
+
+    second = run_archiver(SPOOL_DIR=tmp_path / "spool-2", **env)
+    assert wait_committed(broker.bootstrap, group, topic, ends) == ends
+    m = second.metrics()
+    assert second.stop() == 0, second.logs()
+    after = {o["Key"]: o["ETag"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}
+    assert {k: after.get(k) for k in before} == before, "the objects stored first are neither lost nor rewritten"
+    assert m.get('kafka_s3_archiver_objects_uploaded_total{kind="parquet"}', 0) == len(after) - len(before)
+    assert "an object an earlier owner stored is taken as it is" in second.logs()
+    from test_archive import Bucket
+    check(download(Bucket("garage", server=garage, name=bucket), tmp_path / "download"), topic,
+          expected_rows(records, sinetstream=False))
+    assert len(after) > len(before), "the records produced after the kill are in objects of their own"
+    print(f"\nSUMMARY parquet takeover: {len(before)} objects stored by the first owner, "
+          f"{len(after) - len(before)} by the second, {len(records)} records, each in one object")
