@@ -65,7 +65,7 @@ fn record(value: Bytes) -> Record {
         time: RecordTime::Kafka(KAFKA_MS),
         key: None,
         value: Some(value),
-        headers: Vec::new(),
+        headers: None,
     }
 }
 

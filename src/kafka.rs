@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rdkafka::config::ClientConfig;
-use rdkafka::message::{Headers as _, Message};
+use rdkafka::message::BorrowedMessage;
 
 use crate::config::{Config, ConfigError};
 use crate::record::Headers;
@@ -75,10 +75,36 @@ pub fn client_config(config: &Config) -> Result<ClientConfig, ConfigError> {
 }
 
 /// A message's headers, as the archiver keeps them. A name that is not UTF-8 (Kafka's clients
-/// write names as strings) is kept with its bad bytes replaced.
-pub fn headers(message: &impl Message) -> Headers {
-    let Some(headers) = message.headers() else { return Headers::new() };
-    headers.iter().map(|h| (h.key.to_string(), h.value.map(Bytes::copy_from_slice))).collect()
+/// write names as strings, but the protocol does not check) is kept with its bad bytes replaced:
+/// rdkafka's own header reader panics on one, so librdkafka is asked directly.
+pub fn headers(message: &BorrowedMessage<'_>) -> Headers {
+    use rdkafka::bindings as rd;
+    let mut native: *mut rd::rd_kafka_headers_t = std::ptr::null_mut();
+    // SAFETY: the message pointer is valid while `message` is borrowed; librdkafka sets
+    // `native` to the message's own header list (or leaves it null), valid as long.
+    let err = unsafe { rd::rd_kafka_message_headers(message.ptr(), &mut native) };
+    if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || native.is_null() {
+        return Headers::new();
+    }
+    // SAFETY: `native` is the message's header list, read only.
+    let count = unsafe { rd::rd_kafka_header_cnt(native) };
+    let mut out = Headers::with_capacity(count);
+    for i in 0..count {
+        let (mut name, mut value, mut size) = (std::ptr::null(), std::ptr::null(), 0usize);
+        // SAFETY: `i` is below the count; librdkafka points `name` at a NUL-terminated string
+        // and `value` at `size` bytes (or null), both owned by the message.
+        let err = unsafe { rd::rd_kafka_header_get_all(native, i, &mut name, &mut value, &mut size) };
+        if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
+            continue;
+        }
+        // SAFETY: as above.
+        let name = unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy().into_owned();
+        let value = (!value.is_null())
+            // SAFETY: as above.
+            .then(|| Bytes::copy_from_slice(unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) }));
+        out.push((name, value));
+    }
+    out
 }
 
 #[cfg(test)]

@@ -40,8 +40,9 @@ pub struct Record {
     pub key: Option<Bytes>,
     /// None for a tombstone (a null value).
     pub value: Option<Bytes>,
-    /// Empty when the record has none.
-    pub headers: Headers,
+    /// Empty when the record has none; None where they were not kept (the Connect layout has no
+    /// place for them; a spool entry written before they were kept).
+    pub headers: Option<Headers>,
 }
 
 impl Record {

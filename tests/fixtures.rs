@@ -53,7 +53,7 @@ fn every_fixture_record_gives_the_stored_payload_and_timestamp() {
             time: RecordTime::Kafka(r["kafka_timestamp_ms"].as_i64().unwrap()),
             key: None,
             value: Some(Bytes::from(value.clone())),
-            headers: Vec::new(),
+            headers: None,
         };
         match hex_field(&r, "avro_msg_hex") {
             Some(avro_msg) => {

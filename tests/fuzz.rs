@@ -56,7 +56,7 @@ proptest! {
         policy in prop_oneof![Just(UndecodablePolicy::DeadLetter), Just(UndecodablePolicy::Raw), Just(UndecodablePolicy::Stop)],
     ) {
         let time = if consumed { RecordTime::Consumed(ms) } else { RecordTime::Kafka(ms) };
-        let record = Record { topic: "fuzz.topic".into(), partition, offset, time, key: None, value: Some(Bytes::from(value)), headers: Vec::new() };
+        let record = Record { topic: "fuzz.topic".into(), partition, offset, time, key: None, value: Some(Bytes::from(value)), headers: None };
         let layout = Layout::default();
         match plan(&record, &layout, policy) {
             Plan::Store { objects, .. } => {

@@ -54,7 +54,7 @@ pub fn records(value: &Bytes, next: &mut i64, n: usize) -> Vec<Record> {
             time: RecordTime::Kafka(KAFKA_MS + offset),
             key: None,
             value: Some(value.clone()),
-            headers: Vec::new(),
+            headers: None,
         })
         .collect()
 }

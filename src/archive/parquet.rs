@@ -109,7 +109,7 @@ impl Row {
             offset: record.offset,
             kafka_timestamp_ms: record.time.kafka(),
             key: record.key.clone(),
-            headers: Some(record.headers.clone()),
+            headers: record.headers.clone(),
             tstamp_us,
             payload,
             undecodable,
@@ -367,7 +367,7 @@ mod tests {
             time: RecordTime::Kafka(1_650_250_000_000 + offset),
             key: None,
             value: Some(value),
-            headers: Vec::new(),
+            headers: None,
         }
     }
 

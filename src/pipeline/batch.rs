@@ -177,7 +177,7 @@ mod tests {
             time: RecordTime::Kafka(ms),
             key: None,
             value: Some(Bytes::from(vec![0; len])),
-            headers: Vec::new(),
+            headers: None,
         }
     }
 

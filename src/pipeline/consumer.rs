@@ -689,7 +689,8 @@ impl KafkaConsumer {
                 time,
                 key: msg.key().map(Bytes::copy_from_slice),
                 value: value.map(Bytes::copy_from_slice),
-                headers: crate::kafka::headers(&msg),
+                // Only the Parquet format keeps them (the Connect layout has no place for them).
+                headers: self.batched.is_some().then(|| crate::kafka::headers(&msg)),
             });
         }
         for reset in ledger.take_resets() {

@@ -114,7 +114,7 @@ pub async fn put_ceiling(
             time: RecordTime::Kafka(1_764_201_600_125),
             key: None,
             value: Some(Bytes::new()),
-            headers: Vec::new(),
+            headers: None,
         };
         archive::attributes(&archive::metadata(&record, Some(1_764_201_600_123_456)))
     } else {

@@ -627,7 +627,7 @@ mod tests {
             time: RecordTime::Kafka(1_650_243_600_000 + offset),
             key: Some(Bytes::from(format!("k{offset}"))),
             value: value.map(Bytes::copy_from_slice),
-            headers: Vec::new(),
+            headers: None,
         };
         Row::of(&record, sinetstream)
     }

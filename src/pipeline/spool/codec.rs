@@ -69,7 +69,10 @@ pub fn partition_prefix(topic: &str, partition: i32) -> Vec<u8> {
     k
 }
 
-const FORMAT_VERSION: u8 = 1;
+/// Version 2 added headers; a version 1 entry (written before) has them unknown. An older
+/// archiver refuses version 2 entries as corrupt rather than misread them.
+const FORMAT_VERSION: u8 = 2;
+const FORMAT_VERSION_WITHOUT_HEADERS: u8 = 1;
 const FLAG_CONSUMED_TIME: u8 = 1;
 const FLAG_ZSTD: u8 = 2;
 const FLAG_KEY: u8 = 4;
@@ -120,7 +123,8 @@ pub(super) fn encode_value_with(r: &Record, options: SpoolOptions) -> Vec<u8> {
     if r.value.is_none() {
         flags |= FLAG_NULL;
     }
-    if !r.headers.is_empty() {
+    let headers = r.headers.as_deref().unwrap_or_default();
+    if !headers.is_empty() {
         flags |= FLAG_HEADERS;
     }
     let value = r.value_bytes();
@@ -142,9 +146,9 @@ pub(super) fn encode_value_with(r: &Record, options: SpoolOptions) -> Vec<u8> {
         out.extend_from_slice(&(k.len() as u32).to_be_bytes());
         out.extend_from_slice(k);
     }
-    if !r.headers.is_empty() {
-        out.extend_from_slice(&(r.headers.len() as u32).to_be_bytes());
-        for (name, value) in &r.headers {
+    if !headers.is_empty() {
+        out.extend_from_slice(&(headers.len() as u32).to_be_bytes());
+        for (name, value) in headers {
             out.extend_from_slice(&(name.len() as u32).to_be_bytes());
             out.extend_from_slice(name.as_bytes());
             match value {
@@ -170,7 +174,7 @@ pub(super) fn encode_value_with(r: &Record, options: SpoolOptions) -> Vec<u8> {
 pub fn decode_entry(key: &SpoolKey, raw: &[u8]) -> Result<Record, SpoolError> {
     let corrupt = |why| SpoolError::Corrupt { key: key.describe(), why };
     let (topic, partition, offset) = key.parts().ok_or_else(|| corrupt("bad key"))?;
-    if raw.len() < 10 || raw[0] != FORMAT_VERSION {
+    if raw.len() < 10 || !(raw[0] == FORMAT_VERSION || raw[0] == FORMAT_VERSION_WITHOUT_HEADERS) {
         return Err(corrupt("unknown format"));
     }
     let flags = raw[1];
@@ -220,5 +224,6 @@ pub fn decode_entry(key: &SpoolKey, raw: &[u8]) -> Result<Record, SpoolError> {
         Some(Bytes::copy_from_slice(rest))
     };
     let time = if flags & FLAG_CONSUMED_TIME != 0 { RecordTime::Consumed(ms) } else { RecordTime::Kafka(ms) };
+    let headers = (raw[0] == FORMAT_VERSION).then_some(headers);
     Ok(Record { topic: topic.to_string(), partition, offset, time, key: record_key, value, headers })
 }

@@ -44,7 +44,7 @@ proptest! {
                             offset: o,
                             time: RecordTime::Kafka(1),
                             key: None,
-                            value: Some(format!("{p}/{o}/{step}").into_bytes().into()), headers: Vec::new() })
+                            value: Some(format!("{p}/{o}/{step}").into_bytes().into()), headers: None })
                         .collect();
                     spool.insert_batch(&batch).unwrap();
                     for r in &batch {

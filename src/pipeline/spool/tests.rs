@@ -22,7 +22,7 @@ pub(super) fn rec(topic: &str, partition: i32, offset: i64, value: Vec<u8>) -> R
         time: RecordTime::Kafka(1_650_000_000_000),
         key: None,
         value: Some(value.into()),
-        headers: Vec::new(),
+        headers: Some(Vec::new()),
     }
 }
 
@@ -89,18 +89,22 @@ fn headers_round_trip_and_entries_written_before_them_read_as_none() {
         let mut r = rec("t", 0, 5, value.clone().unwrap_or_default());
         r.value = value.map(Bytes::from);
         r.key = Some(Bytes::from_static(b"k"));
-        r.headers = headers.clone();
+        r.headers = Some(headers.clone());
         assert_eq!(decode_entry(&key, &encode_value(&r)).unwrap(), r);
         let cut = encode_value(&r);
         assert!(decode_entry(&key, &cut[..16]).is_err(), "headers cut short are corrupt");
     }
-    // An entry as the spool wrote it before headers were kept: version, flags (a key), time, key.
+    // An entry as the spool wrote it before headers were kept (version 1): version, flags (a
+    // key), time, key; its headers are not known.
     let mut old = vec![1, 4];
     old.extend_from_slice(&1_650_000_000_000i64.to_be_bytes());
     old.extend_from_slice(&1u32.to_be_bytes());
     old.extend_from_slice(b"kvalue");
     let r = decode_entry(&key, &old).unwrap();
-    assert_eq!((r.key.as_deref(), r.value.as_deref(), r.headers.len()), (Some(&b"k"[..]), Some(&b"value"[..]), 0));
+    assert_eq!((r.key.as_deref(), r.value.as_deref(), r.headers), (Some(&b"k"[..]), Some(&b"value"[..]), None));
+    let mut future = encode_value(&rec("t", 0, 5, b"v".to_vec()));
+    future[0] = 3;
+    assert!(decode_entry(&key, &future).is_err(), "a version this archiver does not know is refused");
 }
 
 #[test]

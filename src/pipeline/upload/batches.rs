@@ -846,7 +846,7 @@ mod tests {
             time: RecordTime::Kafka(ms),
             key: None,
             value: Some(value.into()),
-            headers: Vec::new(),
+            headers: None,
         }
     }
 
@@ -1049,7 +1049,7 @@ mod tests {
                     time: RecordTime::Kafka(0),
                     key: None,
                     value: Some(Bytes::from(value)),
-                    headers: Vec::new(),
+                    headers: None,
                 };
                 Row::of(&record, false)
             })

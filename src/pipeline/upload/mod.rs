@@ -519,7 +519,7 @@ mod tests {
             time: RecordTime::Kafka(0),
             key: None,
             value: Some(Bytes::copy_from_slice(value)),
-            headers: Vec::new(),
+            headers: None,
         }
     }
 

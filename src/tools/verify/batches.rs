@@ -357,7 +357,7 @@ pub(super) fn compare_row(r: &KafkaRecord, found: &Found, report: &mut TopicRepo
         time: r.timestamp_ms.map_or(RecordTime::Consumed(0), RecordTime::Kafka),
         key: r.key.clone(),
         value: r.value.clone(),
-        headers: r.headers.clone(),
+        headers: Some(r.headers.clone()),
     };
     let row = &found.row;
     let plain = row.tstamp_us.is_none() && row.undecodable.is_none();
@@ -419,7 +419,7 @@ mod tests {
             time: RecordTime::Kafka(HOUR + offset * 1000),
             key: None,
             value: Some(value),
-            headers: Vec::new(),
+            headers: None,
         };
         Row::of(&record, true)
     }

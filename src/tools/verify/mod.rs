@@ -500,7 +500,7 @@ fn compare_record(
             time,
             key: r.key.clone(),
             value: Some(value.clone()),
-            headers: Vec::new(),
+            headers: None,
         };
         match plan(&record, layout, policy) {
             Plan::Store { objects, .. } => objects,
@@ -1013,7 +1013,7 @@ mod tests {
                 b"{}",
                 crate::archive::sinetstream::Format::V3,
             ))),
-            headers: Vec::new(),
+            headers: None,
         }
     }
 
