@@ -300,14 +300,19 @@ fn dispatch(
             part.seal(&up.spool, batch, Seal::Spool, now)?;
         }
     }
-    // Uploads, oldest batch of each partition first.
+    // Uploads: one object of a partition at a time, in offset order. Then the objects a killed
+    // instance stored and did not commit follow each other from the committed offset, and the
+    // next owner finds them all by asking for each in turn ([`Probe`]).
     for part in parts.values_mut() {
-        for s in part.sealed.values_mut().filter(|s| !s.batch.stored && !s.uploading && s.complete) {
+        if let Some(s) = part.sealed.values_mut().find(|s| !s.batch.stored)
+            && !s.uploading
+            && s.complete
+        {
             if tasks.len() >= OBJECTS_IN_FLIGHT {
                 return Ok(());
             }
             if !up.ledger.lock().expect("ledger lock").begin_upload(&part.tp, part.generation) {
-                break;
+                continue;
             }
             s.uploading = true;
             let (shared, batch, generation) = (shared.clone(), s.batch.clone(), part.generation);
