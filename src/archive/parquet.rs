@@ -242,33 +242,48 @@ fn write_headers(value: bool, rows: &[Row], column: &mut ColumnWriter<'_>) -> Re
     w.write_batch(&values, Some(&defs), Some(&reps)).map(drop)
 }
 
-/// The first and last offset of an object and how many rows it has, from its footer (the offset
-/// column's statistics) without decoding the rows; from the rows where the footer has no
-/// statistics (an object another writer made).
-pub fn span(object: Bytes) -> Result<(i64, i64, u64), ParquetError> {
+/// How long the footer's metadata is, from an object's last 8 bytes ([`FOOTER_TAIL`]): the
+/// metadata is the bytes just before them.
+pub fn metadata_length(tail: &[u8]) -> Result<usize, ParquetError> {
+    Ok(parquet::file::metadata::FooterTail::try_from(tail)?.metadata_length())
+}
+
+/// The size of an object's tail that says how long its metadata is.
+pub const FOOTER_TAIL: u64 = 8;
+
+/// The first and last offset and the row count, from an object's footer metadata (the offset
+/// column's row-group statistics); None when it has no such statistics (another writer).
+pub fn span_of_metadata(metadata: &[u8]) -> Result<Option<(i64, i64, u64)>, ParquetError> {
+    use parquet::file::metadata::ParquetMetaDataReader;
     use parquet::file::statistics::Statistics;
-    let reader = SerializedFileReader::new(object.clone())?;
-    let meta = reader.metadata();
+    let meta = ParquetMetaDataReader::decode_metadata(metadata)?;
     let count = meta.file_metadata().num_rows().max(0) as u64;
     let (mut first, mut last) = (None::<i64>, None::<i64>);
     for group in meta.row_groups() {
-        match group.column(0).statistics() {
-            Some(Statistics::Int64(s)) if s.min_opt().is_some() && s.max_opt().is_some() => {
-                let (lo, hi) = (*s.min_opt().expect("checked"), *s.max_opt().expect("checked"));
-                first = Some(first.map_or(lo, |f| f.min(lo)));
-                last = Some(last.map_or(hi, |l| l.max(hi)));
-            }
-            _ => {
-                let offsets: Vec<i64> = rows(object)?.map(|r| r.map(|r| r.offset)).collect::<Result<_, _>>()?;
-                let (Some(f), Some(l)) = (offsets.iter().min(), offsets.iter().max()) else {
-                    return Err(ParquetError::General("no rows".into()));
-                };
-                return Ok((*f, *l, offsets.len() as u64));
-            }
-        }
+        let Some(Statistics::Int64(s)) = group.column(0).statistics() else { return Ok(None) };
+        let (Some(&lo), Some(&hi)) = (s.min_opt(), s.max_opt()) else { return Ok(None) };
+        first = Some(first.map_or(lo, |f| f.min(lo)));
+        last = Some(last.map_or(hi, |l| l.max(hi)));
     }
     match (first, last) {
-        (Some(f), Some(l)) => Ok((f, l, count)),
+        (Some(f), Some(l)) => Ok(Some((f, l, count))),
+        _ => Err(ParquetError::General("no rows".into())),
+    }
+}
+
+/// The first and last offset of an object and how many rows it has: from its footer without
+/// decoding the rows where it has statistics, from the rows otherwise.
+pub fn span(object: Bytes) -> Result<(i64, i64, u64), ParquetError> {
+    let n = object.len();
+    let tail = object.get(n.saturating_sub(FOOTER_TAIL as usize)..).unwrap_or_default();
+    let length = metadata_length(tail)?;
+    let start = n.checked_sub(FOOTER_TAIL as usize + length).ok_or_else(|| ParquetError::EOF("footer".into()))?;
+    if let Some(span) = span_of_metadata(&object[start..n - FOOTER_TAIL as usize])? {
+        return Ok(span);
+    }
+    let offsets: Vec<i64> = rows(object)?.map(|r| r.map(|r| r.offset)).collect::<Result<_, _>>()?;
+    match (offsets.iter().min(), offsets.iter().max()) {
+        (Some(&f), Some(&l)) => Ok((f, l, offsets.len() as u64)),
         _ => Err(ParquetError::General("no rows".into())),
     }
 }

@@ -134,20 +134,51 @@ struct ProbeAnswer {
     found: Result<Option<(i64, u64)>, String>,
 }
 
-/// Whether an object starts at `at` (named as its record at `ms` files it), and its span.
-async fn probe(store: Arc<dyn ObjectStore>, key: String) -> Result<Option<(i64, u64)>, String> {
+/// Whether an object of this format starts at `at` under `key`: its last offset and rows. Reads
+/// the object's footer only (two ranged GETs), the whole object where the footer has no offset
+/// statistics.
+async fn probe(store: Arc<dyn ObjectStore>, key: String, at: i64) -> Result<Option<(i64, u64)>, String> {
     let path = Path::from(key.as_str());
-    let body = match store.get(&path).await {
-        Ok(r) => r.bytes().await.map_err(|e| e.to_string())?,
+    let tail = object_store::GetOptions {
+        range: Some(object_store::GetRange::Suffix(parquet::FOOTER_TAIL)),
+        ..Default::default()
+    };
+    let (size, tail) = match store.get_opts(&path, tail).await {
+        Ok(r) => (r.meta.size, r.bytes().await.map_err(|e| e.to_string())?),
         Err(object_store::Error::NotFound { .. }) => return Ok(None),
+        // Credentials that may write but not read: batches start where Kafka's commit is, as
+        // without the probe (what a killed owner stored and did not commit may be written over).
+        Err(e @ (object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. })) => {
+            tracing::warn!(key, error = %e,
+                "cannot read the store to find objects an earlier owner stored: batches start at the committed offset");
+            return Ok(None);
+        }
         Err(e) => return Err(e.to_string()),
     };
-    match parquet::span(body) {
-        Ok((_, last, rows)) => Ok(Some((last, rows))),
-        // Not an object this format can read (another writer's): not taken, and the key is
-        // written over by the batch that starts there.
-        Err(e) => {
-            tracing::warn!(key, error = %e, "an object at the key of the next batch cannot be read: it is replaced");
+    let span = async {
+        let length = parquet::metadata_length(&tail).map_err(|e| e.to_string())? as u64;
+        let end = size.checked_sub(parquet::FOOTER_TAIL).ok_or("shorter than a footer")?;
+        let start = end.checked_sub(length).ok_or("a footer longer than the object")?;
+        let metadata = store.get_range(&path, start..end).await.map_err(|e| e.to_string())?;
+        match parquet::span_of_metadata(&metadata).map_err(|e| e.to_string())? {
+            Some(span) => Ok(span),
+            None => {
+                let body =
+                    store.get(&path).await.map_err(|e| e.to_string())?.bytes().await.map_err(|e| e.to_string())?;
+                parquet::span(body).map_err(|e| e.to_string())
+            }
+        }
+    };
+    match span.await {
+        Ok((first, last, rows)) if first == at && last >= at => Ok(Some((last, rows))),
+        // Not an object of this format (another writer's, cut short, or of other offsets): not
+        // taken, and the key is written over by the batch that starts there.
+        Ok((first, last, _)) => {
+            tracing::warn!(key, first, last, "an object at the key of the next batch cannot be read: it is replaced");
+            Ok(None)
+        }
+        Err(error) => {
+            tracing::warn!(key, error, "an object at the key of the next batch cannot be read: it is replaced");
             Ok(None)
         }
     }
@@ -441,6 +472,19 @@ impl Partition {
                                 records: rows,
                                 stored: true,
                             };
+                            // A batch this spool sealed inside it and never stored (an earlier
+                            // assignment of this instance) would overlap it: its records go
+                            // into batches after it.
+                            let inside: Vec<i64> = self
+                                .sealed
+                                .range(at..=last)
+                                .filter(|(_, s)| !s.batch.stored)
+                                .map(|(&first, _)| first)
+                                .collect();
+                            for first in inside {
+                                spool.unseal(&self.tp.0, self.tp.1, first)?;
+                                self.sealed.remove(&first);
+                            }
                             spool.seal(&sealed)?;
                             tracing::info!(topic = %self.tp.0, partition = self.tp.1, first = at, last, records = rows,
                                 "an object an earlier owner stored is taken as it is: its records are not stored again");
@@ -463,7 +507,7 @@ impl Partition {
                         let (store, answers) = (up.store.clone(), answers.clone());
                         let (prefix, generation) = (self.prefix.clone(), self.generation);
                         tokio::spawn(async move {
-                            let found = probe(store, key).await;
+                            let found = probe(store, key, at).await;
                             let _ = answers.send(ProbeAnswer { prefix, generation, at, found });
                         });
                         return Ok(());
