@@ -221,16 +221,17 @@ pub async fn replay(
         let mut out = Output { partition, producer: producer.as_ref(), pending: VecDeque::new(), last: None };
         let mut slots = index.partitions.remove(&partition).unwrap_or_default();
         let objects = index.batches.remove(&partition).unwrap_or_default();
-        // A topic archived in both formats (ARCHIVE_FORMAT changed): the per-offset objects below
-        // the first Parquet object, the Parquet objects, then the per-offset objects above them.
-        let first_batch = objects.first().and_then(|l| l.parsed.as_ref()).map(|k| k.offset);
-        let after = first_batch.map(|o| slots.split_off(&o)).unwrap_or_default();
-        restore_slots(store.as_ref(), &slots, options, layout, &mut out, &mut summary, &progress).await?;
+        // A topic archived in both formats (ARCHIVE_FORMAT changed, maybe more than once): the
+        // per-offset objects below each Parquet object go before it, the rest after the last.
         for object in &objects {
+            let first = object.parsed.as_ref().map_or(0, |k| k.offset);
+            let rest = slots.split_off(&first);
+            restore_slots(store.as_ref(), &slots, options, layout, &mut out, &mut summary, &progress).await?;
+            slots = rest;
             restore_object(store.as_ref(), object, options, &mut out, &mut summary).await?;
             progress.inc(1);
         }
-        restore_slots(store.as_ref(), &after, options, layout, &mut out, &mut summary, &progress).await?;
+        restore_slots(store.as_ref(), &slots, options, layout, &mut out, &mut summary, &progress).await?;
         out.flush().await?;
     }
     if let Some((p, _)) = &producer {
@@ -637,6 +638,50 @@ mod tests {
         let mut w = archive::parquet::Writer::new(3).unwrap();
         let body = [w.row_group(rows).unwrap(), w.finish().unwrap()].concat();
         store.put(&Path::from(key.as_str()), PutPayload::from(body)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_partition_archived_in_both_formats_by_turns_is_restored_in_offset_order() {
+        let message = |o: i64| sinetstream::encode(1_650_243_600_000_000 + o, b"{}", Format::V3);
+        let store = Arc::new(InMemory::new());
+        // Parquet 0..=1, the per-offset layout 2..=3, Parquet 4..=5, the per-offset layout 6.
+        put(&store, &[row(0, Some(&message(0)), true), row(1, Some(&message(1)), true)]).await;
+        put(&store, &[row(4, Some(&message(4)), true), row(5, Some(&message(5)), true)]).await;
+        for o in [2, 3, 6] {
+            let record = Record {
+                topic: "t".into(),
+                partition: 1,
+                offset: o,
+                time: RecordTime::Kafka(1_650_243_600_000 + o),
+                key: None,
+                value: Some(Bytes::from(message(o))),
+                headers: None,
+            };
+            let archive::Plan::Store { objects, .. } =
+                archive::plan(&record, &Layout::default(), archive::UndecodablePolicy::DeadLetter)
+            else {
+                unreachable!()
+            };
+            for obj in objects {
+                store.put(&Path::from(obj.key.as_str()), PutPayload::from(obj.body_bytes())).await.unwrap();
+            }
+        }
+        let settings = Settings {
+            kafka_topic: Some("t".into()),
+            broker_hostname: Some("unused:9092".into()),
+            ..Default::default()
+        };
+        let config = Config::from_settings(&settings, &[]).unwrap();
+        let options = RestoreOptions {
+            topic: "t".into(),
+            to_topic: None,
+            selection: Selection { parallel: 2, ..Selection::default() },
+            dead_letters: false,
+            dry_run: true,
+        };
+        let s = replay(&config, store, &options, Progress::new("test")).await.unwrap();
+        assert_eq!((s.produced, s.twice, s.skipped), (7, 0, 0), "{s:?}");
+        assert_eq!(s.partitions.get(&1), Some(&(0, 6, 7)));
     }
 
     #[tokio::test]
