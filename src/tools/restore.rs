@@ -414,7 +414,9 @@ fn rebuild_row(row: Row) -> Rebuilt {
         value,
         key: row.key.map(|k| k.to_vec()),
         headers: row.headers,
-        timestamp_ms: row.kafka_timestamp_ms,
+        // A record that had no Kafka timestamp gets the tstamp's millisecond, as from the
+        // per-offset layout, rather than the time of the restore.
+        timestamp_ms: row.kafka_timestamp_ms.or(row.tstamp_us.map(crate::archive::micros_to_millis)),
         how,
     }
 }
@@ -724,6 +726,8 @@ mod tests {
         assert_eq!((back.key.as_deref(), back.timestamp_ms), (Some(&b"k0"[..]), Some(1_650_243_600_000)));
         assert_eq!(rebuild_row(rows[1].clone()).value.as_deref(), Some(&b"not a message"[..]));
         assert_eq!(rebuild_row(rows[3].clone()).headers, rows[3].headers);
+        let untimed = Row { kafka_timestamp_ms: None, ..rows[0].clone() };
+        assert_eq!(rebuild_row(untimed).timestamp_ms, Some(1_650_243_600_123), "the tstamp's millisecond");
     }
 
     #[test]
