@@ -642,6 +642,24 @@ mod tests {
         store.put(&Path::from(key.as_str()), PutPayload::from(body)).await.unwrap();
     }
 
+    /// A dry run of topic t's restore from `store`.
+    async fn dry_run(store: Arc<InMemory>) -> RestoreSummary {
+        let settings = Settings {
+            kafka_topic: Some("t".into()),
+            broker_hostname: Some("unused:9092".into()),
+            ..Default::default()
+        };
+        let config = Config::from_settings(&settings, &[]).unwrap();
+        let options = RestoreOptions {
+            topic: "t".into(),
+            to_topic: None,
+            selection: Selection { parallel: 2, ..Selection::default() },
+            dead_letters: false,
+            dry_run: true,
+        };
+        replay(&config, store, &options, Progress::new("test")).await.unwrap()
+    }
+
     #[tokio::test]
     async fn a_partition_archived_in_both_formats_by_turns_is_restored_in_offset_order() {
         let message = |o: i64| sinetstream::encode(1_650_243_600_000_000 + o, b"{}", Format::V3);
@@ -668,20 +686,7 @@ mod tests {
                 store.put(&Path::from(obj.key.as_str()), PutPayload::from(obj.body_bytes())).await.unwrap();
             }
         }
-        let settings = Settings {
-            kafka_topic: Some("t".into()),
-            broker_hostname: Some("unused:9092".into()),
-            ..Default::default()
-        };
-        let config = Config::from_settings(&settings, &[]).unwrap();
-        let options = RestoreOptions {
-            topic: "t".into(),
-            to_topic: None,
-            selection: Selection { parallel: 2, ..Selection::default() },
-            dead_letters: false,
-            dry_run: true,
-        };
-        let s = replay(&config, store, &options, Progress::new("test")).await.unwrap();
+        let s = dry_run(store).await;
         assert_eq!((s.produced, s.twice, s.skipped), (7, 0, 0), "{s:?}");
         assert_eq!(s.partitions.get(&1), Some(&(0, 6, 7)));
     }
@@ -699,20 +704,7 @@ mod tests {
         let store = Arc::new(InMemory::new());
         put(&store, &rows[..3]).await;
         put(&store, &rows[2..]).await; // offset 2 in both objects
-        let settings = Settings {
-            kafka_topic: Some("t".into()),
-            broker_hostname: Some("unused:9092".into()),
-            ..Default::default()
-        };
-        let config = Config::from_settings(&settings, &[]).unwrap();
-        let options = RestoreOptions {
-            topic: "t".into(),
-            to_topic: None,
-            selection: Selection { parallel: 2, ..Selection::default() },
-            dead_letters: false,
-            dry_run: true,
-        };
-        let s = replay(&config, store, &options, Progress::new("test")).await.unwrap();
+        let s = dry_run(store).await;
         assert_eq!((s.produced, s.exact_tstamp, s.raw, s.tombstones, s.twice), (4, 1, 2, 1, 1), "{s:?}");
         assert_eq!((s.with_key, s.with_headers, s.skipped), (4, 1, 0));
         assert_eq!(s.partitions.get(&1), Some(&(0, 3, 4)));

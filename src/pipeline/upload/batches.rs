@@ -40,6 +40,7 @@ use crate::metrics as m;
 use crate::pipeline::batch::{Batch, BatchLimits, Batcher, Seal};
 use crate::pipeline::commit::Tp;
 use crate::pipeline::spool::{SealedBatch, Spool, SpoolError, SpoolKey};
+use crate::record::Record;
 
 /// A row group holds at most this many records, or this many bytes of values (as spooled), so that
 /// readers get groups of a few MiB to tens of MiB and an upload holds one group at a time.
@@ -169,19 +170,15 @@ async fn probe(store: Arc<dyn ObjectStore>, key: String, at: i64) -> Result<Opti
             }
         }
     };
-    match span.await {
-        Ok((first, last, rows)) if first == at && last >= at => Ok(Some((last, rows))),
-        // Not an object of this format (another writer's, cut short, or of other offsets): not
-        // taken, and the key is written over by the batch that starts there.
-        Ok((first, last, _)) => {
-            tracing::warn!(key, first, last, "an object at the key of the next batch cannot be read: it is replaced");
-            Ok(None)
-        }
-        Err(error) => {
-            tracing::warn!(key, error, "an object at the key of the next batch cannot be read: it is replaced");
-            Ok(None)
-        }
-    }
+    let error = match span.await {
+        Ok((first, last, rows)) if first == at && last >= at => return Ok(Some((last, rows))),
+        Ok((first, last, _)) => format!("it holds offsets {first}..={last}"),
+        Err(error) => error,
+    };
+    // Not an object of this format (another writer's, cut short, or of other offsets): not
+    // taken, and the key is written over by the batch that starts there.
+    tracing::warn!(key, error, "an object at the key of the next batch cannot be read: it is replaced");
+    Ok(None)
 }
 
 /// Runs the Parquet format's uploads until `shutdown`, then gives those in flight the shutdown
@@ -451,68 +448,17 @@ impl Partition {
         answers: &tokio::sync::mpsc::UnboundedSender<ProbeAnswer>,
     ) -> Result<(), SpoolError> {
         let (spool, ledger) = (&up.spool, &up.ledger);
-        if self.cursor >= below {
+        let waiting = matches!(self.probe, Probe::Asking) || matches!(self.probe, Probe::Later(after) if now < after);
+        if self.cursor >= below || (self.probe_at.is_some() && waiting) {
             return Ok(());
         }
         let records = spool.read_from(&self.prefix, self.cursor, READ_RECORDS, READ_BYTES)?;
         for (key, record) in records.into_iter().take_while(|(_, r)| r.offset < below) {
-            if self.probe_at.is_some() && self.sealed_holding(record.offset).is_none() {
-                // The record starts a batch (none is open while probing): an earlier owner's
-                // object may start here.
-                let at = record.offset;
-                match std::mem::take(&mut self.probe) {
-                    Probe::Answered(asked, found) if asked == at => match found {
-                        Some((last, rows)) => {
-                            let sealed = SealedBatch {
-                                topic: self.tp.0.clone(),
-                                partition: self.tp.1,
-                                first_offset: at,
-                                last_offset: last,
-                                hour_ms: record.time.millis(),
-                                records: rows,
-                                stored: true,
-                            };
-                            // A batch this spool sealed inside it and never stored (an earlier
-                            // assignment of this instance) would overlap it: its records go
-                            // into batches after it.
-                            let inside: Vec<i64> = self
-                                .sealed
-                                .range(at..=last)
-                                .filter(|(_, s)| !s.batch.stored)
-                                .map(|(&first, _)| first)
-                                .collect();
-                            for first in inside {
-                                spool.unseal(&self.tp.0, self.tp.1, first)?;
-                                self.sealed.remove(&first);
-                            }
-                            spool.seal(&sealed)?;
-                            tracing::info!(topic = %self.tp.0, partition = self.tp.1, first = at, last, records = rows,
-                                "an object an earlier owner stored is taken as it is: its records are not stored again");
-                            self.sealed.insert(at, Sealed { batch: sealed, uploading: false, complete: true });
-                            self.probe_at = Some(last + 1);
-                        }
-                        None => self.probe_at = None,
-                    },
-                    Probe::Later(after) if now < after => {
-                        self.probe = Probe::Later(after);
-                        return Ok(());
-                    }
-                    Probe::Asking => {
-                        self.probe = Probe::Asking;
-                        return Ok(());
-                    }
-                    _ => {
-                        self.probe = Probe::Asking;
-                        let key = parquet::key(&up.layout, &self.tp.0, self.tp.1, at, record.time.millis());
-                        let (store, answers) = (up.store.clone(), answers.clone());
-                        let (prefix, generation) = (self.prefix.clone(), self.generation);
-                        tokio::spawn(async move {
-                            let found = probe(store, key, at).await;
-                            let _ = answers.send(ProbeAnswer { prefix, generation, at, found });
-                        });
-                        return Ok(());
-                    }
-                }
+            if self.probe_at.is_some()
+                && self.sealed_holding(record.offset).is_none()
+                && !self.probed(up, &record, now, answers)?
+            {
+                return Ok(());
             }
             self.cursor = record.offset + 1;
             if let Some(s) = self.sealed_holding(record.offset) {
@@ -531,6 +477,74 @@ impl Partition {
                 self.seal(spool, batch, why, now)?;
             }
         }
+        Ok(())
+    }
+
+    /// `record` starts a batch (none is open while probing): whether an earlier owner's object
+    /// starts at it is known and dealt with (true), or the store is being asked (false).
+    fn probed(
+        &mut self,
+        up: &super::Uploader,
+        record: &Record,
+        now: Instant,
+        answers: &tokio::sync::mpsc::UnboundedSender<ProbeAnswer>,
+    ) -> Result<bool, SpoolError> {
+        let at = record.offset;
+        match std::mem::take(&mut self.probe) {
+            Probe::Answered(asked, Some((last, rows))) if asked == at => {
+                self.adopt(&up.spool, at, record.time.millis(), last, rows)?;
+                Ok(true)
+            }
+            Probe::Answered(asked, None) if asked == at => {
+                self.probe_at = None;
+                Ok(true)
+            }
+            Probe::Later(after) if now < after => {
+                self.probe = Probe::Later(after);
+                Ok(false)
+            }
+            Probe::Asking => {
+                self.probe = Probe::Asking;
+                Ok(false)
+            }
+            _ => {
+                self.probe = Probe::Asking;
+                let key = parquet::key(&up.layout, &self.tp.0, self.tp.1, at, record.time.millis());
+                let (store, answers) = (up.store.clone(), answers.clone());
+                let (prefix, generation) = (self.prefix.clone(), self.generation);
+                tokio::spawn(async move {
+                    let found = probe(store, key, at).await;
+                    let _ = answers.send(ProbeAnswer { prefix, generation, at, found });
+                });
+                Ok(false)
+            }
+        }
+    }
+
+    /// Takes the object an earlier owner stored at `at..=last` as a stored batch.
+    fn adopt(&mut self, spool: &Spool, at: i64, hour_ms: i64, last: i64, rows: u64) -> Result<(), SpoolError> {
+        // A batch this spool sealed inside it and never stored (an earlier assignment of this
+        // instance) would overlap it: its records go into batches after it.
+        let inside: Vec<i64> =
+            self.sealed.range(at..=last).filter(|(_, s)| !s.batch.stored).map(|(&first, _)| first).collect();
+        for first in inside {
+            spool.unseal(&self.tp.0, self.tp.1, first)?;
+            self.sealed.remove(&first);
+        }
+        let batch = SealedBatch {
+            topic: self.tp.0.clone(),
+            partition: self.tp.1,
+            first_offset: at,
+            last_offset: last,
+            hour_ms,
+            records: rows,
+            stored: true,
+        };
+        spool.seal(&batch)?;
+        tracing::info!(topic = %self.tp.0, partition = self.tp.1, first = at, last, records = rows,
+            "an object an earlier owner stored is taken as it is: its records are not stored again");
+        self.sealed.insert(at, Sealed { batch, uploading: false, complete: true });
+        self.probe_at = Some(last + 1);
         Ok(())
     }
 
@@ -877,7 +891,7 @@ mod tests {
     use crate::pipeline::commit::Ledger;
     use crate::pipeline::status::Status;
     use crate::pipeline::upload::Uploader;
-    use crate::record::{Record, RecordTime};
+    use crate::record::RecordTime;
 
     /// 2022-04-18T11:00:00+09:00, the start of an hour folder in Asia/Tokyo.
     const T0: i64 = 1_650_247_200_000;
