@@ -39,6 +39,21 @@ def drain(broker, group, topic, producer, archiver, timeout, broker_may_lose=Fal
     return (records, served_then_lost) if broker_may_lose else records
 
 
+def store_down(a, proxy, seconds):
+    """Takes the store down for `seconds` (the proxy refuses connections), sampling archiver `a`
+    every second: [(seconds into the outage, spool bytes, RSS bytes, paused)]. The store stays
+    down: the caller brings it up."""
+    proxy.down()
+    samples = []
+    t0 = time.time()
+    while time.time() - t0 < seconds:
+        m = a.metrics()
+        samples.append((time.time() - t0, m.get("kafka_s3_archiver_spool_bytes", 0),
+                        testbed.rss_bytes(a.proc.pid), m.get("kafka_s3_archiver_consumer_paused", 0)))
+        time.sleep(1)
+    return samples
+
+
 def test_store_outage_pauses_at_the_spool_bound_and_drains_after(broker, garage, run_archiver, tmp_path):
     outage = int(os.environ.get("OUTAGE_SECONDS", "20"))
     run = uuid.uuid4().hex[:8]
@@ -56,14 +71,7 @@ def test_store_outage_pauses_at_the_spool_bound_and_drains_after(broker, garage,
     time.sleep(8)  # join, then archive at the produce rate
     assert a.archived() > 0, a.logs()
 
-    proxy.down()
-    samples = []  # (seconds into the outage, spool bytes, rss bytes, paused)
-    t0 = time.time()
-    while time.time() - t0 < outage:
-        m = a.metrics()
-        samples.append((time.time() - t0, m.get("kafka_s3_archiver_spool_bytes", 0),
-                        testbed.rss_bytes(a.proc.pid), m.get("kafka_s3_archiver_consumer_paused", 0)))
-        time.sleep(1)
+    samples = store_down(a, proxy, outage)
     archived_before = a.archived()
     proxy.up()
     t_up = time.time()

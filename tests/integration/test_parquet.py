@@ -23,6 +23,7 @@ import oracle
 import testbed
 from load import Producer
 from test_archive import VARIANTS, produce_sinetstream, sinetstream_messages, wait_committed
+from test_faults import store_down
 from test_verify_restore import produce, read_raw, sinetstream_reader, tool
 
 EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
@@ -214,10 +215,15 @@ def test_sinetstream_records_in_parquet_read_back_by_pyarrow_and_duckdb(broker, 
     assert a.stop() == 0, a.logs()
     root = download(bucket, tmp_path / "download2")
     objects = check(root, topic, expected)
-    env = {"BROKER_HOSTNAME": broker.bootstrap, "KAFKA_TOPIC": topic, "ARCHIVE_FORMAT": "parquet",
-           **{k: str(v) for k, v in bucket.env().items()}}
+    env = tool_env(broker, topic, bucket)
     verify_and_restore(archiver_bin, env, broker, bucket, root, topic, records, expected, objects,
                        lambda target: sinetstream_reader(tmp_path, monkeypatch, broker.bootstrap, target))
+
+
+def tool_env(broker, topic, bucket):
+    """The settings a user gives `verify` and `restore` for this archive."""
+    return {"BROKER_HOSTNAME": broker.bootstrap, "KAFKA_TOPIC": topic, "ARCHIVE_FORMAT": "parquet",
+            **{k: str(v) for k, v in bucket.env().items()}}
 
 
 def verify_and_restore(archiver_bin, env, broker, bucket, root, topic, records, expected, objects, reader):
@@ -369,9 +375,7 @@ def test_sigkill_cycles_leave_every_offset_in_exactly_one_object(broker, store, 
     sealed = {k: v for k, v in final.metrics().items() if k.startswith("kafka_s3_archiver_batches_sealed_total")}
     assert final.stop() == 0, final.logs()
     objects = check(download(bucket, tmp_path / "download"), topic, expected_rows(records))
-    verify_env = {"BROKER_HOSTNAME": broker.bootstrap, "KAFKA_TOPIC": topic, "ARCHIVE_FORMAT": "parquet",
-                  **{k: str(v) for k, v in bucket.env().items()}}
-    code, out, err = tool(request.getfixturevalue("archiver_bin"), verify_env, "verify")
+    code, out, err = tool(request.getfixturevalue("archiver_bin"), tool_env(broker, topic, bucket), "verify")
     assert code == 0 and f"clean: {produced} offsets, {objects} objects" in out, out + err
     print(f"\nSUMMARY parquet crash[{store}]: {kills} SIGKILL, {terms} SIGTERM, records={produced} "
           f"objects={objects} last run's seals={sealed}")
@@ -401,14 +405,7 @@ def test_store_outage_loses_nothing_and_memory_stays_flat(broker, garage, run_ar
     time.sleep(8)  # join, then archive at the produce rate
     assert a.archived() > 0, a.logs()
 
-    proxy.down()
-    samples = []  # (seconds into the outage, spool bytes, rss bytes, paused)
-    t0 = time.time()
-    while time.time() - t0 < outage:
-        m = a.metrics()
-        samples.append((time.time() - t0, m.get("kafka_s3_archiver_spool_bytes", 0),
-                        testbed.rss_bytes(a.proc.pid), m.get("kafka_s3_archiver_consumer_paused", 0)))
-        time.sleep(1)
+    samples = store_down(a, proxy, outage)
     proxy.up()
     t_up = time.time()
     records = drain(broker, group, topic, producer, a, timeout=300)
