@@ -103,6 +103,24 @@ impl Spool {
         Spool::open_with(dir, cache_bytes, SpoolOptions::default())
     }
 
+    /// Opens the spool in `dir` for a test, waiting for the lock: right after a spool there was
+    /// dropped, sled's file lock has been found still taken (its flusher thread lets go a moment
+    /// later).
+    #[cfg(test)]
+    pub(crate) fn open_in_test(dir: &Path) -> Spool {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Spool::open(dir, 1 << 20) {
+                Err(SpoolError::Sled(sled::Error::Io(e)))
+                    if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => return other.unwrap(),
+            }
+        }
+    }
+
     /// [`Spool::open`] with the given options. They apply to the records inserted from now on;
     /// records already in the spool are read back whatever options wrote them.
     ///

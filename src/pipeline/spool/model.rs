@@ -31,7 +31,7 @@ proptest! {
     #[test]
     fn the_spool_holds_what_was_inserted_and_not_removed(ops in prop::collection::vec(op(), 1..40)) {
         let dir = tempfile::tempdir().unwrap();
-        let mut spool = super::tests::open_spool(dir.path());
+        let mut spool = Spool::open_in_test(dir.path());
         let mut model: BTreeMap<(i32, i64), Vec<u8>> = BTreeMap::new();
         for (step, op) in ops.into_iter().enumerate() {
             match op {
@@ -64,7 +64,7 @@ proptest! {
                 Op::Reopen => {
                     spool.flush().unwrap();
                     drop(spool);
-                    spool = super::tests::open_spool(dir.path());
+                    spool = Spool::open_in_test(dir.path());
                 }
             }
             let mut held = BTreeMap::new();

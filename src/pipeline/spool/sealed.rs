@@ -217,12 +217,12 @@ impl Spool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::spool::tests::{open_spool, rec};
+    use crate::pipeline::spool::tests::rec;
 
     #[test]
     fn a_partition_reads_in_offset_order_from_any_offset_with_records_delivered_again() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = open_spool(dir.path());
+        let spool = Spool::open_in_test(dir.path());
         let batch: Vec<_> = (0..2000).map(|o| rec("t", 0, o, vec![o as u8; 10])).collect();
         spool.insert_batch(&batch).unwrap();
         spool.insert_batch(&[rec("t", 1, 5, vec![1]), rec("s", 0, 3, vec![1])]).unwrap();
@@ -272,7 +272,7 @@ mod tests {
     #[test]
     fn a_sealed_batch_survives_a_crash_and_goes_once_unsealed() {
         if let Some(dir) = std::env::var_os(CHILD) {
-            let spool = Spool::open(std::path::Path::new(&dir), 1 << 20).unwrap();
+            let spool = Spool::open_in_test(std::path::Path::new(&dir));
             spool.seal(&batch(1, 100, 199)).unwrap();
             spool.seal(&batch(0, 5, 9)).unwrap();
             // A crash: no destructor runs, nothing is flushed but what seal() made durable.
@@ -285,12 +285,12 @@ mod tests {
             .output()
             .unwrap();
         assert!(!child.status.success(), "the child aborts: {child:?}");
-        let spool = open_spool(dir.path());
+        let spool = Spool::open_in_test(dir.path());
         assert_eq!(spool.sealed().unwrap(), [batch(0, 5, 9), batch(1, 100, 199)]);
         spool.unseal("t", 0, 5).unwrap();
         spool.flush().unwrap();
         drop(spool);
-        let spool = open_spool(dir.path());
+        let spool = Spool::open_in_test(dir.path());
         assert_eq!(spool.sealed().unwrap(), [batch(1, 100, 199)]);
         assert_eq!(spool.record_count(), 0, "batches are not records");
         spool.mark_stored(&batch(1, 100, 199)).unwrap();

@@ -26,22 +26,6 @@ pub(super) fn rec(topic: &str, partition: i32, offset: i64, value: Vec<u8>) -> R
     }
 }
 
-/// Opens the spool in `dir`. Right after a spool there was dropped, sled's file lock has been
-/// found still taken (its flusher thread lets go a moment later): wait for it.
-pub(super) fn open_spool(dir: &Path) -> Spool {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        match Spool::open(dir, 1 << 20) {
-            Err(SpoolError::Sled(sled::Error::Io(e)))
-                if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            other => return other.unwrap(),
-        }
-    }
-}
-
 #[test]
 fn keys_sort_by_offset_within_a_partition() {
     let a = SpoolKey::new("t", 1, 9);
@@ -123,7 +107,7 @@ fn uncompressed_spools_store_large_values_as_they_are() {
     assert_eq!(got[0].1, big);
     s.flush().unwrap();
     drop(s);
-    let reopened = open_spool(dir.path());
+    let reopened = Spool::open_in_test(dir.path());
     assert_eq!(reopened.pending(&partition_prefix("t", 0), |_| false, 10, usize::MAX).unwrap()[0].1, big);
 }
 
@@ -131,14 +115,14 @@ fn uncompressed_spools_store_large_values_as_they_are() {
 fn spool_survives_reopen_and_dedupes() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let s = open_spool(dir.path());
+        let s = Spool::open_in_test(dir.path());
         s.insert_batch(&[rec("a", 0, 1, b"x".to_vec()), rec("a", 0, 2, b"y".to_vec()), rec("b", 3, 7, b"z".to_vec())])
             .unwrap();
         s.insert_batch(&[rec("a", 0, 1, b"x".to_vec())]).unwrap();
         s.remove(&SpoolKey::new("a", 0, 2)).unwrap();
         s.flush().unwrap();
     }
-    let s = open_spool(dir.path());
+    let s = Spool::open_in_test(dir.path());
     assert_eq!(s.record_count(), 2);
     assert_eq!(s.partitions(), vec![partition_prefix("a", 0), partition_prefix("b", 3)]);
     let got = s.pending(&partition_prefix("a", 0), |_| false, 10, usize::MAX).unwrap();
@@ -163,7 +147,7 @@ fn spool_survives_reopen_and_dedupes() {
 #[test]
 fn pending_stops_at_the_byte_budget_but_returns_at_least_one_record() {
     let dir = tempfile::tempdir().unwrap();
-    let s = open_spool(dir.path());
+    let s = Spool::open_in_test(dir.path());
     s.insert_batch(&(0..5).map(|o| rec("t", 0, o, noise(o, 4000))).collect::<Vec<_>>()).unwrap();
     let offsets = |max_bytes| -> Vec<i64> {
         let got = s.pending(&partition_prefix("t", 0), |_| false, 10, max_bytes).unwrap();
@@ -198,7 +182,7 @@ fn noise(seed: i64, n: usize) -> Vec<u8> {
 #[test]
 fn value_files_go_once_their_records_are_removed() {
     let dir = tempfile::tempdir().unwrap();
-    let s = open_spool(dir.path());
+    let s = Spool::open_in_test(dir.path());
     // 40 MiB: three value files.
     for batch in 0..40 {
         s.insert_batch(&(0..64).map(|i| rec("t", 0, batch * 64 + i, noise(i, 16_000))).collect::<Vec<_>>()).unwrap();
@@ -215,7 +199,7 @@ fn value_files_go_once_their_records_are_removed() {
 #[test]
 fn a_record_that_stays_does_not_keep_removed_ones_on_disk() {
     let dir = tempfile::tempdir().unwrap();
-    let s = open_spool(dir.path());
+    let s = Spool::open_in_test(dir.path());
     let stuck = rec("t", 9, 0, noise(9, 16_000));
     s.insert_batch(std::slice::from_ref(&stuck)).unwrap();
     // 160 MiB pass through while one record (an upload that keeps failing) stays.
@@ -240,7 +224,7 @@ fn a_record_that_stays_does_not_keep_removed_ones_on_disk() {
 fn entries_whose_value_did_not_reach_the_disk_are_dropped_at_open() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let s = open_spool(dir.path());
+        let s = Spool::open_in_test(dir.path());
         s.insert_batch(&(0..4).map(|o| rec("t", 0, o, noise(o, 1000))).collect::<Vec<_>>()).unwrap();
         s.flush().unwrap();
     }
@@ -251,7 +235,7 @@ fn entries_whose_value_did_not_reach_the_disk_are_dropped_at_open() {
     let f = File::options().write(true).open(file).unwrap();
     f.set_len(len - 10).unwrap();
     f.write_all_at(&[0; 5], 2 * 1010 + 20).unwrap();
-    let s = open_spool(dir.path());
+    let s = Spool::open_in_test(dir.path());
     let offsets: Vec<i64> = s
         .pending(&partition_prefix("t", 0), |_| false, 10, usize::MAX)
         .unwrap()
@@ -287,10 +271,10 @@ fn a_spool_with_values_inside_sled_is_moved_at_open() {
         }
         db.flush().unwrap();
     }
-    let s = open_spool(dir.path());
+    let s = Spool::open_in_test(dir.path());
     assert_holds(&s, &records);
     drop(s);
-    let s = open_spool(dir.path());
+    let s = Spool::open_in_test(dir.path());
     assert_eq!(s.record_count(), 2500, "moved once, not twice");
 }
 
@@ -331,7 +315,7 @@ fn records_inserted_while_others_are_removed_are_each_read_once() {
 #[test]
 fn a_batch_that_cannot_be_written_leaves_the_spool_as_it_was() {
     let dir = tempfile::tempdir().unwrap();
-    let s = open_spool(dir.path());
+    let s = Spool::open_in_test(dir.path());
     let batch = |from: i64, n: i64| (from..from + n).map(|o| rec("t", 0, o, noise(o, 16_000))).collect::<Vec<_>>();
     // 1,040 values of 16,010 bytes: the first file is 8 values short of full.
     for from in (0..1040).step_by(80) {
@@ -358,7 +342,7 @@ fn a_record_delivered_again_after_its_removal_is_stored_and_read_once() {
         got.into_iter().map(|(_, r)| (r.offset, r.value.unwrap_or_default())).collect()
     };
     {
-        let s = open_spool(dir.path());
+        let s = Spool::open_in_test(dir.path());
         s.insert_batch(&(0..10).map(|o| rec("t", 0, o, vec![o as u8])).collect::<Vec<_>>()).unwrap();
         s.remove(&SpoolKey::new("t", 0, 3)).unwrap();
         s.remove(&SpoolKey::new("t", 0, 5)).unwrap();
@@ -376,7 +360,7 @@ fn a_record_delivered_again_after_its_removal_is_stored_and_read_once() {
         assert_eq!(offsets(&s), want, "4 is kept as first stored; 3 comes after the records it was spooled with");
         s.flush().unwrap();
     }
-    let s = open_spool(dir.path());
+    let s = Spool::open_in_test(dir.path());
     assert_eq!(s.record_count(), 10);
     assert_eq!(s.keys().unwrap().len(), 10);
     for o in [3, 3, 0, 10] {
@@ -392,7 +376,7 @@ fn a_record_delivered_again_after_its_removal_is_stored_and_read_once() {
 #[test]
 fn compaction_moves_the_records_left_in_a_partly_removed_run() {
     let dir = tempfile::tempdir().unwrap();
-    let s = open_spool(dir.path());
+    let s = Spool::open_in_test(dir.path());
     // Records passing through: stored and removed as soon as they are in.
     let mut next = 0;
     let mut pass = |s: &Spool, batches: i64| {
@@ -435,7 +419,7 @@ fn compaction_moves_the_records_left_in_a_partly_removed_run() {
     assert_eq!(s.record_count(), 96);
     s.flush().unwrap();
     drop(s);
-    let s = open_spool(dir.path());
+    let s = Spool::open_in_test(dir.path());
     assert_eq!(left(&s), want);
     assert_eq!(s.record_count(), 96);
 }
@@ -465,13 +449,13 @@ fn a_spool_with_an_index_entry_per_record_is_moved_at_open() {
         }
         db.flush().unwrap();
     }
-    let s = open_spool(dir.path());
+    let s = Spool::open_in_test(dir.path());
     assert_holds(&s, &records);
     // Delivered again: not spooled twice.
     s.insert_batch(&records[..50]).unwrap();
     assert_eq!(s.record_count(), 300);
     drop(s);
-    let s = open_spool(dir.path());
+    let s = Spool::open_in_test(dir.path());
     assert_eq!(s.record_count(), 300, "moved once, not twice");
     for r in &records {
         s.remove(&SpoolKey::new(&r.topic, r.partition, r.offset)).unwrap();
@@ -555,7 +539,7 @@ fn a_failed_compaction_leaves_the_spool_as_it_was(failures: &[(Point, u32)]) {
     assert!(!value_files(dir.path()).contains(&first_file), "compacted once the failure is gone");
     s.flush().unwrap();
     drop(s);
-    assert_holds_once(&open_spool(dir.path()), &want);
+    assert_holds_once(&Spool::open_in_test(dir.path()), &want);
 }
 
 #[test]
@@ -638,7 +622,7 @@ fn the_retry_stores_the_batch_whole(dir: &Path, s: Spool, batch: &[Record]) {
     assert_eq!(s.record_count(), batch.len() as u64);
     s.flush().unwrap();
     drop(s);
-    let s = open_spool(dir);
+    let s = Spool::open_in_test(dir);
     assert!(held(&s) == batch, "every record with its value after a reopening");
     assert_eq!(s.record_count(), batch.len() as u64);
 }
@@ -646,7 +630,7 @@ fn the_retry_stores_the_batch_whole(dir: &Path, s: Spool, batch: &[Record]) {
 #[test]
 fn a_batch_whose_index_flush_fails_is_stored_whole_by_the_retry() {
     let dir = tempfile::tempdir().unwrap();
-    let s = open_spool(dir.path());
+    let s = Spool::open_in_test(dir.path());
     let batch = consumed_batch();
     faults::clear();
     faults::arm(Point::FlushIndex, 0);
@@ -668,7 +652,7 @@ fn fail_leaving_entries(s: &Spool, batch: &[Record]) {
 #[test]
 fn a_batch_whose_index_flush_fails_is_stored_whole_by_the_retry_even_if_its_entries_stay() {
     let dir = tempfile::tempdir().unwrap();
-    let s = open_spool(dir.path());
+    let s = Spool::open_in_test(dir.path());
     let batch = consumed_batch();
     fail_leaving_entries(&s, &batch);
     // The records' path time is the time they were consumed: their entries must be durable
@@ -681,7 +665,7 @@ fn a_batch_whose_index_flush_fails_is_stored_whole_by_the_retry_even_if_its_entr
 #[test]
 fn a_retry_that_brings_new_records_too_flushes_the_entries_left_behind() {
     let dir = tempfile::tempdir().unwrap();
-    let s = open_spool(dir.path());
+    let s = Spool::open_in_test(dir.path());
     let batch = consumed_batch();
     fail_leaving_entries(&s, &batch);
     // The retry carries a new record with a Kafka timestamp, which alone would not flush.
@@ -695,7 +679,7 @@ fn a_retry_that_brings_new_records_too_flushes_the_entries_left_behind() {
 #[test]
 fn the_values_of_a_taken_back_batch_stay_on_disk_until_the_index_is_durable() {
     let dir = tempfile::tempdir().unwrap();
-    let s = open_spool(dir.path());
+    let s = Spool::open_in_test(dir.path());
     faults::clear();
     // The batch's entries are applied, the flush fails, they are taken back, and the flush of
     // that fails too: sled may still have the entries durably, pointing at these values.
@@ -706,7 +690,7 @@ fn the_values_of_a_taken_back_batch_stay_on_disk_until_the_index_is_durable() {
     assert_eq!(s.record_count(), 0);
     s.flush().unwrap();
     drop(s);
-    let s = open_spool(dir.path());
+    let s = Spool::open_in_test(dir.path());
     assert_eq!(s.record_count(), 0);
     assert!(value_files(dir.path()).is_empty(), "an opening deletes the files no entry points at");
     the_retry_stores_the_batch_whole(dir.path(), s, &consumed_batch());

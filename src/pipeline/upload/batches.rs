@@ -916,7 +916,7 @@ mod tests {
     fn uploader(dir: &std::path::Path, store: Arc<dyn ObjectStore>, max_records: usize) -> Uploader {
         Uploader {
             store,
-            spool: Arc::new(Spool::open(dir, 1 << 20).unwrap()),
+            spool: Arc::new(Spool::open_in_test(dir)),
             ledger: Arc::new(std::sync::Mutex::new(Ledger::new())),
             status: Arc::new(Status::new()),
             layout: Layout::default(),
@@ -1062,7 +1062,7 @@ mod tests {
         {
             // The last run sealed 0..=2 (stored) and 3..=5 (not stored), then crashed before
             // committing: the spool holds 3..=5 and the boundaries.
-            let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+            let spool = Spool::open_in_test(dir.path());
             let batch = |first, last, stored| SealedBatch {
                 topic: "t".into(),
                 partition: 0,
@@ -1148,7 +1148,7 @@ mod tests {
         {
             // The last run stored 0..=4, then, after a crash, saw 0 and 1 delivered again (in the
             // object: marked done), committed 2 and crashed again.
-            let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+            let spool = Spool::open_in_test(dir.path());
             spool
                 .seal(&SealedBatch {
                     topic: "t".into(),

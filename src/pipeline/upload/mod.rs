@@ -526,7 +526,7 @@ mod tests {
     /// The upload stage over `store`, with one SINETStream record of t/0 at offset 0 spooled and
     /// delivered; the shutdown timeout is 200 ms.
     fn stage(dir: &std::path::Path, store: Arc<dyn ObjectStore>, conditional_put: bool) -> (Uploader, Record) {
-        let spool = Arc::new(Spool::open(dir, 1 << 20).unwrap());
+        let spool = Arc::new(Spool::open_in_test(dir));
         let value =
             Bytes::from(crate::archive::sinetstream::encode(1, b"payload", crate::archive::sinetstream::Format::V3));
         let rec = Record { value: Some(value), ..record(b"") }.at(0);
