@@ -122,17 +122,23 @@ struct Opened {
     client: rdkafka::ClientConfig,
     spool: Arc<Spool>,
     store: Arc<dyn object_store::ObjectStore>,
+    /// The same store by its multipart upload ids (S3 only).
+    multipart: Option<Arc<dyn object_store::multipart::MultipartStore>>,
     ledger: Arc<Mutex<Ledger>>,
     status: Arc<Status>,
 }
 
 /// Step 1: the Kafka client configuration, the spool (what it holds from the last run registered
 /// in the ledger, to be uploaded first), the store (staging files an interrupted run left in a
-/// local archive directory are removed in the background).
+/// local archive directory are removed in the background; on S3, multipart uploads are written
+/// down in the spool while open, and those a stopped run left are aborted in step 3).
 fn open(config: &Config) -> Result<Opened, RunError> {
     let client = kafka::client_config(config)?;
     let spool = Arc::new(Spool::open(&config.spool_dir, SPOOL_CACHE_BYTES)?);
-    let store = store::build(&config.store)?;
+    let store::Built { mut store, multipart } = store::build_with_multipart(&config.store)?;
+    if let Some(multipart) = &multipart {
+        store = Arc::new(upload::RecordedUploads::new(store, multipart.clone(), spool.clone()));
+    }
     if let config::StoreConfig::Local { dir, bucket } = &config.store {
         let (root, started) = (dir.join(bucket), std::time::SystemTime::now());
         tokio::task::spawn_blocking(move || match store::remove_stale_staging_files(&root, started) {
@@ -165,7 +171,7 @@ fn open(config: &Config) -> Result<Opened, RunError> {
     if recovered > 0 {
         tracing::info!(records = recovered, "uploading what the spool held from the last run first");
     }
-    Ok(Opened { client, spool, store, ledger, status: Arc::new(Status::new()) })
+    Ok(Opened { client, spool, store, multipart, ledger, status: Arc::new(Status::new()) })
 }
 
 /// Step 2: the HTTP server (metrics, health, status, the Kafka Connect API).
@@ -187,13 +193,17 @@ async fn serve(
     Ok(tokio::spawn(server))
 }
 
-/// Step 3: the uploaders, and the store watch that tells readiness whether the store answers.
+/// Step 3: the uploaders, the store watch that tells readiness whether the store answers, and the
+/// abort of multipart uploads a stopped run left open.
 fn start_uploads(
     config: &Config,
     opened: &Opened,
     stops: &Stops,
 ) -> tokio::task::JoinHandle<Result<(), upload::UploadError>> {
     tokio::spawn(upload::watch_store(opened.store.clone(), opened.status.clone(), stops.pipeline.clone()));
+    if let Some(multipart) = &opened.multipart {
+        tokio::spawn(upload::abort_left(opened.spool.clone(), multipart.clone(), stops.pipeline.clone()));
+    }
     let uploader = upload::Uploader {
         store: opened.store.clone(),
         spool: opened.spool.clone(),

@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime};
 use object_store::ObjectStore;
 use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
 use object_store::local::LocalFileSystem;
+use object_store::multipart::MultipartStore;
 use object_store::{BackoffConfig, Certificate, ClientOptions, RetryConfig};
 
 use crate::config::StoreConfig;
@@ -28,6 +29,19 @@ pub enum StoreError {
 
 /// Builds the store named by the configuration.
 pub fn build(config: &StoreConfig) -> Result<Arc<dyn ObjectStore>, StoreError> {
+    Ok(build_with_multipart(config)?.store)
+}
+
+/// A store as [`build_with_multipart`] builds it.
+pub struct Built {
+    pub store: Arc<dyn ObjectStore>,
+    /// The same store by its multipart upload ids, where it has them (S3), so that an upload a
+    /// crash leaves open can be aborted later (`pipeline::upload::RecordedUploads`).
+    pub multipart: Option<Arc<dyn MultipartStore>>,
+}
+
+/// [`build`], with the store's multipart upload ids where it has them.
+pub fn build_with_multipart(config: &StoreConfig) -> Result<Built, StoreError> {
     match config {
         StoreConfig::Local { dir, bucket } => {
             let root = dir.join(bucket);
@@ -37,7 +51,7 @@ pub fn build(config: &StoreConfig) -> Result<Arc<dyn ObjectStore>, StoreError> {
                 root.canonicalize().map_err(|source| StoreError::Dir { path: root.display().to_string(), source })?;
             // fsync: an object counts as stored (and its offset may be committed) only once it is
             // durable, as it is on S3.
-            Ok(Arc::new(LocalFileSystem::new_with_prefix(root)?.with_fsync(true)))
+            Ok(Built { store: Arc::new(LocalFileSystem::new_with_prefix(root)?.with_fsync(true)), multipart: None })
         }
         StoreConfig::S3 { bucket, region, endpoint, access_key_id, secret_key, ca_pem } => {
             let mut client = ClientOptions::new()
@@ -71,7 +85,8 @@ pub fn build(config: &StoreConfig) -> Result<Arc<dyn ObjectStore>, StoreError> {
             if let (Some(id), Some(secret)) = (access_key_id, secret_key) {
                 b = b.with_access_key_id(id.expose()).with_secret_access_key(secret.expose());
             }
-            Ok(Arc::new(b.build()?))
+            let s3 = Arc::new(b.build()?);
+            Ok(Built { store: s3.clone(), multipart: Some(s3) })
         }
     }
 }

@@ -509,3 +509,49 @@ def test_a_new_owner_without_the_spool_takes_the_stored_objects_as_they_are(brok
     assert len(after) > len(before), "the records produced after the kill are in objects of their own"
     print(f"\nSUMMARY parquet takeover: {len(before)} objects stored by the first owner, "
           f"{len(after) - len(before)} by the second, {len(records)} records, each in one object")
+
+
+def test_a_multipart_upload_a_crash_leaves_open_is_aborted_at_the_next_start(broker, moto, run_archiver, tmp_path):
+    """An object large enough for a multipart upload (14 MiB that zstd cannot shrink), through a
+    store a second away per request; the archiver is killed while the upload is open, as the
+    store's list of multipart uploads shows. The next start aborts it and stores the object again:
+    no upload left open, every record in one object. moto keeps an upload until it is aborted, as
+    S3 does (garage drops it once another upload of the key completes, so it cannot tell)."""
+    from test_archive import Bucket
+    run = uuid.uuid4().hex[:8]
+    topic, group, bucket = f"pqmulti.{run}", f"pqmulti-{run}", f"pqmulti-{run}"
+    broker.create_topic(topic, 1)
+    moto.create_bucket(bucket)
+    base = 1795545116000
+    items = [(0, None, os.urandom(64 << 10), base + i) for i in range(224)]
+    produce(broker.bootstrap, topic, items)
+    records = oracle.read_topic(broker.bootstrap, topic, len(items))
+    ends = oracle.end_offsets(records)
+    proxy = testbed.TcpProxy(moto.port, delay=1.0)
+    env = dict(BROKER_HOSTNAME=broker.bootstrap, KAFKA_TOPIC=topic, GROUP_ID=group, SPOOL_DIR=tmp_path / "spool",
+               ARCHIVE_FORMAT="parquet", VALUE_FORMAT="plain", BATCH_MAX_AGE="1s", S3_BUCKET_NAME=bucket,
+               S3_ENDPOINT_URL=proxy.endpoint, AWS_ACCESS_KEY_ID=testbed.ACCESS_KEY,
+               AWS_SECRET_KEY=testbed.SECRET_KEY)
+    s3 = moto.client()
+
+    def open_uploads():
+        return [(u["Key"], u["UploadId"]) for u in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
+
+    first = run_archiver(**env)
+    deadline = time.time() + 90
+    while not (left := open_uploads()):
+        assert time.time() < deadline and first.proc.poll() is None, f"no multipart upload began\n{first.logs()}"
+        time.sleep(0.05)
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait()
+    assert open_uploads() == left, "the kill left the upload open"
+
+    second = run_archiver(**env)
+    assert wait_committed(broker.bootstrap, group, topic, ends, timeout=90) == ends, second.logs()
+    assert second.stop() == 0, second.logs()
+    assert open_uploads() == [], f"left open: {open_uploads()}\n{second.logs()}"
+    assert "aborted the multipart uploads an earlier run left open" in second.logs()
+    objects = check(download(Bucket("moto", server=moto, name=bucket), tmp_path / "download"), topic,
+                    expected_rows(records, sinetstream=False))
+    print(f"\nSUMMARY parquet multipart: killed with {len(left)} upload open ({left[0][0]}); "
+          f"the next start aborted it and stored {len(records)} records in {objects} objects")

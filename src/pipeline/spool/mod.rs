@@ -32,8 +32,8 @@
 //!
 //! This file holds the spool itself; each of its parts has a file of its own: `codec` (a record's
 //! key and encoded value), `runs` (the index of runs in sled), `segments` (the value files and
-//! their compaction), `upgrade` (spools written by older versions) and `sealed` (the boundaries of
-//! the Parquet format's batches).
+//! their compaction), `upgrade` (spools written by older versions), `sealed` (the boundaries of
+//! the Parquet format's batches) and `uploads` (multipart uploads in progress).
 
 mod codec;
 #[cfg(test)]
@@ -46,6 +46,7 @@ mod segments;
 #[cfg(test)]
 mod tests;
 mod upgrade;
+mod uploads;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
@@ -88,6 +89,8 @@ pub struct Spool {
     index: sled::Tree,
     /// Boundaries of the Parquet format's sealed batches (`sealed.rs`).
     sealed: sled::Tree,
+    /// Multipart uploads in progress (`uploads.rs`).
+    uploads: sled::Tree,
     segments: Mutex<Segments>,
     /// Partition prefixes that have (or recently had) records.
     partitions: Mutex<BTreeSet<Vec<u8>>>,
@@ -209,6 +212,7 @@ impl Spool {
             bytes: AtomicU64::new(bytes),
             segments: Mutex::new(segments),
             sealed: db.open_tree(self::sealed::SEALED_TREE)?,
+            uploads: db.open_tree(self::uploads::UPLOADS_TREE)?,
             db,
             index,
             partitions: Mutex::new(partitions),

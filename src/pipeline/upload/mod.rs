@@ -9,8 +9,10 @@
 //! then it stays in the spool and uncommitted (design invariant 4).
 
 mod batches;
+mod multipart;
 
 pub use batches::BatchSettings;
+pub use multipart::{RecordedUploads, abort_left};
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
