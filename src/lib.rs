@@ -202,7 +202,14 @@ fn start_uploads(
 ) -> tokio::task::JoinHandle<Result<(), upload::UploadError>> {
     tokio::spawn(upload::watch_store(opened.store.clone(), opened.status.clone(), stops.pipeline.clone()));
     if let Some(multipart) = &opened.multipart {
-        tokio::spawn(upload::abort_left(opened.spool.clone(), multipart.clone(), stops.pipeline.clone()));
+        // Read now, before this run's uploads start, so that none of theirs is among them.
+        match opened.spool.open_uploads() {
+            Ok(left) if left.is_empty() => {}
+            Ok(left) => {
+                tokio::spawn(upload::abort_left(opened.spool.clone(), multipart.clone(), left, stops.pipeline.clone()));
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the open multipart uploads from the spool; none aborted"),
+        }
     }
     let uploader = upload::Uploader {
         store: opened.store.clone(),

@@ -11,10 +11,11 @@ use super::{Spool, SpoolError};
 pub(super) const UPLOADS_TREE: &str = "uploads";
 
 impl Spool {
-    /// Notes that the multipart upload `id` of `key` is open; durable when this returns.
-    pub fn upload_opened(&self, key: &str, id: &str) -> Result<(), SpoolError> {
+    /// Notes that the multipart upload `id` of `key` is open; durable when this returns. Async:
+    /// called by the uploads, on the runtime's threads, which a blocking flush would hold.
+    pub async fn upload_opened(&self, key: &str, id: &str) -> Result<(), SpoolError> {
         self.uploads.insert(upload_key(key, id), &[])?;
-        self.uploads.flush()?;
+        self.uploads.flush_async().await?;
         Ok(())
     }
 
@@ -52,14 +53,14 @@ fn upload_key(key: &str, id: &str) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn an_open_upload_survives_a_reopening_and_a_closed_one_does_not() {
+    #[tokio::test]
+    async fn an_open_upload_survives_a_reopening_and_a_closed_one_does_not() {
         let dir = tempfile::tempdir().unwrap();
         {
             let spool = Spool::open_in_test(dir.path());
-            spool.upload_opened("topics/t/a.zstd.parquet", "id-1").unwrap();
-            spool.upload_opened("topics/t/a.zstd.parquet", "id-2").unwrap();
-            spool.upload_opened("topics/t/b.bin", "id-3").unwrap();
+            spool.upload_opened("topics/t/a.zstd.parquet", "id-1").await.unwrap();
+            spool.upload_opened("topics/t/a.zstd.parquet", "id-2").await.unwrap();
+            spool.upload_opened("topics/t/b.bin", "id-3").await.unwrap();
             spool.upload_closed("topics/t/a.zstd.parquet", "id-1").unwrap();
             spool.flush().unwrap();
         }

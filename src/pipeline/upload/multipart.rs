@@ -124,7 +124,7 @@ impl MultipartUpload for Upload {
 impl ObjectStore for RecordedUploads {
     async fn put_multipart_opts(&self, location: &Path, opts: PutMultipartOptions) -> Result<Box<dyn MultipartUpload>> {
         let id = self.multipart.create_multipart_opts(location, opts).await?;
-        if let Err(e) = self.spool.upload_opened(location.as_ref(), &id) {
+        if let Err(e) = self.spool.upload_opened(location.as_ref(), &id).await {
             // Not written down, it could be left behind: it is not used.
             let _ = self.multipart.abort_multipart(location, &id).await;
             return Err(Error::Generic { store: "spool", source: Box::new(e) });
@@ -176,28 +176,47 @@ impl ObjectStore for RecordedUploads {
     }
 }
 
-/// Aborts the multipart uploads the spool holds as open: an earlier run stopped before it
-/// completed or aborted them. Retries, every few seconds, those the store does not answer for,
-/// until all are aborted or `shutdown` is cancelled.
-pub async fn abort_left(spool: Arc<Spool>, multipart: Arc<dyn MultipartStore>, shutdown: CancellationToken) {
-    let mut left = match spool.open_uploads() {
-        Ok(left) => left,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read the open multipart uploads from the spool; none aborted");
-            return;
-        }
-    };
-    let mut aborted = 0usize;
+/// Aborts `left`, the multipart uploads the spool held as open at start-up (read before any
+/// upload of this run began, so none of them is one): an earlier run stopped before it completed
+/// or aborted them. Those the store does not answer for are retried, less and less often, until
+/// `shutdown`; those it refuses (403: the key may not abort uploads) stay in the spool for the next
+/// start, said once.
+pub async fn abort_left(
+    spool: Arc<Spool>,
+    multipart: Arc<dyn MultipartStore>,
+    mut left: Vec<(String, String)>,
+    shutdown: CancellationToken,
+) {
+    let (mut aborted, mut refused) = (0usize, 0usize);
+    let mut wait = Duration::from_secs(1);
     while !left.is_empty() {
         let mut failed = Vec::new();
         for (key, id) in left {
-            match multipart.abort_multipart(&Path::from(key.as_str()), &id).await {
+            // The key as the spool has it, already encoded: parsed, not encoded again.
+            let path = match Path::parse(&key) {
+                Ok(path) => path,
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "a multipart upload in the spool has an invalid key; not aborted");
+                    continue;
+                }
+            };
+            match multipart.abort_multipart(&path, &id).await {
                 // Gone already: completed (the object stays) or aborted before the spool forgot it.
                 Ok(()) | Err(Error::NotFound { .. }) => {
                     aborted += 1;
                     if let Err(e) = spool.upload_closed(&key, &id) {
                         tracing::warn!(key, error = %e, "cannot forget an aborted multipart upload in the spool");
                     }
+                }
+                Err(e @ (Error::PermissionDenied { .. } | Error::Unauthenticated { .. })) => {
+                    if refused == 0 {
+                        tracing::warn!(
+                            key,
+                            error = %e,
+                            "the store refused to abort a multipart upload an earlier run left open: allow s3:AbortMultipartUpload, or let a lifecycle rule abort incomplete uploads; tried again at the next start"
+                        );
+                    }
+                    refused += 1;
                 }
                 Err(e) => {
                     tracing::warn!(key, error = %e, "cannot abort a multipart upload an earlier run left open; retrying");
@@ -208,9 +227,10 @@ pub async fn abort_left(spool: Arc<Spool>, multipart: Arc<dyn MultipartStore>, s
         left = failed;
         if !left.is_empty() {
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.cancelled() => return,
             }
+            wait = (wait * 2).min(Duration::from_secs(300));
         }
     }
     if aborted > 0 {
@@ -242,20 +262,23 @@ mod tests {
             let mut up = store.put_multipart(&Path::from("topics/t/aborted.bin")).await.unwrap();
             up.put_part(PutPayload::from_static(b"part")).await.unwrap();
             up.abort().await.unwrap();
-            // Left open, as a crash leaves it: noted.
-            let mut up = store.put_multipart(&Path::from("topics/t/left.zstd.parquet")).await.unwrap();
+            // Left open, as a crash leaves it: noted. Its key has a character paths encode.
+            let mut up = store.put_multipart(&Path::from_iter(["topics", "t", "left~1.bin"])).await.unwrap();
             up.put_part(PutPayload::from_static(b"part")).await.unwrap();
             let open = spool.open_uploads().unwrap();
             assert_eq!(open.len(), 1, "{open:?}");
-            assert_eq!(open[0].0, "topics/t/left.zstd.parquet");
+            assert_eq!(open[0].0, "topics/t/left%7E1.bin");
+            // Read back as the same path, not encoded a second time (the store is asked for it).
+            assert_eq!(Path::parse(&open[0].0).unwrap(), Path::from_iter(["topics", "t", "left~1.bin"]));
             spool.flush().unwrap();
             open[0].1.clone()
         };
-        let left = Path::from("topics/t/left.zstd.parquet");
+        let left = Path::from_iter(["topics", "t", "left~1.bin"]);
         // Still open in the store until the next start aborts it.
         memory.put_part(&left, &left_id, 1, PutPayload::from_static(b"more")).await.unwrap();
         let spool = Arc::new(Spool::open_in_test(dir.path()));
-        abort_left(spool.clone(), memory.clone(), CancellationToken::new()).await;
+        let open = spool.open_uploads().unwrap();
+        abort_left(spool.clone(), memory.clone(), open, CancellationToken::new()).await;
         assert!(spool.open_uploads().unwrap().is_empty());
         let after = memory.put_part(&left, &left_id, 2, PutPayload::from_static(b"more")).await;
         assert!(after.is_err(), "the upload is aborted: {after:?}");
