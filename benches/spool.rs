@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use kafka_s3_archiver::pipeline::spool::{Spool, SpoolOptions, partition_prefix};
+use kafka_s3_archiver::pipeline::spool::{Spool, SpoolKey, SpoolOptions, partition_prefix};
 use rand::{RngCore, SeedableRng};
 
 mod common;
@@ -107,5 +107,40 @@ fn bench_drain(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_insert, bench_drain);
+fn bench_remove(c: &mut Criterion) {
+    const N: usize = 4096;
+    let value = json_value(1024);
+    let mut g = c.benchmark_group("spool_remove");
+    g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    g.throughput(Throughput::Elements(N as u64));
+    for all in [false, true] {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let spool = Spool::open(dir.path(), SPOOL_CACHE_BYTES).expect("open the spool");
+        let mut next = 0;
+        let name = if all { "remove_all" } else { "remove" };
+        g.bench_function(BenchmarkId::new("1KB", format!("{name}_{N}")), |b| {
+            b.iter_batched(
+                || {
+                    let first = next;
+                    spool.insert_batch(&records(&value, &mut next, N)).expect("insert");
+                    (first..next).map(|o| SpoolKey::new(TOPIC, 0, o)).collect::<Vec<_>>()
+                },
+                |keys| {
+                    if all {
+                        spool.remove_all(&keys).expect("remove");
+                    } else {
+                        for key in &keys {
+                            spool.remove(key).expect("remove");
+                        }
+                    }
+                    assert_eq!(spool.record_count(), 0);
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_insert, bench_drain, bench_remove);
 criterion_main!(benches);

@@ -488,28 +488,88 @@ impl Spool {
     /// an identical upload (design invariant 3), as it did when sled's periodic flush was the only
     /// thing making removals durable.
     pub fn remove(&self, key: &SpoolKey) -> Result<(), SpoolError> {
+        self.remove_all(std::slice::from_ref(key))
+    }
+
+    /// Removes the records of `keys`, in key order (an object's records), as [`Spool::remove`]
+    /// would one after the other, with the lock taken once and each run read and written once:
+    /// removed one by one, a run of n records was decoded n times (13.8 % of the Parquet format's
+    /// CPU was removals).
+    pub fn remove_all(&self, keys: &[SpoolKey]) -> Result<(), SpoolError> {
         let mut segments = self.segments();
-        if let Some((k, mut run, slot)) = self.find(&segments, key)? {
-            let location = run.locations().nth(slot).expect("the slot exists");
+        let result = self.remove_under_lock(&mut segments, keys);
+        self.publish(&segments);
+        drop(segments);
+        release_garbage();
+        result
+    }
+
+    fn remove_under_lock(&self, segments: &mut Segments, keys: &[SpoolKey]) -> Result<(), SpoolError> {
+        // The run at hand: its key, the run, its values' locations, removals not in its entry.
+        let mut open: Option<(Vec<u8>, Run, Vec<Location>, u32)> = None;
+        for key in keys {
+            let held = open.as_ref().and_then(|(k, run, _, _)| {
+                let (first, kind) = split_run_key(k);
+                let delta = u64::try_from(key.offset() - first.offset()).ok()?;
+                let slot = (first.prefix() == key.prefix() && (kind == NORMAL || delta == 0)).then(|| run.slot(delta));
+                // A removed slot may have been delivered again into a single run: find() looks.
+                slot.flatten().filter(|&slot| !run.removed[slot])
+            });
+            let slot = match held {
+                Some(slot) => slot,
+                None => {
+                    if let Some(run) = open.take() {
+                        self.put_removals(segments, run)?;
+                    }
+                    let Some((k, run, slot)) = self.find(segments, key)? else { continue };
+                    let unwritten = segments.removals.remove(&k).map_or(0, |r| r.unwritten);
+                    let locations = run.locations().collect();
+                    open = Some((k, run, locations, unwritten));
+                    slot
+                }
+            };
+            let (_, run, locations, unwritten) = open.as_mut().expect("a run is open");
             run.removed[slot] = true;
-            let unwritten = segments.removals.remove(&k).map_or(0, |r| r.unwritten) + 1;
-            if run.live() == 0 {
-                self.index.remove(&k)?;
-            } else if unwritten >= WRITE_REMOVALS_EVERY {
-                self.index.insert(&k, run.encode())?;
-            } else {
-                segments.removals.insert(k, Removals { removed: run.removed, unwritten });
-            }
-            if let Some(empty) = segments.release(location) {
+            *unwritten += 1;
+            if let Some(empty) = segments.release(locations[slot]) {
                 // The removals must be durable before the values go: an entry that came back in a
                 // crash without its value would be fetched again, and a record without a Kafka
                 // timestamp would then get another time, so another path.
+                let (k, run, locations, unwritten) = open.take().expect("a run is open");
+                let live = run.live();
+                self.put_removals(segments, (k.clone(), run, Vec::new(), unwritten))?;
                 self.index.flush()?;
                 segments.delete(empty)?;
+                if live > 0 {
+                    // Taken up again as put_removals left it.
+                    if let Some(v) = self.index.get(&k)? {
+                        let run = self.run(segments, &k, &v)?;
+                        let unwritten = segments.removals.remove(&k).map_or(0, |r| r.unwritten);
+                        open = Some((k, run, locations, unwritten));
+                    }
+                }
             }
-            self.publish(&segments);
         }
-        release_garbage();
+        if let Some(run) = open.take() {
+            self.put_removals(segments, run)?;
+        }
+        Ok(())
+    }
+
+    /// Puts a run's removals where [`Spool::remove_all`] keeps them: the entry goes when the run
+    /// is empty, is written again every [`WRITE_REMOVALS_EVERY`] removals, else they wait.
+    fn put_removals(
+        &self,
+        segments: &mut Segments,
+        (k, run, _, unwritten): (Vec<u8>, Run, Vec<Location>, u32),
+    ) -> Result<(), SpoolError> {
+        if run.live() == 0 {
+            self.index.remove(&k)?;
+        } else if unwritten >= WRITE_REMOVALS_EVERY {
+            self.index.insert(&k, run.encode())?;
+        } else if unwritten > 0 {
+            segments.removals.insert(k, Removals { removed: run.removed, unwritten });
+        }
         Ok(())
     }
 

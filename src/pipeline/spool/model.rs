@@ -1,5 +1,6 @@
 //! The spool against a model of what it should hold, through random inserts (with records
-//! delivered again, before and after their removal), removals and reopenings.
+//! delivered again, before and after their removal), removals (one by one and of ranges) and
+//! reopenings.
 
 use std::collections::BTreeMap;
 
@@ -13,6 +14,8 @@ enum Op {
     Insert(Vec<(i32, i64)>),
     /// Removes the live records picked by these numbers.
     Remove(Vec<usize>),
+    /// Removes every offset of a partition's range at once, those not in the spool included.
+    RemoveAll(i32, i64, i64),
     /// Flushes, closes and opens the spool again.
     Reopen,
 }
@@ -22,6 +25,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (0i64..120, prop::collection::vec((0i32..3, 0i64..100), 1..150))
             .prop_map(|(base, rs)| Op::Insert(rs.into_iter().map(|(p, o)| (p, base + o)).collect())),
         3 => prop::collection::vec(any::<usize>(), 1..30).prop_map(Op::Remove),
+        2 => (0i32..3, 0i64..220, 0i64..120).prop_map(|(p, first, len)| Op::RemoveAll(p, first, first + len)),
         1 => Just(Op::Reopen),
     ]
 }
@@ -60,6 +64,11 @@ proptest! {
                         spool.remove(&SpoolKey::new("t", p, o)).unwrap();
                         model.remove(&(p, o));
                     }
+                }
+                Op::RemoveAll(p, first, last) => {
+                    let keys: Vec<SpoolKey> = (first..=last).map(|o| SpoolKey::new("t", p, o)).collect();
+                    spool.remove_all(&keys).unwrap();
+                    model.retain(|&(q, o), _| q != p || !(first..=last).contains(&o));
                 }
                 Op::Reopen => {
                     spool.flush().unwrap();

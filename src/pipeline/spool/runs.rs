@@ -124,7 +124,7 @@ impl Run {
     }
 
     /// The slot holding `delta`, if any.
-    fn slot(&self, delta: u64) -> Option<usize> {
+    pub(super) fn slot(&self, delta: u64) -> Option<usize> {
         self.slots.binary_search_by_key(&delta, |s| u64::from(s.delta)).ok()
     }
 }

@@ -592,9 +592,9 @@ async fn upload_batch(
         // stored after a crash (records of it delivered again are then not batched again).
         up.spool.mark_stored(&batch)?;
         up.spool.flush_sealed()?;
-        for offset in &offsets {
-            up.spool.remove(&SpoolKey::new(&batch.topic, batch.partition, *offset))?;
-        }
+        let keys: Vec<SpoolKey> =
+            offsets.iter().map(|offset| SpoolKey::new(&batch.topic, batch.partition, *offset)).collect();
+        up.spool.remove_all(&keys)?;
         Ok::<_, UploadError>(Some(offsets))
     }
     .await;
