@@ -96,6 +96,8 @@ pub struct RestoreSummary {
     pub twice: u64,
     /// Offsets that could not be rebuilt (see `problems`); nothing was produced for them.
     pub skipped: u64,
+    /// Parquet objects that cannot be read at all: how many records they held is not known.
+    pub unreadable_objects: u64,
     pub problems: Vec<String>,
     /// Per partition: first and last offset, records.
     pub partitions: BTreeMap<i32, (i64, i64, u64)>,
@@ -150,7 +152,8 @@ pub fn reads() -> Vec<&'static str> {
     [KAFKA_SETTINGS, STORE_SETTINGS, LAYOUT_SETTINGS, &["UPLOAD_THREADS", "LOG_FORMAT"]].concat()
 }
 
-/// `kafka-s3-archiver restore`: a summary on stdout; exit status 1 when a record was skipped.
+/// `kafka-s3-archiver restore`: a summary on stdout; exit status 1 when a record was skipped or an
+/// object could not be read.
 pub fn run(args: Args, config: &Config) -> Exit {
     if config.topics.len() != 1 {
         eprintln!("error: restore takes one archived topic (--topic or KAFKA_TOPIC), not {}", config.topics.join(","));
@@ -174,7 +177,7 @@ pub fn run(args: Args, config: &Config) -> Exit {
     match super::run_on_store(config, |store| replay(config, store, &options, Progress::new("restore"))) {
         Ok(summary) => {
             print!("{}", render(&summary, &options));
-            if summary.skipped == 0 { Exit::Done } else { Exit::Failed }
+            if summary.skipped == 0 && summary.unreadable_objects == 0 { Exit::Done } else { Exit::Failed }
         }
         Err(exit) => exit,
     }
@@ -375,18 +378,24 @@ async fn restore_object(
     let rows = match archive::parquet::rows(body) {
         Ok(rows) => rows,
         Err(e) => {
-            summary.skipped += 1;
+            // How many records it held is in the footer it lacks: counted as an object.
+            summary.unreadable_objects += 1;
             let problem = format!("{} is not a readable Parquet object ({e}): none of its records", object.key);
             summary.problems.push(format!("partition {}: {problem}", out.partition));
             return Ok(());
         }
     };
-    for row in rows {
+    let count = rows.count;
+    for (read, row) in rows.enumerate() {
         let row = match row {
             Ok(row) => row,
             Err(e) => {
-                summary.skipped += 1;
-                let problem = format!("{}: a row cannot be read ({e}): the rest of the object", object.key);
+                // The footer gives the rows left, this one included (the selection is not known
+                // for rows that cannot be read: all of them count).
+                let left = count.saturating_sub(read as u64).max(1);
+                summary.skipped += left;
+                let problem =
+                    format!("{}: row {read} cannot be read ({e}): it and the {} after it", object.key, left - 1);
                 summary.problems.push(format!("partition {}: {problem}", out.partition));
                 return Ok(());
             }
@@ -603,8 +612,12 @@ pub fn render(s: &RestoreSummary, options: &RestoreOptions) -> String {
             s.dead_letters_skipped
         );
     }
-    if s.skipped > 0 {
-        let _ = writeln!(out, "NOT RESTORED: {} offsets that cannot be rebuilt:", s.skipped);
+    if s.skipped > 0 || s.unreadable_objects > 0 {
+        let objects = match s.unreadable_objects {
+            0 => String::new(),
+            n => format!(" and the records of {n} unreadable objects"),
+        };
+        let _ = writeln!(out, "NOT RESTORED: {} offsets that cannot be rebuilt{objects}:", s.skipped);
         for p in s.problems.iter().take(20) {
             let _ = writeln!(out, "  {p}");
         }
@@ -689,6 +702,47 @@ mod tests {
         let s = dry_run(store).await;
         assert_eq!((s.produced, s.twice, s.skipped), (7, 0, 0), "{s:?}");
         assert_eq!(s.partitions.get(&1), Some(&(0, 6, 7)));
+    }
+
+    #[tokio::test]
+    async fn records_of_damaged_parquet_objects_are_counted_as_not_restored() {
+        let message = |o: i64| sinetstream::encode(1_650_243_600_000_000 + o, b"{}", Format::V3);
+        let rows: Vec<Row> = (0..10).map(|o| row(o, Some(&message(o)), true)).collect();
+        let store = Arc::new(InMemory::new());
+        // Offsets 0..=9 in two row groups (0..=1, 2..=9), the second one damaged: its 8 rows
+        // cannot be read.
+        let mut w = archive::parquet::Writer::new(3).unwrap();
+        let (first, mut second) = (w.row_group(&rows[..2]).unwrap(), w.row_group(&rows[2..]).unwrap().to_vec());
+        second.iter_mut().for_each(|b| *b = 0xff);
+        let body = [first, second.into(), w.finish().unwrap()].concat();
+        let key = archive::parquet::key(&Layout::default(), "t", 1, 0, 1_650_243_600_000);
+        store.put(&Path::from(key.as_str()), PutPayload::from(body)).await.unwrap();
+        // Offsets 20..=21 in an object cut short: no footer, its records unknown.
+        let key = archive::parquet::key(&Layout::default(), "t", 1, 20, 1_650_243_600_000);
+        let mut w = archive::parquet::Writer::new(3).unwrap();
+        let whole = [w.row_group(&[row(20, Some(&message(20)), true)]).unwrap(), w.finish().unwrap()].concat();
+        store.put(&Path::from(key.as_str()), PutPayload::from(whole[..whole.len() / 2].to_vec())).await.unwrap();
+        let s = dry_run(store).await;
+        assert_eq!((s.produced, s.skipped, s.unreadable_objects), (2, 8, 1), "{s:?}");
+        assert!(
+            s.problems.iter().any(|p| p.contains("row 2 cannot be read") && p.contains("the 7 after it")),
+            "{:?}",
+            s.problems
+        );
+        let text = render(
+            &s,
+            &RestoreOptions {
+                topic: "t".into(),
+                to_topic: None,
+                selection: Selection::default(),
+                dead_letters: false,
+                dry_run: true,
+            },
+        );
+        assert!(
+            text.contains("NOT RESTORED: 8 offsets that cannot be rebuilt and the records of 1 unreadable objects"),
+            "{text}"
+        );
     }
 
     #[tokio::test]
