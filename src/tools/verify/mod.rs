@@ -864,8 +864,12 @@ impl KafkaReader {
             }
             match self.consumer.poll(Duration::from_millis(200)) {
                 None => {
-                    if !batch.is_empty() && tx.blocking_send(Ok(std::mem::take(&mut batch))).is_err() {
-                        return Ok(());
+                    if !batch.is_empty() {
+                        if tx.blocking_send(Ok(std::mem::take(&mut batch))).is_err() {
+                            return Ok(());
+                        }
+                        // The wait for the comparison (a slow store) is not Kafka's silence.
+                        last_record = Instant::now();
                     }
                     // A partition whose last offsets are never delivered (transaction markers)
                     // is done once the consumer's position passed its end.
@@ -901,8 +905,11 @@ impl KafkaReader {
                         value: m.payload().map(Bytes::copy_from_slice),
                         headers: crate::kafka::headers(&m),
                     });
-                    if batch.len() >= 1000 && tx.blocking_send(Ok(std::mem::take(&mut batch))).is_err() {
-                        return Ok(());
+                    if batch.len() >= 1000 {
+                        if tx.blocking_send(Ok(std::mem::take(&mut batch))).is_err() {
+                            return Ok(());
+                        }
+                        last_record = Instant::now();
                     }
                 }
             }
