@@ -409,7 +409,11 @@ async fn check_partitions(
                 None => None,
             };
             if r.timestamp_ms.is_some_and(|ts| !options.selection.range.contains(ts)) {
-                // Outside the time range: its objects are not this run's business.
+                // Outside the time range: its objects are not this run's business (nor is it part
+                // of a run of missing records).
+                if let Some(walk) = walks.get_mut(&r.partition) {
+                    walk.flush_missing(report);
+                }
                 continue;
             }
             report.counts.offsets += 1;
@@ -418,7 +422,13 @@ async fn check_partitions(
             let Some(row) = row else {
                 match walk {
                     Some(walk) if slot.all().next().is_none() => walk.missing(r, &config.layout, report),
-                    _ => compare_record(r, &slot, &config.layout, policy, options.sizes_only, report, &mut fetches),
+                    _ => {
+                        // In the other format: a run of records missing from Parquet objects ends.
+                        if let Some(walk) = walk {
+                            walk.flush_missing(report);
+                        }
+                        compare_record(r, &slot, &config.layout, policy, options.sizes_only, report, &mut fetches)
+                    }
                 }
                 continue;
             };
