@@ -142,5 +142,24 @@ fn bench_remove(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_insert, bench_drain, bench_remove);
+fn bench_read_from(c: &mut Criterion) {
+    const N: usize = 4096;
+    let value = json_value(1024);
+    let mut g = c.benchmark_group("spool_read_from");
+    g.warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    g.throughput(Throughput::Elements(N as u64));
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let spool = Spool::open(dir.path(), SPOOL_CACHE_BYTES).expect("open the spool");
+    spool.insert_batch(&records(&value, &mut 0, N)).expect("insert");
+    let prefix = partition_prefix(TOPIC, 0);
+    g.bench_function(BenchmarkId::new("1KB", N), |b| {
+        b.iter(|| {
+            let read = spool.read_from(&prefix, 0, usize::MAX, u64::MAX).expect("read");
+            assert_eq!(read.len(), N);
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_insert, bench_drain, bench_remove, bench_read_from);
 criterion_main!(benches);

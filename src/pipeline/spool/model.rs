@@ -84,6 +84,19 @@ proptest! {
                 }
             }
             prop_assert_eq!(&held, &model);
+            // The Parquet format's reads, from an offset on, see the same.
+            for p in 0..3 {
+                let from = (step as i64 * 37) % 150;
+                let read: Vec<(i64, Vec<u8>)> = spool
+                    .read_from(&partition_prefix("t", p), from, usize::MAX, u64::MAX)
+                    .unwrap()
+                    .into_iter()
+                    .map(|(_, r)| (r.offset, r.value_bytes().to_vec()))
+                    .collect();
+                let expected: Vec<(i64, Vec<u8>)> =
+                    model.range((p, from)..(p + 1, i64::MIN)).map(|(&(_, o), v)| (o, v.clone())).collect();
+                prop_assert_eq!(read, expected);
+            }
             prop_assert_eq!(spool.record_count(), model.len() as u64);
             prop_assert_eq!(spool.keys().unwrap().len(), model.len());
         }

@@ -7,6 +7,8 @@
 //! marked stored, until Kafka holds a committed offset past it: records of it delivered again
 //! after a crash are then known to be stored.
 
+use std::os::unix::fs::FileExt;
+
 use super::runs::{Location, NORMAL, run_key, split_run_key};
 use super::{Spool, SpoolError, SpoolKey, decode_entry, partition_prefix};
 use crate::record::Record;
@@ -150,10 +152,28 @@ impl Spool {
         }
         wanted.sort_by_key(|(k, _)| k.offset());
         let mut out = Vec::with_capacity(wanted.len());
-        for (key, location) in wanted {
-            if let Some(raw) = self.value(&key, location)? {
-                let record = decode_entry(&key, &raw)?;
-                out.push((key, record));
+        // Values laid end to end in one file (a partition's records of one insert are) are read
+        // with one read, not one each: a read per record took the spool's lock and a system call
+        // every time, under the consumer's appends.
+        let mut rest = wanted.as_slice();
+        while !rest.is_empty() {
+            let n = contiguous(rest);
+            let (stretch, after) = rest.split_at(n);
+            rest = after;
+            let (first, last) = (stretch[0].1, stretch[n - 1].1);
+            let len = (last.position + u64::from(last.len) - first.position) as usize;
+            let file = self.segments().files.get(&first.segment).map(|s| s.file.clone());
+            let mut buf = vec![0; len];
+            let read = file.is_some_and(|f| f.read_exact_at(&mut buf, first.position).is_ok());
+            for (key, location) in stretch {
+                let at = (location.position - first.position) as usize;
+                let raw = &buf[at..at + location.len as usize];
+                if read && crc32fast::hash(raw) == location.crc {
+                    out.push((key.clone(), decode_entry(key, raw)?));
+                } else if let Some(raw) = self.value(key, *location)? {
+                    // Moved by a compaction, or not whole on disk: looked up one by one.
+                    out.push((key.clone(), decode_entry(key, &raw)?));
+                }
             }
         }
         Ok(out)
@@ -213,6 +233,26 @@ impl Spool {
         Ok(keys.iter().map(SpoolKey::offset).collect())
     }
 }
+
+/// How many of `wanted`'s first values lie end to end in one file (at least one, at most
+/// [`STRETCH_BYTES`] together).
+fn contiguous(wanted: &[(SpoolKey, Location)]) -> usize {
+    let mut n = 1;
+    let mut bytes = u64::from(wanted[0].1.len);
+    while let Some((_, next)) = wanted.get(n) {
+        let prev = wanted[n - 1].1;
+        bytes += u64::from(next.len);
+        if next.segment != prev.segment || next.position != prev.position + u64::from(prev.len) || bytes > STRETCH_BYTES
+        {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
+/// The most bytes read at once by [`Spool::read_from`].
+const STRETCH_BYTES: u64 = 4 << 20;
 
 #[cfg(test)]
 mod tests {
