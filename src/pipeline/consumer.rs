@@ -50,6 +50,9 @@ const MAX_BATCH: usize = 100;
 /// records/s at 19.4 / 18.9 us of CPU each with 100; 69,253 / 76,473 at 15.0 / 13.1 with 1,000;
 /// 4,000 no better).
 const MAX_BATCH_BATCHED: usize = 1000;
+/// A round also ends once its records hold this many bytes: a thousand images of megabytes are
+/// not one insert.
+const MAX_BATCH_BYTES: usize = 16 << 20;
 
 /// How often the group's committed offsets are read back from Kafka. rust-rdkafka 0.39 never
 /// calls the commit callback for an asynchronous commit (fede1024/rust-rdkafka#856), so this is
@@ -458,9 +461,10 @@ impl KafkaConsumer {
         self.stop(&consumer, &state, &drained, drain_wait)
     }
 
-    /// Step 1, poll: up to `max_batch` records, or while the spool is above its low watermarks,
-    /// a short wait with the records left in librdkafka's queue (a wait longer than the
-    /// backpressure's poll limit becomes a pause, and paused partitions are polled).
+    /// Step 1, poll: up to `max_batch` records or [`MAX_BATCH_BYTES`]; or, while the spool is
+    /// above its low watermarks, a short wait with the records left in librdkafka's queue (a wait
+    /// longer than the backpressure's poll limit becomes a pause, and paused partitions are
+    /// polled).
     fn poll<'c>(
         &self,
         consumer: &'c BaseConsumer<ArchiverContext>,
@@ -473,9 +477,13 @@ impl KafkaConsumer {
             return;
         }
         let mut wait = Duration::from_millis(100);
-        while batch.len() < max_batch {
+        let mut bytes = 0;
+        while batch.len() < max_batch && bytes < MAX_BATCH_BYTES {
             match consumer.poll(wait) {
-                Some(Ok(msg)) => batch.push(msg),
+                Some(Ok(msg)) => {
+                    bytes += msg.payload_len() + msg.key_len();
+                    batch.push(msg);
+                }
                 Some(Err(e)) => {
                     // rust-rdkafka hands every error event to the context's error callback
                     // (which says it, with librdkafka's reason) before poll returns it.
