@@ -518,8 +518,8 @@ impl Spool {
             let slot = match held {
                 Some(slot) => slot,
                 None => {
-                    if let Some(run) = open.take() {
-                        self.put_removals(segments, run)?;
+                    if let Some((k, run, _, unwritten)) = open.take() {
+                        self.put_removals(segments, k, run, unwritten)?;
                     }
                     let Some((k, run, slot)) = self.find(segments, key)? else { continue };
                     let unwritten = segments.removals.remove(&k).map_or(0, |r| r.unwritten);
@@ -537,7 +537,7 @@ impl Spool {
                 // timestamp would then get another time, so another path.
                 let (k, run, locations, unwritten) = open.take().expect("a run is open");
                 let live = run.live();
-                self.put_removals(segments, (k.clone(), run, Vec::new(), unwritten))?;
+                self.put_removals(segments, k.clone(), run, unwritten)?;
                 self.index.flush()?;
                 segments.delete(empty)?;
                 if live > 0 {
@@ -550,19 +550,15 @@ impl Spool {
                 }
             }
         }
-        if let Some(run) = open.take() {
-            self.put_removals(segments, run)?;
+        if let Some((k, run, _, unwritten)) = open.take() {
+            self.put_removals(segments, k, run, unwritten)?;
         }
         Ok(())
     }
 
     /// Puts a run's removals where [`Spool::remove_all`] keeps them: the entry goes when the run
     /// is empty, is written again every [`WRITE_REMOVALS_EVERY`] removals, else they wait.
-    fn put_removals(
-        &self,
-        segments: &mut Segments,
-        (k, run, _, unwritten): (Vec<u8>, Run, Vec<Location>, u32),
-    ) -> Result<(), SpoolError> {
+    fn put_removals(&self, segments: &mut Segments, k: Vec<u8>, run: Run, unwritten: u32) -> Result<(), SpoolError> {
         if run.live() == 0 {
             self.index.remove(&k)?;
         } else if unwritten >= WRITE_REMOVALS_EVERY {
