@@ -135,28 +135,25 @@ mod tests {
                 ("KAFKA_PROPERTY_SASL_USERNAME".to_string(), "archiver".to_string()),
                 ("KAFKA_PROPERTY_SASL_PASSWORD".to_string(), "secret".to_string()),
             ];
-            let s =
-                Settings { broker_hostname: Some("kafka".into()), kafka_topic: Some("t".into()), ..Default::default() };
-            let config = Config::from_settings(&s, &env).unwrap();
+            let config = Config::from_settings(&settings(), &env).unwrap();
             client_config(&config).unwrap_or_else(|e| panic!("{protocol}/{mechanism}: {e}"));
         }
         let env = vec![("KAFKA_PROPERTY_SECURITY_PROTOCOL".to_string(), "SSL".to_string())];
-        let s = Settings {
-            broker_hostname: Some("kafka".into()),
-            kafka_topic: Some("t".into()),
-            kafka_property: vec!["ssl.endpoint.identification.algorithm=https".into()],
-            ..Default::default()
-        };
+        let s = Settings { kafka_property: vec!["ssl.endpoint.identification.algorithm=https".into()], ..settings() };
         client_config(&Config::from_settings(&s, &env).unwrap()).unwrap();
         let bad = Settings { kafka_property: vec!["no.such.property=1".into()], ..s };
         let err = client_config(&Config::from_settings(&bad, &[]).unwrap()).unwrap_err().to_string();
         assert!(err.contains("no.such.property"), "{err}");
     }
 
+    /// The least a configuration needs: a broker and a topic.
+    fn settings() -> Settings {
+        Settings { broker_hostname: Some("kafka".into()), kafka_topic: Some("t".into()), ..Default::default() }
+    }
+
     #[test]
     fn fetches_are_small_but_follow_a_larger_message_size() {
-        let base =
-            Settings { broker_hostname: Some("kafka".into()), kafka_topic: Some("t".into()), ..Default::default() };
+        let base = settings();
         let fetch = |props: &[&str]| {
             let s = Settings { kafka_property: props.iter().map(|p| p.to_string()).collect(), ..base.clone() };
             let c = client_config(&Config::from_settings(&s, &[]).unwrap()).unwrap();
@@ -177,12 +174,7 @@ mod tests {
 
     #[test]
     fn the_parquet_format_fetches_more_at_a_time() {
-        let s = Settings {
-            broker_hostname: Some("kafka".into()),
-            kafka_topic: Some("t".into()),
-            archive_format: Some("parquet".into()),
-            ..Default::default()
-        };
+        let s = Settings { archive_format: Some("parquet".into()), ..settings() };
         let c = client_config(&Config::from_settings(&s, &[]).unwrap()).unwrap();
         assert_eq!(c.get("fetch.max.bytes"), Some("8388608"));
         assert_eq!(c.get("queued.max.messages.kbytes"), Some("16384"));
