@@ -94,22 +94,44 @@ pub fn build_with_multipart(config: &StoreConfig) -> Result<Built, StoreError> {
 /// Removes the staging files (`key#N`) that a crash of an earlier run left in a local store.
 /// Object keys never contain `#` (Kafka topic names cannot), so such a file is never an object.
 /// Only files older than `before` are removed, so this run's writes in progress are left alone.
+/// This runs while the run's own uploads create and rename staging files, so an entry or folder
+/// that is gone by the time it is looked at is skipped, not an error that ends the scan.
 pub fn remove_stale_staging_files(root: &Path, before: SystemTime) -> std::io::Result<usize> {
     let mut removed = 0;
     let mut dirs = vec![root.to_path_buf()];
     while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(&dir)? {
-            let entry = entry?;
-            let kind = entry.file_type()?;
-            if kind.is_dir() {
-                dirs.push(entry.path());
-            } else if entry.file_name().to_string_lossy().contains('#') && entry.metadata()?.modified()? < before {
-                std::fs::remove_file(entry.path())?;
-                removed += 1;
+        let entries = match std::fs::read_dir(&dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            entries => entries?,
+        };
+        for entry in entries {
+            match remove_if_stale(entry, before, &mut dirs) {
+                Ok(gone) => removed += usize::from(gone),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
             }
         }
     }
     Ok(removed)
+}
+
+/// One entry of [`remove_stale_staging_files`]: a folder is queued, a stale staging file removed
+/// (true).
+fn remove_if_stale(
+    entry: std::io::Result<std::fs::DirEntry>,
+    before: SystemTime,
+    dirs: &mut Vec<std::path::PathBuf>,
+) -> std::io::Result<bool> {
+    let entry = entry?;
+    if entry.file_type()?.is_dir() {
+        dirs.push(entry.path());
+        return Ok(false);
+    }
+    if !entry.file_name().to_string_lossy().contains('#') || entry.metadata()?.modified()? >= before {
+        return Ok(false);
+    }
+    std::fs::remove_file(entry.path())?;
+    Ok(true)
 }
 
 /// A bounded label for an object store error.
@@ -157,5 +179,37 @@ mod tests {
         assert_eq!(remove_stale_staging_files(dir.path(), later).unwrap(), 1);
         assert!(hour.join("t+0+0000000000.bin").exists());
         assert!(!hour.join("t+0+0000000001.bin#3").exists());
+    }
+
+    #[test]
+    fn staging_files_renamed_during_the_scan_do_not_end_it() {
+        // The run's own uploads write `key#N` and rename it while the scan looks at the folder.
+        let dir = tempfile::tempdir().unwrap();
+        let hour = dir.path().join("topics/t/year=2022/month=04/day=18/hour=10");
+        std::fs::create_dir_all(&hour).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (hour, stop) = (hour.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let staging = hour.join(format!("t+0+{n:010}.bin#1"));
+                    std::fs::write(&staging, b"x\n").unwrap();
+                    std::fs::rename(&staging, hour.join(format!("t+0+{n:010}.bin"))).unwrap();
+                    n += 1;
+                }
+            })
+        };
+        let scans = (0..300).map(|_| remove_stale_staging_files(dir.path(), SystemTime::UNIX_EPOCH));
+        let failed: Vec<_> = scans.filter_map(Result::err).collect();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().unwrap();
+        assert!(failed.is_empty(), "{} of 300 scans failed, e.g. {}", failed.len(), failed[0]);
+    }
+
+    #[test]
+    fn an_archive_directory_not_made_yet_has_nothing_to_clean() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(remove_stale_staging_files(&dir.path().join("archive"), SystemTime::now()).unwrap(), 0);
     }
 }
