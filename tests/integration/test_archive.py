@@ -1,6 +1,7 @@
 """End to end: the real SINETStream producer writes, the archiver runs, an independent client
 (boto3, or the file system for the local store) finds exactly what Kafka Connect would have written."""
 import concurrent.futures
+import hashlib
 import json
 import os
 import random
@@ -73,19 +74,30 @@ class Bucket:
         return {"S3_BUCKET_NAME": self.name, "S3_ENDPOINT_URL": self.server.endpoint,
                 "AWS_ACCESS_KEY_ID": testbed.ACCESS_KEY, "AWS_SECRET_KEY": testbed.SECRET_KEY}
 
-    def read_all(self):
-        """{key: body} of every object (every file, for the local store)."""
+    def read_all(self, digests=False):
+        """{key: body} of every object (every file, for the local store). With `digests`, an S3
+        object written in one PUT comes as the MD5 of its body (`Md5`), taken from the listing's
+        ETag: S3 defines that ETag as the body's MD5, and a listing is 20 times faster than a GET
+        each (garage: about 9,000 keys/s listed against 500 objects/s read)."""
         if self.kind == "local":
             base = self.root / "archive"
             return {str(f.relative_to(base)): f.read_bytes() for f in base.rglob("*") if f.is_file()}
         s3 = self.server.client()
-        keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.name)
-                for o in page.get("Contents", [])]
+        listed = [(o["Key"], o["ETag"].strip('"')) for page in s3.get_paginator("list_objects_v2").paginate(
+            Bucket=self.name) for o in page.get("Contents", [])]
+        got = {k: Md5(etag) for k, etag in listed if digests and "-" not in etag}  # "-": multipart
+        keys = [k for k, _ in listed if k not in got]
         # In parallel: a GET of a block garage keeps apart (values over a few KB) waits on its
         # disk and hashing, not on Python (19,140 objects took 138 s one at a time).
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             bodies = pool.map(lambda k: s3.get_object(Bucket=self.name, Key=k)["Body"].read(), keys)
-            return dict(zip(keys, bodies))
+            got.update(zip(keys, bodies))
+        return got
+
+    def get(self, key):
+        if self.kind == "local":
+            return (self.root / "archive" / key).read_bytes()
+        return self.server.client().get_object(Bucket=self.name, Key=key)["Body"].read()
 
     def put(self, key, body):
         if self.kind == "local":
@@ -113,6 +125,15 @@ def bucket(request, tmp_path):
     return Bucket(kind, server=server, name=name)
 
 
+class Md5(str):
+    """An object's body by its MD5 (hex), as `Bucket.read_all(digests=True)` gives it."""
+
+
+def same(got, body):
+    """An object as read (its bytes, or their `Md5`) holds `body`."""
+    return got == hashlib.md5(body).hexdigest() if isinstance(got, Md5) else got == body
+
+
 KEY = re.compile(r"^(topics|errors)/([^/]+)/year=\d{4}/month=\d\d/day=\d\d/hour=\d\d/\2\+(\d+)\+(\d{10,})")
 
 
@@ -121,7 +142,7 @@ def audit(got, expected, reasons):
     objects not expected; objects with other bytes."""
     lost = len(set(expected) - set(got))
     extra = len(set(got) - set(expected) - reasons)
-    wrong = sum(1 for k in set(expected) & set(got) if got[k] != expected[k])
+    wrong = sum(1 for k in set(expected) & set(got) if not same(got[k], expected[k]))
     per_offset = Counter(KEY.match(k).group(2, 3, 4) for k in got if KEY.match(k))
     duplicate = sum(1 for n in per_offset.values() if n > 2)
     return lost, duplicate, extra, wrong
@@ -135,20 +156,21 @@ def summary(name, records, got, expected, reasons, archivers, recover_s):
     return lost, duplicate, extra, wrong
 
 
-def check_archive(bucket, expected, reasons, ignore=()):
+def check_archive(bucket, expected, reasons, ignore=(), digests=False):
     """The bucket holds exactly `expected` (and the `reasons` objects). `ignore`: (partition, offset)
-    pairs whose objects are left out of the comparison."""
-    got = {k: v for k, v in bucket.read_all().items()
+    pairs whose objects are left out of the comparison. `digests`: bodies compared by their MD5
+    (`Bucket.read_all`), for the tests of faults that leave tens of thousands of objects."""
+    got = {k: v for k, v in bucket.read_all(digests).items()
            if not (KEY.match(k) and (int(KEY.match(k).group(3)), int(KEY.match(k).group(4))) in ignore)}
     missing = sorted(set(expected) - set(got))
     extra = sorted(set(got) - set(expected) - reasons)
     assert not missing, f"{len(missing)} objects missing, e.g. {missing[:5]}"
     assert not extra, f"{len(extra)} unexpected objects, e.g. {extra[:5]}"
-    wrong = [k for k, body in expected.items() if got[k] != body]
+    wrong = [k for k, body in expected.items() if not same(got[k], body)]
     assert not wrong, f"{len(wrong)} bodies differ, e.g. {wrong[0]}: {got[wrong[0]][:80]!r} != {expected[wrong[0]][:80]!r}"
     for r in reasons:
         assert r in got, f"reason object {r} missing"
-        text = got[r].decode()
+        text = bucket.get(r).decode()
         assert "reason: " in text and "offset: " in text, text
     return got
 

@@ -61,8 +61,11 @@ class FsBucket:
     def __init__(self, directory):
         self.dir = directory
 
-    def read_all(self):
+    def read_all(self, digests=False):
         return {str(f.relative_to(self.dir)): f.read_bytes() for f in self.dir.rglob("*") if f.is_file()}
+
+    def get(self, key):
+        return (self.dir / key).read_bytes()
 
 
 class Checker(threading.Thread):

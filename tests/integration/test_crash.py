@@ -67,7 +67,7 @@ def test_sigkill_cycles_lose_nothing_and_duplicate_nothing(broker, crash_bucket,
     recover_s = time.time() - final.started  # from the last restart to all committed
 
     expected, reasons = oracle.expected_objects(topic, records)
-    got = crash_bucket.read_all()
+    got = crash_bucket.read_all(digests=True)
     lost, duplicate, extra, wrong = summary(
         f"crash[{crash_bucket.kind}] {cycles} cycles ({cycles - terms} SIGKILL, {terms} SIGTERM)", produced, got,
         expected, reasons, archivers, recover_s)

@@ -79,7 +79,7 @@ def test_store_outage_pauses_at_the_spool_bound_and_drains_after(broker, garage,
     records = drain(broker, group, topic, producer, a, timeout=300)
     catch_up = time.time() - t_up
     expected, reasons = oracle.expected_objects(topic, records)
-    got = check_archive(bucket, expected, reasons)
+    got = check_archive(bucket, expected, reasons, digests=True)
     summary(f"store outage {outage}s", producer.count, got, expected, reasons, [a], catch_up)
 
     peak_spool = max(s[1] for s in samples)
@@ -124,7 +124,7 @@ def test_broker_restart_under_load_loses_and_duplicates_nothing(moto, garage, ru
         records, served_then_lost = drain(broker, group, topic, producer, a, timeout=120, broker_may_lose=True)
         recovered = time.time() - t_down
         expected, reasons = oracle.expected_objects(topic, records)
-        got = check_archive(bucket, expected, reasons, ignore=served_then_lost)
+        got = check_archive(bucket, expected, reasons, ignore=served_then_lost, digests=True)
         summary("broker restart 8s", producer.count, got, expected, reasons, [a], recovered)
         print(f"\nBROKER RESTART: down 8s under 100 records/s; {before:.0f} archived before, {producer.count} in all; "
               f"all committed {recovered:.1f}s after the broker went down; lost=0 duplicate=0 extra=0")
@@ -166,7 +166,7 @@ def test_full_spool_disk_pauses_and_loses_nothing(broker, garage, run_archiver, 
         time.sleep(3)
         records = drain(broker, group, topic, producer, a, timeout=240)
         expected, reasons = oracle.expected_objects(topic, records)
-        got = check_archive(Bucket("garage", server=garage, name=name), expected, reasons)
+        got = check_archive(Bucket("garage", server=garage, name=name), expected, reasons, digests=True)
         summary("spool disk full", producer.count, got, expected, reasons, [a], time.time() - t_up)
         print(f"\nDISK FULL: paused with {free >> 20} MiB free of 48 MiB; {producer.count} records archived after "
               f"the store returned; lost=0 duplicate=0 extra=0")
