@@ -3,7 +3,8 @@
 #   scripts/bench.sh            criterion micro-benchmarks (cargo bench), then the end-to-end load
 #                               benchmark (scripts/loadbench.py) with its defaults: 200,000 records
 #                               of 1 KB on 8 partitions, s3s-fs and garage, 20 ms round trip, the
-#                               UPLOAD_WORKERS curve and the backlog RSS comparison
+#                               UPLOAD_WORKERS curve and the backlog RSS comparison; the Parquet
+#                               format on a million records against the fetch ceiling
 #   scripts/bench.sh --load-only [loadbench options]   only the load benchmark (see --help)
 # Results: target/criterion/ and target/bench/{results.json,workers.svg}.
 set -euo pipefail
