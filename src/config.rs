@@ -63,6 +63,12 @@ pub struct Settings {
     /// PEM file of the certificate authority (or bundle) that signs an HTTPS endpoint's certificate.
     #[arg(long, env = "S3_CA_FILE")]
     pub s3_ca_file: Option<String>,
+    /// Storage class every object is written with (STANDARD_IA, GLACIER_IR, ...).
+    #[arg(long, env = "S3_STORAGE_CLASS")]
+    pub s3_storage_class: Option<String>,
+    /// Tags every object is written with, `key=value&key2=value2`.
+    #[arg(long, env = "S3_OBJECT_TAGS")]
+    pub s3_object_tags: Option<String>,
     /// Payload object extension.
     #[arg(long, env = "S3_OBJECT_EXTENSION")]
     pub s3_object_extension: Option<String>,
@@ -193,9 +199,32 @@ pub enum StoreConfig {
         secret_key: Option<Secret>,
         /// Extra trusted certificate authorities (PEM), for an HTTPS endpoint with a private CA.
         ca_pem: Option<Vec<u8>>,
+        /// What every object is written with besides its body.
+        put: PutSettings,
     },
     /// A local directory laid out as MinIO lays out a bucket: `<dir>/<bucket>/topics/...`.
     Local { dir: PathBuf, bucket: String },
+}
+
+/// What every object is written with on S3 (S3_STORAGE_CLASS, S3_OBJECT_TAGS): written directly
+/// into its class (no lifecycle transition to pay for) and tagged for lifecycle and retention rules.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PutSettings {
+    pub storage_class: Option<String>,
+    /// (key, value) in the order given.
+    pub tags: Vec<(String, String)>,
+}
+
+impl PutSettings {
+    /// As the start-up log and `check` show them (tags are no secret).
+    pub fn describe(&self) -> String {
+        let tags: Vec<String> = self.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        format!(
+            "storage_class={} tags={}",
+            self.storage_class.as_deref().unwrap_or("(store default)"),
+            if tags.is_empty() { "(none)".to_string() } else { tags.join("&") }
+        )
+    }
 }
 
 impl StoreConfig {
@@ -268,6 +297,8 @@ pub struct Config {
     pub format: ArchiveFormat,
     /// Settings given that the archive format ignores (said at start-up).
     pub ignored: Vec<&'static str>,
+    /// S3 settings given while the archive goes to a local directory (said at start-up).
+    pub ignored_by_local: Vec<&'static str>,
     pub http_addr: SocketAddr,
     pub commit_interval: Duration,
     pub shutdown_timeout: Duration,
@@ -412,7 +443,6 @@ impl Config {
             topics,
             group_id,
             kafka_properties,
-            store,
             layout: Layout { timezone, extension, separator },
             spool_dir,
             spool_limits,
@@ -422,6 +452,17 @@ impl Config {
             undecodable,
             format,
             ignored,
+            ignored_by_local: match store {
+                StoreConfig::Local { .. } => {
+                    [("S3_STORAGE_CLASS", &s.s3_storage_class), ("S3_OBJECT_TAGS", &s.s3_object_tags)]
+                        .into_iter()
+                        .filter(|(_, v)| non_empty(v).is_some())
+                        .map(|(name, _)| name)
+                        .collect()
+                }
+                StoreConfig::S3 { .. } => Vec::new(),
+            },
+            store,
             http_addr: SocketAddr::new(bind, port),
             commit_interval,
             shutdown_timeout,
@@ -432,12 +473,13 @@ impl Config {
     /// One line for the start-up log: the effective settings, secrets masked.
     pub fn summary(&self) -> String {
         let store = match &self.store {
-            StoreConfig::S3 { bucket, region, endpoint, access_key_id, secret_key, ca_pem } => format!(
-                "s3 bucket={bucket} region={region} endpoint={} access_key_id={} secret_key={} custom_ca={}",
+            StoreConfig::S3 { bucket, region, endpoint, access_key_id, secret_key, ca_pem, put } => format!(
+                "s3 bucket={bucket} region={region} endpoint={} access_key_id={} secret_key={} custom_ca={} {}",
                 endpoint.as_deref().unwrap_or("(AWS)"),
                 access_key_id.as_ref().map_or("(unset)", |id| mask_key_id(id.expose())),
                 if secret_key.is_some() { "***" } else { "(unset)" },
                 ca_pem.is_some(),
+                put.describe(),
             ),
             StoreConfig::Local { dir, bucket } => {
                 format!("local dir={} bucket={bucket}", dir.display())
@@ -488,6 +530,12 @@ impl Config {
             out.push(format!(
                 "{} set, but ARCHIVE_FORMAT is connect: they apply to ARCHIVE_FORMAT=parquet only and do nothing here",
                 self.ignored.join(", ")
+            ));
+        }
+        if !self.ignored_by_local.is_empty() {
+            out.push(format!(
+                "{} set, but the archive goes to a local directory: they apply to an S3 store only and do nothing here",
+                self.ignored_by_local.join(", ")
             ));
         }
         if self.offset_reset() == OffsetReset::Latest {
@@ -746,7 +794,59 @@ fn parse_store(s: &Settings, env: &[(String, String)]) -> Result<StoreConfig, Co
         access_key_id,
         secret_key: secret.map(Secret),
         ca_pem,
+        put: PutSettings {
+            storage_class: non_empty(&s.s3_storage_class).map(parse_storage_class).transpose()?,
+            tags: non_empty(&s.s3_object_tags).map(parse_tags).transpose()?.unwrap_or_default(),
+        },
     })
+}
+
+/// A storage class as S3 names them (STANDARD_IA, GLACIER_IR, ...). Not checked against AWS's
+/// list: S3-compatible stores have classes of their own; the store refuses one it does not know
+/// (`check` tries it).
+fn parse_storage_class(v: &str) -> Result<String, ConfigError> {
+    let ok = v.len() <= 64 && v.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+    if ok {
+        Ok(v.to_string())
+    } else {
+        Err(invalid(
+            "S3_STORAGE_CLASS",
+            format!("{v:?} is not a storage class name (capitals, digits and '_', e.g. STANDARD_IA, GLACIER_IR)"),
+        ))
+    }
+}
+
+/// `key=value&key2=value2` (percent-encoding understood), within S3's limits: at most 10 tags,
+/// keys of 1-128 and values of at most 256 characters, no key twice.
+fn parse_tags(v: &str) -> Result<Vec<(String, String)>, ConfigError> {
+    let bad = |why: String| invalid("S3_OBJECT_TAGS", format!("{v:?}: {why} (expected key=value&key2=value2)"));
+    let mut tags: Vec<(String, String)> = Vec::new();
+    for pair in v.split('&') {
+        let Some((key, value)) = pair.split_once('=') else {
+            return Err(bad(format!("{pair:?} has no '='")));
+        };
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8()
+                .map(|d| d.into_owned())
+                .map_err(|_| bad(format!("{s:?} is not UTF-8 once decoded")))
+        };
+        let (key, value) = (decode(key)?, decode(value)?);
+        if key.is_empty() || key.chars().count() > 128 {
+            return Err(bad(format!("the key {key:?} must be 1-128 characters")));
+        }
+        if value.chars().count() > 256 {
+            return Err(bad(format!("the value of {key:?} is longer than 256 characters")));
+        }
+        if tags.iter().any(|(k, _)| *k == key) {
+            return Err(bad(format!("the key {key:?} is given twice")));
+        }
+        tags.push((key, value));
+    }
+    if tags.len() > 10 {
+        return Err(bad(format!("{} tags; S3 takes at most 10", tags.len())));
+    }
+    Ok(tags)
 }
 
 fn validate_bucket(b: &str) -> Result<(), ConfigError> {
@@ -1086,6 +1186,43 @@ mod tests {
         assert!(latest.warnings()[0].contains("NOT archived"), "{:?}", latest.warnings());
         let e = with("newest").unwrap_err().to_string();
         assert!(e.starts_with("KAFKA_PROPERTY_AUTO_OFFSET_RESET:") && e.contains("`earliest`"), "{e}");
+    }
+
+    #[test]
+    fn storage_class_and_tags_are_read_checked_and_said_to_do_nothing_locally() {
+        let s3 = |class: Option<&str>, tags: Option<&str>| Settings {
+            s3_bucket_name: Some("bucket-x".into()),
+            s3_storage_class: class.map(Into::into),
+            s3_object_tags: tags.map(Into::into),
+            ..base()
+        };
+        let put = |s: Settings| match Config::from_settings(&s, &[]).unwrap().store {
+            StoreConfig::S3 { put, .. } => put,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(put(s3(None, None)), PutSettings::default());
+        let given = put(s3(Some("STANDARD_IA"), Some("project=sensors&retention=1y&note=a%20b%26c&empty=")));
+        assert_eq!(given.storage_class.as_deref(), Some("STANDARD_IA"));
+        let pairs: Vec<(&str, &str)> = given.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(pairs, [("project", "sensors"), ("retention", "1y"), ("note", "a b&c"), ("empty", "")]);
+        assert!(
+            Config::from_settings(&s3(Some("GLACIER_IR"), Some("a=1")), &[])
+                .unwrap()
+                .summary()
+                .contains("storage_class=GLACIER_IR tags=a=1")
+        );
+        assert!(err(s3(Some("standard-ia"), None)).starts_with("S3_STORAGE_CLASS:"));
+        for bad in ["project", "=x", "a=1&a=2", "a=1&&b=2", &format!("k={}", "v".repeat(257))] {
+            assert!(err(s3(None, Some(bad))).starts_with("S3_OBJECT_TAGS:"), "{bad}");
+        }
+        let eleven: Vec<String> = (0..11).map(|i| format!("k{i}=v")).collect();
+        assert!(err(s3(None, Some(&eleven.join("&")))).contains("at most 10"));
+        let local = Settings { s3_storage_class: Some("STANDARD_IA".into()), ..base() };
+        let c = Config::from_settings(&local, &[]).unwrap();
+        assert!(matches!(c.store, StoreConfig::Local { .. }));
+        assert!(
+            c.warnings().iter().any(|w| w.contains("S3_STORAGE_CLASS set, but the archive goes to a local directory"))
+        );
     }
 
     #[test]

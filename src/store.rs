@@ -7,17 +7,25 @@
 //! Its errors get a bounded reason (the metrics' label) and, where retrying alone will not help,
 //! what the operator should fix: the uploaders log them and `check` prints them.
 
+use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use object_store::ObjectStore;
-use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use object_store::aws::{AmazonS3, AmazonS3Builder, S3ConditionalPut};
 use object_store::local::LocalFileSystem;
-use object_store::multipart::MultipartStore;
-use object_store::{BackoffConfig, Certificate, ClientOptions, RetryConfig};
+use object_store::multipart::{MultipartStore, PartId};
+use object_store::path::Path as ObjectPath;
+use object_store::{
+    Attribute, Attributes, BackoffConfig, Certificate, ClientOptions, CopyOptions, GetOptions, GetResult, ListResult,
+    MultipartId, MultipartUpload, ObjectMeta, ObjectStore, PutMultipartOptions, PutOptions, PutPayload, PutResult,
+    RenameOptions, Result, RetryConfig, TagSet,
+};
 
-use crate::config::StoreConfig;
+use crate::config::{PutSettings, StoreConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -53,7 +61,7 @@ pub fn build_with_multipart(config: &StoreConfig) -> Result<Built, StoreError> {
             // durable, as it is on S3.
             Ok(Built { store: Arc::new(LocalFileSystem::new_with_prefix(root)?.with_fsync(true)), multipart: None })
         }
-        StoreConfig::S3 { bucket, region, endpoint, access_key_id, secret_key, ca_pem } => {
+        StoreConfig::S3 { bucket, region, endpoint, access_key_id, secret_key, ca_pem, put } => {
             let mut client = ClientOptions::new()
                 .with_timeout(Duration::from_secs(120))
                 .with_connect_timeout(Duration::from_secs(5))
@@ -85,9 +93,132 @@ pub fn build_with_multipart(config: &StoreConfig) -> Result<Built, StoreError> {
             if let (Some(id), Some(secret)) = (access_key_id, secret_key) {
                 b = b.with_access_key_id(id.expose()).with_secret_access_key(secret.expose());
             }
-            let s3 = Arc::new(b.build()?);
+            let s3 = b.build()?;
+            if *put == PutSettings::default() {
+                let s3 = Arc::new(s3);
+                return Ok(Built { store: s3.clone(), multipart: Some(s3) });
+            }
+            let s3 = Arc::new(PutDefaults::new(s3, put));
             Ok(Built { store: s3.clone(), multipart: Some(s3) })
         }
+    }
+}
+
+/// An S3 store whose every object (a PUT, or a multipart upload when it is created) is written
+/// with the configured storage class and tags (S3_STORAGE_CLASS, S3_OBJECT_TAGS), whichever stage
+/// or tool writes it: the uploads of both formats and `check`'s probe alike. An attribute or tags
+/// the caller sets itself are kept.
+#[derive(Debug)]
+pub struct PutDefaults {
+    inner: AmazonS3,
+    storage_class: Option<String>,
+    tags: TagSet,
+}
+
+impl PutDefaults {
+    pub fn new(inner: AmazonS3, put: &PutSettings) -> PutDefaults {
+        let mut tags = TagSet::default();
+        for (key, value) in &put.tags {
+            tags.push(key, value);
+        }
+        PutDefaults { inner, storage_class: put.storage_class.clone(), tags }
+    }
+
+    fn with_defaults(&self, attributes: &mut Attributes, tags: &mut TagSet) {
+        if let Some(class) = &self.storage_class
+            && attributes.get(&Attribute::StorageClass).is_none()
+        {
+            attributes.insert(Attribute::StorageClass, class.clone().into());
+        }
+        if tags.is_empty() {
+            *tags = self.tags.clone();
+        }
+    }
+}
+
+impl std::fmt::Display for PutDefaults {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (storage class and tags set)", self.inner)
+    }
+}
+
+#[async_trait]
+impl ObjectStore for PutDefaults {
+    async fn put_opts(&self, location: &ObjectPath, payload: PutPayload, mut opts: PutOptions) -> Result<PutResult> {
+        self.with_defaults(&mut opts.attributes, &mut opts.tags);
+        self.inner.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &ObjectPath,
+        mut opts: PutMultipartOptions,
+    ) -> Result<Box<dyn MultipartUpload>> {
+        self.with_defaults(&mut opts.attributes, &mut opts.tags);
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(&self, location: &ObjectPath, options: GetOptions) -> Result<GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+
+    async fn get_ranges(&self, location: &ObjectPath, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+        self.inner.get_ranges(location, ranges).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, Result<ObjectPath>>,
+    ) -> BoxStream<'static, Result<ObjectPath>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(&self, prefix: Option<&ObjectPath>) -> BoxStream<'static, Result<ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+
+    fn list_with_offset(
+        &self,
+        prefix: Option<&ObjectPath>,
+        offset: &ObjectPath,
+    ) -> BoxStream<'static, Result<ObjectMeta>> {
+        self.inner.list_with_offset(prefix, offset)
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&ObjectPath>) -> Result<ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(&self, from: &ObjectPath, to: &ObjectPath, options: CopyOptions) -> Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+
+    async fn rename_opts(&self, from: &ObjectPath, to: &ObjectPath, options: RenameOptions) -> Result<()> {
+        self.inner.rename_opts(from, to, options).await
+    }
+}
+
+#[async_trait]
+impl MultipartStore for PutDefaults {
+    async fn create_multipart(&self, path: &ObjectPath) -> Result<MultipartId> {
+        self.create_multipart_opts(path, PutMultipartOptions::default()).await
+    }
+
+    async fn create_multipart_opts(&self, path: &ObjectPath, mut opts: PutMultipartOptions) -> Result<MultipartId> {
+        self.with_defaults(&mut opts.attributes, &mut opts.tags);
+        self.inner.create_multipart_opts(path, opts).await
+    }
+
+    async fn put_part(&self, path: &ObjectPath, id: &MultipartId, part_idx: usize, data: PutPayload) -> Result<PartId> {
+        self.inner.put_part(path, id, part_idx, data).await
+    }
+
+    async fn complete_multipart(&self, path: &ObjectPath, id: &MultipartId, parts: Vec<PartId>) -> Result<PutResult> {
+        self.inner.complete_multipart(path, id, parts).await
+    }
+
+    async fn abort_multipart(&self, path: &ObjectPath, id: &MultipartId) -> Result<()> {
+        self.inner.abort_multipart(path, id).await
     }
 }
 

@@ -97,8 +97,8 @@ pub async fn checks(config: &Config, mut report: impl FnMut(&Line)) -> Vec<Line>
 
 fn describe(config: &Config) -> String {
     let store = match &config.store {
-        StoreConfig::S3 { bucket, endpoint, .. } => {
-            format!("S3 bucket {bucket} at {}", endpoint.as_deref().unwrap_or("Amazon S3"))
+        StoreConfig::S3 { bucket, endpoint, put, .. } => {
+            format!("S3 bucket {bucket} at {} ({})", endpoint.as_deref().unwrap_or("Amazon S3"), put.describe())
         }
         StoreConfig::Local { dir, bucket } => format!("local directory {}", dir.join(bucket).display()),
     };
@@ -261,8 +261,19 @@ async fn store(config: &Config) -> Vec<Line> {
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
     let path = Path::from(format!(".kafka-s3-archiver/check-{}-{stamp}", std::process::id()));
     let body = format!("kafka-s3-archiver check probe, written {stamp}; safe to delete\n");
+    // The probe is written as the archive's objects are: a store without the storage class, or
+    // that refuses tags, says no here.
+    let put = match &config.store {
+        StoreConfig::S3 { put, .. } if *put != crate::config::PutSettings::default() => Some(put.describe()),
+        _ => None,
+    };
     let problem = |step: &str, e: &object_store::Error| {
-        let fix = fix_for(error_reason(e)).map(str::to_string).unwrap_or_else(|| {
+        let fix = fix_for(error_reason(e)).map(str::to_string).or_else(|| {
+            put.as_ref().filter(|_| step == "write").map(|put| {
+                format!("{e}: the store refused the object's settings ({put}): check S3_STORAGE_CLASS (a class this store has) and S3_OBJECT_TAGS")
+            })
+        });
+        let fix = fix.unwrap_or_else(|| {
             format!(
                 "{e}: check S3_ENDPOINT_URL (reachable from here?), S3_REGION{}",
                 if matches!(config.store, StoreConfig::S3 { .. }) {
@@ -298,8 +309,12 @@ async fn store(config: &Config) -> Vec<Line> {
             "the probe object came back with other bytes: is a proxy or a lifecycle rule rewriting objects?",
         )];
     }
-    let mut lines =
-        vec![Line::new(Outcome::Ok, what.clone(), format!("wrote, read back and deleted the probe object {path}"))];
+    let with = put.as_ref().map(|put| format!(", written with {put}")).unwrap_or_default();
+    let mut lines = vec![Line::new(
+        Outcome::Ok,
+        what.clone(),
+        format!("wrote, read back and deleted the probe object {path}{with}"),
+    )];
     if config.conditional_put {
         lines.push(match store.put_opts(&path, "overwrite".into(), PutMode::Create.into()).await {
             Err(object_store::Error::AlreadyExists { .. }) => Line::new(

@@ -564,6 +564,7 @@ mod tests {
             access_key_id: None,
             secret_key: None,
             ca_pem: None,
+            put: Default::default(),
         })
         .unwrap();
         let (up, _) = stage(dir.path(), store, false);

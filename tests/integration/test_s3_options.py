@@ -1,0 +1,94 @@
+"""What every object is written with on S3 besides its body, as a user reads it back with boto3:
+the storage class (S3_STORAGE_CLASS) and the tags (S3_OBJECT_TAGS), for both archive formats, single
+PUTs and multipart uploads alike; and `check` says when the store refuses them. On moto, which keeps
+both and answers HEAD and GetObjectTagging as S3 does."""
+import random
+import uuid
+
+import oracle
+from test_archive import Bucket, check_archive, produce_raw
+from load import v3_message
+from test_operations import check
+
+CLASS = "STANDARD_IA"
+TAGS = "project=sensors&retention=1y&owner=lab%20A"
+EXPECTED_TAGS = {"project": "sensors", "retention": "1y", "owner": "lab A"}
+
+
+def written_with(bucket):
+    """{key: (storage class, {tag: value})} of every object in the bucket."""
+    s3 = bucket.server.client()
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket.name)
+            for o in page.get("Contents", [])]
+    out = {}
+    for key in keys:
+        head = s3.head_object(Bucket=bucket.name, Key=key)
+        tags = s3.get_object_tagging(Bucket=bucket.name, Key=key)["TagSet"]
+        # S3 leaves StorageClass out of HEAD for STANDARD.
+        out[key] = (head.get("StorageClass", "STANDARD"), {t["Key"]: t["Value"] for t in tags})
+    return out
+
+
+def test_storage_class_and_tags_are_on_every_object_of_both_formats(broker, moto, run_archiver, tmp_path):
+    run = uuid.uuid4().hex[:8]
+    topic = f"class.{run}"
+    broker.create_topic(topic, 2)
+    rng = random.Random(24)
+    # SINETStream messages, one undecodable value (an errors/ object in the Connect format), and in
+    # the Parquet run enough incompressible bytes for a multipart upload (objects past 8 MiB).
+    items = [(i % 2, v3_message(1650250000123456 + i, rng.randbytes(200)), 1795545116000 + i) for i in range(20)]
+    items.append((0, b"not a SINETStream message", 1795545116100))
+    items += [(1, v3_message(1650250000200000 + i, rng.randbytes(1 << 20)), 1795545116200 + i) for i in range(10)]
+    produce_raw(broker.bootstrap, topic, items)
+    records = oracle.read_topic(broker.bootstrap, topic, len(items))
+    put = dict(S3_STORAGE_CLASS=CLASS, S3_OBJECT_TAGS=TAGS)
+
+    connect = Bucket("moto", server=moto, name=f"class-c-{run}")
+    moto.create_bucket(connect.name)
+    a = run_archiver(BROKER_HOSTNAME=broker.bootstrap, KAFKA_TOPIC=topic, GROUP_ID=f"c-{run}",
+                     SPOOL_DIR=tmp_path / "c", **connect.env(), **put)
+    a.wait_archived(len(items))
+    assert a.stop() == 0, a.logs()
+    assert f"storage_class={CLASS} tags=project=sensors&retention=1y&owner=lab A" in a.logs()
+    expected, reasons = oracle.expected_objects(topic, records)
+    check_archive(connect, expected, reasons)
+    got = written_with(connect)
+    # Payloads, timestamps, the dead letter and its reason.
+    assert len(got) == len(expected) + len(reasons), sorted(got)
+    wrong = {k: v for k, v in got.items() if v != (CLASS, EXPECTED_TAGS)}
+    assert not wrong, f"{len(wrong)} of {len(got)} objects without the class or the tags, e.g. {next(iter(wrong.items()))}"
+
+    parquet = Bucket("moto", server=moto, name=f"class-p-{run}")
+    moto.create_bucket(parquet.name)
+    a = run_archiver(BROKER_HOSTNAME=broker.bootstrap, KAFKA_TOPIC=topic, GROUP_ID=f"p-{run}",
+                     SPOOL_DIR=tmp_path / "p", ARCHIVE_FORMAT="parquet", BATCH_MAX_AGE="1s", **parquet.env(), **put)
+    a.wait_archived(len(items))
+    m = a.metrics()
+    assert a.stop() == 0, a.logs()
+    sizes = {k: v for k, v in parquet.read_all().items() if k.endswith(".parquet")}
+    assert max(len(v) for v in sizes.values()) > 8 << 20, "no object went up as a multipart upload"
+    assert m["kafka_s3_archiver_records_archived_total"] == len(items)
+    got = written_with(parquet)
+    wrong = {k: v for k, v in got.items() if v != (CLASS, EXPECTED_TAGS)}
+    assert not wrong, f"{len(wrong)} of {len(got)} objects without the class or the tags, e.g. {next(iter(wrong.items()))}"
+    print(f"\nS3 OPTIONS: {len(written_with(connect))} Connect-format and {len(got)} Parquet objects "
+          f"(largest {max(len(v) for v in sizes.values()) >> 20} MiB, multipart) all {CLASS} with {EXPECTED_TAGS}")
+
+
+def test_check_writes_its_probe_with_the_class_and_says_when_the_store_refuses_it(broker, moto, archiver_bin,
+                                                                                    tmp_path):
+    run = uuid.uuid4().hex[:8]
+    topic = f"classcheck.{run}"
+    broker.create_topic(topic, 1)
+    bucket = Bucket("moto", server=moto, name=f"classcheck-{run}")
+    moto.create_bucket(bucket.name)
+    env = dict(BROKER_HOSTNAME=broker.bootstrap, KAFKA_TOPIC=topic, GROUP_ID=f"g-{run}", SPOOL_DIR=tmp_path / "spool",
+               **bucket.env())
+    code, out = check(archiver_bin, tmp_path, **env, S3_STORAGE_CLASS=CLASS, S3_OBJECT_TAGS=TAGS)
+    assert code == 0, out
+    assert f"storage_class={CLASS}" in out, out
+    # A class the store does not have: the probe's PUT is refused, and check says so.
+    code, out = check(archiver_bin, tmp_path, **env, S3_STORAGE_CLASS="NO_SUCH_CLASS")
+    assert code != 0, out
+    refused = [line for line in out.splitlines() if line.startswith("FAIL") and f"bucket {bucket.name}" in line]
+    assert refused and "S3_STORAGE_CLASS" in refused[0] and "NO_SUCH_CLASS" in refused[0], out
