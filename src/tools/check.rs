@@ -42,8 +42,14 @@ pub struct Line {
 }
 
 impl Line {
+    /// One line each: a store's error body (XML) can hold line breaks.
     fn new(outcome: Outcome, what: impl Into<String>, detail: impl Into<String>) -> Line {
-        Line { outcome, what: what.into(), detail: detail.into() }
+        let detail: String = detail.into();
+        Line {
+            outcome,
+            what: what.into(),
+            detail: detail.split(['\r', '\n']).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" "),
+        }
     }
 }
 
