@@ -69,6 +69,15 @@ pub struct Settings {
     /// Tags every object is written with, `key=value&key2=value2`.
     #[arg(long, env = "S3_OBJECT_TAGS")]
     pub s3_object_tags: Option<String>,
+    /// Server-side encryption: AES256, aws:kms or aws:kms:dsse.
+    #[arg(long, env = "S3_SSE")]
+    pub s3_sse: Option<String>,
+    /// The KMS key of S3_SSE=aws:kms or aws:kms:dsse (the account's AWS managed key when unset).
+    #[arg(long, env = "S3_SSE_KMS_KEY_ID")]
+    pub s3_sse_kms_key_id: Option<String>,
+    /// File holding a customer key for SSE-C (32 bytes, raw or base64).
+    #[arg(long, env = "S3_SSE_C_KEY_FILE")]
+    pub s3_sse_c_key_file: Option<String>,
     /// Payload object extension.
     #[arg(long, env = "S3_OBJECT_EXTENSION")]
     pub s3_object_extension: Option<String>,
@@ -201,6 +210,8 @@ pub enum StoreConfig {
         ca_pem: Option<Vec<u8>>,
         /// What every object is written with besides its body.
         put: PutSettings,
+        /// Server-side encryption; None: the bucket's default.
+        sse: Option<Sse>,
     },
     /// A local directory laid out as MinIO lays out a bucket: `<dir>/<bucket>/topics/...`.
     Local { dir: PathBuf, bucket: String },
@@ -213,6 +224,32 @@ pub struct PutSettings {
     pub storage_class: Option<String>,
     /// (key, value) in the order given.
     pub tags: Vec<(String, String)>,
+}
+
+/// Server-side encryption of every object (S3_SSE, S3_SSE_KMS_KEY_ID, S3_SSE_C_KEY_FILE).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sse {
+    /// AES256: keys S3 manages.
+    S3,
+    /// aws:kms, or aws:kms:dsse (two layers); the key's id or ARN, or the AWS managed key.
+    Kms { dual: bool, key_id: Option<String> },
+    /// SSE-C: the customer's 256-bit key, base64, sent with every request (reads too).
+    CustomerKey(Secret),
+}
+
+impl Sse {
+    /// As the start-up log and `check` show it: never the customer key.
+    pub fn describe(&self) -> String {
+        match self {
+            Sse::S3 => "AES256".to_string(),
+            Sse::Kms { dual, key_id } => format!(
+                "{} key={}",
+                if *dual { "aws:kms:dsse" } else { "aws:kms" },
+                key_id.as_deref().unwrap_or("(AWS managed)")
+            ),
+            Sse::CustomerKey(_) => "SSE-C key=***".to_string(),
+        }
+    }
 }
 
 impl PutSettings {
@@ -453,13 +490,17 @@ impl Config {
             format,
             ignored,
             ignored_by_local: match store {
-                StoreConfig::Local { .. } => {
-                    [("S3_STORAGE_CLASS", &s.s3_storage_class), ("S3_OBJECT_TAGS", &s.s3_object_tags)]
-                        .into_iter()
-                        .filter(|(_, v)| non_empty(v).is_some())
-                        .map(|(name, _)| name)
-                        .collect()
-                }
+                StoreConfig::Local { .. } => [
+                    ("S3_STORAGE_CLASS", &s.s3_storage_class),
+                    ("S3_OBJECT_TAGS", &s.s3_object_tags),
+                    ("S3_SSE", &s.s3_sse),
+                    ("S3_SSE_KMS_KEY_ID", &s.s3_sse_kms_key_id),
+                    ("S3_SSE_C_KEY_FILE", &s.s3_sse_c_key_file),
+                ]
+                .into_iter()
+                .filter(|(_, v)| non_empty(v).is_some())
+                .map(|(name, _)| name)
+                .collect(),
                 StoreConfig::S3 { .. } => Vec::new(),
             },
             store,
@@ -473,13 +514,14 @@ impl Config {
     /// One line for the start-up log: the effective settings, secrets masked.
     pub fn summary(&self) -> String {
         let store = match &self.store {
-            StoreConfig::S3 { bucket, region, endpoint, access_key_id, secret_key, ca_pem, put } => format!(
-                "s3 bucket={bucket} region={region} endpoint={} access_key_id={} secret_key={} custom_ca={} {}",
+            StoreConfig::S3 { bucket, region, endpoint, access_key_id, secret_key, ca_pem, put, sse } => format!(
+                "s3 bucket={bucket} region={region} endpoint={} access_key_id={} secret_key={} custom_ca={} {} sse={}",
                 endpoint.as_deref().unwrap_or("(AWS)"),
                 access_key_id.as_ref().map_or("(unset)", |id| mask_key_id(id.expose())),
                 if secret_key.is_some() { "***" } else { "(unset)" },
                 ca_pem.is_some(),
                 put.describe(),
+                sse.as_ref().map_or("(bucket default)".to_string(), Sse::describe),
             ),
             StoreConfig::Local { dir, bucket } => {
                 format!("local dir={} bucket={bucket}", dir.display())
@@ -798,7 +840,55 @@ fn parse_store(s: &Settings, env: &[(String, String)]) -> Result<StoreConfig, Co
             storage_class: non_empty(&s.s3_storage_class).map(parse_storage_class).transpose()?,
             tags: non_empty(&s.s3_object_tags).map(parse_tags).transpose()?.unwrap_or_default(),
         },
+        sse: parse_sse(s)?,
     })
+}
+
+/// S3_SSE, S3_SSE_KMS_KEY_ID and S3_SSE_C_KEY_FILE, which must agree.
+fn parse_sse(s: &Settings) -> Result<Option<Sse>, ConfigError> {
+    let key_id = non_empty(&s.s3_sse_kms_key_id).map(str::to_string);
+    let customer = non_empty(&s.s3_sse_c_key_file);
+    let sse = match (non_empty(&s.s3_sse), customer) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "S3_SSE_C_KEY_FILE",
+                "customer keys (SSE-C) are an encryption of their own: set S3_SSE or S3_SSE_C_KEY_FILE, not both",
+            ));
+        }
+        (None, Some(path)) => Some(Sse::CustomerKey(read_customer_key(path)?)),
+        (None, None) => None,
+        (Some("AES256"), None) => Some(Sse::S3),
+        (Some("aws:kms"), None) => Some(Sse::Kms { dual: false, key_id: key_id.clone() }),
+        (Some("aws:kms:dsse"), None) => Some(Sse::Kms { dual: true, key_id: key_id.clone() }),
+        (Some(other), None) => {
+            return Err(invalid(
+                "S3_SSE",
+                format!("{other:?} is not one of AES256, aws:kms, aws:kms:dsse (customer keys: S3_SSE_C_KEY_FILE)"),
+            ));
+        }
+    };
+    if key_id.is_some() && !matches!(sse, Some(Sse::Kms { .. })) {
+        return Err(invalid("S3_SSE_KMS_KEY_ID", "is set, but S3_SSE is not aws:kms or aws:kms:dsse"));
+    }
+    Ok(sse)
+}
+
+/// A 256-bit SSE-C key from a file: 32 raw bytes, or their base64 (whitespace around it ignored).
+/// The key itself is never part of an error.
+fn read_customer_key(path: &str) -> Result<Secret, ConfigError> {
+    use base64::Engine;
+    let bytes = std::fs::read(path).map_err(|e| invalid("S3_SSE_C_KEY_FILE", format!("cannot read {path:?}: {e}")))?;
+    if bytes.len() == 32 {
+        return Ok(Secret(base64::engine::general_purpose::STANDARD.encode(&bytes)));
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    match base64::engine::general_purpose::STANDARD.decode(text.trim()) {
+        Ok(key) if key.len() == 32 => Ok(Secret(text.trim().to_string())),
+        _ => Err(invalid(
+            "S3_SSE_C_KEY_FILE",
+            format!("{path:?} does not hold a 256-bit key (32 bytes, or their base64; e.g. `openssl rand 32 > key`)"),
+        )),
+    }
 }
 
 /// A storage class as S3 names them (STANDARD_IA, GLACIER_IR, ...). Not checked against AWS's
@@ -1223,6 +1313,43 @@ mod tests {
         assert!(
             c.warnings().iter().any(|w| w.contains("S3_STORAGE_CLASS set, but the archive goes to a local directory"))
         );
+    }
+
+    #[test]
+    fn encryption_settings_are_read_checked_and_the_customer_key_never_shown() {
+        use base64::Engine;
+        let s3 = || Settings { s3_bucket_name: Some("bucket-x".into()), ..base() };
+        let sse = |s: Settings| match Config::from_settings(&s, &[]).map(|c| c.store) {
+            Ok(StoreConfig::S3 { sse, .. }) => sse,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(sse(s3()), None);
+        assert_eq!(sse(Settings { s3_sse: Some("AES256".into()), ..s3() }), Some(Sse::S3));
+        let kms = Settings { s3_sse: Some("aws:kms:dsse".into()), s3_sse_kms_key_id: Some("alias/x".into()), ..s3() };
+        assert_eq!(sse(kms), Some(Sse::Kms { dual: true, key_id: Some("alias/x".into()) }));
+        assert!(err(Settings { s3_sse: Some("aes256".into()), ..s3() }).starts_with("S3_SSE:"));
+        let stray = Settings { s3_sse: Some("AES256".into()), s3_sse_kms_key_id: Some("k".into()), ..s3() };
+        assert!(err(stray).starts_with("S3_SSE_KMS_KEY_ID:"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let key = [7u8; 32];
+        let b64 = base64::engine::general_purpose::STANDARD.encode(key);
+        std::fs::write(dir.path().join("raw"), key).unwrap();
+        std::fs::write(dir.path().join("b64"), format!("{b64}\n")).unwrap();
+        std::fs::write(dir.path().join("short"), [7u8; 16]).unwrap();
+        let file =
+            |name: &str| Settings { s3_sse_c_key_file: Some(dir.path().join(name).display().to_string()), ..s3() };
+        for name in ["raw", "b64"] {
+            assert_eq!(sse(file(name)), Some(Sse::CustomerKey(Secret(b64.clone()))), "{name}");
+        }
+        let summary = Config::from_settings(&file("raw"), &[]).unwrap().summary();
+        assert!(summary.contains("sse=SSE-C key=***") && !summary.contains(&b64), "{summary}");
+        assert!(!format!("{:?}", sse(file("raw"))).contains(&b64));
+        let short = err(file("short"));
+        assert!(short.starts_with("S3_SSE_C_KEY_FILE:") && short.contains("256-bit"), "{short}");
+        assert!(err(file("missing")).starts_with("S3_SSE_C_KEY_FILE: cannot read"));
+        let both = Settings { s3_sse: Some("AES256".into()), ..file("raw") };
+        assert!(err(both).contains("not both"));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
-use object_store::aws::{AmazonS3, AmazonS3Builder, S3ConditionalPut};
+use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey, S3ConditionalPut};
 use object_store::local::LocalFileSystem;
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path as ObjectPath;
@@ -25,7 +25,7 @@ use object_store::{
     RenameOptions, Result, RetryConfig, TagSet,
 };
 
-use crate::config::{PutSettings, StoreConfig};
+use crate::config::{PutSettings, Sse, StoreConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -61,7 +61,7 @@ pub fn build_with_multipart(config: &StoreConfig) -> Result<Built, StoreError> {
             // durable, as it is on S3.
             Ok(Built { store: Arc::new(LocalFileSystem::new_with_prefix(root)?.with_fsync(true)), multipart: None })
         }
-        StoreConfig::S3 { bucket, region, endpoint, access_key_id, secret_key, ca_pem, put } => {
+        StoreConfig::S3 { bucket, region, endpoint, access_key_id, secret_key, ca_pem, put, sse } => {
             let mut client = ClientOptions::new()
                 .with_timeout(Duration::from_secs(120))
                 .with_connect_timeout(Duration::from_secs(5))
@@ -90,6 +90,7 @@ pub fn build_with_multipart(config: &StoreConfig) -> Result<Built, StoreError> {
             if let Some(e) = endpoint {
                 b = b.with_endpoint(e).with_allow_http(true).with_virtual_hosted_style_request(false);
             }
+            b = with_sse(b, sse.as_ref());
             if let (Some(id), Some(secret)) = (access_key_id, secret_key) {
                 b = b.with_access_key_id(id.expose()).with_secret_access_key(secret.expose());
             }
@@ -101,6 +102,24 @@ pub fn build_with_multipart(config: &StoreConfig) -> Result<Built, StoreError> {
             let s3 = Arc::new(PutDefaults::new(s3, put));
             Ok(Built { store: s3.clone(), multipart: Some(s3) })
         }
+    }
+}
+
+/// Server-side encryption on every request that writes (and, with a customer key, reads) an
+/// object: object_store sends the headers.
+fn with_sse(b: AmazonS3Builder, sse: Option<&Sse>) -> AmazonS3Builder {
+    let key = |name: &str| name.parse::<AmazonS3ConfigKey>().expect("a configuration key object_store knows");
+    match sse {
+        None => b,
+        Some(Sse::S3) => b.with_config(key("aws_server_side_encryption"), "AES256"),
+        Some(Sse::Kms { dual, key_id }) => {
+            let b = b.with_config(key("aws_server_side_encryption"), if *dual { "aws:kms:dsse" } else { "aws:kms" });
+            match key_id {
+                Some(id) => b.with_config(key("aws_sse_kms_key_id"), id),
+                None => b,
+            }
+        }
+        Some(Sse::CustomerKey(k)) => b.with_ssec_encryption(k.expose()),
     }
 }
 

@@ -1,14 +1,19 @@
 """What every object is written with on S3 besides its body, as a user reads it back with boto3:
 the storage class (S3_STORAGE_CLASS) and the tags (S3_OBJECT_TAGS), for both archive formats, single
-PUTs and multipart uploads alike; and `check` says when the store refuses them. On moto, which keeps
-both and answers HEAD and GetObjectTagging as S3 does."""
+PUTs and multipart uploads alike; server-side encryption (S3_SSE, S3_SSE_KMS_KEY_ID, and customer
+keys with S3_SSE_C_KEY_FILE); and `check` says when the store refuses them. On moto, which keeps
+them and answers HEAD, GET and GetObjectTagging as S3 does."""
+import base64
 import random
 import uuid
+
+import botocore.exceptions
 
 import oracle
 from test_archive import Bucket, check_archive, produce_raw
 from load import v3_message
 from test_operations import check
+from test_verify_restore import tool
 
 CLASS = "STANDARD_IA"
 TAGS = "project=sensors&retention=1y&owner=lab%20A"
@@ -92,3 +97,77 @@ def test_check_writes_its_probe_with_the_class_and_says_when_the_store_refuses_i
     assert code != 0, out
     refused = [line for line in out.splitlines() if line.startswith("FAIL") and f"bucket {bucket.name}" in line]
     assert refused and "S3_STORAGE_CLASS" in refused[0] and "NO_SUCH_CLASS" in refused[0], out
+
+
+def test_server_side_encryption_of_every_object(broker, moto, run_archiver, tmp_path):
+    """SSE-S3 and SSE-KMS on moto, which keeps the headers and answers them on HEAD."""
+    run = uuid.uuid4().hex[:8]
+    topic = f"sse.{run}"
+    broker.create_topic(topic, 2)
+    rng = random.Random(25)
+    items = [(i % 2, v3_message(1650250000123456 + i, rng.randbytes(300)), 1795545116000 + i) for i in range(12)]
+    produce_raw(broker.bootstrap, topic, items)
+    records = oracle.read_topic(broker.bootstrap, topic, len(items))
+    expected, reasons = oracle.expected_objects(topic, records)
+    kms_key = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    s3 = moto.client()
+    for name, sse, want in [("s3", {"S3_SSE": "AES256"}, ("AES256", None)),
+                            ("kms", {"S3_SSE": "aws:kms", "S3_SSE_KMS_KEY_ID": kms_key}, ("aws:kms", kms_key))]:
+        bucket = Bucket("moto", server=moto, name=f"sse-{name}-{run}")
+        moto.create_bucket(bucket.name)
+        a = run_archiver(BROKER_HOSTNAME=broker.bootstrap, KAFKA_TOPIC=topic, GROUP_ID=f"{name}-{run}",
+                         SPOOL_DIR=tmp_path / name, **bucket.env(), **sse)
+        a.wait_archived(len(items))
+        assert a.stop() == 0, a.logs()
+        check_archive(bucket, expected, reasons)
+        heads = [s3.head_object(Bucket=bucket.name, Key=k) for k in expected]
+        got = {(h.get("ServerSideEncryption"), h.get("SSEKMSKeyId")) for h in heads}
+        assert got == {want}, (name, got)
+    print(f"\nSSE: {len(expected)} objects each with AES256 and with aws:kms ({kms_key}), as HEAD shows them")
+
+
+def test_a_customer_key_alone_reads_the_archive_back(broker, garage, run_archiver, archiver_bin, tmp_path):
+    """SSE-C on garage, which encrypts with the customer's key and refuses a read without it (moto
+    takes the headers and ignores them). The key comes from a file and never reaches the log;
+    `verify`, given the same key, reads the archive back."""
+    run = uuid.uuid4().hex[:8]
+    topic = f"ssec.{run}"
+    broker.create_topic(topic, 2)
+    rng = random.Random(26)
+    items = [(i % 2, v3_message(1650250000123456 + i, rng.randbytes(300)), 1795545116000 + i) for i in range(12)]
+    produce_raw(broker.bootstrap, topic, items)
+    records = oracle.read_topic(broker.bootstrap, topic, len(items))
+    expected, _ = oracle.expected_objects(topic, records)
+    key = rng.randbytes(32)
+    (tmp_path / "sse-c.key").write_bytes(key)
+    bucket = Bucket("garage", server=garage, name=f"ssec-{run}")
+    garage.create_bucket(bucket.name)
+    env = dict(BROKER_HOSTNAME=broker.bootstrap, KAFKA_TOPIC=topic, **bucket.env(),
+               S3_SSE_C_KEY_FILE=str(tmp_path / "sse-c.key"))
+    a = run_archiver(GROUP_ID=f"c-{run}", SPOOL_DIR=tmp_path / "spool", **env)
+    a.wait_archived(len(items))
+    assert a.stop() == 0, a.logs()
+    logs = a.logs()
+    assert "SSE-C key=***" in logs
+    assert base64.b64encode(key).decode() not in logs and key.hex() not in logs
+
+    s3 = garage.client()
+    read = {k: s3.get_object(Bucket=bucket.name, Key=k, SSECustomerAlgorithm="AES256",
+                             SSECustomerKey=key)["Body"].read() for k in expected}
+    assert read == expected
+    for wrong in [{}, {"SSECustomerAlgorithm": "AES256", "SSECustomerKey": rng.randbytes(32)}]:
+        try:
+            s3.get_object(Bucket=bucket.name, Key=next(iter(expected)), **wrong)
+            raise AssertionError(f"read back without the customer key: {list(wrong)}")
+        except botocore.exceptions.ClientError as e:
+            assert e.response["ResponseMetadata"]["HTTPStatusCode"] in (400, 403), e.response
+    # verify reads every object with the key and compares it with the record in Kafka.
+    code, out, err = tool(archiver_bin, {k: str(v) for k, v in env.items()}, "verify")
+    assert code == 0 and f"clean: {len(items)} offsets" in out, out + err
+    assert base64.b64encode(key).decode() not in out + err
+    # And with another key it cannot.
+    (tmp_path / "other.key").write_bytes(rng.randbytes(32))
+    code, out, err = tool(archiver_bin, {**{k: str(v) for k, v in env.items()},
+                                         "S3_SSE_C_KEY_FILE": str(tmp_path / "other.key")}, "verify")
+    assert code != 0 and "clean" not in out, out + err
+    print(f"\nSSE-C: {len(expected)} objects read back with the key, refused without it and with another")

@@ -565,6 +565,7 @@ mod tests {
             secret_key: None,
             ca_pem: None,
             put: Default::default(),
+            sse: None,
         })
         .unwrap();
         let (up, _) = stage(dir.path(), store, false);
