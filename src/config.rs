@@ -439,6 +439,17 @@ impl Config {
                 return Err(invalid("S3_CONDITIONAL_PUT", format!("{other:?} is not true or false")));
             }
         };
+        if let StoreConfig::S3 { put: PutSettings { storage_class: Some(class), .. }, .. } = &store
+            && conditional_put
+            && ARCHIVE_CLASSES.contains(&class.as_str())
+        {
+            return Err(invalid(
+                "S3_STORAGE_CLASS",
+                format!(
+                    "{class} objects cannot be read without a restore, and S3_CONDITIONAL_PUT=true reads an object back when it finds it stored: choose GLACIER_IR or another class, or S3_CONDITIONAL_PUT=false"
+                ),
+            ));
+        }
         let undecodable = match non_empty(&s.undecodable).unwrap_or("dead-letter") {
             "dead-letter" | "dead_letter" | "deadletter" => UndecodablePolicy::DeadLetter,
             "raw" => UndecodablePolicy::Raw,
@@ -578,6 +589,13 @@ impl Config {
             out.push(format!(
                 "{} set, but the archive goes to a local directory: they apply to an S3 store only and do nothing here",
                 self.ignored_by_local.join(", ")
+            ));
+        }
+        if let StoreConfig::S3 { put: PutSettings { storage_class: Some(class), .. }, .. } = &self.store
+            && ARCHIVE_CLASSES.contains(&class.as_str())
+        {
+            out.push(format!(
+                "S3_STORAGE_CLASS={class}: objects of this class cannot be read until restored, so `check` cannot read its probe back, and `verify` and `restore` cannot read the archive without a restore first"
             ));
         }
         if self.offset_reset() == OffsetReset::Latest {
@@ -829,6 +847,15 @@ fn parse_store(s: &Settings, env: &[(String, String)]) -> Result<StoreConfig, Co
             }
         }
     };
+    let sse = match parse_sse(s)? {
+        Some(Sse::CustomerKey(_)) if endpoint.as_deref().is_some_and(plain_http_off_host) => {
+            return Err(invalid(
+                "S3_SSE_C_KEY_FILE",
+                "a customer key is sent with every request: it needs an https:// S3_ENDPOINT_URL (plain http only to this host)",
+            ));
+        }
+        sse => sse,
+    };
     Ok(StoreConfig::S3 {
         bucket: bucket.to_string(),
         region: region.to_string(),
@@ -840,8 +867,20 @@ fn parse_store(s: &Settings, env: &[(String, String)]) -> Result<StoreConfig, Co
             storage_class: non_empty(&s.s3_storage_class).map(parse_storage_class).transpose()?,
             tags: non_empty(&s.s3_object_tags).map(parse_tags).transpose()?.unwrap_or_default(),
         },
-        sse: parse_sse(s)?,
+        sse,
     })
+}
+
+/// An `http://` endpoint on another host: what it is sent crosses the network in clear.
+fn plain_http_off_host(endpoint: &str) -> bool {
+    let Ok(url) = url::Url::parse(endpoint) else { return false };
+    let loopback = match url.host() {
+        Some(url::Host::Domain(d)) => d == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    url.scheme() == "http" && !loopback
 }
 
 /// S3_SSE, S3_SSE_KMS_KEY_ID and S3_SSE_C_KEY_FILE, which must agree.
@@ -890,6 +929,10 @@ fn read_customer_key(path: &str) -> Result<Secret, ConfigError> {
         )),
     }
 }
+
+/// Classes whose objects must be restored before they can be read (a GET answers 403
+/// InvalidObjectState).
+const ARCHIVE_CLASSES: [&str; 2] = ["GLACIER", "DEEP_ARCHIVE"];
 
 /// A storage class as S3 names them (STANDARD_IA, GLACIER_IR, ...). Not checked against AWS's
 /// list: S3-compatible stores have classes of their own; the store refuses one it does not know
@@ -1350,6 +1393,32 @@ mod tests {
         assert!(err(file("missing")).starts_with("S3_SSE_C_KEY_FILE: cannot read"));
         let both = Settings { s3_sse: Some("AES256".into()), ..file("raw") };
         assert!(err(both).contains("not both"));
+        // The key goes with every request: not in clear to another host.
+        let at = |url: &str| Settings { s3_endpoint_url: Some(url.into()), ..file("raw") };
+        assert!(err(at("http://minio.lab:9000")).contains("https://"));
+        for ok in ["https://minio.lab:9000", "http://127.0.0.1:9000", "http://localhost:9000", "http://[::1]:9000"] {
+            assert!(matches!(sse(at(ok)), Some(Sse::CustomerKey(_))), "{ok}");
+        }
+    }
+
+    #[test]
+    fn archive_classes_are_refused_with_write_once_and_said_to_need_a_restore() {
+        let glacier = Settings {
+            s3_bucket_name: Some("bucket-x".into()),
+            s3_storage_class: Some("DEEP_ARCHIVE".into()),
+            ..base()
+        };
+        let c = Config::from_settings(&glacier, &[]).unwrap();
+        assert!(c.warnings().iter().any(|w| w.contains("cannot be read until restored")));
+        let once = Settings { s3_conditional_put: Some("true".into()), ..glacier };
+        assert!(err(once).starts_with("S3_STORAGE_CLASS: DEEP_ARCHIVE objects cannot be read"));
+        let ir = Settings {
+            s3_bucket_name: Some("bucket-x".into()),
+            s3_storage_class: Some("GLACIER_IR".into()),
+            s3_conditional_put: Some("true".into()),
+            ..base()
+        };
+        assert!(Config::from_settings(&ir, &[]).unwrap().warnings().is_empty());
     }
 
     #[test]
