@@ -103,9 +103,12 @@ pub async fn checks(config: &Config, mut report: impl FnMut(&Line)) -> Vec<Line>
 
 fn describe(config: &Config) -> String {
     let store = match &config.store {
-        StoreConfig::S3 { bucket, endpoint, put, .. } => {
-            format!("S3 bucket {bucket} at {} ({})", endpoint.as_deref().unwrap_or("Amazon S3"), put.describe())
-        }
+        StoreConfig::S3 { bucket, endpoint, put, sse, .. } => format!(
+            "S3 bucket {bucket} at {} ({} sse={})",
+            endpoint.as_deref().unwrap_or("Amazon S3"),
+            put.describe(),
+            sse.as_ref().map_or("(bucket default)".to_string(), crate::config::Sse::describe)
+        ),
         StoreConfig::Local { dir, bucket } => format!("local directory {}", dir.join(bucket).display()),
     };
     format!(
@@ -270,15 +273,21 @@ async fn store(config: &Config) -> Vec<Line> {
     // The probe is written as the archive's objects are: a store without the storage class, or
     // that refuses tags, says no here.
     let put = match &config.store {
-        StoreConfig::S3 { put, .. } if *put != crate::config::PutSettings::default() => Some(put.describe()),
+        StoreConfig::S3 { put, sse, .. } if *put != crate::config::PutSettings::default() || sse.is_some() => Some(
+            format!("{} sse={}", put.describe(), sse.as_ref().map_or("(bucket default)".to_string(), |s| s.describe())),
+        ),
         _ => None,
     };
     let problem = |step: &str, e: &object_store::Error| {
-        let fix = fix_for(error_reason(e)).map(str::to_string).or_else(|| {
-            put.as_ref().filter(|_| step == "write").map(|put| {
-                format!("{e}: the store refused the object's settings ({put}): check S3_STORAGE_CLASS (a class this store has) and S3_OBJECT_TAGS")
-            })
+        // The store's answer names what it refused (InvalidStorageClass, InvalidTag, a KMS key
+        // the account may not use, ...): only then are the object's settings the fix.
+        let text = e.to_string();
+        let refused_settings =
+            ["StorageClass", "Tag", "KMS", "Kms", "kms", "ncryption"].iter().any(|w| text.contains(w));
+        let settings = put.as_ref().filter(|_| refused_settings).map(|put| {
+            format!("{e}: the store refused the object's settings ({put}): check S3_STORAGE_CLASS (a class this store has), S3_OBJECT_TAGS (s3:PutObjectTagging), S3_SSE / S3_SSE_KMS_KEY_ID (kms:GenerateDataKey, kms:Decrypt)")
         });
+        let fix = settings.or_else(|| fix_for(error_reason(e)).map(str::to_string));
         let fix = fix.unwrap_or_else(|| {
             format!(
                 "{e}: check S3_ENDPOINT_URL (reachable from here?), S3_REGION{}",
@@ -361,6 +370,13 @@ pub fn passed(lines: &[Line]) -> bool {
 mod tests {
     use super::*;
     use crate::config::Settings;
+
+    #[test]
+    fn a_check_is_one_line_whatever_its_detail_holds() {
+        let line = Line::new(Outcome::Fail, "bucket b", "refused: <?xml?>\r\n<Error>\n<Code>X</Code></Error>\n");
+        assert_eq!(line.to_string().lines().count(), 1, "{line}");
+        assert!(line.to_string().ends_with("refused: <?xml?> <Error> <Code>X</Code></Error>"), "{line}");
+    }
 
     fn config(dir: &std::path::Path, broker: &str) -> Config {
         let s = Settings {

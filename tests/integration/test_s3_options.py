@@ -91,7 +91,8 @@ def test_check_writes_its_probe_with_the_class_and_says_when_the_store_refuses_i
                **bucket.env())
     code, out = check(archiver_bin, tmp_path, **env, S3_STORAGE_CLASS=CLASS, S3_OBJECT_TAGS=TAGS)
     assert code == 0, out
-    assert f"storage_class={CLASS}" in out, out
+    wrote = [line for line in out.splitlines() if line.startswith("OK") and "wrote, read back and deleted" in line]
+    assert wrote and f"written with storage_class={CLASS} tags=project=sensors" in wrote[0], out
     # A class the store does not have: the probe's PUT is refused, and check says so.
     code, out = check(archiver_bin, tmp_path, **env, S3_STORAGE_CLASS="NO_SUCH_CLASS")
     assert code != 0, out
