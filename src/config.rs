@@ -265,6 +265,24 @@ impl PutSettings {
 }
 
 impl StoreConfig {
+    /// What every object is written with besides its body (class, tags, encryption), as the
+    /// start-up log and `check` show it: never a key. None for the local store.
+    pub fn object_settings(&self) -> Option<String> {
+        match self {
+            StoreConfig::S3 { put, sse, .. } => Some(format!(
+                "{} sse={}",
+                put.describe(),
+                sse.as_ref().map_or("(bucket default)".to_string(), Sse::describe)
+            )),
+            StoreConfig::Local { .. } => None,
+        }
+    }
+
+    /// Whether any of those is set (else the bucket's defaults apply).
+    pub fn sets_object_settings(&self) -> bool {
+        matches!(self, StoreConfig::S3 { put, sse, .. } if *put != PutSettings::default() || sse.is_some())
+    }
+
     /// Whether objects keep user metadata (S3 headers); the local-directory store keeps none.
     pub fn keeps_metadata(&self) -> bool {
         matches!(self, StoreConfig::S3 { .. })
@@ -525,14 +543,13 @@ impl Config {
     /// One line for the start-up log: the effective settings, secrets masked.
     pub fn summary(&self) -> String {
         let store = match &self.store {
-            StoreConfig::S3 { bucket, region, endpoint, access_key_id, secret_key, ca_pem, put, sse } => format!(
-                "s3 bucket={bucket} region={region} endpoint={} access_key_id={} secret_key={} custom_ca={} {} sse={}",
+            StoreConfig::S3 { bucket, region, endpoint, access_key_id, secret_key, ca_pem, .. } => format!(
+                "s3 bucket={bucket} region={region} endpoint={} access_key_id={} secret_key={} custom_ca={} {}",
                 endpoint.as_deref().unwrap_or("(AWS)"),
                 access_key_id.as_ref().map_or("(unset)", |id| mask_key_id(id.expose())),
                 if secret_key.is_some() { "***" } else { "(unset)" },
                 ca_pem.is_some(),
-                put.describe(),
-                sse.as_ref().map_or("(bucket default)".to_string(), Sse::describe),
+                self.store.object_settings().unwrap_or_default(),
             ),
             StoreConfig::Local { dir, bucket } => {
                 format!("local dir={} bucket={bucket}", dir.display())
@@ -1114,6 +1131,19 @@ mod tests {
         Config::from_settings(&s, &[]).unwrap_err().to_string()
     }
 
+    /// [`base`] with an S3 bucket.
+    fn s3() -> Settings {
+        Settings { s3_bucket_name: Some("bucket-x".into()), ..base() }
+    }
+
+    /// The S3 store `s` configures.
+    fn s3_store(s: &Settings) -> StoreConfig {
+        match Config::from_settings(s, &[]).map(|c| c.store) {
+            Ok(store @ StoreConfig::S3 { .. }) => store,
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn the_defaults_shown_are_the_defaults_used() {
         let given = |var: &str, v: &str| {
@@ -1324,14 +1354,13 @@ mod tests {
     #[test]
     fn storage_class_and_tags_are_read_checked_and_said_to_do_nothing_locally() {
         let s3 = |class: Option<&str>, tags: Option<&str>| Settings {
-            s3_bucket_name: Some("bucket-x".into()),
             s3_storage_class: class.map(Into::into),
             s3_object_tags: tags.map(Into::into),
-            ..base()
+            ..s3()
         };
-        let put = |s: Settings| match Config::from_settings(&s, &[]).unwrap().store {
+        let put = |s: Settings| match s3_store(&s) {
             StoreConfig::S3 { put, .. } => put,
-            other => panic!("{other:?}"),
+            StoreConfig::Local { .. } => unreachable!(),
         };
         assert_eq!(put(s3(None, None)), PutSettings::default());
         let given = put(s3(Some("STANDARD_IA"), Some("project=sensors&retention=1y&note=a%20b%26c&empty=")));
@@ -1361,10 +1390,9 @@ mod tests {
     #[test]
     fn encryption_settings_are_read_checked_and_the_customer_key_never_shown() {
         use base64::Engine;
-        let s3 = || Settings { s3_bucket_name: Some("bucket-x".into()), ..base() };
-        let sse = |s: Settings| match Config::from_settings(&s, &[]).map(|c| c.store) {
-            Ok(StoreConfig::S3 { sse, .. }) => sse,
-            other => panic!("{other:?}"),
+        let sse = |s: Settings| match s3_store(&s) {
+            StoreConfig::S3 { sse, .. } => sse,
+            StoreConfig::Local { .. } => unreachable!(),
         };
         assert_eq!(sse(s3()), None);
         assert_eq!(sse(Settings { s3_sse: Some("AES256".into()), ..s3() }), Some(Sse::S3));
@@ -1403,21 +1431,13 @@ mod tests {
 
     #[test]
     fn archive_classes_are_refused_with_write_once_and_said_to_need_a_restore() {
-        let glacier = Settings {
-            s3_bucket_name: Some("bucket-x".into()),
-            s3_storage_class: Some("DEEP_ARCHIVE".into()),
-            ..base()
-        };
+        let glacier = Settings { s3_storage_class: Some("DEEP_ARCHIVE".into()), ..s3() };
         let c = Config::from_settings(&glacier, &[]).unwrap();
         assert!(c.warnings().iter().any(|w| w.contains("cannot be read until restored")));
         let once = Settings { s3_conditional_put: Some("true".into()), ..glacier };
         assert!(err(once).starts_with("S3_STORAGE_CLASS: DEEP_ARCHIVE objects cannot be read"));
-        let ir = Settings {
-            s3_bucket_name: Some("bucket-x".into()),
-            s3_storage_class: Some("GLACIER_IR".into()),
-            s3_conditional_put: Some("true".into()),
-            ..base()
-        };
+        let ir =
+            Settings { s3_storage_class: Some("GLACIER_IR".into()), s3_conditional_put: Some("true".into()), ..s3() };
         assert!(Config::from_settings(&ir, &[]).unwrap().warnings().is_empty());
     }
 
@@ -1431,7 +1451,6 @@ mod tests {
 
     #[test]
     fn store_options_are_checked() {
-        let s3 = || Settings { s3_bucket_name: Some("bucket-x".into()), ..base() };
         assert!(
             err(Settings { s3_ca_file: Some("/nonexistent/ca.pem".into()), ..s3() })
                 .starts_with("S3_CA_FILE: cannot read")

@@ -103,11 +103,10 @@ pub async fn checks(config: &Config, mut report: impl FnMut(&Line)) -> Vec<Line>
 
 fn describe(config: &Config) -> String {
     let store = match &config.store {
-        StoreConfig::S3 { bucket, endpoint, put, sse, .. } => format!(
-            "S3 bucket {bucket} at {} ({} sse={})",
+        StoreConfig::S3 { bucket, endpoint, .. } => format!(
+            "S3 bucket {bucket} at {} ({})",
             endpoint.as_deref().unwrap_or("Amazon S3"),
-            put.describe(),
-            sse.as_ref().map_or("(bucket default)".to_string(), crate::config::Sse::describe)
+            config.store.object_settings().unwrap_or_default()
         ),
         StoreConfig::Local { dir, bucket } => format!("local directory {}", dir.join(bucket).display()),
     };
@@ -272,12 +271,7 @@ async fn store(config: &Config) -> Vec<Line> {
     let body = format!("kafka-s3-archiver check probe, written {stamp}; safe to delete\n");
     // The probe is written as the archive's objects are: a store without the storage class, or
     // that refuses tags, says no here.
-    let put = match &config.store {
-        StoreConfig::S3 { put, sse, .. } if *put != crate::config::PutSettings::default() || sse.is_some() => Some(
-            format!("{} sse={}", put.describe(), sse.as_ref().map_or("(bucket default)".to_string(), |s| s.describe())),
-        ),
-        _ => None,
-    };
+    let put = config.store.object_settings().filter(|_| config.store.sets_object_settings());
     let problem = |step: &str, e: &object_store::Error| {
         // The store's answer names what it refused (InvalidStorageClass, InvalidTag, a KMS key
         // the account may not use, ...): only then are the object's settings the fix.

@@ -34,27 +34,47 @@ def written_with(bucket):
     return out
 
 
+def sensor_messages(rng, n, size, partition=None, first_us=1650250000123456, first_ms=1795545116000):
+    """`n` SINETStream v3 messages of `size` random bytes, as produce_raw takes them; spread over
+    two partitions unless one is given."""
+    return [(i % 2 if partition is None else partition, v3_message(first_us + i, rng.randbytes(size)), first_ms + i)
+            for i in range(n)]
+
+
+def produced(broker, topic, items):
+    """Creates `topic` (2 partitions) with `items`; the records as Kafka gives them back."""
+    broker.create_topic(topic, 2)
+    produce_raw(broker.bootstrap, topic, items)
+    return oracle.read_topic(broker.bootstrap, topic, len(items))
+
+
+def archive(run_archiver, broker, topic, n, **env):
+    """Runs the archiver on `topic` until it archived `n` records and stops it (exit 0); its log
+    and its last metrics."""
+    a = run_archiver(BROKER_HOSTNAME=broker.bootstrap, KAFKA_TOPIC=topic, **env)
+    a.wait_archived(n)
+    m = a.metrics()
+    assert a.stop() == 0, a.logs()
+    return a.logs(), m
+
+
 def test_storage_class_and_tags_are_on_every_object_of_both_formats(broker, moto, run_archiver, tmp_path):
     run = uuid.uuid4().hex[:8]
     topic = f"class.{run}"
-    broker.create_topic(topic, 2)
     rng = random.Random(24)
     # SINETStream messages, one undecodable value (an errors/ object in the Connect format), and in
     # the Parquet run enough incompressible bytes for a multipart upload (objects past 8 MiB).
-    items = [(i % 2, v3_message(1650250000123456 + i, rng.randbytes(200)), 1795545116000 + i) for i in range(20)]
+    items = sensor_messages(rng, 20, 200)
     items.append((0, b"not a SINETStream message", 1795545116100))
-    items += [(1, v3_message(1650250000200000 + i, rng.randbytes(1 << 20)), 1795545116200 + i) for i in range(10)]
-    produce_raw(broker.bootstrap, topic, items)
-    records = oracle.read_topic(broker.bootstrap, topic, len(items))
+    items += sensor_messages(rng, 10, 1 << 20, partition=1, first_us=1650250000200000, first_ms=1795545116200)
+    records = produced(broker, topic, items)
     put = dict(S3_STORAGE_CLASS=CLASS, S3_OBJECT_TAGS=TAGS)
 
     connect = Bucket("moto", server=moto, name=f"class-c-{run}")
     moto.create_bucket(connect.name)
-    a = run_archiver(BROKER_HOSTNAME=broker.bootstrap, KAFKA_TOPIC=topic, GROUP_ID=f"c-{run}",
-                     SPOOL_DIR=tmp_path / "c", **connect.env(), **put)
-    a.wait_archived(len(items))
-    assert a.stop() == 0, a.logs()
-    assert f"storage_class={CLASS} tags=project=sensors&retention=1y&owner=lab A" in a.logs()
+    logs, _ = archive(run_archiver, broker, topic, len(items), GROUP_ID=f"c-{run}", SPOOL_DIR=tmp_path / "c",
+                      **connect.env(), **put)
+    assert f"storage_class={CLASS} tags=project=sensors&retention=1y&owner=lab A" in logs
     expected, reasons = oracle.expected_objects(topic, records)
     check_archive(connect, expected, reasons)
     got = written_with(connect)
@@ -65,11 +85,8 @@ def test_storage_class_and_tags_are_on_every_object_of_both_formats(broker, moto
 
     parquet = Bucket("moto", server=moto, name=f"class-p-{run}")
     moto.create_bucket(parquet.name)
-    a = run_archiver(BROKER_HOSTNAME=broker.bootstrap, KAFKA_TOPIC=topic, GROUP_ID=f"p-{run}",
-                     SPOOL_DIR=tmp_path / "p", ARCHIVE_FORMAT="parquet", BATCH_MAX_AGE="1s", **parquet.env(), **put)
-    a.wait_archived(len(items))
-    m = a.metrics()
-    assert a.stop() == 0, a.logs()
+    _, m = archive(run_archiver, broker, topic, len(items), GROUP_ID=f"p-{run}", SPOOL_DIR=tmp_path / "p",
+                   ARCHIVE_FORMAT="parquet", BATCH_MAX_AGE="1s", **parquet.env(), **put)
     sizes = {k: v for k, v in parquet.read_all().items() if k.endswith(".parquet")}
     assert max(len(v) for v in sizes.values()) > 8 << 20, "no object went up as a multipart upload"
     assert m["kafka_s3_archiver_records_archived_total"] == len(items)
@@ -104,11 +121,8 @@ def test_server_side_encryption_of_every_object(broker, moto, run_archiver, tmp_
     """SSE-S3 and SSE-KMS on moto, which keeps the headers and answers them on HEAD."""
     run = uuid.uuid4().hex[:8]
     topic = f"sse.{run}"
-    broker.create_topic(topic, 2)
-    rng = random.Random(25)
-    items = [(i % 2, v3_message(1650250000123456 + i, rng.randbytes(300)), 1795545116000 + i) for i in range(12)]
-    produce_raw(broker.bootstrap, topic, items)
-    records = oracle.read_topic(broker.bootstrap, topic, len(items))
+    items = sensor_messages(random.Random(25), 12, 300)
+    records = produced(broker, topic, items)
     expected, reasons = oracle.expected_objects(topic, records)
     kms_key = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
     s3 = moto.client()
@@ -116,10 +130,8 @@ def test_server_side_encryption_of_every_object(broker, moto, run_archiver, tmp_
                             ("kms", {"S3_SSE": "aws:kms", "S3_SSE_KMS_KEY_ID": kms_key}, ("aws:kms", kms_key))]:
         bucket = Bucket("moto", server=moto, name=f"sse-{name}-{run}")
         moto.create_bucket(bucket.name)
-        a = run_archiver(BROKER_HOSTNAME=broker.bootstrap, KAFKA_TOPIC=topic, GROUP_ID=f"{name}-{run}",
-                         SPOOL_DIR=tmp_path / name, **bucket.env(), **sse)
-        a.wait_archived(len(items))
-        assert a.stop() == 0, a.logs()
+        archive(run_archiver, broker, topic, len(items), GROUP_ID=f"{name}-{run}", SPOOL_DIR=tmp_path / name,
+                **bucket.env(), **sse)
         check_archive(bucket, expected, reasons)
         heads = [s3.head_object(Bucket=bucket.name, Key=k) for k in expected]
         got = {(h.get("ServerSideEncryption"), h.get("SSEKMSKeyId")) for h in heads}
@@ -133,11 +145,9 @@ def test_a_customer_key_alone_reads_the_archive_back(broker, garage, run_archive
     `verify`, given the same key, reads the archive back."""
     run = uuid.uuid4().hex[:8]
     topic = f"ssec.{run}"
-    broker.create_topic(topic, 2)
     rng = random.Random(26)
-    items = [(i % 2, v3_message(1650250000123456 + i, rng.randbytes(300)), 1795545116000 + i) for i in range(12)]
-    produce_raw(broker.bootstrap, topic, items)
-    records = oracle.read_topic(broker.bootstrap, topic, len(items))
+    items = sensor_messages(rng, 12, 300)
+    records = produced(broker, topic, items)
     expected, _ = oracle.expected_objects(topic, records)
     key = rng.randbytes(32)
     (tmp_path / "sse-c.key").write_bytes(key)
@@ -145,10 +155,8 @@ def test_a_customer_key_alone_reads_the_archive_back(broker, garage, run_archive
     garage.create_bucket(bucket.name)
     env = dict(BROKER_HOSTNAME=broker.bootstrap, KAFKA_TOPIC=topic, **bucket.env(),
                S3_SSE_C_KEY_FILE=str(tmp_path / "sse-c.key"))
-    a = run_archiver(GROUP_ID=f"c-{run}", SPOOL_DIR=tmp_path / "spool", **env)
-    a.wait_archived(len(items))
-    assert a.stop() == 0, a.logs()
-    logs = a.logs()
+    logs, _ = archive(run_archiver, broker, topic, len(items), GROUP_ID=f"c-{run}", SPOOL_DIR=tmp_path / "spool",
+                      **bucket.env(), S3_SSE_C_KEY_FILE=str(tmp_path / "sse-c.key"))
     assert "SSE-C key=***" in logs
     assert base64.b64encode(key).decode() not in logs and key.hex() not in logs
 
