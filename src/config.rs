@@ -16,6 +16,7 @@ use chrono_tz::Tz;
 use clap::Args;
 
 use crate::archive::{Layout, UndecodablePolicy};
+use crate::topics::TopicSelection;
 
 /// A configuration value that is wrong, named by its environment variable.
 #[derive(Debug, thiserror::Error)]
@@ -36,9 +37,13 @@ pub struct Settings {
     /// Kafka broker: host, host:port or a comma-separated list (port 9092 by default).
     #[arg(long = "broker", env = "BROKER_HOSTNAME")]
     pub broker_hostname: Option<String>,
-    /// Topic to archive, or a comma-separated list.
+    /// Topic to archive, or a comma-separated list; an entry that begins with ^ is a regular
+    /// expression (topics created later that match it are archived too).
     #[arg(long = "topic", env = "KAFKA_TOPIC")]
     pub kafka_topic: Option<String>,
+    /// Topics KAFKA_TOPIC's patterns must not take: names, or patterns beginning with ^.
+    #[arg(long = "topic-exclude", env = "KAFKA_TOPIC_EXCLUDE")]
+    pub kafka_topic_exclude: Option<String>,
     /// Consumer group that holds the archiver's committed offsets.
     #[arg(long, env = "GROUP_ID")]
     pub group_id: Option<String>,
@@ -335,7 +340,7 @@ pub struct SpoolLimits {
 pub struct Config {
     /// `host:port` of each bootstrap broker.
     pub brokers: Vec<String>,
-    pub topics: Vec<String>,
+    pub topics: TopicSelection,
     pub group_id: String,
     /// librdkafka properties passed through as given.
     pub kafka_properties: Vec<(String, String)>,
@@ -417,7 +422,8 @@ impl Config {
     /// not flags: AWS_SECRET_ACCESS_KEY and KAFKA_PROPERTY_*).
     pub fn from_settings(s: &Settings, env: &[(String, String)]) -> Result<Config, ConfigError> {
         let brokers = parse_brokers(required(&s.broker_hostname, "BROKER_HOSTNAME")?)?;
-        let topics = parse_topics(required(&s.kafka_topic, "KAFKA_TOPIC")?)?;
+        let topics = TopicSelection::parse(required(&s.kafka_topic, "KAFKA_TOPIC")?, s.kafka_topic_exclude.as_deref())
+            .map_err(|(var, message)| invalid(var, message))?;
         let group_id = non_empty(&s.group_id).unwrap_or(DEFAULT_GROUP_ID).to_string();
         let kafka_properties = parse_kafka_properties(&s.kafka_property, env)?;
         let store = parse_store(s, env)?;
@@ -559,7 +565,7 @@ impl Config {
             "brokers={} topics={} group_id={} store=[{store}] extension={} separator={:?} timezone={} spool_dir={} \
              spool_max_bytes={} spool_max_records={} spool_min_free_bytes={} upload_workers={} upload_threads={} conditional_put={} undecodable={:?} format={} http={} commit_interval={:?} shutdown_timeout={:?} kafka_properties=[{}]",
             self.brokers.join(","),
-            self.topics.join(","),
+            self.topics,
             self.group_id,
             self.layout.extension,
             String::from_utf8_lossy(&self.layout.separator),
@@ -784,31 +790,6 @@ fn split_host_port(s: &str) -> Result<(&str, u16), String> {
         Some((host, p)) => Ok((host, parse_port(p)?)),
         None => Ok((s, 9092)),
     }
-}
-
-fn parse_topics(value: &str) -> Result<Vec<String>, ConfigError> {
-    let var = "KAFKA_TOPIC";
-    let mut out: Vec<String> = Vec::new();
-    for t in value.split(',').map(str::trim) {
-        if t.is_empty() {
-            return Err(invalid(var, format!("{value:?} has an empty entry")));
-        }
-        // Kafka's own rule; it also keeps topic names safe inside object keys.
-        let legal = t.len() <= 249
-            && t != "."
-            && t != ".."
-            && t.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-        if !legal {
-            return Err(invalid(
-                var,
-                format!("{t:?} is not a legal Kafka topic name (letters, digits, '.', '_', '-'; at most 249)"),
-            ));
-        }
-        if !out.iter().any(|o| o == t) {
-            out.push(t.to_string());
-        }
-    }
-    Ok(out)
 }
 
 fn parse_timezone(value: Option<&str>) -> Result<Tz, ConfigError> {
@@ -1262,7 +1243,7 @@ mod tests {
     fn defaults_match_the_seed() {
         let c = Config::from_settings(&base(), &[]).unwrap();
         assert_eq!(c.brokers, ["kafka:9092"]);
-        assert_eq!(c.topics, ["sensor"]);
+        assert_eq!(c.topics.names(), ["sensor"]);
         assert_eq!(c.group_id, "kafka-s3-archiver");
         assert_eq!(c.layout.extension, ".bin");
         assert_eq!(&c.layout.separator[..], b"\n");
@@ -1302,7 +1283,7 @@ mod tests {
         };
         let c = Config::from_settings(&s, &[]).unwrap();
         assert_eq!(c.brokers, ["a:9092", "b:9093", "[::1]:9094"]);
-        assert_eq!(c.topics, ["x", "y"]);
+        assert_eq!(c.topics.names(), ["x", "y"]);
     }
 
     #[test]
@@ -1310,6 +1291,9 @@ mod tests {
         assert!(err(Settings { broker_hostname: None, ..base() }).starts_with("BROKER_HOSTNAME: is required"));
         assert!(err(Settings { broker_hostname: Some("h:99999".into()), ..base() }).starts_with("BROKER_HOSTNAME:"));
         assert!(err(Settings { kafka_topic: Some("a/b".into()), ..base() }).starts_with("KAFKA_TOPIC:"));
+        assert!(err(Settings { kafka_topic: Some("^a(".into()), ..base() }).starts_with("KAFKA_TOPIC:"));
+        let excluded = Settings { kafka_topic_exclude: Some("^sen".into()), ..base() };
+        assert!(err(excluded).starts_with("KAFKA_TOPIC_EXCLUDE: excludes sensor"));
         assert!(err(Settings { rest_port: Some("80a".into()), ..base() }).starts_with("REST_PORT:"));
         assert!(err(Settings { upload_workers: Some("0".into()), ..base() }).starts_with("UPLOAD_WORKERS:"));
         assert!(err(Settings { upload_threads: Some("0".into()), ..base() }).starts_with("UPLOAD_THREADS:"));

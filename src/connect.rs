@@ -65,7 +65,14 @@ impl Configs {
         set("timestamp.extractor", "Record");
         set("locale", "C");
         set("timezone", config.layout.timezone.name());
-        set("topics", &config.topics.join(","));
+        // Connect's two ways of naming a sink's topics; its topics.regex is one expression.
+        let (names, patterns) = (config.topics.names(), config.topics.patterns());
+        if !names.is_empty() {
+            set("topics", &names.join(","));
+        }
+        if !patterns.is_empty() {
+            set("topics.regex", &patterns.join("|"));
+        }
         set("group.id", &config.group_id);
         match &config.store {
             StoreConfig::S3 { bucket, region, endpoint, .. } => {
@@ -477,6 +484,19 @@ mod tests {
     fn configs(s: Settings) -> Configs {
         let base = Settings { broker_hostname: Some("kafka".into()), kafka_topic: Some("a,b".into()), ..s };
         Configs::new(&Config::from_settings(&base, &[]).unwrap())
+    }
+
+    #[test]
+    fn patterns_are_shown_as_connects_topics_regex() {
+        let base = Settings {
+            broker_hostname: Some("kafka".into()),
+            kafka_topic: Some("^sensor-.*,camera,^cam".into()),
+            ..Default::default()
+        };
+        let c = Configs::new(&Config::from_settings(&base, &[]).unwrap());
+        let data = c.get("s3-sink-data").unwrap();
+        assert_eq!(data["topics"], "camera");
+        assert_eq!(data["topics.regex"], "^sensor-.*|^cam");
     }
 
     #[test]

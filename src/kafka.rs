@@ -7,10 +7,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, ConsumerContext};
+use rdkafka::error::KafkaResult;
 use rdkafka::message::BorrowedMessage;
 
 use crate::config::{ArchiveFormat, Config, ConfigError};
 use crate::record::Headers;
+use crate::topics::TopicSelection;
 
 /// librdkafka's fetch.max.bytes (its default is 50 MiB) and message.max.bytes (librdkafka wants
 /// the first no smaller than the second) in the Connect format; see [`client_config`]. A record
@@ -83,6 +86,21 @@ pub fn client_config(config: &Config) -> Result<ClientConfig, ConfigError> {
         message: format!("librdkafka rejected a property: {e}"),
     })?;
     Ok(c)
+}
+
+/// The topics `selection` takes in the cluster `consumer` talks to (see [`TopicSelection::resolve`]).
+/// Without a pattern, the names as given and no request; with one, a metadata request for every
+/// topic, which takes at most `timeout`.
+pub fn selected_topics<C: ConsumerContext, K: Consumer<C>>(
+    consumer: &K,
+    selection: &TopicSelection,
+    timeout: Duration,
+) -> KafkaResult<Vec<String>> {
+    if !selection.has_patterns() {
+        return Ok(selection.names());
+    }
+    let metadata = consumer.fetch_metadata(None, timeout)?;
+    Ok(selection.resolve(metadata.topics().iter().map(|t| t.name())))
 }
 
 /// A message's headers, as the archiver keeps them. A name that is not UTF-8 (Kafka's clients

@@ -24,6 +24,7 @@
 //! - [`config`]: environment and flags, validated once into [`config::Config`].
 //! - [`record`]: the record every stage passes.
 //! - [`kafka`]: the librdkafka configuration the consumer and the tools share.
+//! - [`topics`]: which topics are archived (KAFKA_TOPIC's names and patterns, the exclusions).
 //! - [`store`]: the object_store backend (S3 or local directory), its error reasons and fixes.
 //! - [`http`], [`connect`], [`metrics`]: what an operator and the Kafka Connect tools see.
 //! - [`malloc`]: glibc malloc tuning for a long-running process.
@@ -48,6 +49,7 @@ pub mod pipeline;
 pub mod record;
 pub mod store;
 pub mod tools;
+pub mod topics;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

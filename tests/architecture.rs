@@ -1,6 +1,7 @@
 //! The layout rule of `docs/design.md`: the offline tools and the modules they share depend on
-//! the archive contract, the store, the Kafka client configuration, the configuration and the
-//! record type, never on the daemon's pipeline stages (nor the shared modules on the tools).
+//! the archive contract, the store, the Kafka client configuration, the configuration, the topic
+//! selection and the record type, never on the daemon's pipeline stages (nor the shared modules
+//! on the tools).
 //! A tool reads what the archiver wrote, not how it got there; a second archive format then
 //! slots into `archive` without touching the tools' imports of the stages.
 
@@ -8,12 +9,13 @@ use std::path::{Path, PathBuf};
 
 /// What each group of files may name after `crate::`.
 const RULES: &[(&str, &[&str])] = &[
-    ("src/tools", &["archive", "config", "exit", "kafka", "record", "store", "tools"]),
+    ("src/tools", &["archive", "config", "exit", "kafka", "record", "store", "tools", "topics"]),
     ("src/archive", &["archive", "record"]),
     ("src/store.rs", &["config"]),
-    ("src/kafka.rs", &["config", "record"]),
-    ("src/config.rs", &["archive", "config"]),
+    ("src/kafka.rs", &["config", "record", "topics"]),
+    ("src/config.rs", &["archive", "config", "topics"]),
     ("src/record.rs", &[]),
+    ("src/topics.rs", &[]),
 ];
 
 fn rust_files(path: &Path) -> Vec<PathBuf> {

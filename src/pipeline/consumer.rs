@@ -1,13 +1,13 @@
 //! Consumer: the Kafka side, on its own thread (rdkafka's calls block).
 //!
-//! It subscribes to the topics as a member of GROUP_ID and loops over six steps: poll a batch,
-//! register it in the commit ledger (tombstones are counted, and marked done in the Connect layout) and write the new
-//! records to the spool in one batch, pace itself on the spool's fill (`backpressure`: wait for
-//! room, pause, resume), fetch again from reused offsets, commit every COMMIT_INTERVAL the
-//! positions the ledger says are stored, and read the group's commits back. On revocation it
-//! commits, synchronously, what is done for the revoked partitions before they go (design
-//! invariant 6). On shutdown it stops fetching, waits until the uploaders have drained, and
-//! commits what they finished.
+//! It subscribes to the topics as a member of GROUP_ID and loops over seven steps: poll a batch,
+//! register it in the commit ledger (tombstones are counted, and marked done in the Connect
+//! layout) and write the new records to the spool in one batch, pace itself on the spool's fill
+//! (`backpressure`: wait for room, pause, resume), fetch again from reused offsets, commit every
+//! COMMIT_INTERVAL the positions the ledger says are stored, read the group's commits back, and
+//! follow the topics KAFKA_TOPIC's patterns match. On revocation it commits, synchronously, what
+//! is done for the revoked partitions before they go (design invariant 6). On shutdown it stops
+//! fetching, waits until the uploaders have drained, and commits what they finished.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +24,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigError, SpoolLimits};
+use crate::kafka::{self, METADATA_REFRESH};
 use crate::metrics as m;
 use crate::pipeline::backpressure::{Backpressure, PACE_WAIT, SpoolState};
 use crate::pipeline::commit::{Delivery, Ledger, Tp};
@@ -31,6 +32,7 @@ use crate::pipeline::spool::Spool;
 use crate::pipeline::status::Status;
 use crate::pipeline::throttle::{Say, Throttle};
 use crate::record::{Record, RecordTime};
+use crate::topics::TopicSelection;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
@@ -58,6 +60,9 @@ const MAX_BATCH_BYTES: usize = 16 << 20;
 /// calls the commit callback for an asynchronous commit (fede1024/rust-rdkafka#856), so this is
 /// how a lost commit is noticed (and sent again) and how `/status` knows what Kafka holds.
 const READ_BACK_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a lookup of the cluster's topics (for KAFKA_TOPIC's patterns) may hold the consumer
+/// thread: one metadata request, milliseconds when the broker answers.
+const TOPIC_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// rdkafka callbacks: rebalances go through the ledger so that a revoked partition is committed
 /// once, then never again.
@@ -75,8 +80,8 @@ struct ArchiverContext {
     last_transport_error: Mutex<String>,
     /// Other Kafka errors, by librdkafka error code: said once, then every few seconds.
     errors: Throttle<i32>,
-    /// The configured topics.
-    topics: Vec<String>,
+    /// The topics KAFKA_TOPIC names (not those its patterns match).
+    named: Vec<String>,
     /// The Parquet format: a revocation waits for the partitions' objects being stored, then
     /// drops their spooled records (see [`ArchiverContext::hand_over`]).
     batched: Option<HandOver>,
@@ -177,7 +182,7 @@ impl ArchiverContext {
         }
         if matches!(code, Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic)) {
             // "Subscribed topic not available: T: Broker: Unknown topic or partition"
-            let topic = reason.split(": ").nth(1).filter(|t| self.topics.iter().any(|c| c == t));
+            let topic = reason.split(": ").nth(1).filter(|t| self.named.iter().any(|c| c == t));
             if let Some(topic) = topic {
                 if self.status.topic_missing(topic) {
                     tracing::warn!(
@@ -382,7 +387,7 @@ fn commit(consumer: &BaseConsumer<ArchiverContext>, positions: &[(Tp, i64)], mod
 #[derive(Debug)]
 pub struct KafkaConsumer {
     pub client: ClientConfig,
-    pub topics: Vec<String>,
+    pub topics: TopicSelection,
     pub spool: Arc<Spool>,
     pub ledger: Arc<Mutex<Ledger>>,
     pub status: Arc<Status>,
@@ -406,6 +411,9 @@ struct Loop {
     last_pause: Instant,
     last_commit: Instant,
     last_read_back: Instant,
+    /// The topics subscribed to; None before the first subscription.
+    subscribed: Option<Vec<String>>,
+    last_topic_lookup: Instant,
 }
 
 impl KafkaConsumer {
@@ -425,12 +433,9 @@ impl KafkaConsumer {
             unreachable: Throttle::default(),
             last_transport_error: Mutex::new(String::new()),
             errors: Throttle::default(),
-            topics: self.topics.clone(),
+            named: self.topics.names(),
             batched: self.batched.map(|wait| HandOver { spool: self.spool.clone(), wait }),
         })?;
-        let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&topics)?;
-        tracing::info!(topics = %self.topics.join(","), "subscribed");
         let max_poll_interval = self
             .client
             .get("max.poll.interval.ms")
@@ -445,7 +450,10 @@ impl KafkaConsumer {
             last_pause: Instant::now(),
             last_commit: Instant::now(),
             last_read_back: Instant::now(),
+            subscribed: None,
+            last_topic_lookup: Instant::now(),
         };
+        self.follow_topics(&consumer, &mut state)?;
         let max_batch = if self.batched.is_some() { MAX_BATCH_BATCHED } else { MAX_BATCH };
         let mut batch: Vec<BorrowedMessage<'_>> = Vec::with_capacity(max_batch);
         while !shutdown.is_cancelled() {
@@ -457,6 +465,7 @@ impl KafkaConsumer {
             self.refetch(&consumer);
             self.commit_when_due(&consumer, &mut state);
             self.read_back_when_due(&consumer, &mut state)?;
+            self.follow_topics(&consumer, &mut state)?;
         }
         self.stop(&consumer, &state, &drained, drain_wait)
     }
@@ -595,6 +604,51 @@ impl KafkaConsumer {
         }
         self.read_back_commits(consumer)?;
         state.last_read_back = Instant::now();
+        Ok(())
+    }
+
+    /// Step 7, subscribe: at the start, then, when KAFKA_TOPIC holds a pattern, every
+    /// [`METADATA_REFRESH`] to the topics it matches now. The subscription changes (and the group
+    /// rebalances) only when they do. A lookup that fails is tried again at the next refresh.
+    fn follow_topics(&self, consumer: &BaseConsumer<ArchiverContext>, state: &mut Loop) -> KafkaResult<()> {
+        let first = state.subscribed.is_none();
+        if !first && (!self.topics.has_patterns() || state.last_topic_lookup.elapsed() < METADATA_REFRESH) {
+            return Ok(());
+        }
+        state.last_topic_lookup = Instant::now();
+        let topics = match kafka::selected_topics(consumer, &self.topics, TOPIC_LOOKUP_TIMEOUT) {
+            Ok(t) => t,
+            Err(e) if first => {
+                tracing::warn!(error = %e, "cannot list the cluster's topics for KAFKA_TOPIC's patterns; trying again every 10 s");
+                self.topics.names()
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot list the cluster's topics for KAFKA_TOPIC's patterns");
+                return Ok(());
+            }
+        };
+        let before = state.subscribed.take().unwrap_or_default();
+        if !first && before == topics {
+            state.subscribed = Some(topics);
+            return Ok(());
+        }
+        if topics.is_empty() {
+            consumer.unsubscribe();
+            tracing::warn!(topics = %self.topics,
+                "KAFKA_TOPIC matches no topic yet; a topic created later that matches is archived (the topics are looked up every 10 s)");
+        } else {
+            consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
+            let added: Vec<&str> = topics.iter().filter(|t| !before.contains(t)).map(String::as_str).collect();
+            let removed: Vec<&str> = before.iter().filter(|t| !topics.contains(t)).map(String::as_str).collect();
+            if first {
+                tracing::info!(topics = %topics.join(","), selection = %self.topics, "subscribed");
+            } else {
+                tracing::info!(added = %added.join(","), removed = %removed.join(","), topics = %topics.join(","),
+                    "the topics KAFKA_TOPIC matches changed; subscribed again");
+            }
+        }
+        self.status.set_topics(topics.clone());
+        state.subscribed = Some(topics);
         Ok(())
     }
 

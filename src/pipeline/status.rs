@@ -53,6 +53,8 @@ struct Notes {
     cluster_id: Option<String>,
     /// Configured topics that Kafka said do not exist, until they are seen.
     missing_topics: std::collections::BTreeSet<String>,
+    /// The topics subscribed to: KAFKA_TOPIC's names and the topics its patterns match now.
+    topics: Vec<String>,
     partition_errors: HashMap<Tp, Note>,
 }
 
@@ -88,6 +90,9 @@ pub struct Report {
 
 #[derive(Debug, Serialize)]
 pub struct ConsumerReport {
+    /// The topics subscribed to: KAFKA_TOPIC's names and the existing topics its patterns match
+    /// (looked up again every 10 s), minus KAFKA_TOPIC_EXCLUDE.
+    pub topics: Vec<String>,
     pub assigned_partitions: usize,
     /// Configured topics that do not exist (yet): they are archived once they are created.
     pub missing_topics: Vec<String>,
@@ -197,6 +202,11 @@ impl Status {
         }
     }
 
+    /// The consumer subscribed to these topics.
+    pub fn set_topics(&self, topics: Vec<String>) {
+        self.notes().topics = topics;
+    }
+
     pub fn set_cluster_id(&self, id: String) {
         self.notes().cluster_id = Some(id);
     }
@@ -257,6 +267,7 @@ impl Status {
             uptime_seconds: self.started.elapsed().map_or(0, |d| d.as_secs()),
             ready,
             consumer: ConsumerReport {
+                topics: n.topics.clone(),
                 assigned_partitions: partitions.len(),
                 missing_topics: n.missing_topics.iter().cloned().collect(),
                 paused: n.paused.is_some() || n.paused_on_request,

@@ -31,6 +31,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 
 use crate::pipeline::status::Status;
+use crate::topics::TopicSelection;
 
 /// How long Kafka gets to give the topics' ids.
 pub const KAFKA_TIMEOUT: Duration = Duration::from_secs(5);
@@ -69,17 +70,18 @@ pub fn key(topic: &str) -> String {
     format!("topic-ids/{topic}")
 }
 
-/// Compares each configured topic's id in Kafka with the one recorded in SPOOL_DIR, says when a
-/// topic was deleted and created again, and records the current ids. Returns the topics that were:
+/// Compares the id in Kafka of each configured topic (KAFKA_TOPIC's names and the topics its
+/// patterns match now; one matched later is recorded at the next start) with the one recorded in
+/// SPOOL_DIR, says when a topic was deleted and created again, and records the current ids. Returns the topics that were:
 /// the records of theirs still in the spool are of the old topic ([`crate::pipeline::commit::Ledger::topic_recreated`]).
 /// Logs what it cannot do and returns: it never keeps the archiver from starting.
 pub async fn check(
     client: &ClientConfig,
-    topics: &[String],
+    topics: &TopicSelection,
     store: Arc<dyn ObjectStore>,
     status: &Status,
 ) -> Vec<String> {
-    let (client, names) = (client.clone(), topics.to_vec());
+    let (client, names) = (client.clone(), topics.clone());
     let ids = match tokio::task::spawn_blocking(move || kafka_ids(&client, &names, KAFKA_TIMEOUT)).await {
         Ok(Ok(ids)) => ids,
         Ok(Err(e)) => {
@@ -216,11 +218,19 @@ type Answer = (String, Result<Option<String>, String>);
 
 /// Each topic's id, from Kafka's DescribeTopics (rust-rdkafka has no API for it). Blocks for at
 /// most about `timeout`.
-fn kafka_ids(client: &ClientConfig, topics: &[String], timeout: Duration) -> Result<Vec<Answer>, TopicIdError> {
+fn kafka_ids(
+    client: &ClientConfig,
+    selection: &TopicSelection,
+    timeout: Duration,
+) -> Result<Vec<Answer>, TopicIdError> {
     // Not a group member: without group.id, dropping the client does not close a group session.
     let mut config = client.clone();
     config.remove("group.id").remove("statistics.interval.ms");
     let consumer: BaseConsumer<Quiet> = config.create_with_context(Quiet)?;
+    let topics = crate::kafka::selected_topics(&consumer, selection, timeout)?;
+    if topics.is_empty() {
+        return Ok(Vec::new());
+    }
     // Live until `consumer` is dropped, at the end of this function: after every guard below,
     // since they are declared after it.
     let rk = consumer.client().native_ptr();

@@ -110,12 +110,7 @@ fn describe(config: &Config) -> String {
         ),
         StoreConfig::Local { dir, bucket } => format!("local directory {}", dir.join(bucket).display()),
     };
-    format!(
-        "topics {}, group {}, {store}, format {}",
-        config.topics.join(","),
-        config.group_id,
-        config.format.describe()
-    )
+    format!("topics {}, group {}, {store}, format {}", config.topics, config.group_id, config.format.describe())
 }
 
 fn spool_dir(config: &Config) -> Line {
@@ -191,23 +186,31 @@ fn kafka(config: &Config) -> Vec<Line> {
         Err(e) => return vec![Line::new(Outcome::Fail, brokers, e)],
     };
     let mut lines = Vec::new();
-    for topic in &config.topics {
+    let mut topics = config.topics.names();
+    if config.topics.has_patterns() {
+        let metadata = match consumer.fetch_metadata(None, TIMEOUT) {
+            Ok(m) => m,
+            Err(e) => return vec![no_answer(&consumer, brokers, e)],
+        };
+        lines.push(Line::new(Outcome::Ok, brokers.clone(), format!("{} broker(s) answered", metadata.brokers().len())));
+        let all = config.topics.resolve(metadata.topics().iter().map(|t| t.name()));
+        let matched: Vec<&str> = all.iter().filter(|t| !topics.contains(t)).map(String::as_str).collect();
+        let what = format!("topics matching {}", config.topics);
+        lines.push(if matched.is_empty() {
+            Line::new(
+                Outcome::Warn,
+                what,
+                "none yet: a topic created later that matches is archived within 10 s of its creation",
+            )
+        } else {
+            Line::new(Outcome::Ok, what, format!("{} topic(s): {}", matched.len(), matched.join(", ")))
+        });
+        topics = all;
+    }
+    for topic in &topics {
         let metadata = match consumer.fetch_metadata(Some(topic), TIMEOUT) {
             Ok(m) => m,
-            Err(e) => {
-                // librdkafka's own errors (connection refused, TLS, SASL) arrive as events.
-                let _ = consumer.poll(Duration::from_millis(200));
-                let cause = consumer.context().last_error.lock().expect("capture lock").take();
-                return vec![Line::new(
-                    Outcome::Fail,
-                    brokers,
-                    format!(
-                        "no answer ({e}{}): check BROKER_HOSTNAME (host:port), that the brokers' advertised \
-                         listeners resolve from here, and the KAFKA_PROPERTY_SECURITY_* settings",
-                        cause.map(|c| format!("; {c}")).unwrap_or_default()
-                    ),
-                )];
-            }
+            Err(e) => return vec![no_answer(&consumer, brokers, e)],
         };
         if lines.is_empty() {
             lines.push(Line::new(
@@ -234,6 +237,22 @@ fn kafka(config: &Config) -> Vec<Line> {
         lines.push(Line::new(Outcome::Ok, what, group_position(&consumer, config, topic, t.partitions().len())));
     }
     lines
+}
+
+/// The line that says the brokers did not answer, with librdkafka's reason when it gave one.
+fn no_answer(consumer: &BaseConsumer<Capture>, brokers: String, e: KafkaError) -> Line {
+    // librdkafka's own errors (connection refused, TLS, SASL) arrive as events.
+    let _ = consumer.poll(Duration::from_millis(200));
+    let cause = consumer.context().last_error.lock().expect("capture lock").take();
+    Line::new(
+        Outcome::Fail,
+        brokers,
+        format!(
+            "no answer ({e}{}): check BROKER_HOSTNAME (host:port), that the brokers' advertised \
+             listeners resolve from here, and the KAFKA_PROPERTY_SECURITY_* settings",
+            cause.map(|c| format!("; {c}")).unwrap_or_default()
+        ),
+    )
 }
 
 /// Where the group stands on a topic, for the topic's line.

@@ -155,10 +155,10 @@ pub fn reads() -> Vec<&'static str> {
 /// `kafka-s3-archiver restore`: a summary on stdout; exit status 1 when a record was skipped or an
 /// object could not be read.
 pub fn run(args: Args, config: &Config) -> Exit {
-    if config.topics.len() != 1 {
-        eprintln!("error: restore takes one archived topic (--topic or KAFKA_TOPIC), not {}", config.topics.join(","));
+    let Some(topic) = config.topics.single_name() else {
+        eprintln!("error: restore takes one archived topic by name (--topic or KAFKA_TOPIC), not {}", config.topics);
         return Exit::Usage;
-    }
+    };
     if args.to_topic.is_none() && !args.dry_run {
         eprintln!("error: give --to-topic (the topic to produce to), or --dry-run");
         return Exit::Usage;
@@ -168,7 +168,7 @@ pub fn run(args: Args, config: &Config) -> Exit {
         Err(exit) => return exit,
     };
     let options = RestoreOptions {
-        topic: config.topics[0].clone(),
+        topic: topic.to_string(),
         to_topic: args.to_topic,
         selection,
         dead_letters: args.dead_letters,

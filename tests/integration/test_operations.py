@@ -117,8 +117,8 @@ def test_metrics_status_and_connect_endpoints_agree_with_the_archive(broker, gar
     code, status = get_json(port, "/status")
     print("\n/status:\n" + json.dumps(status, indent=2))
     assert code == 200 and status["state"] == "RUNNING" and status["ready"] is True
-    assert status["consumer"] == {"assigned_partitions": 2, "missing_topics": [], "paused": False,
-                                  "pause_reason": None}
+    assert status["consumer"] == {"topics": [topic], "assigned_partitions": 2, "missing_topics": [],
+                                  "paused": False, "pause_reason": None}
     assert status["spool"] == {"records": 0, "bytes": 0}
     assert status["store"]["reachable"] is True and status["failure"] is None
     by_partition = {p["partition"]: p for p in status["partitions"]}

@@ -40,6 +40,7 @@ use crate::record::{Record, RecordTime};
 use crate::tools::progress::Progress;
 use crate::tools::selection::SelectionArgs;
 use crate::tools::{KAFKA_SETTINGS, LAYOUT_SETTINGS, STORE_SETTINGS};
+use crate::topics::TopicSelection;
 use batches::Walk;
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +51,8 @@ pub enum VerifyError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("the bucket has no archived topic (nothing under topics/ or errors/)")]
     NoTopics,
+    #[error("KAFKA_TOPIC {0} matches no topic in {1}")]
+    NoMatch(String, &'static str),
     #[error("topic {0} does not exist in Kafka (use --bucket-only to check the archive alone)")]
     NoSuchTopic(String),
     #[error(transparent)]
@@ -61,8 +64,9 @@ pub enum VerifyError {
 /// What to verify.
 #[derive(Debug, Clone)]
 pub struct VerifyOptions {
-    /// Topics to check; empty: every topic the bucket holds.
-    pub topics: Vec<String>,
+    /// Topics to check (KAFKA_TOPIC, its patterns resolved against Kafka's topics, or against the
+    /// bucket's with `bucket_only`); None: every topic the bucket holds.
+    pub topics: Option<TopicSelection>,
     /// Partition, offsets, and time range (records by Kafka timestamp, hour folders).
     pub selection: Selection,
     /// Do not read Kafka: completeness of the archive alone.
@@ -202,7 +206,7 @@ pub fn reads() -> Vec<&'static str> {
         KAFKA_SETTINGS,
         STORE_SETTINGS,
         LAYOUT_SETTINGS,
-        &["ARCHIVE_FORMAT", "UNDECODABLE", "UPLOAD_THREADS", "LOG_FORMAT"],
+        &["KAFKA_TOPIC_EXCLUDE", "ARCHIVE_FORMAT", "UNDECODABLE", "UPLOAD_THREADS", "LOG_FORMAT"],
     ]
     .concat()
 }
@@ -214,7 +218,7 @@ pub fn run(args: Args, config: &Config) -> Exit {
         Err(exit) => return exit,
     };
     let options = VerifyOptions {
-        topics: if args.all_topics { Vec::new() } else { config.topics.clone() },
+        topics: (!args.all_topics).then(|| config.topics.clone()),
         selection,
         bucket_only: args.bucket_only,
         sizes_only: args.sizes_only,
@@ -236,14 +240,29 @@ pub async fn audit(
     options: &VerifyOptions,
     progress: Arc<Progress>,
 ) -> Result<Vec<TopicReport>, VerifyError> {
-    let topics = if options.topics.is_empty() {
-        let t = archive::topics(store.as_ref()).await?;
-        if t.is_empty() {
-            return Err(VerifyError::NoTopics);
+    let topics = match &options.topics {
+        None => {
+            let t = archive::topics(store.as_ref()).await?;
+            if t.is_empty() {
+                return Err(VerifyError::NoTopics);
+            }
+            t
         }
-        t
-    } else {
-        options.topics.clone()
+        Some(selection) if !selection.has_patterns() => selection.names(),
+        Some(selection) if options.bucket_only => {
+            let t = selection.resolve(archive::topics(store.as_ref()).await?.iter().map(String::as_str));
+            if t.is_empty() {
+                return Err(VerifyError::NoMatch(selection.to_string(), "the bucket"));
+            }
+            t
+        }
+        Some(selection) => {
+            let t = kafka_topics(config, selection).await?;
+            if t.is_empty() {
+                return Err(VerifyError::NoMatch(selection.to_string(), "Kafka"));
+            }
+            t
+        }
     };
     let mut reports = Vec::new();
     for topic in topics {
@@ -251,6 +270,18 @@ pub async fn audit(
     }
     progress.finish();
     Ok(reports)
+}
+
+/// The topics of Kafka that `selection` takes (its patterns resolved as the daemon does).
+async fn kafka_topics(config: &Config, selection: &TopicSelection) -> Result<Vec<String>, VerifyError> {
+    let mut c = crate::kafka::client_config(config)?;
+    c.remove("group.id").remove("statistics.interval.ms");
+    let selection = selection.clone();
+    let lookup = move || -> Result<Vec<String>, VerifyError> {
+        let consumer: BaseConsumer = c.create()?;
+        Ok(crate::kafka::selected_topics(&consumer, &selection, Duration::from_secs(10))?)
+    };
+    tokio::task::spawn_blocking(lookup).await.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
 /// The sum of the reports' counts.
@@ -1009,7 +1040,7 @@ mod tests {
 
     pub(super) fn options() -> VerifyOptions {
         VerifyOptions {
-            topics: vec!["t".into()],
+            topics: Some(TopicSelection::parse("t", None).unwrap()),
             selection: Selection { parallel: 4, ..Selection::default() },
             bucket_only: true,
             sizes_only: false,
