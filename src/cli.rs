@@ -51,7 +51,7 @@ pub fn command() -> clap::Command {
     let (verify_reads, restore_reads, bench_reads) = (verify::reads(), restore::reads(), bench::reads());
     cmd.mut_subcommand("verify", |c| {
         only(c, &verify_reads)
-            .mut_arg("kafka_topic", |a| a.help("Topic whose archive to check, or a comma-separated list"))
+            .mut_arg("kafka_topic", |a| a.help("Topic whose archive to check, or a comma-separated list; a pattern beginning with ^ takes the topics it matches in Kafka (in the bucket with --bucket-only)"))
     })
     .mut_subcommand("restore", |c| {
         only(c, &restore_reads).mut_arg("kafka_topic", |a| a.help("Topic whose archive to replay"))

@@ -1292,8 +1292,9 @@ mod tests {
         assert!(err(Settings { broker_hostname: Some("h:99999".into()), ..base() }).starts_with("BROKER_HOSTNAME:"));
         assert!(err(Settings { kafka_topic: Some("a/b".into()), ..base() }).starts_with("KAFKA_TOPIC:"));
         assert!(err(Settings { kafka_topic: Some("^a(".into()), ..base() }).starts_with("KAFKA_TOPIC:"));
-        let excluded = Settings { kafka_topic_exclude: Some("^sen".into()), ..base() };
-        assert!(err(excluded).starts_with("KAFKA_TOPIC_EXCLUDE: excludes sensor"));
+        assert!(
+            err(Settings { kafka_topic_exclude: Some("a b".into()), ..base() }).starts_with("KAFKA_TOPIC_EXCLUDE:")
+        );
         assert!(err(Settings { rest_port: Some("80a".into()), ..base() }).starts_with("REST_PORT:"));
         assert!(err(Settings { upload_workers: Some("0".into()), ..base() }).starts_with("UPLOAD_WORKERS:"));
         assert!(err(Settings { upload_threads: Some("0".into()), ..base() }).starts_with("UPLOAD_THREADS:"));

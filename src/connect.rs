@@ -65,13 +65,11 @@ impl Configs {
         set("timestamp.extractor", "Record");
         set("locale", "C");
         set("timezone", config.layout.timezone.name());
-        // Connect's two ways of naming a sink's topics; its topics.regex is one expression.
-        let (names, patterns) = (config.topics.names(), config.topics.patterns());
-        if !names.is_empty() {
-            set("topics", &names.join(","));
-        }
-        if !patterns.is_empty() {
-            set("topics.regex", &patterns.join("|"));
+        // Connect takes either a list of names or one expression (not both).
+        if config.topics.has_patterns() {
+            set("topics.regex", &config.topics.as_one_pattern());
+        } else {
+            set("topics", &config.topics.names().join(","));
         }
         set("group.id", &config.group_id);
         match &config.store {
@@ -431,7 +429,7 @@ fn not_creatable() -> Response {
     error(
         StatusCode::METHOD_NOT_ALLOWED,
         format!(
-            "{CONFIGURED_BY_ENV}: to archive more topics, list them in KAFKA_TOPIC (comma-separated) and restart the service"
+            "{CONFIGURED_BY_ENV}: to archive more topics, list them in KAFKA_TOPIC (comma-separated; a pattern beginning with ^ also takes topics created later) and restart the service"
         ),
     )
 }
@@ -495,8 +493,8 @@ mod tests {
         };
         let c = Configs::new(&Config::from_settings(&base, &[]).unwrap());
         let data = c.get("s3-sink-data").unwrap();
-        assert_eq!(data["topics"], "camera");
-        assert_eq!(data["topics.regex"], "^sensor-.*|^cam");
+        assert!(data.get("topics").is_none());
+        assert_eq!(data["topics.regex"], "^sensor-.*|^camera$|^cam");
     }
 
     #[test]

@@ -80,8 +80,8 @@ struct ArchiverContext {
     last_transport_error: Mutex<String>,
     /// Other Kafka errors, by librdkafka error code: said once, then every few seconds.
     errors: Throttle<i32>,
-    /// The topics KAFKA_TOPIC names (not those its patterns match).
-    named: Vec<String>,
+    /// The topics subscribed to (KAFKA_TOPIC's names and those its patterns match now).
+    subscribed: Mutex<Vec<String>>,
     /// The Parquet format: a revocation waits for the partitions' objects being stored, then
     /// drops their spooled records (see [`ArchiverContext::hand_over`]).
     batched: Option<HandOver>,
@@ -182,7 +182,10 @@ impl ArchiverContext {
         }
         if matches!(code, Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic)) {
             // "Subscribed topic not available: T: Broker: Unknown topic or partition"
-            let topic = reason.split(": ").nth(1).filter(|t| self.named.iter().any(|c| c == t));
+            let topic = reason
+                .split(": ")
+                .nth(1)
+                .filter(|t| self.subscribed.lock().expect("subscription lock").iter().any(|c| c == t));
             if let Some(topic) = topic {
                 if self.status.topic_missing(topic) {
                     tracing::warn!(
@@ -398,6 +401,26 @@ pub struct KafkaConsumer {
     pub batched: Option<Duration>,
 }
 
+/// The next subscription, from the one `before`, the topics a lookup `matched`, and the topics
+/// the previous lookup missed: a subscribed topic stays until two lookups in a row miss it.
+/// Returns the subscription (sorted) and the topics this lookup missed.
+fn next_subscription(
+    before: &[String],
+    matched: Vec<String>,
+    missed_before: &HashSet<String>,
+) -> (Vec<String>, HashSet<String>) {
+    let mut topics = matched;
+    let mut missed = HashSet::new();
+    for t in before {
+        if !topics.contains(t) && !missed_before.contains(t) {
+            missed.insert(t.clone());
+            topics.push(t.clone());
+        }
+    }
+    topics.sort();
+    (topics, missed)
+}
+
 /// What the consumer loop carries from one round to the next.
 struct Loop {
     backpressure: Backpressure,
@@ -413,6 +436,8 @@ struct Loop {
     last_read_back: Instant,
     /// The topics subscribed to; None before the first subscription.
     subscribed: Option<Vec<String>>,
+    /// Subscribed topics the last lookup did not find (they go if the next misses them too).
+    missed_once: HashSet<String>,
     last_topic_lookup: Instant,
 }
 
@@ -433,7 +458,7 @@ impl KafkaConsumer {
             unreachable: Throttle::default(),
             last_transport_error: Mutex::new(String::new()),
             errors: Throttle::default(),
-            named: self.topics.names(),
+            subscribed: Mutex::new(Vec::new()),
             batched: self.batched.map(|wait| HandOver { spool: self.spool.clone(), wait }),
         })?;
         let max_poll_interval = self
@@ -451,6 +476,7 @@ impl KafkaConsumer {
             last_commit: Instant::now(),
             last_read_back: Instant::now(),
             subscribed: None,
+            missed_once: HashSet::new(),
             last_topic_lookup: Instant::now(),
         };
         self.follow_topics(&consumer, &mut state)?;
@@ -609,18 +635,20 @@ impl KafkaConsumer {
 
     /// Step 7, subscribe: at the start, then, when KAFKA_TOPIC holds a pattern, every
     /// [`METADATA_REFRESH`] to the topics it matches now. The subscription changes (and the group
-    /// rebalances) only when they do. A lookup that fails is tried again at the next refresh.
+    /// rebalances) only when they do; a topic leaves it only once two lookups in a row missed it,
+    /// so that one short answer (a broker restarting) does not revoke it. A lookup that fails is
+    /// tried again at the next refresh.
     fn follow_topics(&self, consumer: &BaseConsumer<ArchiverContext>, state: &mut Loop) -> KafkaResult<()> {
         let first = state.subscribed.is_none();
         if !first && (!self.topics.has_patterns() || state.last_topic_lookup.elapsed() < METADATA_REFRESH) {
             return Ok(());
         }
         state.last_topic_lookup = Instant::now();
-        let topics = match kafka::selected_topics(consumer, &self.topics, TOPIC_LOOKUP_TIMEOUT) {
-            Ok(t) => t,
+        let (matched, looked_up) = match kafka::selected_topics(consumer, &self.topics, TOPIC_LOOKUP_TIMEOUT) {
+            Ok(t) => (t, true),
             Err(e) if first => {
                 tracing::warn!(error = %e, "cannot list the cluster's topics for KAFKA_TOPIC's patterns; trying again every 10 s");
-                self.topics.names()
+                (self.topics.resolve([]), false)
             }
             Err(e) => {
                 tracing::debug!(error = %e, "cannot list the cluster's topics for KAFKA_TOPIC's patterns");
@@ -628,14 +656,18 @@ impl KafkaConsumer {
             }
         };
         let before = state.subscribed.take().unwrap_or_default();
+        let (topics, missed) = next_subscription(&before, matched, &state.missed_once);
+        state.missed_once = missed;
         if !first && before == topics {
             state.subscribed = Some(topics);
             return Ok(());
         }
         if topics.is_empty() {
             consumer.unsubscribe();
-            tracing::warn!(topics = %self.topics,
-                "KAFKA_TOPIC matches no topic yet; a topic created later that matches is archived (the topics are looked up every 10 s)");
+            if looked_up {
+                tracing::warn!(topics = %self.topics,
+                    "KAFKA_TOPIC matches no topic yet; a topic created later that matches is archived (the topics are looked up every 10 s)");
+            }
         } else {
             consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
             let added: Vec<&str> = topics.iter().filter(|t| !before.contains(t)).map(String::as_str).collect();
@@ -647,6 +679,7 @@ impl KafkaConsumer {
                     "the topics KAFKA_TOPIC matches changed; subscribed again");
             }
         }
+        *consumer.context().subscribed.lock().expect("subscription lock") = topics.clone();
         self.status.set_topics(topics.clone());
         state.subscribed = Some(topics);
         Ok(())
@@ -790,5 +823,32 @@ fn kafka_time(msg: &BorrowedMessage<'_>) -> Option<i64> {
     match msg.timestamp() {
         Timestamp::CreateTime(ms) | Timestamp::LogAppendTime(ms) if ms >= 0 => Some(ms),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_topic_leaves_the_subscription_only_when_two_lookups_in_a_row_miss_it() {
+        let before = names(&["a", "b"]);
+        // One lookup misses b (a broker answering with part of its topics): b stays.
+        let (topics, missed) = next_subscription(&before, names(&["a", "c"]), &HashSet::new());
+        assert_eq!(topics, ["a", "b", "c"]);
+        assert_eq!(missed, HashSet::from(["b".to_string()]));
+        // Found again: nothing pending.
+        let (topics, again) = next_subscription(&topics, names(&["a", "b", "c"]), &missed);
+        assert_eq!(topics, ["a", "b", "c"]);
+        assert!(again.is_empty());
+        // Missed twice in a row: gone. An empty answer never empties the subscription at once.
+        let (topics, missed) = next_subscription(&before, Vec::new(), &HashSet::new());
+        assert_eq!(topics, ["a", "b"]);
+        let (topics, _) = next_subscription(&topics, Vec::new(), &missed);
+        assert!(topics.is_empty());
     }
 }

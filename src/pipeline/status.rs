@@ -204,7 +204,10 @@ impl Status {
 
     /// The consumer subscribed to these topics.
     pub fn set_topics(&self, topics: Vec<String>) {
-        self.notes().topics = topics;
+        let mut n = self.notes();
+        // A topic no longer subscribed to is no longer missing.
+        n.missing_topics.retain(|t| topics.contains(t));
+        n.topics = topics;
     }
 
     pub fn set_cluster_id(&self, id: String) {
