@@ -22,6 +22,7 @@ pub const ALREADY_STORED: &str = "kafka_s3_archiver_objects_already_stored_total
 pub const UNDECODABLE_RECORDS: &str = "kafka_s3_archiver_undecodable_records_total";
 pub const TOMBSTONES: &str = "kafka_s3_archiver_tombstones_total";
 pub const RECORDS_WITHOUT_TIMESTAMP: &str = "kafka_s3_archiver_records_without_timestamp_total";
+pub const HEADERS_OMITTED: &str = "kafka_s3_archiver_headers_omitted_total";
 pub const SPOOL_RECORDS: &str = "kafka_s3_archiver_spool_records";
 pub const SPOOL_BYTES: &str = "kafka_s3_archiver_spool_bytes";
 pub const CONSUMER_PAUSED: &str = "kafka_s3_archiver_consumer_paused";
@@ -108,6 +109,7 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
         ALREADY_STORED,
         TOMBSTONES,
         RECORDS_WITHOUT_TIMESTAMP,
+        HEADERS_OMITTED,
         COMMITS,
         COMMIT_ERRORS,
     ] {
@@ -164,6 +166,10 @@ pub fn describe() {
     describe_counter!(
         RECORDS_WITHOUT_TIMESTAMP,
         "Records without a Kafka timestamp; their path uses the time they were consumed."
+    );
+    describe_counter!(
+        HEADERS_OMITTED,
+        "Records archived in the Connect format whose Kafka headers did not fit in S3's 2 KB of user metadata (kafka-headers-omitted gives their number)."
     );
     describe_gauge!(SPOOL_RECORDS, "Records in the spool waiting for upload.");
     describe_gauge!(SPOOL_BYTES, Unit::Bytes, "Size of the records in the spool.");

@@ -24,7 +24,7 @@ pub mod read;
 pub mod sinetstream;
 
 pub use layout::{Layout, Object, ObjectKind, RecordPlace, micros_to_millis, timestamp_text};
-pub use plan::{Plan, UndecodablePolicy, attributes, metadata, plan};
+pub use plan::{Plan, UndecodablePolicy, attributes, headers_from_text, metadata, plan};
 pub use read::{
     ArchiveError, ArchivedKey, ListProgress, ListState, Listed, OffsetObjects, Selection, TimeRange, TopicIndex,
     hour_start_ms, list_topic, parse_key, topics,
@@ -44,3 +44,13 @@ pub const META_FORM: &str = "kafka-s3-archiver-form";
 pub const MAX_KEY_METADATA_BYTES: usize = 1500;
 /// Set instead of [`META_KAFKA_KEY`] when the key was too long to keep: its length in bytes.
 pub const META_KAFKA_KEY_OMITTED: &str = "kafka-key-omitted-bytes";
+/// The Kafka record headers, in order: `name=value&name=value`, each name and value
+/// percent-encoded (every byte but `A-Z a-z 0-9 - . _ ~` as `%XX`), a null value as the name
+/// alone; absent for a record without headers ([`plan::headers_text`]).
+pub const META_KAFKA_HEADERS: &str = "kafka-headers";
+/// Set instead of [`META_KAFKA_HEADERS`] when the headers did not fit in what S3's 2 KB of user
+/// metadata left: how many headers the record had.
+pub const META_KAFKA_HEADERS_OMITTED: &str = "kafka-headers-omitted";
+/// S3's limit on an object's user metadata: the bytes of every name and value. Counted here with
+/// each name's `x-amz-meta-` prefix, to keep clear of how a store counts.
+pub const MAX_USER_METADATA_BYTES: usize = 2048;

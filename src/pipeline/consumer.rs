@@ -792,8 +792,8 @@ impl KafkaConsumer {
                 time,
                 key: msg.key().map(Bytes::copy_from_slice),
                 value: value.map(Bytes::copy_from_slice),
-                // Only the Parquet format keeps them (the Connect layout has no place for them).
-                headers: self.batched.is_some().then(|| crate::kafka::headers(&msg)),
+                // A column of the Parquet format; user metadata of the Connect layout's payload.
+                headers: Some(crate::kafka::headers(&msg)),
             });
         }
         for reset in ledger.take_resets() {

@@ -88,7 +88,7 @@ pub struct RestoreSummary {
     pub dead_letters_skipped: u64,
     /// Records with their Kafka key back.
     pub with_key: u64,
-    /// Records with their Kafka headers back (Parquet format).
+    /// Records with their Kafka headers back (Parquet format; user metadata of the Connect format).
     pub with_headers: u64,
     /// Tombstones (null values) produced again (Parquet format; the per-offset layout has none).
     pub tombstones: u64,
@@ -488,7 +488,7 @@ async fn rebuild(
                 offset,
                 value: Some(msg.to_vec()),
                 key,
-                headers: None,
+                headers: kafka_headers(&attrs),
                 timestamp_ms: kafka_ts,
                 how: How::Raw,
             })));
@@ -517,7 +517,8 @@ async fn rebuild(
         // The archive of the Kafka Connect deployment has no Kafka timestamp: the producer's
         // tstamp is the closest (SINETStream sets both from the same clock).
         let timestamp_ms = kafka_ts.or(Some(crate::archive::micros_to_millis(tstamp_us)));
-        return Ok(Ok(Some(Rebuilt { offset, value: Some(value), key, headers: None, timestamp_ms, how })));
+        let headers = kafka_headers(&attrs);
+        return Ok(Ok(Some(Rebuilt { offset, value: Some(value), key, headers, timestamp_ms, how })));
     }
     if let Some(dead) = slot.dead_letter.first() {
         if !dead_letters {
@@ -525,8 +526,8 @@ async fn rebuild(
         }
         let (body, attrs) = get(store, &dead.key).await?;
         let (key, timestamp_ms) = kafka_key_and_time(&attrs);
-        let value = Some(body.to_vec());
-        return Ok(Ok(Some(Rebuilt { offset, value, key, headers: None, timestamp_ms, how: How::DeadLetter })));
+        let (value, headers) = (Some(body.to_vec()), kafka_headers(&attrs));
+        return Ok(Ok(Some(Rebuilt { offset, value, key, headers, timestamp_ms, how: How::DeadLetter })));
     }
     Ok(Err(format!(
         "offset {offset} has no payload object (only {})",
@@ -551,6 +552,11 @@ fn kafka_key_and_time(attributes: &Attributes) -> (Option<Vec<u8>>, Option<i64>)
     let key = meta(attributes, archive::META_KAFKA_KEY)
         .and_then(|k| base64::engine::general_purpose::STANDARD.decode(k).ok());
     (key, meta(attributes, archive::META_KAFKA_TIMESTAMP_MS).and_then(|v| v.parse().ok()))
+}
+
+/// The record headers an object's metadata kept, where it has them (written since they are kept).
+fn kafka_headers(attributes: &Attributes) -> Option<crate::record::Headers> {
+    meta(attributes, archive::META_KAFKA_HEADERS).and_then(|text| archive::headers_from_text(&text))
 }
 
 /// Milliseconds since the epoch of the timestamp object's text, `yyyy-MM-ddTHH:mm:ss.SSS` UTC.

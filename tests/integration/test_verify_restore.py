@@ -9,6 +9,7 @@ import subprocess
 import time
 import uuid
 from collections import defaultdict
+from urllib.parse import quote
 
 import confluent_kafka as ck
 from confluent_kafka.admin import AdminClient
@@ -20,6 +21,17 @@ from load import v3_message
 from test_archive import wait_committed
 
 PARTITIONS = 3
+
+
+def HEADERS(i):
+    """Kafka headers as producers set them: text, a repeated name, no value, binary bytes."""
+    return [("site", f"tokyo-{i}".encode()), ("trace", None), ("site", "日本".encode()), ("raw", bytes([0, 255, 37, 38]))]
+
+
+def headers_text(headers):
+    """The kafka-headers metadata of docs/archive.md, written independently: name=value&..., each
+    percent-encoded but A-Z a-z 0-9 - . _ ~, a header without value as its name alone."""
+    return "&".join(quote(n.encode(), safe="") + ("" if v is None else "=" + quote(v, safe="")) for n, v in headers)
 
 
 def produce(bootstrap, topic, items):
@@ -78,7 +90,8 @@ def tool(archiver_bin, env, *args):
 @pytest.fixture
 def archived(broker, garage, run_archiver, tmp_path):
     """A topic of 3 partitions archived to garage: 36 SINETStream v3 messages with keys and
-    microsecond tstamps, 2 records without envelope (dead-lettered), 1 tombstone."""
+    microsecond tstamps, 12 of them with Kafka headers and one with headers too large to keep,
+    2 records without envelope (dead-lettered), 1 tombstone."""
     rng = random.Random(6)
     topic, bucket, group = f"vr.{uuid.uuid4().hex[:8]}", f"vr-{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:8]}"
     broker.create_topic(topic, PARTITIONS)
@@ -89,8 +102,10 @@ def archived(broker, garage, run_archiver, tmp_path):
         payload = f'{{"seq": {i}, "v": {rng.random():.6f}}}'.encode() if i % 4 else rng.randbytes(2000)
         tstamp_us = (base_ms + i * 997) * 1000 + rng.randrange(1, 1000)  # microseconds that ms would lose
         key = f"sensor-{i % 5}".encode() if i % 6 else None
-        items.append((i % PARTITIONS, key, v3_message(tstamp_us, payload), base_ms + i * 1000))
-        originals[(i % PARTITIONS, i // PARTITIONS)] = (payload, tstamp_us, key)
+        headers = HEADERS(i) if i % 3 == 0 else [("image", b"x" * 3000)] if i == 7 else []
+        items.append((i % PARTITIONS, key, v3_message(tstamp_us, payload), base_ms + i * 1000, headers))
+        # What restore gives back: the headers that fit in S3's metadata.
+        originals[(i % PARTITIONS, i // PARTITIONS)] = (payload, tstamp_us, key, headers if i != 7 else [])
     items.append((0, b"k", b"not a sinetstream message", base_ms + 50_000))
     items.append((1, None, bytes(range(7)), base_ms + 51_000))
     items.append((2, b"gone", None, base_ms + 52_000))
@@ -102,6 +117,7 @@ def archived(broker, garage, run_archiver, tmp_path):
     ends = {0: 13, 1: 13, 2: 13}
     a.wait_archived(38)
     wait_committed(broker.bootstrap, group, topic, ends)
+    assert a.metric("kafka_s3_archiver_headers_omitted_total") == 1
     assert a.stop() == 0, a.logs()
     return {"topic": topic, "bucket": bucket, "env": env, "originals": originals, "ends": ends}
 
@@ -119,6 +135,16 @@ def test_verify_is_clean_then_names_each_injected_problem(archiver_bin, archived
     s3 = garage.client()
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=archived["bucket"])["Contents"])
     payloads = [k for k in keys if k.startswith("topics/") and k.endswith(".bin")]
+    # The Kafka headers are the payloads' metadata, as docs/archive.md describes them.
+    for (p, n), (_, _, _, headers) in archived["originals"].items():
+        key = next(k for k in payloads if k.endswith(f"+{p}+{n:010d}.bin"))
+        meta = s3.head_object(Bucket=archived["bucket"], Key=key)["Metadata"]
+        if headers:
+            assert meta["kafka-headers"] == headers_text(headers), (key, meta)
+        elif (p, n) == (7 % PARTITIONS, 7 // PARTITIONS):
+            assert "kafka-headers" not in meta and meta["kafka-headers-omitted"] == "1", (key, meta)
+        else:
+            assert "kafka-headers" not in meta and "kafka-headers-omitted" not in meta, (key, meta)
     stamps = [k for k in keys if k.endswith("-timestamp.txt")]
     deleted, altered_body, altered_size = payloads[3], stamps[5], payloads[7]
     s3.delete_object(Bucket=archived["bucket"], Key=deleted)
@@ -171,17 +197,18 @@ def test_restore_gives_back_the_records_to_the_microsecond(archiver_bin, archive
     code, out, err = tool(archiver_bin, env, "restore", "--to-topic", target)
     assert code == 0, out + err
     assert "produced 36 records" in out and "36 SINETStream messages with the exact tstamp" in out, out
+    assert "12 with their Kafka headers" in out, out
     assert "left out: 2 dead letters" in out, out
     decode = sinetstream_reader(tmp_path, monkeypatch, broker.bootstrap, target)
-    got = read_raw(broker.bootstrap, target, 36)
+    got = read_raw(broker.bootstrap, target, 36, headers=True)
     assert len(got) == 36, got
     per_partition = defaultdict(list)
-    for partition, offset, key, value, ts in sorted(got):
+    for partition, offset, key, value, ts, headers in sorted(got):
         m = decode(value)
-        per_partition[partition].append((m.value, m.timestamp_us, key))
+        per_partition[partition].append((m.value, m.timestamp_us, key, headers))
     for p in range(PARTITIONS):
         want = [originals[(p, i)] for i in range(12)]
-        assert per_partition[p] == want, f"partition {p}: order, payload, tstamp (us) and key as produced"
+        assert per_partition[p] == want, f"partition {p}: order, payload, tstamp (us), key and headers as produced"
 
     # An archive as the Kafka Connect deployment wrote it: the same objects, no metadata.
     s3 = garage.client()

@@ -259,6 +259,8 @@ async fn upload_record(shared: &Shared, key: &SpoolKey, record: Record) -> Resul
     if matches!(record.time, crate::record::RecordTime::Consumed(_)) {
         metrics::counter!(m::RECORDS_WITHOUT_TIMESTAMP).increment(1);
     }
+    let headers_omitted = up.metadata
+        && objects.iter().any(|o| o.metadata.iter().any(|(k, _)| *k == crate::archive::META_KAFKA_HEADERS_OMITTED));
     let conditional = up.conditional_put;
     let tp = (record.topic.clone(), record.partition);
     let stored =
@@ -285,11 +287,21 @@ async fn upload_record(shared: &Shared, key: &SpoolKey, record: Record) -> Resul
     if let Some(why) = &undecodable {
         log_undecodable(shared, &record, why);
     }
+    if headers_omitted {
+        metrics::counter!(m::HEADERS_OMITTED).increment(1);
+        if !HEADERS_OMITTED_SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(topic = %record.topic, partition = record.partition, offset = record.offset,
+                "a record's Kafka headers do not fit in S3's 2 KB of user metadata: its payload object says how many were left out (kafka-headers-omitted), and kafka_s3_archiver_headers_omitted_total counts such records; said once (the Parquet format keeps every header)");
+        }
+    }
     up.spool.remove(key)?;
     up.ledger.lock().expect("ledger lock").complete(&(record.topic, record.partition), record.offset);
     metrics::counter!(m::RECORDS_ARCHIVED).increment(1);
     Ok(())
 }
+
+/// Whether the first record whose headers did not fit was logged (once per process).
+static HEADERS_OMITTED_SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Bodies at least this large are stored with a multipart upload.
 pub const MULTIPART_THRESHOLD: usize = 16 << 20;

@@ -541,7 +541,7 @@ fn compare_record(
             time,
             key: r.key.clone(),
             value: Some(value.clone()),
-            headers: None,
+            headers: Some(r.headers.clone()),
         };
         match plan(&record, layout, policy) {
             Plan::Store { objects, .. } => objects,
