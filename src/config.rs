@@ -83,6 +83,12 @@ pub struct Settings {
     /// File holding a customer key for SSE-C (32 bytes, raw or base64).
     #[arg(long, env = "S3_SSE_C_KEY_FILE")]
     pub s3_sse_c_key_file: Option<String>,
+    /// HTTP(S) proxy every S3 request goes through (http://[user:password@]host:port).
+    #[arg(long, env = "S3_PROXY_URL", hide_env_values = true)]
+    pub s3_proxy_url: Option<String>,
+    /// Checksum sent with every upload for the store to check the body against: sha256 or crc64nvme.
+    #[arg(long, env = "S3_CHECKSUM")]
+    pub s3_checksum: Option<String>,
     /// Payload object extension.
     #[arg(long, env = "S3_OBJECT_EXTENSION")]
     pub s3_object_extension: Option<String>,
@@ -217,6 +223,10 @@ pub enum StoreConfig {
         put: PutSettings,
         /// Server-side encryption; None: the bucket's default.
         sse: Option<Sse>,
+        /// HTTP(S) proxy of every request (boxed: rarely set, and the variant stays small).
+        proxy: Option<Box<Proxy>>,
+        /// Checksum sent with every upload; None: only the signature's payload hash.
+        checksum: Option<Checksum>,
     },
     /// A local directory laid out as MinIO lays out a bucket: `<dir>/<bucket>/topics/...`.
     Local { dir: PathBuf, bucket: String },
@@ -229,6 +239,24 @@ pub struct PutSettings {
     pub storage_class: Option<String>,
     /// (key, value) in the order given.
     pub tags: Vec<(String, String)>,
+}
+
+/// S3_PROXY_URL, and the hosts it does not take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Proxy {
+    /// It may carry a password.
+    pub url: Secret,
+    /// The instance and container credential endpoints (a proxy cannot reach them, and must not
+    /// see the credentials), then NO_PROXY's hosts.
+    pub excludes: Vec<String>,
+}
+
+/// The checksum sent with every upload (S3_CHECKSUM), which the store checks the body against
+/// before it stores it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checksum {
+    Sha256,
+    Crc64Nvme,
 }
 
 /// Server-side encryption of every object (S3_SSE, S3_SSE_KMS_KEY_ID, S3_SSE_C_KEY_FILE).
@@ -270,14 +298,19 @@ impl PutSettings {
 }
 
 impl StoreConfig {
-    /// What every object is written with besides its body (class, tags, encryption), as the
+    /// What every object is written with besides its body (class, tags, encryption, checksum), as the
     /// start-up log and `check` show it: never a key. None for the local store.
     pub fn object_settings(&self) -> Option<String> {
         match self {
-            StoreConfig::S3 { put, sse, .. } => Some(format!(
-                "{} sse={}",
+            StoreConfig::S3 { put, sse, checksum, .. } => Some(format!(
+                "{} sse={} checksum={}",
                 put.describe(),
-                sse.as_ref().map_or("(bucket default)".to_string(), Sse::describe)
+                sse.as_ref().map_or("(bucket default)".to_string(), Sse::describe),
+                match checksum {
+                    None => "(none)",
+                    Some(Checksum::Sha256) => "sha256",
+                    Some(Checksum::Crc64Nvme) => "crc64nvme",
+                }
             )),
             StoreConfig::Local { .. } => None,
         }
@@ -285,7 +318,8 @@ impl StoreConfig {
 
     /// Whether any of those is set (else the bucket's defaults apply).
     pub fn sets_object_settings(&self) -> bool {
-        matches!(self, StoreConfig::S3 { put, sse, .. } if *put != PutSettings::default() || sse.is_some())
+        matches!(self, StoreConfig::S3 { put, sse, checksum, .. }
+            if *put != PutSettings::default() || sse.is_some() || checksum.is_some())
     }
 
     /// Whether objects keep user metadata (S3 headers); the local-directory store keeps none.
@@ -531,6 +565,8 @@ impl Config {
                     ("S3_SSE", &s.s3_sse),
                     ("S3_SSE_KMS_KEY_ID", &s.s3_sse_kms_key_id),
                     ("S3_SSE_C_KEY_FILE", &s.s3_sse_c_key_file),
+                    ("S3_PROXY_URL", &s.s3_proxy_url),
+                    ("S3_CHECKSUM", &s.s3_checksum),
                 ]
                 .into_iter()
                 .filter(|(_, v)| non_empty(v).is_some())
@@ -549,14 +585,17 @@ impl Config {
     /// One line for the start-up log: the effective settings, secrets masked.
     pub fn summary(&self) -> String {
         let store = match &self.store {
-            StoreConfig::S3 { bucket, region, endpoint, access_key_id, secret_key, ca_pem, .. } => format!(
-                "s3 bucket={bucket} region={region} endpoint={} access_key_id={} secret_key={} custom_ca={} {}",
-                endpoint.as_deref().unwrap_or("(AWS)"),
-                access_key_id.as_ref().map_or("(unset)", |id| mask_key_id(id.expose())),
-                if secret_key.is_some() { "***" } else { "(unset)" },
-                ca_pem.is_some(),
-                self.store.object_settings().unwrap_or_default(),
-            ),
+            StoreConfig::S3 { bucket, region, endpoint, access_key_id, secret_key, ca_pem, proxy, .. } => {
+                format!(
+                    "s3 bucket={bucket} region={region} endpoint={} access_key_id={} secret_key={} custom_ca={} proxy={} {}",
+                    endpoint.as_deref().unwrap_or("(AWS)"),
+                    access_key_id.as_ref().map_or("(unset)", |id| mask_key_id(id.expose())),
+                    if secret_key.is_some() { "***" } else { "(unset)" },
+                    ca_pem.is_some(),
+                    proxy.as_ref().map_or("(none)".to_string(), |p| proxy_shown(p.url.expose())),
+                    self.store.object_settings().unwrap_or_default(),
+                )
+            }
             StoreConfig::Local { dir, bucket } => {
                 format!("local dir={} bucket={bucket}", dir.display())
             }
@@ -866,7 +905,46 @@ fn parse_store(s: &Settings, env: &[(String, String)]) -> Result<StoreConfig, Co
             tags: non_empty(&s.s3_object_tags).map(parse_tags).transpose()?.unwrap_or_default(),
         },
         sse,
+        proxy: non_empty(&s.s3_proxy_url).map(|url| parse_proxy(url, env).map(Box::new)).transpose()?,
+        checksum: match non_empty(&s.s3_checksum).map(str::to_ascii_lowercase).as_deref() {
+            None | Some("none") => None,
+            Some("sha256") => Some(Checksum::Sha256),
+            Some("crc64nvme") => Some(Checksum::Crc64Nvme),
+            Some(other) => {
+                return Err(invalid("S3_CHECKSUM", format!("{other:?}: use sha256 or crc64nvme (or none)")));
+            }
+        },
     })
+}
+
+/// S3_PROXY_URL: an http:// or https:// proxy, with credentials if it wants them; NO_PROXY (or
+/// no_proxy) from `env` names hosts it does not take.
+fn parse_proxy(value: &str, env: &[(String, String)]) -> Result<Proxy, ConfigError> {
+    let shown = proxy_shown(value);
+    let url = url::Url::parse(value)
+        .map_err(|e| invalid("S3_PROXY_URL", format!("{shown:?} is not a URL ({e}); e.g. http://proxy:3128")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
+        return Err(invalid("S3_PROXY_URL", format!("{shown:?}: give http:// or https://, a host and a port")));
+    }
+    let mut excludes: Vec<String> = ["169.254.169.254", "169.254.170.2", "fd00:ec2::254"].map(String::from).into();
+    if let Some((_, hosts)) = env.iter().find(|(k, v)| (k == "NO_PROXY" || k == "no_proxy") && !v.trim().is_empty()) {
+        excludes.extend(hosts.split(',').map(str::trim).filter(|h| !h.is_empty()).map(String::from));
+    }
+    Ok(Proxy { url: Secret(value.to_string()), excludes })
+}
+
+/// A proxy URL as the log and `check` show it: a password in it is masked.
+pub fn proxy_shown(value: &str) -> String {
+    if let Ok(mut url) = url::Url::parse(value)
+        && url.has_host()
+    {
+        if url.password().is_some() {
+            let _ = url.set_password(Some("***"));
+        }
+        return url.to_string();
+    }
+    // Not a URL with a host: whatever follows an @ is shown, never what precedes it.
+    value.rsplit_once('@').map_or(value.to_string(), |(_, host)| format!("***@{host}"))
 }
 
 /// An `http://` endpoint on another host: what it is sent crosses the network in clear.
@@ -1123,6 +1201,37 @@ mod tests {
             Ok(store @ StoreConfig::S3 { .. }) => store,
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_proxy_keeps_its_password_out_of_the_log_and_skips_the_credential_endpoints() {
+        let s = Settings { s3_proxy_url: Some("http://archiver:pr0xyPass@proxy.lab:3128".into()), ..s3() };
+        let env = [("NO_PROXY".to_string(), "minio.lab, .internal".to_string())];
+        let c = Config::from_settings(&s, &env).unwrap();
+        let StoreConfig::S3 { proxy: Some(p), .. } = &c.store else { panic!() };
+        assert_eq!(p.url.expose(), "http://archiver:pr0xyPass@proxy.lab:3128");
+        assert_eq!(p.excludes, ["169.254.169.254", "169.254.170.2", "fd00:ec2::254", "minio.lab", ".internal"]);
+        let shown = format!("{} {c:?}", c.summary());
+        assert!(!shown.contains("pr0xyPass"), "{shown}");
+        assert!(shown.contains("proxy=http://archiver:***@proxy.lab:3128"), "{shown}");
+        let bad = Settings { s3_proxy_url: Some("socks5://u:pr0xyPass@h:1080".into()), ..s3() };
+        let e = err(bad);
+        assert!(e.starts_with("S3_PROXY_URL:") && !e.contains("pr0xyPass"), "{e}");
+        assert_eq!(proxy_shown("u:pr0xyPass@not a url"), "***@not a url");
+    }
+
+    #[test]
+    fn checksums() {
+        let with = |v: &str| match s3_store(&Settings { s3_checksum: Some(v.into()), ..s3() }) {
+            StoreConfig::S3 { checksum, .. } => checksum,
+            _ => unreachable!(),
+        };
+        assert_eq!(with("SHA256"), Some(Checksum::Sha256));
+        assert_eq!(with("crc64nvme"), Some(Checksum::Crc64Nvme));
+        assert_eq!(with("none"), None);
+        assert!(err(Settings { s3_checksum: Some("md5".into()), ..s3() }).starts_with("S3_CHECKSUM:"));
+        let store = s3_store(&Settings { s3_checksum: Some("sha256".into()), ..s3() });
+        assert!(store.sets_object_settings() && store.object_settings().unwrap().ends_with("checksum=sha256"));
     }
 
     #[test]

@@ -25,7 +25,7 @@ use object_store::{
     RenameOptions, Result, RetryConfig, TagSet,
 };
 
-use crate::config::{PutSettings, Sse, StoreConfig};
+use crate::config::{Checksum, PutSettings, Sse, StoreConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -61,11 +61,14 @@ pub fn build_with_multipart(config: &StoreConfig) -> Result<Built, StoreError> {
             // durable, as it is on S3.
             Ok(Built { store: Arc::new(LocalFileSystem::new_with_prefix(root)?.with_fsync(true)), multipart: None })
         }
-        StoreConfig::S3 { bucket, region, endpoint, access_key_id, secret_key, ca_pem, put, sse } => {
+        StoreConfig::S3 { bucket, region, endpoint, access_key_id, secret_key, ca_pem, put, sse, proxy, checksum } => {
             let mut client = ClientOptions::new()
                 .with_timeout(Duration::from_secs(120))
                 .with_connect_timeout(Duration::from_secs(5))
                 .with_pool_max_idle_per_host(256);
+            if let Some(proxy) = proxy {
+                client = client.with_proxy_url(proxy.url.expose()).with_proxy_excludes(proxy.excludes.join(","));
+            }
             if let Some(pem) = ca_pem {
                 for cert in Certificate::from_pem_bundle(pem)? {
                     client = client.with_root_certificate(cert);
@@ -91,6 +94,12 @@ pub fn build_with_multipart(config: &StoreConfig) -> Result<Built, StoreError> {
                 b = b.with_endpoint(e).with_allow_http(true).with_virtual_hosted_style_request(false);
             }
             b = with_sse(b, sse.as_ref());
+            b = match checksum {
+                None => b,
+                // The signature hashes the body with SHA-256 already: sending it costs no CPU.
+                Some(Checksum::Sha256) => b.with_checksum_algorithm(object_store::aws::Checksum::SHA256),
+                Some(Checksum::Crc64Nvme) => b.with_checksum_algorithm(object_store::aws::Checksum::CRC64NVME),
+            };
             if let (Some(id), Some(secret)) = (access_key_id, secret_key) {
                 b = b.with_access_key_id(id.expose()).with_secret_access_key(secret.expose());
             }

@@ -18,7 +18,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::config::{Config, StoreConfig};
+use crate::config::{Config, StoreConfig, proxy_shown};
 use crate::exit::Exit;
 use crate::store::{error_reason, fix_for};
 
@@ -103,9 +103,10 @@ pub async fn checks(config: &Config, mut report: impl FnMut(&Line)) -> Vec<Line>
 
 fn describe(config: &Config) -> String {
     let store = match &config.store {
-        StoreConfig::S3 { bucket, endpoint, .. } => format!(
-            "S3 bucket {bucket} at {} ({})",
+        StoreConfig::S3 { bucket, endpoint, proxy, .. } => format!(
+            "S3 bucket {bucket} at {}{} ({})",
             endpoint.as_deref().unwrap_or("Amazon S3"),
+            proxy.as_ref().map_or(String::new(), |p| format!(" through proxy {}", proxy_shown(p.url.expose()))),
             config.store.object_settings().unwrap_or_default()
         ),
         StoreConfig::Local { dir, bucket } => format!("local directory {}", dir.join(bucket).display()),
@@ -295,19 +296,24 @@ async fn store(config: &Config) -> Vec<Line> {
         // The store's answer names what it refused (InvalidStorageClass, InvalidTag, a KMS key
         // the account may not use, ...): only then are the object's settings the fix.
         let text = e.to_string();
-        let refused_settings =
-            ["StorageClass", "Tag", "KMS", "Kms", "kms", "ncryption"].iter().any(|w| text.contains(w));
+        let refused_settings = ["StorageClass", "Tag", "KMS", "Kms", "kms", "ncryption", "Digest", "hecksum"]
+            .iter()
+            .any(|w| text.contains(w));
         let settings = put.as_ref().filter(|_| refused_settings).map(|put| {
-            format!("{e}: the store refused the object's settings ({put}): check S3_STORAGE_CLASS (a class this store has), S3_OBJECT_TAGS (s3:PutObjectTagging), S3_SSE / S3_SSE_KMS_KEY_ID (kms:GenerateDataKey, kms:Decrypt)")
+            format!("{e}: the store refused the object's settings ({put}): check S3_STORAGE_CLASS (a class this store has), S3_OBJECT_TAGS (s3:PutObjectTagging), S3_SSE / S3_SSE_KMS_KEY_ID (kms:GenerateDataKey, kms:Decrypt), S3_CHECKSUM (an algorithm this store checks)")
         });
         let fix = settings.or_else(|| fix_for(error_reason(e)).map(str::to_string));
         let fix = fix.unwrap_or_else(|| {
             format!(
                 "{e}: check S3_ENDPOINT_URL (reachable from here?), S3_REGION{}",
-                if matches!(config.store, StoreConfig::S3 { .. }) {
-                    ", and S3_CA_FILE for HTTPS with a private CA"
-                } else {
-                    ""
+                match config.store {
+                    StoreConfig::S3 { proxy: Some(_), .. } => {
+                        ", S3_PROXY_URL (the proxy runs and may reach the store?), and S3_CA_FILE for HTTPS with a private CA"
+                    }
+                    StoreConfig::S3 { .. } => {
+                        ", S3_CA_FILE for HTTPS with a private CA, and HTTPS_PROXY / NO_PROXY if a proxy stands between"
+                    }
+                    StoreConfig::Local { .. } => "",
                 }
             )
         });

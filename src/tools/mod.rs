@@ -32,6 +32,7 @@ pub const STORE_SETTINGS: &[&str] = &[
     "S3_REGION",
     "S3_ENDPOINT_URL",
     "S3_CA_FILE",
+    "S3_PROXY_URL",
     "ARCHIVE_DIR",
 ];
 /// The settings that shape keys and bodies.

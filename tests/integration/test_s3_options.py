@@ -4,12 +4,14 @@ PUTs and multipart uploads alike; server-side encryption (S3_SSE, S3_SSE_KMS_KEY
 keys with S3_SSE_C_KEY_FILE); and `check` says when the store refuses them. On moto, which keeps
 them and answers HEAD, GET and GetObjectTagging as S3 does."""
 import base64
+import hashlib
 import random
 import uuid
 
 import botocore.exceptions
 
 import oracle
+import testbed
 from test_archive import Bucket, check_archive, produce_raw
 from load import v3_message
 from test_operations import check
@@ -180,3 +182,65 @@ def test_a_customer_key_alone_reads_the_archive_back(broker, garage, run_archive
                                          "S3_SSE_C_KEY_FILE": str(tmp_path / "other.key")}, "verify")
     assert code != 0 and "clean" not in out, out + err
     print(f"\nSSE-C: {len(expected)} objects read back with the key, refused without it and with another")
+
+
+def test_through_a_proxy_with_a_checksum_the_store_checks(broker, garage, run_archiver, archiver_bin, tmp_path):
+    """S3_PROXY_URL and S3_CHECKSUM=sha256 on garage, which checks a body against the checksum sent
+    with it (a wrong one is refused: the control below). The endpoint's host does not resolve, so
+    nothing reaches the store but through the proxy; the proxy's password never shows."""
+    run = uuid.uuid4().hex[:8]
+    topic = f"proxy.{run}"
+    rng = random.Random(26)
+    items = sensor_messages(rng, 20, 300)
+    items += sensor_messages(rng, 10, 1 << 20, partition=1, first_us=1650250000200000, first_ms=1795545116200)
+    records = produced(broker, topic, items)
+    s3 = garage.client()
+    control = f"proxy-control-{run}"
+    garage.create_bucket(control)
+    wrong = base64.b64encode(hashlib.sha256(b"other bytes").digest()).decode()
+    try:
+        s3.put_object(Bucket=control, Key="k", Body=b"bytes", ChecksumSHA256=wrong)
+        raise AssertionError("garage stored a body whose checksum is wrong")
+    except botocore.exceptions.ClientError as e:
+        assert e.response["ResponseMetadata"]["HTTPStatusCode"] == 400, e.response
+
+    proxy = testbed.TcpProxy(garage.s3_port)
+    password = "pr0xyPass"
+    through = dict(S3_ENDPOINT_URL=f"http://s3.invalid:{garage.s3_port}",
+                   S3_PROXY_URL=f"http://lab:{password}@127.0.0.1:{proxy.port}", S3_CHECKSUM="sha256")
+    connect = Bucket("garage", server=garage, name=f"proxy-c-{run}")
+    garage.create_bucket(connect.name)
+    env = dict(BROKER_HOSTNAME=broker.bootstrap, KAFKA_TOPIC=topic, GROUP_ID=f"c-{run}", SPOOL_DIR=tmp_path / "c",
+               **{**connect.env(), **through})
+    code, out = check(archiver_bin, tmp_path, **env)
+    assert code == 0, out
+    assert f"through proxy http://lab:***@127.0.0.1:{proxy.port}/" in out and "checksum=sha256" in out, out
+    assert password not in out
+    code, out = check(archiver_bin, tmp_path, **{k: v for k, v in env.items() if k != "S3_PROXY_URL"})
+    assert code != 0, "without the proxy the store cannot be reached"
+
+    logs, _ = archive(run_archiver, broker, topic, len(items), GROUP_ID=f"c-{run}", SPOOL_DIR=tmp_path / "c",
+                      **{**connect.env(), **through})
+    expected, reasons = oracle.expected_objects(topic, records)
+    check_archive(connect, expected, reasons)
+    parquet = Bucket("garage", server=garage, name=f"proxy-p-{run}")
+    garage.create_bucket(parquet.name)
+    plogs, _ = archive(run_archiver, broker, topic, len(items), GROUP_ID=f"p-{run}", SPOOL_DIR=tmp_path / "p",
+                       ARCHIVE_FORMAT="parquet", BATCH_MAX_AGE="1s", **{**parquet.env(), **through})
+    assert password not in logs + plogs
+    proxy.down()
+
+    multipart = single = 0
+    for bucket in (connect, parquet):
+        for key, body in bucket.read_all().items():
+            head = s3.head_object(Bucket=bucket.name, Key=key, ChecksumMode="ENABLED")
+            stored = head.get("ChecksumSHA256")
+            assert stored, f"{key}: no SHA-256 checksum stored: {head}"
+            if "-" in stored:  # a multipart object: the checksum of its parts' checksums
+                multipart += 1
+            else:
+                assert stored == base64.b64encode(hashlib.sha256(body).digest()).decode(), key
+                single += 1
+    assert multipart >= 1 and single >= len(expected), (multipart, single)
+    print(f"\nPROXY AND CHECKSUM: {single} objects stored with their SHA-256 checked by garage, {multipart} multipart; "
+          "all requests through the proxy")

@@ -578,6 +578,8 @@ mod tests {
             ca_pem: None,
             put: Default::default(),
             sse: None,
+            proxy: None,
+            checksum: None,
         })
         .unwrap();
         let (up, _) = stage(dir.path(), store, false);
