@@ -56,6 +56,7 @@ fn uploader(store: Arc<dyn ObjectStore>, spool: &Arc<Spool>, ledger: &Arc<Mutex<
         layout: Layout::default(),
         policy: UndecodablePolicy::DeadLetter,
         workers: WORKERS,
+        rate_limit: None,
         shutdown_timeout: Duration::from_secs(30),
         conditional_put: false,
         metadata: false,

@@ -119,6 +119,9 @@ pub struct Settings {
     /// Object uploads in flight at once.
     #[arg(long, env = "UPLOAD_WORKERS")]
     pub upload_workers: Option<String>,
+    /// Object uploads started per second at most (a token bucket; off when unset).
+    #[arg(long, env = "UPLOAD_RATE_LIMIT")]
+    pub upload_rate_limit: Option<String>,
     /// Threads running the uploads and the HTTP endpoint.
     #[arg(long, env = "UPLOAD_THREADS")]
     pub upload_threads: Option<String>,
@@ -383,6 +386,8 @@ pub struct Config {
     pub spool_dir: PathBuf,
     pub spool_limits: SpoolLimits,
     pub upload_workers: usize,
+    /// Object uploads a second at most (UPLOAD_RATE_LIMIT); None: no limit.
+    pub upload_rate_limit: Option<f64>,
     /// Threads of the async runtime that runs the uploads and the HTTP server.
     pub upload_threads: usize,
     /// Upload with If-None-Match so an existing object is never overwritten (S3_CONDITIONAL_PUT).
@@ -488,6 +493,18 @@ impl Config {
         };
         let upload_workers =
             parse_number(&s.upload_workers, "UPLOAD_WORKERS", DEFAULT_UPLOAD_WORKERS as u64, 1, 4096)? as usize;
+        let upload_rate_limit = match non_empty(&s.upload_rate_limit) {
+            None => None,
+            Some(v) => match v.parse::<f64>() {
+                Ok(r) if r.is_finite() && r > 0.0 => Some(r),
+                _ => {
+                    return Err(invalid(
+                        "UPLOAD_RATE_LIMIT",
+                        format!("{v:?} is not a positive number of uploads a second (e.g. 500, or 0.5)"),
+                    ));
+                }
+            },
+        };
         let upload_threads =
             parse_number(&s.upload_threads, "UPLOAD_THREADS", default_upload_threads() as u64, 1, 1024)? as usize;
         let conditional_put = match non_empty(&s.s3_conditional_put).map(str::to_ascii_lowercase).as_deref() {
@@ -553,6 +570,7 @@ impl Config {
             spool_dir,
             spool_limits,
             upload_workers,
+            upload_rate_limit,
             upload_threads,
             conditional_put,
             undecodable,

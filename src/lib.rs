@@ -221,6 +221,7 @@ fn start_uploads(
         layout: config.layout.clone(),
         policy: config.undecodable,
         workers: config.upload_workers,
+        rate_limit: config.upload_rate_limit,
         shutdown_timeout: config.shutdown_timeout,
         conditional_put: config.conditional_put,
         metadata: config.store.keeps_metadata(),

@@ -23,6 +23,7 @@ pub const UNDECODABLE_RECORDS: &str = "kafka_s3_archiver_undecodable_records_tot
 pub const TOMBSTONES: &str = "kafka_s3_archiver_tombstones_total";
 pub const RECORDS_WITHOUT_TIMESTAMP: &str = "kafka_s3_archiver_records_without_timestamp_total";
 pub const HEADERS_OMITTED: &str = "kafka_s3_archiver_headers_omitted_total";
+pub const UPLOAD_CONCURRENCY_LIMIT: &str = "kafka_s3_archiver_upload_concurrency_limit";
 pub const SPOOL_RECORDS: &str = "kafka_s3_archiver_spool_records";
 pub const SPOOL_BYTES: &str = "kafka_s3_archiver_spool_bytes";
 pub const CONSUMER_PAUSED: &str = "kafka_s3_archiver_consumer_paused";
@@ -43,7 +44,8 @@ pub const OBJECT_SIZE: &str = "kafka_s3_archiver_object_size_bytes";
 /// `increase()` then see the first event, and a dashboard shows 0 rather than "no data".
 pub const OBJECT_KINDS: [&str; 5] = ["payload", "timestamp", "dead_letter", "dead_letter_reason", "parquet"];
 pub const SEAL_REASONS: [&str; 6] = ["hour", "records", "bytes", "age", "spool", "boundary"];
-pub const UPLOAD_ERROR_REASONS: [&str; 5] = ["permission_denied", "unauthenticated", "not_found", "conflict", "other"];
+pub const UPLOAD_ERROR_REASONS: [&str; 6] =
+    ["permission_denied", "unauthenticated", "not_found", "conflict", "slow_down", "other"];
 pub const UNDECODABLE_REASONS: [&str; 6] =
     ["encrypted", "no_envelope", "wrong_marker", "wrong_fingerprint", "truncated", "malformed"];
 
@@ -150,7 +152,7 @@ pub fn describe() {
     describe_histogram!(UPLOAD_DURATION, Unit::Seconds, "Time of one object PUT that succeeded.");
     describe_counter!(
         UPLOAD_ERRORS,
-        "Failed object PUTs (each is retried), by reason (permission_denied, unauthenticated, not_found, conflict, other)."
+        "Failed object PUTs (each is retried), by reason (permission_denied, unauthenticated, not_found, conflict, other); slow_down counts every 503 SlowDown or 429 answer, those the S3 client retried by itself included."
     );
     describe_counter!(UPLOAD_RETRIES, "Object PUTs sent again after a failure.");
     describe_counter!(
@@ -170,6 +172,10 @@ pub fn describe() {
     describe_counter!(
         HEADERS_OMITTED,
         "Records archived in the Connect format whose Kafka headers did not fit in S3's 2 KB of user metadata (kafka-headers-omitted gives their number)."
+    );
+    describe_gauge!(
+        UPLOAD_CONCURRENCY_LIMIT,
+        "Uploads allowed in flight: UPLOAD_WORKERS, halved when the store asks to slow down (503, 429), climbing back as it takes uploads."
     );
     describe_gauge!(SPOOL_RECORDS, "Records in the spool waiting for upload.");
     describe_gauge!(SPOOL_BYTES, Unit::Bytes, "Size of the records in the spool.");

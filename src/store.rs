@@ -7,15 +7,20 @@
 //! Its errors get a bounded reason (the metrics' label) and, where retrying alone will not help,
 //! what the operator should fix: the uploaders log them and `check` prints them.
 
+use std::future::Future;
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey, S3ConditionalPut};
+use object_store::client::{
+    HttpClient, HttpConnector, HttpError, HttpRequest, HttpResponse, HttpService, ReqwestConnector,
+};
 use object_store::local::LocalFileSystem;
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path as ObjectPath;
@@ -48,6 +53,60 @@ pub struct Built {
     pub multipart: Option<Arc<dyn MultipartStore>>,
 }
 
+/// Sees every answer of the S3 client's requests, those object_store retries by itself included,
+/// and counts the ones that ask to slow down, 503 (S3's SlowDown) and 429, for the upload that
+/// sent them ([`watch_slow_downs`]).
+#[derive(Debug)]
+struct SlowDownWatch;
+
+impl HttpConnector for SlowDownWatch {
+    fn connect(&self, options: &ClientOptions) -> object_store::Result<HttpClient> {
+        Ok(HttpClient::new(Watched(ReqwestConnector::default().connect(options)?)))
+    }
+}
+
+#[derive(Debug)]
+struct Watched(HttpClient);
+
+#[async_trait]
+impl HttpService for Watched {
+    async fn call(&self, req: HttpRequest) -> std::result::Result<HttpResponse, HttpError> {
+        let response = self.0.execute(req).await?;
+        if matches!(response.status().as_u16(), 503 | 429) {
+            let _ = SLOWED.try_with(|slowed| slowed.fetch_add(1, Ordering::Relaxed));
+        }
+        Ok(response)
+    }
+}
+
+tokio::task_local! {
+    /// How many requests of the upload running in this task were asked to slow down.
+    static SLOWED: Arc<AtomicU32>;
+}
+
+/// Runs `upload` and says how many of its requests the store asked to slow down (503, 429), those
+/// object_store retried included, so an upload that succeeded may still have been asked.
+pub async fn watch_slow_downs<F: Future>(upload: F) -> (F::Output, u32) {
+    let slowed = Arc::new(AtomicU32::new(0));
+    let output = SLOWED.scope(slowed.clone(), upload).await;
+    (output, slowed.load(Ordering::Relaxed))
+}
+
+/// `request`, to be run in another task (a part of a multipart upload), reporting to the upload
+/// that started it.
+pub fn carry_slow_down_watch<F: Future>(request: F) -> impl Future<Output = F::Output> {
+    let slowed = SLOWED.try_with(Arc::clone).ok();
+    async move {
+        match slowed {
+            Some(slowed) => SLOWED.scope(slowed, request).await,
+            None => request.await,
+        }
+    }
+}
+
+/// The reason of an answer that asks to slow down (503 SlowDown, 429).
+pub const SLOW_DOWN: &str = "slow_down";
+
 /// [`build`], with the store's multipart upload ids where it has them.
 pub fn build_with_multipart(config: &StoreConfig) -> Result<Built, StoreError> {
     match config {
@@ -75,6 +134,7 @@ pub fn build_with_multipart(config: &StoreConfig) -> Result<Built, StoreError> {
                 }
             }
             let mut b = AmazonS3Builder::new()
+                .with_http_connector(SlowDownWatch)
                 .with_bucket_name(bucket)
                 .with_region(region)
                 .with_conditional_put(S3ConditionalPut::ETagMatch)
@@ -300,6 +360,10 @@ pub fn error_reason(e: &object_store::Error) -> &'static str {
         object_store::Error::PermissionDenied { .. } => "permission_denied",
         object_store::Error::Unauthenticated { .. } => "unauthenticated",
         object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => "conflict",
+        // object_store gave up retrying a request the store kept asking to slow down.
+        e if ["status code: 503", "status code: 429", "SlowDown"].iter().any(|w| e.to_string().contains(w)) => {
+            SLOW_DOWN
+        }
         _ => "other",
     }
 }

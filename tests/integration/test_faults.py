@@ -1,10 +1,13 @@
-"""Faults around the archiver: the store goes down under load and comes back.
+"""Faults around the archiver: the store goes down under load and comes back; the store asks to
+slow down.
 
 While the store is down the archiver keeps consuming into the spool until its low watermark,
 waits a second for room, then pauses: spool size and memory stay flat. When the store returns it
 drains, and the archive is exact. OUTAGE_SECONDS (default 20 in CI; the full run uses 60) sets the outage.
 """
+import json
 import os
+import random
 import shutil
 import subprocess
 import time
@@ -13,7 +16,9 @@ import uuid
 import oracle
 import testbed
 from load import Producer
-from test_archive import Bucket, check_archive, summary, wait_committed
+from test_archive import Bucket, check_archive, produce_raw, summary, wait_committed
+from test_churn import FsBucket
+from test_s3_options import sensor_messages
 
 
 def drain(broker, group, topic, producer, archiver, timeout, broker_may_lose=False):
@@ -172,3 +177,86 @@ def test_full_spool_disk_pauses_and_loses_nothing(broker, garage, run_archiver, 
               f"the store returned; lost=0 duplicate=0 extra=0")
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_store_that_asks_to_slow_down_gets_fewer_uploads_and_loses_nothing(broker, s3s_fs, run_archiver,
+                                                                              archiver_bin, tmp_path):
+    """s3s-fs behind a proxy that meters requests as S3 meters a prefix (RATE a second; above it,
+    503 SlowDown) with a 20 ms round trip: 32 uploads in flight offer about 1,600 a second. The
+    archiver halves its uploads in flight on each round of refusals (the gauge shows it), counts
+    every refusal, retries them all and archives every record exactly; a fixed 32 in flight
+    (`bench-store`, no pacing) meets more refusals. With UPLOAD_RATE_LIMIT below the store's rate,
+    the store refuses nothing."""
+    run = uuid.uuid4().hex[:8]
+    topic, n, rate = f"slowdown.{run}", 1000, 150
+    rng = random.Random(24)
+    items = sensor_messages(rng, n, 256)
+    broker.create_topic(topic, 2)
+    produce_raw(broker.bootstrap, topic, items)
+    records = oracle.read_topic(broker.bootstrap, topic, n)
+    expected, reasons = oracle.expected_objects(topic, records)
+
+    def bucket(name):
+        b = Bucket("s3s-fs", server=s3s_fs, name=f"{name}-{run}")
+        s3s_fs.create_bucket(b.name)
+        return b
+
+    def files(b):
+        # s3s-fs lists no ETag; its files are the objects.
+        return FsBucket(s3s_fs.bucket_dir(b.name))
+
+    # The baseline: a fixed 32 in flight through the same kind of store.
+    fixed = testbed.HttpProxy(s3s_fs.port, rate=rate, delay=0.02)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "S3_", "AWS_"))}
+    env.update(bucket("slow-bench").env(), S3_ENDPOINT_URL=fixed.endpoint, UPLOAD_WORKERS="32")
+    r = subprocess.run([str(archiver_bin), "bench-store", "--records", str(n), "--payload-bytes", "256"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    bench = json.loads(r.stdout)
+    fixed_forwarded, fixed_refused = fixed.counts()
+    fixed.stop()
+
+    store = testbed.HttpProxy(s3s_fs.port, rate=rate, delay=0.02)
+    paced = bucket("slow")
+    a = run_archiver(BROKER_HOSTNAME=broker.bootstrap, KAFKA_TOPIC=topic, GROUP_ID=f"slow-{run}",
+                     SPOOL_DIR=tmp_path / "paced", UPLOAD_WORKERS=32, **{**paced.env(), "S3_ENDPOINT_URL": store.endpoint})
+    limits, deadline, began = [], time.time() + 180, time.monotonic()
+    while a.archived() < n:
+        assert time.time() < deadline and a.proc.poll() is None, f"archived {a.archived()} of {n}\n{a.logs()}"
+        limits.append(a.metric("kafka_s3_archiver_upload_concurrency_limit", 32))
+        time.sleep(0.2)
+    took, ended = time.time() - a.started, time.monotonic()
+    m = a.metrics()
+    assert a.stop() == 0, a.logs()
+    check_archive(files(paced), expected, reasons)
+    forwarded, refused = store.counts()
+    # Settled: the second half of the run, once the limit found the store's rate.
+    late_forwarded, late_refused = store.counts(since=(began + ended) / 2)
+    store.stop()
+    assert refused > 0, "the store never asked to slow down: the test measures nothing"
+    counted = m['kafka_s3_archiver_upload_errors_total{reason="slow_down"}']
+    assert counted == refused, f"the store refused {refused} requests, the archiver counted {counted}"
+    assert min(limits) <= 16, f"uploads in flight never came down: {sorted(set(limits))}"
+    assert "the store asks to slow down" in a.logs()
+    fixed_share, paced_share = fixed_refused / (fixed_forwarded + fixed_refused), refused / (forwarded + refused)
+    print(f"\nSLOW DOWN ({rate} requests/s, 20 ms round trip): 32 fixed in flight (bench-store, {bench['objects']} "
+          f"objects, {bench['errors']} given up): {fixed_refused} of {fixed_forwarded + fixed_refused} requests "
+          f"refused ({fixed_share:.0%}); archiver: {refused} of {forwarded + refused} refused ({paced_share:.0%}), "
+          f"second half {late_refused} of {late_forwarded + late_refused}, {n} records in {took:.1f} s, "
+          f"uploads in flight down to {min(limits):.0f}")
+    assert refused * 2 < fixed_refused, "pacing halved nothing"
+
+    # A known quota: UPLOAD_RATE_LIMIT below it, and the store refuses nothing.
+    quota = testbed.HttpProxy(s3s_fs.port, rate=rate, delay=0.02)
+    limited = bucket("slow-limited")
+    a = run_archiver(BROKER_HOSTNAME=broker.bootstrap, KAFKA_TOPIC=topic, GROUP_ID=f"slow-limited-{run}",
+                     SPOOL_DIR=tmp_path / "limited", UPLOAD_WORKERS=32, UPLOAD_RATE_LIMIT=rate * 0.8,
+                     **{**limited.env(), "S3_ENDPOINT_URL": quota.endpoint})
+    took = a.wait_archived(n, timeout=180)
+    assert a.stop() == 0, a.logs()
+    check_archive(files(limited), expected, reasons)
+    forwarded, refused = quota.counts()
+    quota.stop()
+    print(f"UPLOAD_RATE_LIMIT={rate * 0.8:g}: {refused} of {forwarded + refused} requests refused, "
+          f"{n} records in {took:.1f} s ({2 * n / took:.0f} objects/s)")
+    assert refused == 0

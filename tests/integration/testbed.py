@@ -330,6 +330,111 @@ class TcpProxy:
                 self.conns.discard(dst)
 
 
+class HttpProxy:
+    """An HTTP(S) proxy on loopback in front of a server (an S3 server, moto's STS) that records
+    every request: when it came, its method, path and headers, and whether it was refused
+    (`requests`).
+
+    - rate: requests a second it lets through, metered as S3 meters a prefix (a token bucket
+      holding a tenth of a second's worth); a request that finds the bucket empty is answered 503
+      SlowDown (S3's XML error) and never reaches the server. None: no limit.
+    - delay: seconds every request waits first, the round trip to a distant store.
+    - tls: (cert.pem, key.pem) to serve HTTPS.
+    - rewrite: a function applied to each answer's body before it is passed on."""
+
+    SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+                 b'<Message>Please reduce your request rate.</Message></Error>')
+    HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length"}
+
+    def __init__(self, upstream_port, rate=None, delay=0.0, tls=None, rewrite=None):
+        import http.client
+        import http.server
+        import ssl
+        import threading
+        self.rate, self.delay, self.rewrite = rate, delay, rewrite
+        self.burst = max(1.0, (rate or 0) / 10)
+        self.tokens, self.refilled = self.burst, time.monotonic()
+        self.requests = []
+        self.lock = threading.Lock()
+        local = threading.local()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def handle_one(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                admitted = proxy._admit(self.command, self.path, dict(self.headers.items()))
+                time.sleep(proxy.delay)
+                if not admitted:
+                    return self._answer(503, [("Content-Type", "application/xml")], proxy.SLOW_DOWN)
+                if getattr(local, "conn", None) is None:
+                    local.conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in proxy.HOP_BY_HOP}
+                headers["Content-Length"] = str(len(body))
+                try:
+                    local.conn.request(self.command, self.path, body=body, headers=headers)
+                    r = local.conn.getresponse()
+                    data = r.read()
+                except (OSError, http.client.HTTPException):
+                    local.conn.close()
+                    local.conn = None
+                    raise
+                if proxy.rewrite:
+                    data = proxy.rewrite(data)
+                length = r.getheader("Content-Length") if self.command == "HEAD" else str(len(data))
+                kept = [(k, v) for k, v in r.getheaders() if k.lower() not in proxy.HOP_BY_HOP]
+                self._answer(r.status, kept + [("Content-Length", length or "0")], data)
+
+            def _answer(self, status, headers, body):
+                self.send_response_only(status)
+                for k, v in headers:
+                    self.send_header(k, v)
+                if not any(k.lower() == "content-length" for k, _ in headers):
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = handle_one
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        self.endpoint = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def _admit(self, method, path, headers):
+        """Records a request that just came; False: refuse it."""
+        with self.lock:
+            now = time.monotonic()
+            admitted = True
+            if self.rate:
+                self.tokens = min(self.burst, self.tokens + (now - self.refilled) * self.rate)
+                self.refilled = now
+                admitted = self.tokens >= 1
+                self.tokens -= admitted
+            self.requests.append((now, method, path, headers, not admitted))
+            return admitted
+
+    def counts(self, since=0.0):
+        """(forwarded, refused) of the requests that came from `since` (time.monotonic()) on."""
+        with self.lock:
+            refused = [r[4] for r in self.requests if r[0] >= since]
+        return len(refused) - sum(refused), sum(refused)
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def rss_bytes(pid, field="VmRSS"):
     """A process's resident memory now, or its peak so far with field="VmHWM"."""
     for line in open(f"/proc/{pid}/status"):

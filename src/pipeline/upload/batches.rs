@@ -41,6 +41,7 @@ use crate::pipeline::batch::{Batch, BatchLimits, Batcher, Seal};
 use crate::pipeline::commit::Tp;
 use crate::pipeline::spool::{SealedBatch, Spool, SpoolError, SpoolKey};
 use crate::record::Record;
+use crate::store::watch_slow_downs;
 
 /// A row group holds at most this many records, or this many bytes of values (as spooled), so that
 /// readers get groups of a few MiB to tens of MiB and an upload holds one group at a time.
@@ -630,9 +631,10 @@ async fn store_batch(
         }
         let rows = BatchRows::new(up.spool.clone(), batch, settings.sinetstream, up.policy);
         let started = Instant::now();
-        let permit = shared.puts.acquire().await.expect("semaphore is never closed");
-        let result = put_parquet(up.store.as_ref(), &path, rows, settings.zstd_level, &shared.abandon).await;
-        drop(permit);
+        let permit = shared.puts.acquire().await;
+        let (result, slowed) =
+            watch_slow_downs(put_parquet(up.store.as_ref(), &path, rows, settings.zstd_level, &shared.abandon)).await;
+        permit.done(result.is_ok(), slowed);
         let failure = match result {
             Ok((rows, size)) => {
                 shared.store_answers();
@@ -922,6 +924,7 @@ mod tests {
             layout: Layout::default(),
             policy: UndecodablePolicy::DeadLetter,
             workers: 4,
+            rate_limit: None,
             shutdown_timeout: Duration::from_millis(500),
             conditional_put: false,
             metadata: false,

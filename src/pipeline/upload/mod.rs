@@ -10,6 +10,7 @@
 
 mod batches;
 mod multipart;
+mod pace;
 
 pub use batches::BatchSettings;
 pub use multipart::{RecordedUploads, abort_left};
@@ -36,7 +37,8 @@ use crate::pipeline::spool::{Spool, SpoolError, SpoolKey};
 use crate::pipeline::status::{STORE_FRESHNESS, Status};
 use crate::pipeline::throttle::{Say, Throttle};
 use crate::record::Record;
-use crate::store::{error_reason, fix_for};
+use crate::store::{error_reason, fix_for, watch_slow_downs};
+use pace::UploadPace;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
@@ -72,6 +74,8 @@ pub struct Uploader {
     pub metadata: bool,
     /// The Parquet format: batches, not records (None: the Connect format).
     pub batches: Option<BatchSettings>,
+    /// Uploads a second at most (UPLOAD_RATE_LIMIT).
+    pub rate_limit: Option<f64>,
 }
 
 /// State shared by the dispatcher and its tasks.
@@ -79,7 +83,9 @@ pub struct Uploader {
 struct Shared {
     up: Uploader,
     in_flight: Mutex<HashSet<SpoolKey>>,
-    puts: Semaphore,
+    /// Uploads in flight and their rate (UPLOAD_WORKERS, lowered while the store asks to slow
+    /// down; UPLOAD_RATE_LIMIT).
+    puts: UploadPace,
     /// (topic, partition, reason) already logged: each decision is logged once, not per record.
     logged: Mutex<HashSet<(String, i32, &'static str)>>,
     /// Cancelled when in-flight uploads must give up (shutdown timeout passed).
@@ -128,7 +134,7 @@ impl Uploader {
         let workers = self.workers;
         let batches = self.batches;
         let shared = Arc::new(Shared {
-            puts: Semaphore::new(workers),
+            puts: UploadPace::new(workers, self.rate_limit),
             in_flight: Mutex::new(HashSet::new()),
             logged: Mutex::new(HashSet::new()),
             abandon: CancellationToken::new(),
@@ -354,22 +360,29 @@ async fn put_until_stored(shared: &Shared, tp: &Tp, object: Object, conditional:
         if attempt > 0 {
             metrics::counter!(m::UPLOAD_RETRIES).increment(1);
         }
-        let permit = shared.puts.acquire().await.expect("semaphore is never closed");
+        let permit = shared.puts.acquire().await;
         let started = Instant::now();
         let store = shared.up.store.as_ref();
-        let result = match (conditional, multipart) {
-            (false, false) => store.put_opts(&path, payload.clone(), opts(PutMode::Overwrite)).await.map(drop),
-            (false, true) => put_multipart(store, &path, &payload, &attributes).await,
-            (true, false) => store.put_opts(&path, payload.clone(), opts(PutMode::Create)).await.map(drop),
-            // Multipart uploads have no If-None-Match: look first (a race with another writer
-            // remains possible for these large objects only).
-            (true, true) => match store.head(&path).await {
-                Ok(_) => Err(object_store::Error::AlreadyExists { path: path.to_string(), source: "exists".into() }),
-                Err(object_store::Error::NotFound { .. }) => put_multipart(store, &path, &payload, &attributes).await,
-                Err(e) => Err(e),
-            },
-        };
-        drop(permit);
+        let (result, slowed) = watch_slow_downs(async {
+            match (conditional, multipart) {
+                (false, false) => store.put_opts(&path, payload.clone(), opts(PutMode::Overwrite)).await.map(drop),
+                (false, true) => put_multipart(store, &path, &payload, &attributes).await,
+                (true, false) => store.put_opts(&path, payload.clone(), opts(PutMode::Create)).await.map(drop),
+                // Multipart uploads have no If-None-Match: look first (a race with another writer
+                // remains possible for these large objects only).
+                (true, true) => match store.head(&path).await {
+                    Ok(_) => {
+                        Err(object_store::Error::AlreadyExists { path: path.to_string(), source: "exists".into() })
+                    }
+                    Err(object_store::Error::NotFound { .. }) => {
+                        put_multipart(store, &path, &payload, &attributes).await
+                    }
+                    Err(e) => Err(e),
+                },
+            }
+        })
+        .await;
+        permit.done(result.is_ok(), slowed);
         let failure = match result {
             Ok(()) => {
                 shared.store_answers();
@@ -422,7 +435,10 @@ impl Failure {
             Failure::ReadBack(e) => (e, fix_for_read_back(error_reason(e))),
         };
         let reason = error_reason(e);
-        metrics::counter!(m::UPLOAD_ERRORS, "reason" => reason).increment(1);
+        if reason != crate::store::SLOW_DOWN {
+            // Slow-down answers are counted as they come (`pace`), those object_store retried too.
+            metrics::counter!(m::UPLOAD_ERRORS, "reason" => reason).increment(1);
+        }
         let problem = match (self, fix) {
             (Failure::Put(_), Some(fix)) => format!("upload of {key} refused: {fix}"),
             (Failure::Put(_), None) => format!("upload of {key} failed: {e}"),
@@ -557,6 +573,7 @@ mod tests {
             layout: Layout::default(),
             policy: UndecodablePolicy::DeadLetter,
             workers: 4,
+            rate_limit: None,
             shutdown_timeout: Duration::from_millis(200),
             conditional_put,
             metadata: false,

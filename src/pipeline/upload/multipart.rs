@@ -87,7 +87,9 @@ impl MultipartUpload for Upload {
         self.started += 1;
         let (multipart, path, id, parts) =
             (self.multipart.clone(), self.path.clone(), self.id.clone(), self.parts.clone());
-        Box::pin(async move {
+        // WriteMultipart runs the part in a task of its own: its slow-down answers still count
+        // for the upload.
+        Box::pin(crate::store::carry_slow_down_watch(async move {
             let part = multipart.put_part(&path, &id, index, data).await?;
             let mut parts = parts.lock().expect("parts lock");
             if parts.len() <= index {
@@ -95,7 +97,7 @@ impl MultipartUpload for Upload {
             }
             parts[index] = Some(part);
             Ok(())
-        })
+        }))
     }
 
     async fn complete(&mut self) -> Result<PutResult> {
