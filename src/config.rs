@@ -53,6 +53,30 @@ pub struct Settings {
     /// Object storage secret key (AWS_SECRET_ACCESS_KEY is accepted too).
     #[arg(long, env = "AWS_SECRET_KEY", hide_env_values = true)]
     pub aws_secret_key: Option<String>,
+    /// Session token of temporary credentials (STS), with AWS_ACCESS_KEY_ID and AWS_SECRET_KEY.
+    #[arg(long, env = "AWS_SESSION_TOKEN", hide_env_values = true)]
+    pub aws_session_token: Option<String>,
+    /// Web identity token file (EKS IRSA), exchanged with STS for AWS_ROLE_ARN's credentials.
+    #[arg(long, env = "AWS_WEB_IDENTITY_TOKEN_FILE")]
+    pub aws_web_identity_token_file: Option<String>,
+    /// Role the web identity token is exchanged for.
+    #[arg(long, env = "AWS_ROLE_ARN")]
+    pub aws_role_arn: Option<String>,
+    /// Session name of the web identity role.
+    #[arg(long, env = "AWS_ROLE_SESSION_NAME")]
+    pub aws_role_session_name: Option<String>,
+    /// STS endpoint of the web identity exchange (https).
+    #[arg(long, env = "AWS_ENDPOINT_URL_STS")]
+    pub aws_endpoint_url_sts: Option<String>,
+    /// ECS task role credentials: the path ECS sets.
+    #[arg(long, env = "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")]
+    pub aws_container_credentials_relative_uri: Option<String>,
+    /// Container credentials URL (EKS Pod Identity), with AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE.
+    #[arg(long, env = "AWS_CONTAINER_CREDENTIALS_FULL_URI")]
+    pub aws_container_credentials_full_uri: Option<String>,
+    /// File holding the token AWS_CONTAINER_CREDENTIALS_FULL_URI wants.
+    #[arg(long, env = "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE")]
+    pub aws_container_authorization_token_file: Option<String>,
     /// Bucket name.
     #[arg(long, env = "S3_BUCKET_NAME")]
     pub s3_bucket_name: Option<String>,
@@ -167,6 +191,7 @@ pub struct Settings {
 /// checks them against what the parser gives when the variable is not set.
 pub const DEFAULTS: &[(&str, &str)] = &[
     ("S3_REGION", "us-east-1"),
+    ("AWS_ROLE_SESSION_NAME", DEFAULT_ROLE_SESSION_NAME),
     ("S3_CONDITIONAL_PUT", "false"),
     ("S3_OBJECT_EXTENSION", ".bin"),
     ("S3_OBJECT_SEPARATOR", "\\n"),
@@ -218,8 +243,8 @@ pub enum StoreConfig {
         region: String,
         /// None: Amazon S3 (virtual-hosted style). Some: that endpoint, path-style.
         endpoint: Option<String>,
-        access_key_id: Option<Secret>,
-        secret_key: Option<Secret>,
+        /// Where the requests' signing credentials come from (boxed: the variant stays small).
+        credentials: Box<Credentials>,
         /// Extra trusted certificate authorities (PEM), for an HTTPS endpoint with a private CA.
         ca_pem: Option<Vec<u8>>,
         /// What every object is written with besides its body.
@@ -233,6 +258,46 @@ pub enum StoreConfig {
     },
     /// A local directory laid out as MinIO lays out a bucket: `<dir>/<bucket>/topics/...`.
     Local { dir: PathBuf, bucket: String },
+}
+
+/// The AWS credential chain, in the order the AWS SDKs take it: the first source that is
+/// configured is used. object_store fetches and refreshes temporary credentials before they expire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credentials {
+    /// AWS_ACCESS_KEY_ID and AWS_SECRET_KEY, with AWS_SESSION_TOKEN for temporary ones.
+    Keys { access_key_id: Secret, secret_key: Secret, session_token: Option<Secret> },
+    /// AWS_WEB_IDENTITY_TOKEN_FILE exchanged for AWS_ROLE_ARN's credentials (EKS IRSA); the file is
+    /// read again at each refresh, as the platform rotates it.
+    WebIdentity { token_file: String, role_arn: String, session_name: String, sts_endpoint: Option<String> },
+    /// ECS task role: AWS_CONTAINER_CREDENTIALS_RELATIVE_URI on 169.254.170.2.
+    EcsTask { relative_uri: String },
+    /// AWS_CONTAINER_CREDENTIALS_FULL_URI with the token of AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE
+    /// (EKS Pod Identity).
+    Container { full_uri: String, token_file: String },
+    /// The instance's role, from the instance metadata service (IMDS).
+    Instance,
+}
+
+impl Credentials {
+    /// For the start-up log and `check`: the source, secrets masked.
+    pub fn shown(&self) -> String {
+        match self {
+            Credentials::Keys { access_key_id, session_token, .. } => format!(
+                "credentials=keys access_key_id={} secret_key=***{}",
+                mask_key_id(access_key_id.expose()),
+                if session_token.is_some() { " session_token=***" } else { "" }
+            ),
+            Credentials::WebIdentity { token_file, role_arn, sts_endpoint, .. } => format!(
+                "credentials=web-identity role={role_arn} token_file={token_file} sts={}",
+                sts_endpoint.as_deref().unwrap_or("(AWS)")
+            ),
+            Credentials::EcsTask { relative_uri } => format!("credentials=ecs-task uri={relative_uri}"),
+            Credentials::Container { full_uri, token_file } => {
+                format!("credentials=container uri={full_uri} token_file={token_file}")
+            }
+            Credentials::Instance => "credentials=instance (IMDS)".to_string(),
+        }
+    }
 }
 
 /// What every object is written with on S3 (S3_STORAGE_CLASS, S3_OBJECT_TAGS): written directly
@@ -603,12 +668,11 @@ impl Config {
     /// One line for the start-up log: the effective settings, secrets masked.
     pub fn summary(&self) -> String {
         let store = match &self.store {
-            StoreConfig::S3 { bucket, region, endpoint, access_key_id, secret_key, ca_pem, proxy, .. } => {
+            StoreConfig::S3 { bucket, region, endpoint, credentials, ca_pem, proxy, .. } => {
                 format!(
-                    "s3 bucket={bucket} region={region} endpoint={} access_key_id={} secret_key={} custom_ca={} proxy={} {}",
+                    "s3 bucket={bucket} region={region} endpoint={} {} custom_ca={} proxy={} {}",
                     endpoint.as_deref().unwrap_or("(AWS)"),
-                    access_key_id.as_ref().map_or("(unset)", |id| mask_key_id(id.expose())),
-                    if secret_key.is_some() { "***" } else { "(unset)" },
+                    credentials.shown(),
                     ca_pem.is_some(),
                     proxy.as_ref().map_or("(none)".to_string(), |p| proxy_shown(p.url.expose())),
                     self.store.object_settings().unwrap_or_default(),
@@ -769,6 +833,83 @@ fn parse_duration(value: &Option<String>, var: &str, default: Duration) -> Resul
 }
 
 /// Shows only the first four characters of an access key id.
+/// AWS_ROLE_SESSION_NAME when unset (object_store's and the AWS SDKs' choice).
+const DEFAULT_ROLE_SESSION_NAME: &str = "WebIdentitySession";
+
+/// The first credential source configured, in the AWS SDKs' order (see [`Credentials`]).
+fn parse_credentials(s: &Settings, secret: Option<String>) -> Result<Credentials, ConfigError> {
+    let access_key_id = non_empty(&s.aws_access_key_id);
+    let session_token = non_empty(&s.aws_session_token);
+    match (access_key_id, secret) {
+        (Some(id), Some(secret)) => {
+            return Ok(Credentials::Keys {
+                access_key_id: Secret(id.to_string()),
+                secret_key: Secret(secret),
+                session_token: session_token.map(|t| Secret(t.to_string())),
+            });
+        }
+        (Some(_), None) => return Err(invalid("AWS_SECRET_KEY", "is required when AWS_ACCESS_KEY_ID is set")),
+        (None, Some(_)) => return Err(invalid("AWS_ACCESS_KEY_ID", "is required when AWS_SECRET_KEY is set")),
+        (None, None) if session_token.is_some() => {
+            return Err(invalid(
+                "AWS_SESSION_TOKEN",
+                "belongs to temporary credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_KEY with it",
+            ));
+        }
+        (None, None) => {}
+    }
+    let token_file = non_empty(&s.aws_web_identity_token_file);
+    let role_arn = non_empty(&s.aws_role_arn);
+    match (token_file, role_arn) {
+        (Some(file), Some(role_arn)) => {
+            if let Err(e) = std::fs::metadata(file) {
+                return Err(invalid("AWS_WEB_IDENTITY_TOKEN_FILE", format!("cannot read {file:?}: {e}")));
+            }
+            let sts_endpoint = non_empty(&s.aws_endpoint_url_sts).map(str::to_string);
+            if let Some(url) = &sts_endpoint
+                && !url.starts_with("https://")
+            {
+                return Err(invalid(
+                    "AWS_ENDPOINT_URL_STS",
+                    format!("{url:?}: the token exchange is made over https:// only"),
+                ));
+            }
+            return Ok(Credentials::WebIdentity {
+                token_file: file.to_string(),
+                role_arn: role_arn.to_string(),
+                session_name: non_empty(&s.aws_role_session_name).unwrap_or(DEFAULT_ROLE_SESSION_NAME).to_string(),
+                sts_endpoint,
+            });
+        }
+        (Some(_), None) => {
+            return Err(invalid("AWS_ROLE_ARN", "is required with AWS_WEB_IDENTITY_TOKEN_FILE (the role to assume)"));
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                "AWS_WEB_IDENTITY_TOKEN_FILE",
+                "is required with AWS_ROLE_ARN (the token to assume it with)",
+            ));
+        }
+        (None, None) => {}
+    }
+    if let Some(uri) = non_empty(&s.aws_container_credentials_relative_uri) {
+        return Ok(Credentials::EcsTask { relative_uri: uri.to_string() });
+    }
+    if let Some(uri) = non_empty(&s.aws_container_credentials_full_uri) {
+        let Some(file) = non_empty(&s.aws_container_authorization_token_file) else {
+            return Err(invalid(
+                "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+                "is required with AWS_CONTAINER_CREDENTIALS_FULL_URI (the agent's token)",
+            ));
+        };
+        if let Err(e) = std::fs::metadata(file) {
+            return Err(invalid("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", format!("cannot read {file:?}: {e}")));
+        }
+        return Ok(Credentials::Container { full_uri: uri.to_string(), token_file: file.to_string() });
+    }
+    Ok(Credentials::Instance)
+}
+
 fn mask_key_id(id: &str) -> &str {
     id.get(..4).unwrap_or("***")
 }
@@ -883,11 +1024,7 @@ fn parse_store(s: &Settings, env: &[(String, String)]) -> Result<StoreConfig, Co
             .map(|(_, v)| v.trim().to_string())
             .filter(|v| !v.is_empty())
     });
-    let access_key_id = non_empty(&s.aws_access_key_id).map(|id| Secret(id.to_string()));
-    if access_key_id.is_some() != secret.is_some() {
-        let missing = if access_key_id.is_some() { "AWS_SECRET_KEY" } else { "AWS_ACCESS_KEY_ID" };
-        return Err(invalid(missing, "is required when the other half of the key pair is set"));
-    }
+    let credentials = parse_credentials(s, secret)?;
     let region = non_empty(&s.s3_region).unwrap_or(DEFAULT_REGION);
     if !region.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
         return Err(invalid("S3_REGION", format!("{region:?} is not a region name (e.g. us-east-1)")));
@@ -915,8 +1052,7 @@ fn parse_store(s: &Settings, env: &[(String, String)]) -> Result<StoreConfig, Co
         bucket: bucket.to_string(),
         region: region.to_string(),
         endpoint,
-        access_key_id,
-        secret_key: secret.map(Secret),
+        credentials: Box::new(credentials),
         ca_pem,
         put: PutSettings {
             storage_class: non_empty(&s.s3_storage_class).map(parse_storage_class).transpose()?,
@@ -1221,6 +1357,81 @@ mod tests {
         }
     }
 
+    /// The credentials `s` configures.
+    fn credentials(s: Settings) -> Credentials {
+        match s3_store(&s) {
+            StoreConfig::S3 { credentials, .. } => *credentials,
+            StoreConfig::Local { .. } => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn the_credential_chain_takes_the_first_source_configured_as_the_aws_sdks_do() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let path = file.path().to_str().unwrap().to_string();
+        let all = Settings {
+            aws_access_key_id: Some("ASIAEXAMPLE".into()),
+            aws_secret_key: Some("s3cr3t".into()),
+            aws_session_token: Some("t0ken".into()),
+            aws_web_identity_token_file: Some(path.clone()),
+            aws_role_arn: Some("arn:aws:iam::1:role/r".into()),
+            aws_endpoint_url_sts: Some("https://sts.example".into()),
+            aws_container_credentials_relative_uri: Some("/v2/credentials/x".into()),
+            aws_container_credentials_full_uri: Some("http://127.0.0.1:1/creds".into()),
+            aws_container_authorization_token_file: Some(path.clone()),
+            ..s3()
+        };
+        let keys = credentials(all.clone());
+        assert!(matches!(&keys, Credentials::Keys { session_token: Some(t), .. } if t.expose() == "t0ken"), "{keys:?}");
+        assert_eq!(keys.shown(), "credentials=keys access_key_id=ASIA secret_key=*** session_token=***");
+        let no_keys = Settings { aws_access_key_id: None, aws_secret_key: None, aws_session_token: None, ..all };
+        let web = credentials(no_keys.clone());
+        assert_eq!(
+            web,
+            Credentials::WebIdentity {
+                token_file: path.clone(),
+                role_arn: "arn:aws:iam::1:role/r".into(),
+                session_name: DEFAULT_ROLE_SESSION_NAME.into(),
+                sts_endpoint: Some("https://sts.example".into())
+            }
+        );
+        let no_web = Settings { aws_web_identity_token_file: None, aws_role_arn: None, ..no_keys };
+        assert_eq!(credentials(no_web.clone()), Credentials::EcsTask { relative_uri: "/v2/credentials/x".into() });
+        let no_ecs = Settings { aws_container_credentials_relative_uri: None, ..no_web };
+        assert_eq!(
+            credentials(no_ecs.clone()),
+            Credentials::Container { full_uri: "http://127.0.0.1:1/creds".into(), token_file: path }
+        );
+        let none = Settings { aws_container_credentials_full_uri: None, ..no_ecs };
+        assert_eq!(credentials(none), Credentials::Instance);
+    }
+
+    #[test]
+    fn an_incomplete_credential_source_is_named() {
+        let e = err(Settings { aws_session_token: Some("t".into()), ..s3() });
+        assert!(e.starts_with("AWS_SESSION_TOKEN:"), "{e}");
+        let e = err(Settings { aws_role_arn: Some("arn:aws:iam::1:role/r".into()), ..s3() });
+        assert!(e.starts_with("AWS_WEB_IDENTITY_TOKEN_FILE:"), "{e}");
+        let e = err(Settings { aws_web_identity_token_file: Some("/nonexistent/token".into()), ..s3() });
+        assert!(e.starts_with("AWS_ROLE_ARN:"), "{e}");
+        let e = err(Settings {
+            aws_web_identity_token_file: Some("/nonexistent/token".into()),
+            aws_role_arn: Some("arn:aws:iam::1:role/r".into()),
+            ..s3()
+        });
+        assert!(e.starts_with("AWS_WEB_IDENTITY_TOKEN_FILE:") && e.contains("cannot read"), "{e}");
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let e = err(Settings {
+            aws_web_identity_token_file: Some(file.path().to_str().unwrap().into()),
+            aws_role_arn: Some("arn:aws:iam::1:role/r".into()),
+            aws_endpoint_url_sts: Some("http://sts.example".into()),
+            ..s3()
+        });
+        assert!(e.starts_with("AWS_ENDPOINT_URL_STS:"), "{e}");
+        let e = err(Settings { aws_container_credentials_full_uri: Some("http://127.0.0.1:1/c".into()), ..s3() });
+        assert!(e.starts_with("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE:"), "{e}");
+    }
+
     #[test]
     fn a_proxy_keeps_its_password_out_of_the_log_and_skips_the_credential_endpoints() {
         let s = Settings { s3_proxy_url: Some("http://archiver:pr0xyPass@proxy.lab:3128".into()), ..s3() };
@@ -1282,6 +1493,8 @@ mod tests {
                 }
                 // Only with an S3 store; a sentence, not a value.
                 "S3_REGION" | "UPLOAD_THREADS" => return None,
+                // Only with web identity: the credential chain's test.
+                "AWS_ROLE_SESSION_NAME" => return None,
                 other => panic!("{other} has a default but is not checked here"),
             }
             Some(s)
@@ -1390,12 +1603,13 @@ mod tests {
         };
         let env = vec![("AWS_SECRET_ACCESS_KEY".to_string(), "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY".to_string())];
         let c = Config::from_settings(&s, &env).unwrap();
-        let StoreConfig::S3 { bucket, region, endpoint, secret_key, .. } = &c.store else { panic!() };
+        let StoreConfig::S3 { bucket, region, endpoint, credentials, .. } = &c.store else { panic!() };
+        let Credentials::Keys { secret_key, .. } = &**credentials else { panic!("{credentials:?}") };
         assert_eq!(
             (bucket.as_str(), region.as_str(), endpoint.as_deref()),
             ("mybucket", "us-east-1", Some("http://minio:9000"))
         );
-        assert_eq!(secret_key.as_ref().unwrap().expose(), "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY");
+        assert_eq!(secret_key.expose(), "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY");
         let shown = format!("{} {:?}", c.summary(), c);
         assert!(!shown.contains("wJalrXUtnFEMI"), "{shown}");
         assert!(!shown.contains("AKIAIOSFODNN7EXAMPLE"), "{shown}");

@@ -30,7 +30,7 @@ use object_store::{
     RenameOptions, Result, RetryConfig, TagSet,
 };
 
-use crate::config::{Checksum, PutSettings, Sse, StoreConfig};
+use crate::config::{Checksum, Credentials, PutSettings, Sse, StoreConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -120,7 +120,7 @@ pub fn build_with_multipart(config: &StoreConfig) -> Result<Built, StoreError> {
             // durable, as it is on S3.
             Ok(Built { store: Arc::new(LocalFileSystem::new_with_prefix(root)?.with_fsync(true)), multipart: None })
         }
-        StoreConfig::S3 { bucket, region, endpoint, access_key_id, secret_key, ca_pem, put, sse, proxy, checksum } => {
+        StoreConfig::S3 { bucket, region, endpoint, credentials, ca_pem, put, sse, proxy, checksum } => {
             let mut client = ClientOptions::new()
                 .with_timeout(Duration::from_secs(120))
                 .with_connect_timeout(Duration::from_secs(5))
@@ -160,9 +160,7 @@ pub fn build_with_multipart(config: &StoreConfig) -> Result<Built, StoreError> {
                 Some(Checksum::Sha256) => b.with_checksum_algorithm(object_store::aws::Checksum::SHA256),
                 Some(Checksum::Crc64Nvme) => b.with_checksum_algorithm(object_store::aws::Checksum::CRC64NVME),
             };
-            if let (Some(id), Some(secret)) = (access_key_id, secret_key) {
-                b = b.with_access_key_id(id.expose()).with_secret_access_key(secret.expose());
-            }
+            b = with_credentials(b, credentials);
             let s3 = b.build()?;
             if *put == PutSettings::default() {
                 let s3 = Arc::new(s3);
@@ -171,6 +169,37 @@ pub fn build_with_multipart(config: &StoreConfig) -> Result<Built, StoreError> {
             let s3 = Arc::new(PutDefaults::new(s3, put));
             Ok(Built { store: s3.clone(), multipart: Some(s3) })
         }
+    }
+}
+
+/// The credential source; object_store fetches temporary credentials and refreshes them before
+/// they expire.
+fn with_credentials(b: AmazonS3Builder, credentials: &Credentials) -> AmazonS3Builder {
+    use AmazonS3ConfigKey as K;
+    match credentials {
+        Credentials::Keys { access_key_id, secret_key, session_token } => {
+            let b = b.with_access_key_id(access_key_id.expose()).with_secret_access_key(secret_key.expose());
+            match session_token {
+                Some(token) => b.with_token(token.expose()),
+                None => b,
+            }
+        }
+        Credentials::WebIdentity { token_file, role_arn, session_name, sts_endpoint } => {
+            let mut b = b
+                .with_config(K::WebIdentityTokenFile, token_file)
+                .with_config(K::RoleArn, role_arn)
+                .with_config(K::RoleSessionName, session_name);
+            if let Some(url) = sts_endpoint {
+                b = b.with_config(K::StsEndpoint, url);
+            }
+            b
+        }
+        Credentials::EcsTask { relative_uri } => b.with_config(K::ContainerCredentialsRelativeUri, relative_uri),
+        Credentials::Container { full_uri, token_file } => b
+            .with_config(K::ContainerCredentialsFullUri, full_uri)
+            .with_config(K::ContainerAuthorizationTokenFile, token_file),
+        // object_store's default: the instance metadata service.
+        Credentials::Instance => b,
     }
 }
 

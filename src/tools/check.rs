@@ -103,10 +103,11 @@ pub async fn checks(config: &Config, mut report: impl FnMut(&Line)) -> Vec<Line>
 
 fn describe(config: &Config) -> String {
     let store = match &config.store {
-        StoreConfig::S3 { bucket, endpoint, proxy, .. } => format!(
-            "S3 bucket {bucket} at {}{} ({})",
+        StoreConfig::S3 { bucket, endpoint, proxy, credentials, .. } => format!(
+            "S3 bucket {bucket} at {}{} ({} {})",
             endpoint.as_deref().unwrap_or("Amazon S3"),
             proxy.as_ref().map_or(String::new(), |p| format!(" through proxy {}", proxy_shown(p.url.expose()))),
+            credentials.shown(),
             config.store.object_settings().unwrap_or_default()
         ),
         StoreConfig::Local { dir, bucket } => format!("local directory {}", dir.join(bucket).display()),

@@ -340,13 +340,14 @@ class HttpProxy:
       SlowDown (S3's XML error) and never reaches the server. None: no limit.
     - delay: seconds every request waits first, the round trip to a distant store.
     - tls: (cert.pem, key.pem) to serve HTTPS.
-    - rewrite: a function applied to each answer's body before it is passed on."""
+    - rewrite: a function applied to each answer's body before it is passed on.
+    - add_headers: headers added to every request passed on."""
 
     SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
                  b'<Message>Please reduce your request rate.</Message></Error>')
     HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length"}
 
-    def __init__(self, upstream_port, rate=None, delay=0.0, tls=None, rewrite=None):
+    def __init__(self, upstream_port, rate=None, delay=0.0, tls=None, rewrite=None, add_headers=None):
         import http.client
         import http.server
         import ssl
@@ -375,6 +376,7 @@ class HttpProxy:
                     local.conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in proxy.HOP_BY_HOP}
                 headers["Content-Length"] = str(len(body))
+                headers.update(add_headers or {})
                 try:
                     local.conn.request(self.command, self.path, body=body, headers=headers)
                     r = local.conn.getresponse()
