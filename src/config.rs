@@ -291,7 +291,8 @@ impl Credentials {
                 "credentials=web-identity role={role_arn} token_file={token_file} sts={}",
                 sts_endpoint.as_deref().unwrap_or("(AWS)")
             ),
-            Credentials::EcsTask { relative_uri } => format!("credentials=ecs-task uri={relative_uri}"),
+            // The URI names the task to its agent: not shown.
+            Credentials::EcsTask { .. } => "credentials=ecs-task".to_string(),
             Credentials::Container { full_uri, token_file } => {
                 format!("credentials=container uri={full_uri} token_file={token_file}")
             }
@@ -862,7 +863,8 @@ fn parse_credentials(s: &Settings, secret: Option<String>) -> Result<Credentials
     let role_arn = non_empty(&s.aws_role_arn);
     match (token_file, role_arn) {
         (Some(file), Some(role_arn)) => {
-            if let Err(e) = std::fs::metadata(file) {
+            // Read once here: a file the archiver's user may not read is the usual IRSA mistake.
+            if let Err(e) = std::fs::read(file) {
                 return Err(invalid("AWS_WEB_IDENTITY_TOKEN_FILE", format!("cannot read {file:?}: {e}")));
             }
             let sts_endpoint = non_empty(&s.aws_endpoint_url_sts).map(str::to_string);
@@ -902,8 +904,29 @@ fn parse_credentials(s: &Settings, secret: Option<String>) -> Result<Credentials
                 "is required with AWS_CONTAINER_CREDENTIALS_FULL_URI (the agent's token)",
             ));
         };
-        if let Err(e) = std::fs::metadata(file) {
+        if let Err(e) = std::fs::read(file) {
             return Err(invalid("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", format!("cannot read {file:?}: {e}")));
+        }
+        // The token goes with each request: plain http only to this host or the agents' link-local
+        // addresses, as the AWS SDKs allow.
+        let plain_ok = |u: &url::Url| {
+            u.host_str().is_some_and(|h| {
+                let h = h.trim_start_matches('[').trim_end_matches(']');
+                h == "localhost"
+                    || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+                    || CREDENTIAL_ENDPOINTS.contains(&h)
+            })
+        };
+        match url::Url::parse(uri) {
+            Ok(u) if u.scheme() == "https" || (u.scheme() == "http" && plain_ok(&u)) => {}
+            _ => {
+                return Err(invalid(
+                    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                    format!(
+                        "{uri:?}: give an https:// URL (plain http only to this host or 169.254.170.23, 169.254.170.2)"
+                    ),
+                ));
+            }
         }
         return Ok(Credentials::Container { full_uri: uri.to_string(), token_file: file.to_string() });
     }
@@ -1052,14 +1075,14 @@ fn parse_store(s: &Settings, env: &[(String, String)]) -> Result<StoreConfig, Co
         bucket: bucket.to_string(),
         region: region.to_string(),
         endpoint,
-        credentials: Box::new(credentials),
+        credentials: Box::new(credentials.clone()),
         ca_pem,
         put: PutSettings {
             storage_class: non_empty(&s.s3_storage_class).map(parse_storage_class).transpose()?,
             tags: non_empty(&s.s3_object_tags).map(parse_tags).transpose()?.unwrap_or_default(),
         },
         sse,
-        proxy: non_empty(&s.s3_proxy_url).map(|url| parse_proxy(url, env).map(Box::new)).transpose()?,
+        proxy: non_empty(&s.s3_proxy_url).map(|url| parse_proxy(url, env, &credentials).map(Box::new)).transpose()?,
         checksum: match non_empty(&s.s3_checksum).map(str::to_ascii_lowercase).as_deref() {
             None | Some("none") => None,
             Some("sha256") => Some(Checksum::Sha256),
@@ -1071,16 +1094,28 @@ fn parse_store(s: &Settings, env: &[(String, String)]) -> Result<StoreConfig, Co
     })
 }
 
-/// S3_PROXY_URL: an http:// or https:// proxy, with credentials if it wants them; NO_PROXY (or
-/// no_proxy) from `env` names hosts it does not take.
-fn parse_proxy(value: &str, env: &[(String, String)]) -> Result<Proxy, ConfigError> {
+/// The link-local credential endpoints: the instance metadata service, the ECS agent, the EKS Pod
+/// Identity agent (IPv4 and IPv6). A proxy elsewhere cannot reach them.
+const CREDENTIAL_ENDPOINTS: [&str; 5] =
+    ["169.254.169.254", "169.254.170.2", "fd00:ec2::254", "169.254.170.23", "fd00:ec2::23"];
+
+/// S3_PROXY_URL: an http:// or https:// proxy, with credentials if it wants them. It does not
+/// take the credential endpoints, nor NO_PROXY's (or no_proxy's) hosts from `env`.
+fn parse_proxy(value: &str, env: &[(String, String)], credentials: &Credentials) -> Result<Proxy, ConfigError> {
     let shown = proxy_shown(value);
     let url = url::Url::parse(value)
         .map_err(|e| invalid("S3_PROXY_URL", format!("{shown:?} is not a URL ({e}); e.g. http://proxy:3128")))?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
         return Err(invalid("S3_PROXY_URL", format!("{shown:?}: give http:// or https://, a host and a port")));
     }
-    let mut excludes: Vec<String> = ["169.254.169.254", "169.254.170.2", "fd00:ec2::254"].map(String::from).into();
+    let mut excludes: Vec<String> = CREDENTIAL_ENDPOINTS.map(String::from).into();
+    if let Credentials::Container { full_uri, .. } = credentials
+        && let Some(host) =
+            url::Url::parse(full_uri).ok().and_then(|u| u.host_str().map(|h| h.trim_matches(['[', ']']).to_string()))
+        && !excludes.contains(&host)
+    {
+        excludes.push(host);
+    }
     if let Some((_, hosts)) = env.iter().find(|(k, v)| (k == "NO_PROXY" || k == "no_proxy") && !v.trim().is_empty()) {
         excludes.extend(hosts.split(',').map(str::trim).filter(|h| !h.is_empty()).map(String::from));
     }
@@ -1430,6 +1465,27 @@ mod tests {
         assert!(e.starts_with("AWS_ENDPOINT_URL_STS:"), "{e}");
         let e = err(Settings { aws_container_credentials_full_uri: Some("http://127.0.0.1:1/c".into()), ..s3() });
         assert!(e.starts_with("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE:"), "{e}");
+        let e = err(Settings {
+            aws_web_identity_token_file: Some(std::env::temp_dir().to_str().unwrap().into()),
+            aws_role_arn: Some("arn:aws:iam::1:role/r".into()),
+            ..s3()
+        });
+        assert!(e.starts_with("AWS_WEB_IDENTITY_TOKEN_FILE:"), "a directory is no token file: {e}");
+        let container = |uri: &str| Settings {
+            aws_container_credentials_full_uri: Some(uri.into()),
+            aws_container_authorization_token_file: Some(file.path().to_str().unwrap().into()),
+            s3_proxy_url: Some("http://proxy:3128".into()),
+            ..s3()
+        };
+        let e = err(container("http://agent.example/creds"));
+        assert!(e.starts_with("AWS_CONTAINER_CREDENTIALS_FULL_URI:"), "{e}");
+        for uri in
+            ["http://169.254.170.23/v1/credentials", "http://[fd00:ec2::23]/v1/credentials", "https://agent.example/c"]
+        {
+            let StoreConfig::S3 { proxy: Some(p), .. } = s3_store(&container(uri)) else { panic!() };
+            let host = url::Url::parse(uri).unwrap().host_str().unwrap().trim_matches(['[', ']']).to_string();
+            assert!(p.excludes.contains(&host), "{uri}: the agent is reached without the proxy: {:?}", p.excludes);
+        }
     }
 
     #[test]
@@ -1439,7 +1495,8 @@ mod tests {
         let c = Config::from_settings(&s, &env).unwrap();
         let StoreConfig::S3 { proxy: Some(p), .. } = &c.store else { panic!() };
         assert_eq!(p.url.expose(), "http://archiver:pr0xyPass@proxy.lab:3128");
-        assert_eq!(p.excludes, ["169.254.169.254", "169.254.170.2", "fd00:ec2::254", "minio.lab", ".internal"]);
+        assert_eq!(p.excludes[..5], CREDENTIAL_ENDPOINTS);
+        assert_eq!(p.excludes[5..], ["minio.lab", ".internal"]);
         let shown = format!("{} {c:?}", c.summary());
         assert!(!shown.contains("pr0xyPass"), "{shown}");
         assert!(shown.contains("proxy=http://archiver:***@proxy.lab:3128"), "{shown}");
