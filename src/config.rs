@@ -562,11 +562,11 @@ impl Config {
         let upload_rate_limit = match non_empty(&s.upload_rate_limit) {
             None => None,
             Some(v) => match v.parse::<f64>() {
-                Ok(r) if r.is_finite() && r > 0.0 => Some(r),
+                Ok(r) if r.is_finite() && r >= 0.01 => Some(r),
                 _ => {
                     return Err(invalid(
                         "UPLOAD_RATE_LIMIT",
-                        format!("{v:?} is not a positive number of uploads a second (e.g. 500, or 0.5)"),
+                        format!("{v:?} is not a number of uploads a second, 0.01 or more (e.g. 500, or 0.5)"),
                     ));
                 }
             },

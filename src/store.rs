@@ -71,8 +71,11 @@ struct Watched(HttpClient);
 #[async_trait]
 impl HttpService for Watched {
     async fn call(&self, req: HttpRequest) -> std::result::Result<HttpResponse, HttpError> {
+        // Requests to S3 are signed; those that fetch credentials (IMDS, STS, the container
+        // agents) share the client but are not, and their refusals are no sign of the store's load.
+        let signed = req.headers().get("authorization").is_some_and(|v| v.as_bytes().starts_with(b"AWS4-HMAC-SHA256"));
         let response = self.0.execute(req).await?;
-        if matches!(response.status().as_u16(), 503 | 429) {
+        if signed && matches!(response.status().as_u16(), 503 | 429) {
             let _ = SLOWED.try_with(|slowed| slowed.fetch_add(1, Ordering::Relaxed));
         }
         Ok(response)

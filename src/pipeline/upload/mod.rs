@@ -392,7 +392,12 @@ async fn put_until_stored(shared: &Shared, tp: &Tp, object: Object, conditional:
                 return Ok(Stored::Done);
             }
             Err(object_store::Error::AlreadyExists { .. }) if conditional => {
-                match async { store.get(&path).await?.bytes().await }.await {
+                let (existing, slowed) = watch_slow_downs(async { store.get(&path).await?.bytes().await }).await;
+                if slowed > 0 {
+                    metrics::counter!(m::UPLOAD_ERRORS, "reason" => crate::store::SLOW_DOWN)
+                        .increment(u64::from(slowed));
+                }
+                match existing {
                     Ok(existing) => {
                         shared.store_answers();
                         if !same_bytes(&existing, &payload) {

@@ -84,8 +84,9 @@ impl Permit<'_> {
             s.decreases += 1;
             s.limit = (s.limit / 2.0).max(1.0);
             let limit = s.limit.floor();
-            drop(s);
+            // Under the lock, so that two attempts ending together leave the newer value.
             metrics::gauge!(m::UPLOAD_CONCURRENCY_LIMIT).set(limit);
+            drop(s);
             if let Say::First | Say::Again { .. } = pace.said.happened(&()) {
                 tracing::warn!(
                     in_flight_limit = limit,
@@ -96,9 +97,9 @@ impl Permit<'_> {
             let before = s.limit.floor();
             s.limit = (s.limit + 1.0 / s.limit).min(pace.max as f64);
             let limit = s.limit.floor();
-            drop(s);
             if limit != before {
                 metrics::gauge!(m::UPLOAD_CONCURRENCY_LIMIT).set(limit);
+                drop(s);
                 // A higher limit lets a waiting upload start.
                 pace.returned.notify_waiters();
             }
