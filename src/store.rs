@@ -112,6 +112,11 @@ pub const SLOW_DOWN: &str = "slow_down";
 
 /// [`build`], with the store's multipart upload ids where it has them.
 pub fn build_with_multipart(config: &StoreConfig) -> Result<Built, StoreError> {
+    build_with_connector(config, SlowDownWatch)
+}
+
+/// [`build_with_multipart`], the S3 client's requests going through `connector`.
+fn build_with_connector(config: &StoreConfig, connector: impl HttpConnector) -> Result<Built, StoreError> {
     match config {
         StoreConfig::Local { dir, bucket } => {
             let root = dir.join(bucket);
@@ -137,7 +142,7 @@ pub fn build_with_multipart(config: &StoreConfig) -> Result<Built, StoreError> {
                 }
             }
             let mut b = AmazonS3Builder::new()
-                .with_http_connector(SlowDownWatch)
+                .with_http_connector(connector)
                 .with_bucket_name(bucket)
                 .with_region(region)
                 .with_conditional_put(S3ConditionalPut::ETagMatch)
@@ -416,7 +421,76 @@ pub fn fix_for(reason: &str) -> Option<&'static str> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
+    use object_store::ObjectStoreExt;
+
     use super::*;
+
+    /// A request as the recorder keeps it: method, URL, headers.
+    type Seen = (String, String, Vec<(String, String)>);
+
+    /// Answers as an ECS agent and an S3 server would, and keeps every request.
+    #[derive(Debug, Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<Seen>>>);
+
+    impl HttpConnector for Recorder {
+        fn connect(&self, _: &ClientOptions) -> object_store::Result<HttpClient> {
+            Ok(HttpClient::new(self.clone()))
+        }
+    }
+
+    #[async_trait]
+    impl HttpService for Recorder {
+        async fn call(&self, req: HttpRequest) -> std::result::Result<HttpResponse, HttpError> {
+            let headers = req.headers().iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string())).collect();
+            self.0.lock().unwrap().push((req.method().to_string(), req.uri().to_string(), headers));
+            let mut answer = if req.uri().host() == Some("169.254.170.2") {
+                HttpResponse::new(
+                    r#"{"AccessKeyId":"ASIATASKROLE","SecretAccessKey":"task-secret","Token":"task-token","Expiration":"2099-01-01T00:00:00Z"}"#
+                        .to_string()
+                        .into(),
+                )
+            } else {
+                HttpResponse::new(String::new().into())
+            };
+            answer.headers_mut().insert("etag", "\"e\"".parse().unwrap());
+            Ok(answer)
+        }
+    }
+
+    /// The requests the test bed cannot check: the ECS task role's credentials are fetched from
+    /// 169.254.170.2 and sign the PUT with their token, and the CRC64NVME checksum is sent.
+    #[tokio::test]
+    async fn an_ecs_task_role_signs_and_a_crc64nvme_checksum_goes_with_the_body() {
+        let config = StoreConfig::S3 {
+            bucket: "archive".into(),
+            region: "us-east-1".into(),
+            endpoint: Some("http://store.test:9000".into()),
+            credentials: Box::new(Credentials::EcsTask { relative_uri: "/v2/credentials/task-1".into() }),
+            ca_pem: None,
+            put: PutSettings::default(),
+            sse: None,
+            proxy: None,
+            checksum: Some(Checksum::Crc64Nvme),
+        };
+        let recorder = Recorder::default();
+        let store = build_with_connector(&config, recorder.clone()).unwrap().store;
+        store.put(&ObjectPath::from("topics/t/x.bin"), Bytes::from_static(b"123456789").into()).await.unwrap();
+        let requests = recorder.0.lock().unwrap().clone();
+        let header = |h: &[(String, String)], name: &str| h.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        assert_eq!(requests.len(), 2, "{requests:?}");
+        assert_eq!(
+            (requests[0].0.as_str(), requests[0].1.as_str()),
+            ("GET", "http://169.254.170.2/v2/credentials/task-1")
+        );
+        let (method, url, put) = &requests[1];
+        assert_eq!((method.as_str(), url.as_str()), ("PUT", "http://store.test:9000/archive/topics/t/x.bin"));
+        assert!(header(put, "authorization").unwrap().contains("Credential=ASIATASKROLE/"), "{put:?}");
+        assert_eq!(header(put, "x-amz-security-token").as_deref(), Some("task-token"));
+        // CRC-64/NVME of "123456789" is 0xAE8B14860A799888 (the check value of the CRC catalogue).
+        assert_eq!(header(put, "x-amz-checksum-crc64nvme").as_deref(), Some("rosUhgp5mIg="));
+    }
 
     #[test]
     fn stale_staging_files_go_and_objects_stay() {
