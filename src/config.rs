@@ -864,9 +864,7 @@ fn parse_credentials(s: &Settings, secret: Option<String>) -> Result<Credentials
     match (token_file, role_arn) {
         (Some(file), Some(role_arn)) => {
             // Read once here: a file the archiver's user may not read is the usual IRSA mistake.
-            if let Err(e) = std::fs::read(file) {
-                return Err(invalid("AWS_WEB_IDENTITY_TOKEN_FILE", format!("cannot read {file:?}: {e}")));
-            }
+            readable("AWS_WEB_IDENTITY_TOKEN_FILE", file)?;
             let sts_endpoint = non_empty(&s.aws_endpoint_url_sts).map(str::to_string);
             if let Some(url) = &sts_endpoint
                 && !url.starts_with("https://")
@@ -904,21 +902,12 @@ fn parse_credentials(s: &Settings, secret: Option<String>) -> Result<Credentials
                 "is required with AWS_CONTAINER_CREDENTIALS_FULL_URI (the agent's token)",
             ));
         };
-        if let Err(e) = std::fs::read(file) {
-            return Err(invalid("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", format!("cannot read {file:?}: {e}")));
-        }
+        readable("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", file)?;
         // The token goes with each request: plain http only to this host or the agents' link-local
         // addresses, as the AWS SDKs allow.
-        let plain_ok = |u: &url::Url| {
-            u.host_str().is_some_and(|h| {
-                let h = h.trim_start_matches('[').trim_end_matches(']');
-                h == "localhost"
-                    || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
-                    || CREDENTIAL_ENDPOINTS.contains(&h)
-            })
-        };
+        let agent = |u: &url::Url| bare_host(u).is_some_and(|h| CREDENTIAL_ENDPOINTS.contains(&h.as_str()));
         match url::Url::parse(uri) {
-            Ok(u) if u.scheme() == "https" || (u.scheme() == "http" && plain_ok(&u)) => {}
+            Ok(u) if u.scheme() == "https" || (u.scheme() == "http" && (is_loopback(&u) || agent(&u))) => {}
             _ => {
                 return Err(invalid(
                     "AWS_CONTAINER_CREDENTIALS_FULL_URI",
@@ -1110,8 +1099,7 @@ fn parse_proxy(value: &str, env: &[(String, String)], credentials: &Credentials)
     }
     let mut excludes: Vec<String> = CREDENTIAL_ENDPOINTS.map(String::from).into();
     if let Credentials::Container { full_uri, .. } = credentials
-        && let Some(host) =
-            url::Url::parse(full_uri).ok().and_then(|u| u.host_str().map(|h| h.trim_matches(['[', ']']).to_string()))
+        && let Some(host) = url::Url::parse(full_uri).ok().as_ref().and_then(bare_host)
         && !excludes.contains(&host)
     {
         excludes.push(host);
@@ -1138,14 +1126,27 @@ pub fn proxy_shown(value: &str) -> String {
 
 /// An `http://` endpoint on another host: what it is sent crosses the network in clear.
 fn plain_http_off_host(endpoint: &str) -> bool {
-    let Ok(url) = url::Url::parse(endpoint) else { return false };
-    let loopback = match url.host() {
+    url::Url::parse(endpoint).is_ok_and(|url| url.scheme() == "http" && !is_loopback(&url))
+}
+
+/// Whether a URL's host is this host (localhost, 127.0.0.0/8, ::1).
+fn is_loopback(url: &url::Url) -> bool {
+    match url.host() {
         Some(url::Host::Domain(d)) => d == "localhost",
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
         Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
         None => false,
-    };
-    url.scheme() == "http" && !loopback
+    }
+}
+
+/// A URL's host as NO_PROXY lists hosts: an IPv6 address without its brackets.
+fn bare_host(url: &url::Url) -> Option<String> {
+    url.host_str().map(|h| h.trim_matches(['[', ']']).to_string())
+}
+
+/// A file the archiver must be able to read (a token file), read once to be sure.
+fn readable(var: &str, file: &str) -> Result<(), ConfigError> {
+    std::fs::read(file).map(drop).map_err(|e| invalid(var, format!("cannot read {file:?}: {e}")))
 }
 
 /// S3_SSE, S3_SSE_KMS_KEY_ID and S3_SSE_C_KEY_FILE, which must agree.

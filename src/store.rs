@@ -398,10 +398,15 @@ pub fn error_reason(e: &object_store::Error) -> &'static str {
         object_store::Error::Unauthenticated { .. } => "unauthenticated",
         object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => "conflict",
         // object_store gave up retrying a request the store kept asking to slow down.
-        e if ["status code: 503", "status code: 429", "SlowDown"].iter().any(|w| e.to_string().contains(w)) => {
-            SLOW_DOWN
+        e => {
+            // Written once, not once per word looked for.
+            let text = e.to_string();
+            if ["status code: 503", "status code: 429", "SlowDown"].iter().any(|w| text.contains(w)) {
+                SLOW_DOWN
+            } else {
+                "other"
+            }
         }
-        _ => "other",
     }
 }
 

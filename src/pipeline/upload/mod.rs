@@ -393,10 +393,7 @@ async fn put_until_stored(shared: &Shared, tp: &Tp, object: Object, conditional:
             }
             Err(object_store::Error::AlreadyExists { .. }) if conditional => {
                 let (existing, slowed) = watch_slow_downs(async { store.get(&path).await?.bytes().await }).await;
-                if slowed > 0 {
-                    metrics::counter!(m::UPLOAD_ERRORS, "reason" => crate::store::SLOW_DOWN)
-                        .increment(u64::from(slowed));
-                }
+                pace::count_slow_downs(slowed);
                 match existing {
                     Ok(existing) => {
                         shared.store_answers();

@@ -33,6 +33,14 @@ fn burst(rate: f64) -> f64 {
     (rate * BURST.as_secs_f64()).max(1.0)
 }
 
+/// Counts the store's slow-down answers (upload_errors_total{reason="slow_down"}); every one is
+/// counted where it is seen, those object_store retried included.
+pub fn count_slow_downs(answers: u32) {
+    if answers > 0 {
+        metrics::counter!(m::UPLOAD_ERRORS, "reason" => crate::store::SLOW_DOWN).increment(u64::from(answers));
+    }
+}
+
 #[derive(Debug)]
 pub struct UploadPace {
     max: usize,
@@ -73,9 +81,7 @@ impl Permit<'_> {
     /// per round), or raises it a little after a success.
     pub fn done(self, succeeded: bool, slowed: u32) {
         let pace = self.pace;
-        if slowed > 0 {
-            metrics::counter!(m::UPLOAD_ERRORS, "reason" => crate::store::SLOW_DOWN).increment(u64::from(slowed));
-        }
+        count_slow_downs(slowed);
         let mut s = pace.state.lock().expect("pace lock");
         if slowed > 0 {
             if self.round != s.decreases {
