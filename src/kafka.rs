@@ -88,6 +88,14 @@ pub fn client_config(config: &Config) -> Result<ClientConfig, ConfigError> {
     Ok(c)
 }
 
+/// `client` for a consumer that only looks up metadata: not a group member (without group.id,
+/// dropping it closes no group session) and without statistics.
+pub fn lookup_config(client: &ClientConfig) -> ClientConfig {
+    let mut config = client.clone();
+    config.remove("group.id").remove("statistics.interval.ms");
+    config
+}
+
 /// The topics `selection` takes in the cluster `consumer` talks to (see [`TopicSelection::resolve`]).
 /// Without a pattern, the names as given and no request; with one, a metadata request for every
 /// topic, which takes at most `timeout`.

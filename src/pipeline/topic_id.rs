@@ -223,10 +223,7 @@ fn kafka_ids(
     selection: &TopicSelection,
     timeout: Duration,
 ) -> Result<Vec<Answer>, TopicIdError> {
-    // Not a group member: without group.id, dropping the client does not close a group session.
-    let mut config = client.clone();
-    config.remove("group.id").remove("statistics.interval.ms");
-    let consumer: BaseConsumer<Quiet> = config.create_with_context(Quiet)?;
+    let consumer: BaseConsumer<Quiet> = crate::kafka::lookup_config(client).create_with_context(Quiet)?;
     let topics = crate::kafka::selected_topics(&consumer, selection, timeout)?;
     if topics.is_empty() {
         return Ok(Vec::new());

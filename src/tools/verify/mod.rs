@@ -274,8 +274,7 @@ pub async fn audit(
 
 /// The topics of Kafka that `selection` takes (its patterns resolved as the daemon does).
 async fn kafka_topics(config: &Config, selection: &TopicSelection) -> Result<Vec<String>, VerifyError> {
-    let mut c = crate::kafka::client_config(config)?;
-    c.remove("group.id").remove("statistics.interval.ms");
+    let c = crate::kafka::lookup_config(&crate::kafka::client_config(config)?);
     let selection = selection.clone();
     let lookup = move || -> Result<Vec<String>, VerifyError> {
         let consumer: BaseConsumer = c.create()?;
