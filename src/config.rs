@@ -367,6 +367,19 @@ impl PutSettings {
 }
 
 impl StoreConfig {
+    /// Where the archive goes, for the status page: `s3://bucket at endpoint (region)` or the
+    /// directory. No credential: an endpoint URL cannot carry one (refused at start-up).
+    pub fn location(&self) -> String {
+        match self {
+            StoreConfig::S3 { bucket, region, endpoint, .. } => {
+                format!("s3://{bucket} at {} ({region})", endpoint.as_deref().unwrap_or("AWS"))
+            }
+            StoreConfig::Local { dir, bucket } => {
+                std::path::absolute(dir).unwrap_or(dir.clone()).join(bucket).display().to_string()
+            }
+        }
+    }
+
     /// What every object is written with besides its body (class, tags, encryption, checksum), as the
     /// start-up log and `check` show it: never a key. None for the local store.
     pub fn object_settings(&self) -> Option<String> {
@@ -1399,6 +1412,21 @@ mod tests {
             StoreConfig::S3 { credentials, .. } => *credentials,
             StoreConfig::Local { .. } => unreachable!(),
         }
+    }
+
+    #[test]
+    fn the_store_location_names_the_bucket_and_endpoint_only() {
+        let at = |endpoint: Option<&str>| {
+            let s = Settings {
+                s3_endpoint_url: endpoint.map(String::from),
+                aws_access_key_id: Some("AKIDEXAMPLE".into()),
+                aws_secret_key: Some("secret-key-123".into()),
+                ..s3()
+            };
+            s3_store(&s).location()
+        };
+        assert_eq!(at(Some("http://127.0.0.1:3900")), "s3://bucket-x at http://127.0.0.1:3900 (us-east-1)");
+        assert_eq!(at(None), "s3://bucket-x at AWS (us-east-1)");
     }
 
     #[test]

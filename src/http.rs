@@ -4,7 +4,8 @@
 //! - `/healthz`: 200 while the process runs.
 //! - `/readyz`: 200 when partitions are assigned, the store is reachable and archiving has not
 //!   stopped; otherwise 503 with the reasons, one per line.
-//! - `/status`: JSON, per partition the committed and end offsets, lag, spooled records and last error.
+//! - `/status`: JSON, per partition the committed and end offsets, lag, spooled records and last
+//!   error; the last errors; the spool against its bounds; what the archiver was started with.
 //! - `/`, `/connectors…`, `/connector-plugins`: the Kafka Connect REST API ([`crate::connect`]).
 //!
 //! Unknown paths and methods answer in Kafka Connect's error shape, as the rest of the port does.
@@ -115,6 +116,8 @@ async fn readyz(State(app): State<App>) -> Response {
 
 async fn status(State(app): State<App>) -> Response {
     let v = &app.view;
-    let report = v.status.report(&v.ledger.lock().expect("ledger lock"), &v.spool);
+    // A file system call, kept out of the ledger's lock, which the consumer and uploaders take.
+    let disk = v.spool.disk_space();
+    let report = v.status.report(&v.ledger.lock().expect("ledger lock"), &v.spool, disk);
     Json(report).into_response()
 }

@@ -60,7 +60,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::pipeline::commit::Ledger;
 use crate::pipeline::spool::Spool;
-use crate::pipeline::status::Status;
+use crate::pipeline::status::{Setup, Status};
 use crate::pipeline::{consumer, spool, topic_id, upload};
 
 /// sled's page cache, for the spool's index (keys and where the values are, 21 bytes each); a
@@ -173,7 +173,7 @@ fn open(config: &Config) -> Result<Opened, RunError> {
     if recovered > 0 {
         tracing::info!(records = recovered, "uploading what the spool held from the last run first");
     }
-    Ok(Opened { client, spool, store, multipart, ledger, status: Arc::new(Status::new()) })
+    Ok(Opened { client, spool, store, multipart, ledger, status: Arc::new(Status::with_setup(Setup::of(config))) })
 }
 
 /// Step 2: the HTTP server (metrics, health, status, the Kafka Connect API).

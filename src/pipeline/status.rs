@@ -4,17 +4,19 @@
 //! partition, the last error of each partition and of the store, whether consumption is paused,
 //! and whether archiving stopped. [`Status::report`] joins these notes with the ledger and the
 //! spool into the answer of `/status`; [`Status::set_gauges`] turns the same snapshot into the
-//! gauges of `/metrics`, so the two never disagree.
+//! gauges of `/metrics`, so the two never disagree. It also keeps the last errors (a short list,
+//! repeats folded) and what the archiver was started with, for the status page.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
+use crate::config::{Config, SpoolLimits};
 use crate::metrics as m;
 use crate::pipeline::commit::{Ledger, Tp};
-use crate::pipeline::spool::Spool;
+use crate::pipeline::spool::{DiskSpace, Spool};
 
 /// The pause reason while archiving is paused on request.
 const PAUSED_ON_REQUEST: &str =
@@ -22,6 +24,9 @@ const PAUSED_ON_REQUEST: &str =
 
 /// A store that answered within this long counts as reachable without a probe.
 pub const STORE_FRESHNESS: Duration = Duration::from_secs(30);
+
+/// How many distinct recent errors `/status` lists.
+const RECENT_ERRORS: usize = 20;
 
 /// An error and when it happened.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -56,12 +61,102 @@ struct Notes {
     /// The topics subscribed to: KAFKA_TOPIC's names and the topics its patterns match now.
     topics: Vec<String>,
     partition_errors: HashMap<Tp, Note>,
+    /// The last distinct errors, newest first.
+    errors: VecDeque<ErrorEntry>,
+}
+
+/// One of the last errors: where, what, when last, and how often in a row.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ErrorEntry {
+    /// RFC 3339, UTC: the last time it happened.
+    pub time: String,
+    /// When it first happened, if it happened more than once.
+    pub first_time: Option<String>,
+    pub count: u64,
+    /// `store`, `archiving` (it stopped), `consumer`, or `topic/partition`.
+    pub source: String,
+    pub message: String,
+}
+
+/// What the archiver was started with, as the status page shows it: no secret.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Setup {
+    pub brokers: Vec<String>,
+    pub group_id: String,
+    /// Where the archive goes: the bucket and its endpoint, or the directory.
+    pub store: String,
+    /// ARCHIVE_FORMAT and its settings.
+    pub format: String,
+    pub spool_dir: String,
+    #[serde(skip)]
+    pub spool_limits: Option<SpoolLimits>,
+}
+
+impl Setup {
+    pub fn of(config: &Config) -> Setup {
+        Setup {
+            brokers: config.brokers.clone(),
+            group_id: config.group_id.clone(),
+            store: config.store.location(),
+            format: config.format.describe(),
+            spool_dir: std::path::absolute(&config.spool_dir).unwrap_or(config.spool_dir.clone()).display().to_string(),
+            spool_limits: Some(config.spool_limits),
+        }
+    }
+}
+
+impl Notes {
+    fn store_failed(&mut self, note: Note) {
+        self.store_reachable = Some(false);
+        self.store_error = Some(note.clone());
+        self.last_error = Some(note);
+    }
+
+    /// Puts an error at the top of the recent ones. The same error again moves up and counts:
+    /// same source, and the same message but for its numbers (offsets, the keys of objects), so
+    /// that an outage or a run of bad records is one line, not the whole list.
+    fn remember(&mut self, source: String, note: &Note) {
+        let shape = without_numbers(&note.message);
+        let same = self.errors.iter().position(|e| e.source == source && without_numbers(&e.message) == shape);
+        let entry = match same.and_then(|i| self.errors.remove(i)) {
+            Some(e) => ErrorEntry {
+                first_time: e.first_time.or(Some(e.time)),
+                time: note.time.clone(),
+                count: e.count + 1,
+                message: note.message.clone(),
+                source,
+            },
+            None => ErrorEntry {
+                time: note.time.clone(),
+                first_time: None,
+                count: 1,
+                source,
+                message: note.message.clone(),
+            },
+        };
+        self.errors.push_front(entry);
+        self.errors.truncate(RECENT_ERRORS);
+    }
+}
+
+/// A message with each run of digits as one `#`: what repeats of an error have in common.
+fn without_numbers(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for c in message.chars() {
+        if !c.is_ascii_digit() {
+            out.push(c);
+        } else if !out.ends_with('#') {
+            out.push('#');
+        }
+    }
+    out
 }
 
 /// Shared by every stage; cheap to update from hot paths (one uncontended lock).
 #[derive(Debug)]
 pub struct Status {
     started: SystemTime,
+    setup: Setup,
     notes: Mutex<Notes>,
 }
 
@@ -80,11 +175,16 @@ pub struct Report {
     pub started: String,
     pub uptime_seconds: u64,
     pub ready: bool,
+    /// Why not ready, as `/readyz` says it; empty when ready.
+    pub not_ready: Vec<String>,
+    pub setup: Setup,
     pub consumer: ConsumerReport,
     pub spool: SpoolReport,
     pub store: StoreReport,
     pub failure: Option<Note>,
     pub last_error: Option<Note>,
+    /// The last distinct errors, newest first (at most 20; a repeat moves its error to the top).
+    pub errors: Vec<ErrorEntry>,
     pub partitions: Vec<PartitionReport>,
 }
 
@@ -104,6 +204,14 @@ pub struct ConsumerReport {
 pub struct SpoolReport {
     pub records: u64,
     pub bytes: u64,
+    /// SPOOL_MAX_RECORDS, SPOOL_MAX_BYTES, SPOOL_MIN_FREE_BYTES: above 80 % of either bound the
+    /// consumer waits for the uploads, at 90 % (or under the minimum free space) it pauses.
+    pub max_records: Option<u64>,
+    pub max_bytes: Option<u64>,
+    pub min_free_bytes: Option<u64>,
+    /// The spool's file system: space free for the archiver, and its size.
+    pub disk_free_bytes: Option<u64>,
+    pub disk_total_bytes: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -130,7 +238,11 @@ pub struct PartitionReport {
 
 impl Status {
     pub fn new() -> Status {
-        Status { started: SystemTime::now(), notes: Mutex::new(Notes::default()) }
+        Status::with_setup(Setup::default())
+    }
+
+    pub fn with_setup(setup: Setup) -> Status {
+        Status { started: SystemTime::now(), setup, notes: Mutex::new(Notes::default()) }
     }
 
     fn notes(&self) -> std::sync::MutexGuard<'_, Notes> {
@@ -141,6 +253,8 @@ impl Status {
     pub fn error(&self, tp: Option<&Tp>, message: impl Into<String>) {
         let note = Note::now(message);
         let mut n = self.notes();
+        let source = tp.map_or_else(|| "consumer".to_string(), |(t, p)| format!("{t}/{p}"));
+        n.remember(source, &note);
         if let Some(tp) = tp {
             n.partition_errors.insert(tp.clone(), note.clone());
         }
@@ -158,9 +272,18 @@ impl Status {
     pub fn store_error(&self, message: impl Into<String>) {
         let note = Note::now(message);
         let mut n = self.notes();
-        n.store_reachable = Some(false);
-        n.store_error = Some(note.clone());
-        n.last_error = Some(note);
+        n.remember("store".into(), &note);
+        n.store_failed(note);
+    }
+
+    /// An upload of a partition's object failed: the partition's last error and the store's, one
+    /// entry among the last errors (the store's).
+    pub fn upload_error(&self, tp: &Tp, message: impl Into<String>) {
+        let note = Note::now(message);
+        let mut n = self.notes();
+        n.remember("store".into(), &note);
+        n.partition_errors.insert(tp.clone(), note.clone());
+        n.store_failed(note);
     }
 
     /// Whether the store answered recently, so no probe is needed.
@@ -222,6 +345,7 @@ impl Status {
     pub fn fail(&self, message: impl Into<String>) {
         let note = Note::now(message);
         let mut n = self.notes();
+        n.remember("archiving".into(), &note);
         n.last_error = Some(note.clone());
         n.failure = Some(note);
     }
@@ -257,10 +381,11 @@ impl Status {
         why
     }
 
-    /// A snapshot for `/status`.
-    pub fn report(&self, ledger: &Ledger, spool: &Spool) -> Report {
+    /// A snapshot for `/status`; `disk` is read by the caller before it takes the ledger's lock.
+    pub fn report(&self, ledger: &Ledger, spool: &Spool, disk: Option<DiskSpace>) -> Report {
         let partitions = self.partitions(ledger);
-        let ready = self.not_ready(ledger).is_empty();
+        let not_ready = self.not_ready(ledger);
+        let limits = self.setup.spool_limits;
         let n = self.notes();
         Report {
             state: if n.failure.is_some() { "FAILED" } else { "RUNNING" },
@@ -268,7 +393,9 @@ impl Status {
             started: chrono::DateTime::<chrono::Utc>::from(self.started)
                 .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             uptime_seconds: self.started.elapsed().map_or(0, |d| d.as_secs()),
-            ready,
+            ready: not_ready.is_empty(),
+            not_ready,
+            setup: self.setup.clone(),
             consumer: ConsumerReport {
                 topics: n.topics.clone(),
                 assigned_partitions: partitions.len(),
@@ -276,10 +403,19 @@ impl Status {
                 paused: n.paused.is_some() || n.paused_on_request,
                 pause_reason: if n.paused_on_request { Some(PAUSED_ON_REQUEST.into()) } else { n.paused.clone() },
             },
-            spool: SpoolReport { records: spool.record_count(), bytes: spool.byte_count() },
+            spool: SpoolReport {
+                records: spool.record_count(),
+                bytes: spool.byte_count(),
+                max_records: limits.map(|l| l.max_records),
+                max_bytes: limits.map(|l| l.max_bytes),
+                min_free_bytes: limits.map(|l| l.min_free_bytes),
+                disk_free_bytes: disk.map(|d| d.free),
+                disk_total_bytes: disk.map(|d| d.total),
+            },
             store: StoreReport { reachable: n.store_reachable, last_error: n.store_error.clone() },
             failure: n.failure.clone(),
             last_error: n.last_error.clone(),
+            errors: n.errors.iter().cloned().collect(),
             partitions,
         }
     }
@@ -373,5 +509,37 @@ mod tests {
         assert!(status.not_ready(&ledger).is_empty());
         status.fail("archiving stopped (UNDECODABLE=stop)");
         assert!(status.not_ready(&ledger)[0].starts_with("archiving stopped"));
+    }
+
+    #[test]
+    fn the_last_errors_fold_repeats_and_keep_the_newest() {
+        let status = Status::new();
+        status.upload_error(&tp(0), "upload of t+0+0000000001.bin failed: connection refused");
+        status.error(Some(&tp(3)), "offset 7: undecodable record (no envelope)");
+        status.upload_error(&tp(1), "upload of t+1+0000000002.bin failed: connection refused");
+        status.store_error("upload of t+0+0000000003.bin failed: connection refused");
+        status.error(Some(&tp(3)), "offset 8: undecodable record (no envelope)");
+        let n = status.notes();
+        let errors: Vec<_> = n.errors.iter().map(|e| (e.source.as_str(), e.message.as_str(), e.count)).collect();
+        assert_eq!(
+            errors,
+            [
+                ("t/3", "offset 8: undecodable record (no envelope)", 2),
+                ("store", "upload of t+0+0000000003.bin failed: connection refused", 3)
+            ],
+            "a repeat, but for its numbers, moves up and counts"
+        );
+        assert_eq!(n.partition_errors[&tp(1)].message, "upload of t+1+0000000002.bin failed: connection refused");
+        assert!(n.errors.iter().all(|e| e.first_time.is_some()), "each happened more than once");
+        drop(n);
+        // Thirty errors that differ in more than their numbers: the newest 20 stay.
+        let name = |i: u8| format!("error {}{}", (b'a' + i / 26) as char, (b'a' + i % 26) as char);
+        for i in 0..30 {
+            status.error(None, name(i));
+        }
+        let n = status.notes();
+        assert_eq!(n.errors.len(), RECENT_ERRORS);
+        assert_eq!(n.errors[0].message, name(29));
+        assert_eq!(n.errors.back().unwrap().message, name(10));
     }
 }

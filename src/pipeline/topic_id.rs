@@ -352,7 +352,7 @@ mod tests {
     fn status_error(status: &Status) -> Option<String> {
         let spool_dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(spool_dir.path(), crate::SPOOL_CACHE_BYTES).unwrap();
-        status.report(&Ledger::new(), &spool).last_error.map(|n| n.message)
+        status.report(&Ledger::new(), &spool, None).last_error.map(|n| n.message)
     }
 
     #[test]

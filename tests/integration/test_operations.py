@@ -119,7 +119,11 @@ def test_metrics_status_and_connect_endpoints_agree_with_the_archive(broker, gar
     assert code == 200 and status["state"] == "RUNNING" and status["ready"] is True
     assert status["consumer"] == {"topics": [topic], "assigned_partitions": 2, "missing_topics": [],
                                   "paused": False, "pause_reason": None}
-    assert status["spool"] == {"records": 0, "bytes": 0}
+    spool = status["spool"]
+    assert (spool["records"], spool["bytes"], spool["max_records"], spool["max_bytes"]) == (0, 0, 10000, 1 << 30), spool
+    assert 0 < spool["disk_free_bytes"] <= spool["disk_total_bytes"] and spool["min_free_bytes"] == 256 << 20, spool
+    assert status["not_ready"] == [] and status["setup"]["group_id"] == group and status["setup"]["format"] == "connect"
+    assert status["setup"]["store"].startswith(f"s3://{bucket.name} at {garage.endpoint}"), status["setup"]
     assert status["store"]["reachable"] is True and status["failure"] is None
     by_partition = {p["partition"]: p for p in status["partitions"]}
     assert sorted(by_partition) == [0, 1] and all(p["topic"] == topic for p in status["partitions"])
@@ -132,6 +136,8 @@ def test_metrics_status_and_connect_endpoints_agree_with_the_archive(broker, gar
     assert error and "undecodable" in error["message"], error
     assert int(re.search(r"offset (\d+)", error["message"]).group(1)) in bad_offsets
     assert by_partition[1]["last_error"] is None
+    # The three undecodable records are one entry of the last errors: they differ only in offsets.
+    assert [(e["source"], e["count"]) for e in status["errors"]] == [(f"{topic}/0", 3)], status["errors"]
 
     # The Kafka Connect REST API the old deployment's scripts call.
     assert get_json(port, "/connectors") == (200, ["s3-sink-timestamp", "s3-sink-data"])

@@ -80,6 +80,13 @@ pub enum SpoolError {
 /// a crash in between repeats at most this many uploads per run, identical ones.
 const WRITE_REMOVALS_EVERY: u32 = 64;
 
+/// Space on the spool's file system, in bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct DiskSpace {
+    pub free: u64,
+    pub total: u64,
+}
+
 /// The spool: a sled index of runs of records, their values in segment files.
 #[derive(Debug)]
 pub struct Spool {
@@ -594,6 +601,12 @@ impl Spool {
     /// Free space on the spool's file system (`u64::MAX` when it cannot be read).
     pub fn available_space(&self) -> u64 {
         fs4::available_space(&self.dir).unwrap_or(u64::MAX)
+    }
+
+    /// The spool's file system: free space (for the archiver) and size, when they can be read.
+    pub fn disk_space(&self) -> Option<DiskSpace> {
+        let stats = fs4::statvfs(&self.dir).ok()?;
+        Some(DiskSpace { free: stats.available_space(), total: stats.total_space() })
     }
 
     /// Makes every earlier write durable, removals included.

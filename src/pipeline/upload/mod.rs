@@ -447,8 +447,7 @@ impl Failure {
             (Failure::ReadBack(_), Some(fix)) => format!("cannot read the existing {key} to compare: {fix}"),
             (Failure::ReadBack(_), None) => format!("cannot read the existing {key} to compare: {e}"),
         };
-        shared.up.status.error(Some(tp), problem.clone());
-        shared.up.status.store_error(problem.clone());
+        shared.up.status.upload_error(tp, problem.clone());
         match shared.failing.happened(&reason) {
             Say::First => {}
             Say::Again { times, since } => {
@@ -756,7 +755,7 @@ mod tests {
                 && w.contains("S3_CONDITIONAL_PUT needs s3:GetObject")),
             "{why:?}"
         );
-        let report = status.report(&ledger.lock().unwrap(), &spool);
+        let report = status.report(&ledger.lock().unwrap(), &spool, None);
         let partition = report.partitions[0].last_error.as_ref().map(|e| e.message.clone()).unwrap_or_default();
         assert!(partition.contains("s3:GetObject"), "{partition}");
         assert_eq!(spool.record_count(), 1, "the record waits in the spool");
