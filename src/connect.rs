@@ -137,7 +137,6 @@ impl Configs {
 /// The routes, for the HTTP server to merge with its own.
 pub fn routes(api: Api) -> Router {
     Router::new()
-        .route("/", get(server_info))
         .route("/connector-plugins", get(plugins))
         .route("/connectors", get(list).post(create))
         .route("/connectors/{name}", get(info).delete(delete))
@@ -172,12 +171,15 @@ struct ServerInfo {
     kafka_cluster_id: Option<String>,
 }
 
-async fn server_info(State(api): State<Api>) -> Json<ServerInfo> {
+/// `GET /`: the worker's version and cluster (the HTTP server routes `/`, which also serves the
+/// status page to browsers).
+pub fn server_info(status: &Status) -> Response {
     Json(ServerInfo {
         version: env!("CARGO_PKG_VERSION"),
         commit: env!("ARCHIVER_COMMIT"),
-        kafka_cluster_id: api.status.cluster_id(),
+        kafka_cluster_id: status.cluster_id(),
     })
+    .into_response()
 }
 
 #[derive(Serialize)]

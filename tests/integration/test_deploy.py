@@ -5,7 +5,7 @@
 - example_dot_env names every one of them, shows the README's defaults, reads the same under
   docker compose, systemd and the archiver, and the binary starts with it.
 - docker-compose.yml, the Dockerfile, deploy/kafka-s3-archiver.service and
-  deploy/grafana-dashboard.json agree with one another, with src/config.rs, src/http.rs and
+  deploy/grafana-dashboard.json agree with one another, with src/config.rs, src/http/mod.rs and
   src/metrics.rs.
 """
 import json
@@ -452,8 +452,8 @@ def test_dockerfile_healthcheck_asks_an_endpoint_that_exists():
         pytest.skip("no HEALTHCHECK")
     path = re.search(r"GET (/[a-z]+)", checks[0])
     assert path, checks[0]
-    assert f'.route("{path.group(1)}"' in (REPO / "src" / "http.rs").read_text(), \
-        f"the HEALTHCHECK asks {path.group(1)}, which src/http.rs does not serve"
+    assert f'.route("{path.group(1)}"' in (REPO / "src" / "http" / "mod.rs").read_text(), \
+        f"the HEALTHCHECK asks {path.group(1)}, which src/http/mod.rs does not serve"
     # The slim image has neither curl nor wget unless the Dockerfile installs it.
     tool = re.search(r"\b(curl|wget)\b", checks[0])
     if tool:

@@ -6,7 +6,8 @@
 //!   stopped; otherwise 503 with the reasons, one per line.
 //! - `/status`: JSON, per partition the committed and end offsets, lag, spooled records and last
 //!   error; the last errors; the spool against its bounds; what the archiver was started with.
-//! - `/`, `/connectors…`, `/connector-plugins`: the Kafka Connect REST API ([`crate::connect`]).
+//! - `/`: the status page for a browser ([`page`]), Kafka Connect's worker info for other clients.
+//! - `/connectors…`, `/connector-plugins`: the Kafka Connect REST API ([`crate::connect`]).
 //!
 //! Unknown paths and methods answer in Kafka Connect's error shape, as the rest of the port does.
 
@@ -16,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use axum::Router;
 use axum::extract::Request;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, ServiceExt};
@@ -29,6 +30,8 @@ use crate::connect;
 use crate::pipeline::commit::Ledger;
 use crate::pipeline::spool::Spool;
 use crate::pipeline::status::Status;
+
+mod page;
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on {addr} (REST_PORT / REST_BIND_ADDRESS): {source}")]
@@ -71,6 +74,7 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/status", get(status))
+        .route("/", get(root))
         .with_state(App { view })
         .merge(connect::routes(api))
         .fallback(|| async { connect::error(StatusCode::NOT_FOUND, "HTTP 404 Not Found") })
@@ -112,6 +116,10 @@ async fn readyz(State(app): State<App>) -> Response {
         let body: String = why.iter().map(|w| format!("not ready: {w}\n")).collect();
         (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
     }
+}
+
+async fn root(State(app): State<App>, headers: HeaderMap) -> Response {
+    if page::wants_page(&headers) { page::page() } else { page::vary_on_accept(connect::server_info(&app.view.status)) }
 }
 
 async fn status(State(app): State<App>) -> Response {
