@@ -66,3 +66,15 @@ def test_every_configuration_error_is_covered_by_name():
     named = set(re.findall(r'invalid\(\s*"([A-Z_]+)"', src))
     table = set(re.findall(r"^\| `([A-Z_<>]+)` \|", section("Configuration", README), re.M))
     assert named and named <= table, named - table
+
+
+def test_every_relative_link_and_image_in_the_docs_exists():
+    """README and docs/: each `[text](path)` and `![alt](path)` that is not a URL names a file of
+    the repository (the status page's screenshot included)."""
+    broken = []
+    for doc in [README, *sorted((REPO / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+            path = target.split("#")[0]
+            if path and not re.match(r"[a-z]+:", path) and not (doc.parent / path).exists():
+                broken.append(f"{doc.relative_to(REPO)}: {target}")
+    assert not broken, broken
