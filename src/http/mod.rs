@@ -119,7 +119,8 @@ async fn readyz(State(app): State<App>) -> Response {
 }
 
 async fn root(State(app): State<App>, headers: HeaderMap) -> Response {
-    if page::wants_page(&headers) { page::page() } else { page::vary_on_accept(connect::server_info(&app.view.status)) }
+    let answer = if page::wants_page(&headers) { page::page() } else { connect::server_info(&app.view.status) };
+    page::vary_on_accept(answer)
 }
 
 async fn status(State(app): State<App>) -> Response {

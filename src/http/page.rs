@@ -23,7 +23,6 @@ pub fn page() -> Response {
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
             // Revalidated each time: the page changes with the archiver's version.
             (header::CACHE_CONTROL, "no-cache"),
-            (header::VARY, "Accept"),
             (header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY),
             (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
             (header::REFERRER_POLICY, "no-referrer"),

@@ -76,6 +76,9 @@ pub struct ErrorEntry {
     /// `store`, `archiving` (it stopped), `consumer`, or `topic/partition`.
     pub source: String,
     pub message: String,
+    /// The message without its numbers: what a repeat has in common with it.
+    #[serde(skip)]
+    shape: String,
 }
 
 /// What the archiver was started with, as the status page shows it: no secret.
@@ -117,7 +120,7 @@ impl Notes {
     /// that an outage or a run of bad records is one line, not the whole list.
     fn remember(&mut self, source: String, note: &Note) {
         let shape = without_numbers(&note.message);
-        let same = self.errors.iter().position(|e| e.source == source && without_numbers(&e.message) == shape);
+        let same = self.errors.iter().position(|e| e.source == source && e.shape == shape);
         let entry = match same.and_then(|i| self.errors.remove(i)) {
             Some(e) => ErrorEntry {
                 first_time: e.first_time.or(Some(e.time)),
@@ -125,6 +128,7 @@ impl Notes {
                 count: e.count + 1,
                 message: note.message.clone(),
                 source,
+                shape,
             },
             None => ErrorEntry {
                 time: note.time.clone(),
@@ -132,6 +136,7 @@ impl Notes {
                 count: 1,
                 source,
                 message: note.message.clone(),
+                shape,
             },
         };
         self.errors.push_front(entry);

@@ -600,7 +600,7 @@ impl Spool {
 
     /// Free space on the spool's file system (`u64::MAX` when it cannot be read).
     pub fn available_space(&self) -> u64 {
-        fs4::available_space(&self.dir).unwrap_or(u64::MAX)
+        self.disk_space().map_or(u64::MAX, |d| d.free)
     }
 
     /// The spool's file system: free space (for the archiver) and size, when they can be read.
