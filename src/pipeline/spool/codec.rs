@@ -2,7 +2,7 @@
 //! key, value, zstd when that pays) as it is written to the value files and read back. A record's
 //! format on disk lives here alone, so that a change to it is made in one place.
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 
 use super::SpoolError;
 use crate::record::{Headers, Record, RecordTime};
@@ -170,8 +170,10 @@ pub(super) fn encode_value_with(r: &Record, options: SpoolOptions) -> Vec<u8> {
     out
 }
 
-/// Decodes a spool entry back into a record.
-pub fn decode_entry(key: &SpoolKey, raw: &[u8]) -> Result<Record, SpoolError> {
+/// Decodes a spool entry back into a record. Its key, value and header values are slices of
+/// `raw` (a value stored compressed excepted), not copies: entries read together share one
+/// buffer, which lives as long as any of them.
+pub fn decode_entry(key: &SpoolKey, raw: Bytes) -> Result<Record, SpoolError> {
     let corrupt = |why| SpoolError::Corrupt { key: key.describe(), why };
     let (topic, partition, offset) = key.parts().ok_or_else(|| corrupt("bad key"))?;
     if raw.len() < 10 || !(raw[0] == FORMAT_VERSION || raw[0] == FORMAT_VERSION_WITHOUT_HEADERS) {
@@ -179,17 +181,22 @@ pub fn decode_entry(key: &SpoolKey, raw: &[u8]) -> Result<Record, SpoolError> {
     }
     let flags = raw[1];
     let ms = i64::from_be_bytes(raw[2..10].try_into().expect("8 bytes"));
-    let mut rest = &raw[10..];
-    let take_len = |rest: &mut &[u8]| -> Result<usize, SpoolError> {
-        let (n, tail) = rest.split_first_chunk::<4>().ok_or_else(|| corrupt("cut short"))?;
-        *rest = tail;
-        Ok(u32::from_be_bytes(*n) as usize)
+    let mut rest = raw.slice(10..);
+    let take_len = |rest: &mut Bytes| -> Result<usize, SpoolError> {
+        let n = rest.get(..4).ok_or_else(|| corrupt("cut short"))?;
+        let n = u32::from_be_bytes(n.try_into().expect("4 bytes")) as usize;
+        rest.advance(4);
+        Ok(n)
+    };
+    let take = |rest: &mut Bytes, n: usize, why| -> Result<Bytes, SpoolError> {
+        if rest.len() < n {
+            return Err(corrupt(why));
+        }
+        Ok(rest.split_to(n))
     };
     let record_key = if flags & FLAG_KEY != 0 {
         let n = take_len(&mut rest)?;
-        let k = rest.get(..n).ok_or_else(|| corrupt("key cut short"))?;
-        rest = &rest[n..];
-        Some(Bytes::copy_from_slice(k))
+        Some(take(&mut rest, n, "key cut short")?)
     } else {
         None
     };
@@ -198,16 +205,11 @@ pub fn decode_entry(key: &SpoolKey, raw: &[u8]) -> Result<Record, SpoolError> {
         let count = take_len(&mut rest)?;
         for _ in 0..count {
             let n = take_len(&mut rest)?;
-            let name = rest.get(..n).ok_or_else(|| corrupt("header name cut short"))?;
-            let name = std::str::from_utf8(name).map_err(|_| corrupt("header name not UTF-8"))?.to_string();
-            rest = &rest[n..];
+            let name = take(&mut rest, n, "header name cut short")?;
+            let name = std::str::from_utf8(&name).map_err(|_| corrupt("header name not UTF-8"))?.to_string();
             let value = match take_len(&mut rest)? {
                 n if n == NULL_LEN as usize => None,
-                n => {
-                    let v = rest.get(..n).ok_or_else(|| corrupt("header value cut short"))?;
-                    rest = &rest[n..];
-                    Some(Bytes::copy_from_slice(v))
-                }
+                n => Some(take(&mut rest, n, "header value cut short")?),
             };
             headers.push((name, value));
         }
@@ -219,9 +221,9 @@ pub fn decode_entry(key: &SpoolKey, raw: &[u8]) -> Result<Record, SpoolError> {
         if n > MAX_VALUE_BYTES {
             return Err(corrupt("value too large"));
         }
-        Some(Bytes::from(zstd::bulk::decompress(rest, n)?))
+        Some(Bytes::from(zstd::bulk::decompress(&rest, n)?))
     } else {
-        Some(Bytes::copy_from_slice(rest))
+        Some(rest)
     };
     let time = if flags & FLAG_CONSUMED_TIME != 0 { RecordTime::Consumed(ms) } else { RecordTime::Kafka(ms) };
     let headers = (raw[0] == FORMAT_VERSION).then_some(headers);

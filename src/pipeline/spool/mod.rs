@@ -445,7 +445,7 @@ impl Spool {
             let Some(raw) = self.value(&key, location)? else {
                 continue;
             };
-            let record = decode_entry(&key, &raw)?;
+            let record = decode_entry(&key, raw.into())?;
             bytes += record.value_bytes().len();
             out.push((key, record));
             if bytes >= max_bytes {

@@ -9,6 +9,8 @@
 
 use std::os::unix::fs::FileExt;
 
+use bytes::Bytes;
+
 use super::runs::{Location, NORMAL, run_key, split_run_key};
 use super::{Spool, SpoolError, SpoolKey, decode_entry, partition_prefix};
 use crate::record::Record;
@@ -109,7 +111,8 @@ impl Spool {
 
     /// Records of partition `prefix` from offset `from` on, in offset order: at least `max`
     /// records or `max_bytes` of values (as stored) when the spool holds that many, all of those
-    /// up to the last one returned.
+    /// up to the last one returned. Records read together share a buffer of up to
+    /// [`STRETCH_BYTES`]: copy what is kept longer than the records themselves.
     pub fn read_from(
         &self,
         prefix: &[u8],
@@ -165,14 +168,16 @@ impl Spool {
             let file = self.segments().files.get(&first.segment).map(|s| s.file.clone());
             let mut buf = vec![0; len];
             let read = file.is_some_and(|f| f.read_exact_at(&mut buf, first.position).is_ok());
+            // The records' keys, values and header values are slices of the stretch, not copies.
+            let buf = Bytes::from(buf);
             for (key, location) in stretch {
                 let at = (location.position - first.position) as usize;
-                let raw = &buf[at..at + location.len as usize];
-                if read && crc32fast::hash(raw) == location.crc {
+                let raw = buf.slice(at..at + location.len as usize);
+                if read && crc32fast::hash(&raw) == location.crc {
                     out.push((key.clone(), decode_entry(key, raw)?));
                 } else if let Some(raw) = self.value(key, *location)? {
                     // Moved by a compaction, or not whole on disk: looked up one by one.
-                    out.push((key.clone(), decode_entry(key, &raw)?));
+                    out.push((key.clone(), decode_entry(key, raw.into())?));
                 }
             }
         }

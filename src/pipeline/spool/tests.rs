@@ -36,29 +36,30 @@ fn keys_sort_by_offset_within_a_partition() {
     assert_eq!(a.prefix(), partition_prefix("t", 1));
 }
 
+/// [`decode_entry`] of a copy of `raw`.
+fn decode(key: &SpoolKey, raw: &[u8]) -> Result<Record, SpoolError> {
+    decode_entry(key, Bytes::copy_from_slice(raw))
+}
+
 #[test]
 fn values_round_trip_with_and_without_compression() {
     let key = SpoolKey::new("t", 0, 5);
     let mut r = rec("t", 0, 5, b"small".to_vec());
     r.key = Some(Bytes::from_static(b"k"));
     r.time = RecordTime::Consumed(-5);
-    assert_eq!(decode_entry(&key, &encode_value(&r)).unwrap(), r);
+    assert_eq!(decode(&key, &encode_value(&r)).unwrap(), r);
     let big = rec("t", 0, 5, vec![7; 100_000]);
     let enc = encode_value(&big);
     assert!(enc.len() < 10_000, "compressible values shrink");
-    assert_eq!(decode_entry(&key, &enc).unwrap(), big);
+    assert_eq!(decode(&key, &enc).unwrap(), big);
     let noise: Vec<u8> = (0..100_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     let random = rec("t", 0, 5, noise);
-    assert_eq!(decode_entry(&key, &encode_value(&random)).unwrap(), random);
+    assert_eq!(decode(&key, &encode_value(&random)).unwrap(), random);
     let tombstone = Record { value: None, ..rec("t", 0, 5, Vec::new()) };
-    assert_eq!(decode_entry(&key, &encode_value(&tombstone)).unwrap(), tombstone);
+    assert_eq!(decode(&key, &encode_value(&tombstone)).unwrap(), tombstone);
     let empty = rec("t", 0, 5, Vec::new());
-    assert_eq!(
-        decode_entry(&key, &encode_value(&empty)).unwrap().value.as_deref(),
-        Some(&b""[..]),
-        "empty is not null"
-    );
-    assert!(decode_entry(&key, &[9, 0]).is_err());
+    assert_eq!(decode(&key, &encode_value(&empty)).unwrap().value.as_deref(), Some(&b""[..]), "empty is not null");
+    assert!(decode(&key, &[9, 0]).is_err());
 }
 
 #[test]
@@ -74,9 +75,9 @@ fn headers_round_trip_and_entries_written_before_them_read_as_none() {
         r.value = value.map(Bytes::from);
         r.key = Some(Bytes::from_static(b"k"));
         r.headers = Some(headers.clone());
-        assert_eq!(decode_entry(&key, &encode_value(&r)).unwrap(), r);
+        assert_eq!(decode(&key, &encode_value(&r)).unwrap(), r);
         let cut = encode_value(&r);
-        assert!(decode_entry(&key, &cut[..16]).is_err(), "headers cut short are corrupt");
+        assert!(decode(&key, &cut[..16]).is_err(), "headers cut short are corrupt");
     }
     // An entry as the spool wrote it before headers were kept (version 1): version, flags (a
     // key), time, key; its headers are not known.
@@ -84,11 +85,11 @@ fn headers_round_trip_and_entries_written_before_them_read_as_none() {
     old.extend_from_slice(&1_650_000_000_000i64.to_be_bytes());
     old.extend_from_slice(&1u32.to_be_bytes());
     old.extend_from_slice(b"kvalue");
-    let r = decode_entry(&key, &old).unwrap();
+    let r = decode(&key, &old).unwrap();
     assert_eq!((r.key.as_deref(), r.value.as_deref(), r.headers), (Some(&b"k"[..]), Some(&b"value"[..]), None));
     let mut future = encode_value(&rec("t", 0, 5, b"v".to_vec()));
     future[0] = 3;
-    assert!(decode_entry(&key, &future).is_err(), "a version this archiver does not know is refused");
+    assert!(decode(&key, &future).is_err(), "a version this archiver does not know is refused");
 }
 
 #[test]

@@ -2,6 +2,8 @@
 //! inside sled move to the value files, and an index with one entry per record becomes runs of one
 //! record each. Kept apart so that the current layout reads without the old ones.
 
+use bytes::Bytes;
+
 use super::runs::{Location, NORMAL, Run, Slot, run_key};
 use super::{Spool, SpoolError, SpoolKey, decode_entry};
 
@@ -38,7 +40,7 @@ impl Spool {
         let mut records = Vec::new();
         for entry in legacy.iter() {
             let (k, v) = entry?;
-            records.push(decode_entry(&SpoolKey(k.to_vec()), &v)?);
+            records.push(decode_entry(&SpoolKey(k.to_vec()), Bytes::copy_from_slice(&v))?);
             if records.len() == 1000 {
                 self.insert_batch(&std::mem::take(&mut records))?;
             }
