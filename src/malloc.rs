@@ -1,8 +1,12 @@
 //! glibc malloc tuning for a long-running process (Linux with glibc; elsewhere nothing): set at
 //! start-up before any thread exists, and a periodic trim that gives freed pages back.
 
+/// Blocks of this size and more get a mapping of their own (see [`tune`]).
+pub const MMAP_THRESHOLD: usize = 128 << 10;
+
 /// Sets glibc's malloc up for a long-running process whose memory must not grow with its input;
-/// a variable of glibc's own (`MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_`) still overrides it.
+/// a variable of glibc's own (`MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_`) still overrides it
+/// (not `GLIBC_TUNABLES`, which glibc reads before these calls).
 ///
 /// Without it, peak RSS grew with the length of a backlog although the live heap did not: freed
 /// memory stayed with the allocator (`benches/results/HISTORY.md` has the runs). Two causes:
@@ -21,7 +25,7 @@ pub fn tune() {
                 libc::mallopt(libc::M_ARENA_MAX, 2);
             }
             if unset("MALLOC_MMAP_THRESHOLD_") {
-                libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
+                libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD as libc::c_int);
             }
         }
     }

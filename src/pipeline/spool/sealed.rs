@@ -256,13 +256,65 @@ fn contiguous(wanted: &[(SpoolKey, Location)]) -> usize {
     n
 }
 
-/// The most bytes read at once by [`Spool::read_from`].
-const STRETCH_BYTES: u64 = 4 << 20;
+/// The most bytes read at once by [`Spool::read_from`]: under malloc's mmap threshold
+/// (`crate::malloc`), so that a read's buffer is heap the allocator reuses, not a new mapping
+/// whose every page faults in and is zeroed (a record larger than this is read alone).
+const STRETCH_BYTES: u64 = 64 << 10;
+const _: () = assert!((STRETCH_BYTES as usize) < crate::malloc::MMAP_THRESHOLD);
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::pipeline::spool::tests::rec;
+
+    #[test]
+    fn values_of_every_size_read_back_whole_across_stretches() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open_in_test(dir.path());
+        // From empty to four times a stretch, and noise (stored as is, not compressed), so that
+        // reads split between records, and a record larger than a stretch is read alone.
+        let value = |o: i64| -> Vec<u8> {
+            let len = [0, 1, 1000, 40_000, STRETCH_BYTES as usize + 1, 4 * STRETCH_BYTES as usize][o as usize % 6];
+            let mut x = o as u64 + 1;
+            (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect()
+        };
+        let batch: Vec<_> = (0..60)
+            .map(|o| {
+                let mut r = rec("t", 0, o, value(o));
+                r.key = (o % 2 == 0).then(|| Bytes::from(format!("key-{o}")));
+                r.headers = Some(vec![("h".to_string(), (o % 3 != 0).then(|| Bytes::from(format!("v{o}"))))]);
+                r
+            })
+            .collect();
+        spool.insert_batch(&batch).unwrap();
+        let read = spool.read_from(&partition_prefix("t", 0), 0, usize::MAX, u64::MAX).unwrap();
+        assert_eq!(read.into_iter().map(|(_, r)| r).collect::<Vec<_>>(), batch);
+    }
+
+    #[test]
+    fn a_read_takes_contiguous_values_up_to_a_stretch_and_a_larger_one_alone() {
+        let at = |segment, position, len| (SpoolKey::new("t", 0, 0), Location { segment, position, len, crc: 0 });
+        let stretch = STRETCH_BYTES as u32;
+        // 1 KiB values end to end: as many as fit in a stretch.
+        let small: Vec<_> = (0..200u64).map(|i| at(0, i * 1024, 1024)).collect();
+        assert_eq!(contiguous(&small), (STRETCH_BYTES / 1024) as usize);
+        // A value larger than a stretch is read alone, and ends the stretch before it.
+        let big = [at(0, 0, 2 * stretch), at(0, 2 * u64::from(stretch), 10)];
+        assert_eq!(contiguous(&big), 1);
+        let before = [at(0, 0, 10), at(0, 10, stretch)];
+        assert_eq!(contiguous(&before), 1);
+        // A gap, or another file, ends it.
+        assert_eq!(contiguous(&[at(0, 0, 10), at(0, 11, 10)]), 1);
+        assert_eq!(contiguous(&[at(0, 0, 10), at(1, 10, 10)]), 1);
+        assert_eq!(contiguous(&[at(0, 0, 10), at(0, 10, 10)]), 2);
+    }
 
     #[test]
     fn a_partition_reads_in_offset_order_from_any_offset_with_records_delivered_again() {
