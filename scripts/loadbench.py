@@ -260,20 +260,29 @@ def svg_plot(curves, path, title):
 
 
 def sensor_json(rng, i, size):
-    """About `size` bytes of a sensor's JSON reading, as SINETStream users send them: a device,
-    a time, and a series of float readings with a few decimals."""
-    doc = {"device": f"sensor-{i % 64:03d}", "seq": i, "unit": "celsius", "values": []}
-    while len(json.dumps(doc)) < size:
-        doc["values"].append(round(20 + rng.gauss(0, 3), 2))
-    return json.dumps(doc).encode()[:size]
+    """A sensor's JSON reading of at most `size` bytes (as many readings as fit), as SINETStream
+    users send them: a device, a sequence number, and float readings with 2 decimals, each drawn
+    independently (real readings that drift slowly compress better)."""
+    head = json.dumps({"device": f"sensor-{i % 64:03d}", "seq": i, "unit": "celsius"})[:-1] + ', "values": ['
+    values, length = [], len(head) + len("]}")
+    assert length <= size, f"a sensor reading takes at least {length} bytes"
+    while True:
+        v = f"{20 + rng.gauss(0, 3):.2f}"
+        if length + len(v) + 2 > size:
+            return (head + ", ".join(values) + "]}").encode()
+        values.append(v)
+        length += len(v) + 2
 
 
 def preload_json(broker, topic, partitions, n, size):
-    """preload() with sensor JSON of about `size` bytes (4,096 distinct documents, reused:
-    generating a million is slower than the archiver)."""
+    """preload() with sensor JSON of about `size` bytes. Documents are reused (generating a
+    million is slower than the archiver), but none twice within 16,384 records of a partition,
+    more than a Parquet page holds (zstd compresses each page alone): it would otherwise find
+    each page's documents again within it, and the stored share would say nothing of readings."""
     import random
     rng = random.Random(7)
-    return preload(broker, topic, partitions, n, size, [sensor_json(rng, i, size) for i in range(4096)])
+    pool = min(n, 16_384 * partitions)
+    return preload(broker, topic, partitions, n, size, [sensor_json(rng, i, size) for i in range(pool)])
 
 
 def fetch_ceiling(broker, topic, partitions, n):
@@ -299,7 +308,7 @@ def parquet_section(args, broker, workdir, servers):
     """ARCHIVE_FORMAT=parquet against the fetch ceiling and the Connect format, same store and
     run: records/s, PUTs per 1,000 records, stored / produced bytes, peak RSS."""
     out = {"records": args.parquet_records, "settings": "defaults but BATCH_MAX_AGE=1s", "payload": f"sensor JSON of about {args.payload_bytes} B in a "
-           "SINETStream v3 envelope (a device, a time, float readings with 2 decimals)", "stores": {}}
+           "SINETStream v3 envelope (a device, a sequence number, float readings with 2 decimals, none repeated within a page)", "stores": {}}
     topic = f"pq-{uuid.uuid4().hex[:8]}"
     broker.create_topic(topic, args.partitions)
     ends, produced = preload_json(broker, topic, args.partitions, args.parquet_records, args.payload_bytes)
