@@ -214,7 +214,7 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     ("BATCH_MAX_RECORDS", "100000"),
     ("BATCH_MAX_BYTES", "64MiB"),
     ("BATCH_MAX_AGE", "60s"),
-    ("PARQUET_ZSTD_LEVEL", "3"),
+    ("PARQUET_ZSTD_LEVEL", "1"),
     ("LOG_FORMAT", "text"),
 ];
 
@@ -510,7 +510,7 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT_S: u64 = 30;
 pub const DEFAULT_BATCH_MAX_RECORDS: u64 = 100_000;
 pub const DEFAULT_BATCH_MAX_BYTES: u64 = 64 << 20;
 pub const DEFAULT_BATCH_MAX_AGE: Duration = Duration::from_secs(60);
-pub const DEFAULT_PARQUET_ZSTD_LEVEL: u64 = 3;
+pub const DEFAULT_PARQUET_ZSTD_LEVEL: u64 = 1;
 /// Prefix of the environment variables passed through to librdkafka.
 pub const KAFKA_PROPERTY_PREFIX: &str = "KAFKA_PROPERTY_";
 

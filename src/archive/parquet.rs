@@ -129,7 +129,8 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// A new object compressed with zstd at `zstd_level` (1 is zstd's fast default; up to 22).
+    /// A new object compressed with zstd at `zstd_level` (1, the default, is zstd's fastest
+    /// regular level; up to 22).
     pub fn new(zstd_level: i32) -> Result<Writer, ParquetError> {
         let schema = Arc::new(parse_message_type(SCHEMA)?);
         let column = |path: &[&str]| ColumnPath::new(path.iter().map(|s| s.to_string()).collect());
