@@ -366,6 +366,12 @@ impl PutSettings {
     }
 }
 
+/// `path` made absolute against the working directory, for what the archiver shows; as it is when
+/// that fails.
+pub fn absolute(path: &std::path::Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
 impl StoreConfig {
     /// Where the archive goes, for the status page: `s3://bucket at endpoint (region)` or the
     /// directory. No credential: an endpoint URL cannot carry one (refused at start-up).
@@ -374,9 +380,7 @@ impl StoreConfig {
             StoreConfig::S3 { bucket, region, endpoint, .. } => {
                 format!("s3://{bucket} at {} ({region})", endpoint.as_deref().unwrap_or("AWS"))
             }
-            StoreConfig::Local { dir, bucket } => {
-                std::path::absolute(dir).unwrap_or(dir.clone()).join(bucket).display().to_string()
-            }
+            StoreConfig::Local { dir, bucket } => absolute(dir).join(bucket).display().to_string(),
         }
     }
 

@@ -83,7 +83,7 @@ impl Configs {
             // Not a Kafka Connect store: the directory the archive goes to, as a URL.
             StoreConfig::Local { dir, bucket } => {
                 set("s3.bucket.name", bucket);
-                set("store.url", &format!("file://{}", std::path::absolute(dir).unwrap_or(dir.clone()).display()));
+                set("store.url", &format!("file://{}", crate::config::absolute(dir).display()));
             }
         }
         // register.sh left the separator at its default, `\n`; another one is part of the config.

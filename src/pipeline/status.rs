@@ -46,7 +46,6 @@ impl Note {
 struct Notes {
     paused: Option<String>,
     failure: Option<Note>,
-    last_error: Option<Note>,
     store_ok_at: Option<Instant>,
     store_reachable: Option<bool>,
     store_error: Option<Note>,
@@ -102,7 +101,7 @@ impl Setup {
             group_id: config.group_id.clone(),
             store: config.store.location(),
             format: config.format.describe(),
-            spool_dir: std::path::absolute(&config.spool_dir).unwrap_or(config.spool_dir.clone()).display().to_string(),
+            spool_dir: crate::config::absolute(&config.spool_dir).display().to_string(),
             spool_limits: Some(config.spool_limits),
         }
     }
@@ -111,8 +110,7 @@ impl Setup {
 impl Notes {
     fn store_failed(&mut self, note: Note) {
         self.store_reachable = Some(false);
-        self.store_error = Some(note.clone());
-        self.last_error = Some(note);
+        self.store_error = Some(note);
     }
 
     /// Puts an error at the top of the recent ones. The same error again moves up and counts:
@@ -121,24 +119,12 @@ impl Notes {
     fn remember(&mut self, source: String, note: &Note) {
         let shape = without_numbers(&note.message);
         let same = self.errors.iter().position(|e| e.source == source && e.shape == shape);
-        let entry = match same.and_then(|i| self.errors.remove(i)) {
-            Some(e) => ErrorEntry {
-                first_time: e.first_time.or(Some(e.time)),
-                time: note.time.clone(),
-                count: e.count + 1,
-                message: note.message.clone(),
-                source,
-                shape,
-            },
-            None => ErrorEntry {
-                time: note.time.clone(),
-                first_time: None,
-                count: 1,
-                source,
-                message: note.message.clone(),
-                shape,
-            },
+        let (first_time, count) = match same.and_then(|i| self.errors.remove(i)) {
+            Some(e) => (e.first_time.or(Some(e.time)), e.count + 1),
+            None => (None, 1),
         };
+        let entry =
+            ErrorEntry { time: note.time.clone(), first_time, count, source, message: note.message.clone(), shape };
         self.errors.push_front(entry);
         self.errors.truncate(RECENT_ERRORS);
     }
@@ -257,13 +243,12 @@ impl Status {
     /// Something went wrong with a partition (or, with `None`, with the pipeline as a whole).
     pub fn error(&self, tp: Option<&Tp>, message: impl Into<String>) {
         let note = Note::now(message);
-        let mut n = self.notes();
         let source = tp.map_or_else(|| "consumer".to_string(), |(t, p)| format!("{t}/{p}"));
+        let mut n = self.notes();
         n.remember(source, &note);
         if let Some(tp) = tp {
-            n.partition_errors.insert(tp.clone(), note.clone());
+            n.partition_errors.insert(tp.clone(), note);
         }
-        n.last_error = Some(note);
     }
 
     /// A request to the store succeeded.
@@ -351,7 +336,6 @@ impl Status {
         let note = Note::now(message);
         let mut n = self.notes();
         n.remember("archiving".into(), &note);
-        n.last_error = Some(note.clone());
         n.failure = Some(note);
     }
 
@@ -419,7 +403,8 @@ impl Status {
             },
             store: StoreReport { reachable: n.store_reachable, last_error: n.store_error.clone() },
             failure: n.failure.clone(),
-            last_error: n.last_error.clone(),
+            // The newest of the last errors: each error is remembered there.
+            last_error: n.errors.front().map(|e| Note { message: e.message.clone(), time: e.time.clone() }),
             errors: n.errors.iter().cloned().collect(),
             partitions,
         }

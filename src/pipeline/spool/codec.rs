@@ -182,12 +182,7 @@ pub fn decode_entry(key: &SpoolKey, raw: Bytes) -> Result<Record, SpoolError> {
     let flags = raw[1];
     let ms = i64::from_be_bytes(raw[2..10].try_into().expect("8 bytes"));
     let mut rest = raw.slice(10..);
-    let take_len = |rest: &mut Bytes| -> Result<usize, SpoolError> {
-        let n = rest.get(..4).ok_or_else(|| corrupt("cut short"))?;
-        let n = u32::from_be_bytes(n.try_into().expect("4 bytes")) as usize;
-        rest.advance(4);
-        Ok(n)
-    };
+    let take_len = |rest: &mut Bytes| rest.try_get_u32().map(|n| n as usize).map_err(|_| corrupt("cut short"));
     let take = |rest: &mut Bytes, n: usize, why| -> Result<Bytes, SpoolError> {
         if rest.len() < n {
             return Err(corrupt(why));
