@@ -83,9 +83,11 @@ kill -TERM "$archiver"
 wait "$archiver"
 
 echo "== what landed in ./data/demo/archive ($(find data/demo/archive -type f | wc -l) objects)"
-find data/demo/archive -type f | sort | head -6
+# sed, not head: head exits early, sort can die of SIGPIPE on its next write and
+# pipefail turns that into a failed demo (1 run in 60 here).
+find data/demo/archive -type f | sort | sed -n 1,6p
 echo "   …"
-first=$(find data/demo/archive -type f -name '*.bin' | sort | head -1)
+first=$(find data/demo/archive -type f -name '*.bin' | sort | sed -n 1p)
 echo "== one record: $first"
 cat "$first"
 cat "${first%.bin}-timestamp.txt"
