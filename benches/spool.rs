@@ -1,4 +1,5 @@
-//! The spool: what the consumer's `insert_batch` and the uploaders' `pending` + `remove` cost.
+//! The spool: what the consumer's inserts (here through `insert_batch`, which encodes whole
+//! records as the consumer encodes fetched messages) and the uploaders' `pending` + `remove` cost.
 //!
 //! - `spool_insert`: 1 KB records in batches of 1, 100 and 1000 (records/s).
 //! - `spool_insert_64KB`: 64 KB values, random (incompressible) and JSON-like (compressible), with

@@ -1,5 +1,6 @@
-//! The record every stage passes: a Kafka record as the archiver keeps it, from the consumer
-//! through the spool to the uploaders, and as the tools rebuild it from Kafka or the archive.
+//! The record the stages pass: a Kafka record as the spool gives it to the uploaders (the consumer
+//! encodes what it fetches for the spool directly), and as the tools rebuild it from Kafka or the
+//! archive.
 
 use bytes::Bytes;
 

@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult};
@@ -28,10 +27,10 @@ use crate::kafka::{self, METADATA_REFRESH};
 use crate::metrics as m;
 use crate::pipeline::backpressure::{Backpressure, PACE_WAIT, SpoolState};
 use crate::pipeline::commit::{Delivery, Ledger, Tp};
-use crate::pipeline::spool::Spool;
+use crate::pipeline::spool::{Entry, Fields, Spool};
 use crate::pipeline::status::Status;
 use crate::pipeline::throttle::{Say, Throttle};
-use crate::record::{Record, RecordTime};
+use crate::record::RecordTime;
 use crate::topics::TopicSelection;
 
 #[derive(Debug, thiserror::Error)]
@@ -425,7 +424,7 @@ fn next_subscription(
 struct Loop {
     backpressure: Backpressure,
     /// Registered in the ledger but not yet written to the spool (the write failed).
-    unspooled: Vec<Record>,
+    unspooled: Vec<Entry>,
     spool_failures: u32,
     /// Partitions whose first tombstone was logged (the rest are counted).
     tombstones_logged: HashSet<Tp>,
@@ -539,7 +538,7 @@ impl KafkaConsumer {
             self.ledger.lock().expect("ledger lock").all_spooled();
             return;
         }
-        match self.spool.insert_batch(&state.unspooled) {
+        match self.spool.insert(&state.unspooled) {
             Ok(()) => {
                 if state.spool_failures > 0 {
                     tracing::info!("the spool accepts writes again");
@@ -694,7 +693,7 @@ impl KafkaConsumer {
         drained: &CancellationToken,
         drain_wait: Duration,
     ) -> Result<(), ConsumerError> {
-        if !state.unspooled.is_empty() && self.spool.insert_batch(&state.unspooled).is_err() {
+        if !state.unspooled.is_empty() && self.spool.insert(&state.unspooled).is_err() {
             tracing::error!(
                 records = state.unspooled.len(),
                 "the spool still cannot be written; these records are not committed and will be fetched again"
@@ -754,25 +753,30 @@ impl KafkaConsumer {
         Ok(())
     }
 
-    /// Registers a polled batch in the ledger; returns the records that are new and must be spooled.
-    fn register(&self, batch: &mut Vec<BorrowedMessage<'_>>, tombstones_logged: &mut HashSet<Tp>) -> Vec<Record> {
+    /// Registers a polled batch in the ledger; returns the records that are new and must be
+    /// spooled, encoded for the spool straight from the fetched messages.
+    fn register(&self, batch: &mut Vec<BorrowedMessage<'_>>, tombstones_logged: &mut HashSet<Tp>) -> Vec<Entry> {
         if batch.is_empty() {
             return Vec::new();
         }
         metrics::counter!(m::RECORDS_CONSUMED).increment(batch.len() as u64);
         let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-        let mut records = Vec::with_capacity(batch.len());
         let mut ledger = self.ledger.lock().expect("ledger lock");
-        for msg in batch.drain(..) {
-            let tp = (msg.topic().to_string(), msg.partition());
-            let kafka_ms = kafka_time(&msg);
-            let value = msg.payload();
-            if value.is_none() {
+        let mut new = Vec::with_capacity(batch.len());
+        // A poll's records come in runs of one partition: the ledger's key is built once a run.
+        let mut tp: Tp = (String::new(), -1);
+        for (i, msg) in batch.iter().enumerate() {
+            if tp.1 != msg.partition() || tp.0 != msg.topic() {
+                tp = (msg.topic().to_string(), msg.partition());
+            }
+            let kafka_ms = kafka_time(msg);
+            let tombstone = msg.payload().is_none();
+            if tombstone {
                 metrics::counter!(m::TOMBSTONES).increment(1);
             }
             // The Connect layout has nothing to store for a tombstone; the Parquet format keeps
             // it as a row with a null payload.
-            if value.is_none() && self.batched.is_none() {
+            if tombstone && self.batched.is_none() {
                 if tombstones_logged.insert(tp.clone()) {
                     tracing::info!(topic = %tp.0, partition = tp.1, offset = msg.offset(),
                         "tombstone (null value) skipped; further ones of this partition are counted, not logged");
@@ -780,21 +784,9 @@ impl KafkaConsumer {
                 ledger.deliver(&tp, msg.offset(), true, kafka_ms);
                 continue;
             }
-            let delivery = ledger.deliver(&tp, msg.offset(), false, kafka_ms);
-            if delivery != Delivery::Spool {
-                continue;
+            if ledger.deliver(&tp, msg.offset(), false, kafka_ms) == Delivery::Spool {
+                new.push((i, kafka_ms));
             }
-            let time = kafka_ms.map_or(RecordTime::Consumed(now_ms), RecordTime::Kafka);
-            records.push(Record {
-                topic: tp.0,
-                partition: tp.1,
-                offset: msg.offset(),
-                time,
-                key: msg.key().map(Bytes::copy_from_slice),
-                value: value.map(Bytes::copy_from_slice),
-                // A column of the Parquet format; user metadata of the Connect layout's payload.
-                headers: Some(crate::kafka::headers(&msg)),
-            });
         }
         for reset in ledger.take_resets() {
             let (topic, partition) = (&reset.tp.0, reset.tp.1);
@@ -815,7 +807,25 @@ impl KafkaConsumer {
                 "offsets reused: the partition's offsets hold other records (the topic deleted and created again, or its log truncated); they are archived as new records");
             self.status.error(Some(&reset.tp), problem);
         }
-        records
+        drop(ledger);
+        // Encoded outside the ledger's lock, which the uploaders take.
+        let entries = new
+            .into_iter()
+            .map(|(i, kafka_ms)| {
+                let msg = &batch[i];
+                // A column of the Parquet format; user metadata of the Connect layout's payload.
+                let headers = crate::kafka::headers(msg);
+                let fields = Fields {
+                    time: kafka_ms.map_or(RecordTime::Consumed(now_ms), RecordTime::Kafka),
+                    key: msg.key(),
+                    headers: &headers,
+                    value: msg.payload(),
+                };
+                self.spool.entry(msg.topic(), msg.partition(), msg.offset(), &fields)
+            })
+            .collect();
+        batch.clear();
+        entries
     }
 }
 

@@ -106,13 +106,36 @@ impl Default for SpoolOptions {
     }
 }
 
-/// Encodes a record's value side: version, flags, time, optional key, optional headers, value.
-pub fn encode_value(r: &Record) -> Vec<u8> {
-    encode_value_with(r, SpoolOptions::default())
+/// A record's value side, borrowed from wherever it is: a [`Record`], or a message the consumer
+/// fetched (so that its key and value are copied once, into the encoded entry).
+#[derive(Debug, Clone, Copy)]
+pub struct Fields<'a> {
+    pub time: RecordTime,
+    pub key: Option<&'a [u8]>,
+    /// Empty when the record has none.
+    pub headers: &'a [(String, Option<Bytes>)],
+    /// None for a tombstone (a null value).
+    pub value: Option<&'a [u8]>,
 }
 
-/// [`encode_value`] with the given options.
-pub(super) fn encode_value_with(r: &Record, options: SpoolOptions) -> Vec<u8> {
+impl<'a> Fields<'a> {
+    pub fn of(r: &'a Record) -> Fields<'a> {
+        Fields {
+            time: r.time,
+            key: r.key.as_deref(),
+            headers: r.headers.as_deref().unwrap_or_default(),
+            value: r.value.as_deref(),
+        }
+    }
+}
+
+/// Encodes a record's value side: version, flags, time, optional key, optional headers, value.
+pub fn encode_value(r: &Record) -> Vec<u8> {
+    encode_fields(&Fields::of(r), SpoolOptions::default())
+}
+
+/// [`encode_value`] of borrowed fields, with the given options.
+pub(super) fn encode_fields(r: &Fields<'_>, options: SpoolOptions) -> Vec<u8> {
     let mut flags = 0;
     if matches!(r.time, RecordTime::Consumed(_)) {
         flags |= FLAG_CONSUMED_TIME;
@@ -123,11 +146,11 @@ pub(super) fn encode_value_with(r: &Record, options: SpoolOptions) -> Vec<u8> {
     if r.value.is_none() {
         flags |= FLAG_NULL;
     }
-    let headers = r.headers.as_deref().unwrap_or_default();
+    let headers = r.headers;
     if !headers.is_empty() {
         flags |= FLAG_HEADERS;
     }
-    let value = r.value_bytes();
+    let value = r.value.unwrap_or_default();
     let compressed = options
         .compress_min_bytes
         .is_some_and(|min| value.len() >= min)
@@ -137,12 +160,12 @@ pub(super) fn encode_value_with(r: &Record, options: SpoolOptions) -> Vec<u8> {
     if compressed.is_some() {
         flags |= FLAG_ZSTD;
     }
-    let key_len = r.key.as_ref().map_or(0, |k| 4 + k.len());
+    let key_len = r.key.map_or(0, |k| 4 + k.len());
     let mut out = Vec::with_capacity(10 + key_len + 4 + value.len());
     out.push(FORMAT_VERSION);
     out.push(flags);
     out.extend_from_slice(&r.time.millis().to_be_bytes());
-    if let Some(k) = &r.key {
+    if let Some(k) = r.key {
         out.extend_from_slice(&(k.len() as u32).to_be_bytes());
         out.extend_from_slice(k);
     }

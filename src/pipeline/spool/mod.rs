@@ -23,7 +23,7 @@
 //! their run's entry every 64, when the run empties, and at
 //! [`Spool::flush`]), and a record whose value did not reach the disk (it fails its length or CRC
 //! check) is dropped when the spool is opened, so it is fetched again. The exception is a record without a Kafka
-//! timestamp, whose path comes from the time it was consumed: [`Spool::insert_batch`] syncs the
+//! timestamp, whose path comes from the time it was consumed: [`Spool::insert`] syncs the
 //! values and the index before returning when a batch holds one, so a retry never sees another
 //! time.
 //!
@@ -56,8 +56,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
-use self::codec::encode_value_with;
-pub use self::codec::{SpoolKey, SpoolOptions, decode_entry, encode_value, partition_prefix};
+use self::codec::encode_fields;
+pub use self::codec::{Fields, SpoolKey, SpoolOptions, decode_entry, encode_value, partition_prefix};
 use self::runs::{
     Around, Location, NORMAL, NewRecord, NewRun, RUNS_TREE, Run, SINGLE, build_runs, run_key, split_run_key,
 };
@@ -65,6 +65,15 @@ pub use self::sealed::SealedBatch;
 use self::segments::{Removals, Segment, Segments, release_garbage};
 use self::upgrade::move_record_index;
 use crate::record::{Record, RecordTime};
+
+/// A record encoded for the spool ([`Spool::entry`]), ready for [`Spool::insert`].
+#[derive(Debug)]
+pub struct Entry {
+    key: SpoolKey,
+    value: Vec<u8>,
+    /// Its path time is the time it was consumed.
+    consumed: bool,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -233,31 +242,47 @@ impl Spool {
         self.segments.lock().expect("spool lock")
     }
 
+    /// Encodes a record for [`Spool::insert`]. The consumer does so outside any lock, straight
+    /// from the message it fetched.
+    pub fn entry(&self, topic: &str, partition: i32, offset: i64, fields: &Fields<'_>) -> Entry {
+        Entry {
+            key: SpoolKey::new(topic, partition, offset),
+            value: encode_fields(fields, self.options),
+            consumed: matches!(fields.time, RecordTime::Consumed(_)),
+        }
+    }
+
+    /// [`Spool::insert`] of whole records.
+    pub fn insert_batch(&self, records: &[Record]) -> Result<(), SpoolError> {
+        let entries: Vec<Entry> =
+            records.iter().map(|r| self.entry(&r.topic, r.partition, r.offset, &Fields::of(r))).collect();
+        self.insert(&entries)
+    }
+
     /// Stores a batch of records at once and wakes the uploaders. Records already in the spool
     /// are left as they are. After an error the batch is not in the spool, or (when its index
     /// entries could not be taken back) in it whole: either way the caller inserts it again.
     ///
     /// Only the appends to the value file, and reading which of the batch's offsets are spooled
-    /// (a few index entries per partition), happen under the spool's lock; the rest (encoding,
-    /// syncing, indexing) is done outside it, so that the uploaders, which
+    /// (a few index entries per partition), happen under the spool's lock; the rest (syncing,
+    /// indexing, and the encoding before) is done outside it, so that the uploaders, which
     /// take the lock to read values and remove records on the async runtime's thread, never wait
     /// for sled or the disk, as they did while it was held for the whole batch (figures in
     /// `benches/results/HISTORY.md`, "Spool design notes").
-    pub fn insert_batch(&self, records: &[Record]) -> Result<(), SpoolError> {
-        let mut sorted: Vec<(SpoolKey, &Record)> =
-            records.iter().map(|r| (SpoolKey::new(&r.topic, r.partition, r.offset), r)).collect();
-        sorted.sort_by(|a, b| a.0.cmp(&b.0));
-        sorted.dedup_by(|a, b| a.0 == b.0);
+    pub fn insert(&self, entries: &[Entry]) -> Result<(), SpoolError> {
+        let mut sorted: Vec<&Entry> = entries.iter().collect();
+        sorted.sort_by(|a, b| a.key.cmp(&b.key));
+        sorted.dedup_by(|a, b| a.key == b.key);
         // Only the consumer inserts, so what is found here still holds when the batch is indexed
         // (an uploader only removes records, which at worst makes a record found live a removed
         // one: it is stored).
         let mut new = Vec::with_capacity(sorted.len());
-        for part in sorted.chunk_by(|a, b| a.0.prefix() == b.0.prefix()) {
-            let prefix = part[0].0.prefix();
-            let (min, max) = (part[0].0.offset(), part[part.len() - 1].0.offset());
+        for part in sorted.chunk_by(|a, b| a.key.prefix() == b.key.prefix()) {
+            let prefix = part[0].key.prefix();
+            let (min, max) = (part[0].key.offset(), part[part.len() - 1].key.offset());
             let Around { live, ranges } = self.around(prefix, min, max)?;
-            for (key, r) in part {
-                let offset = key.offset();
+            for e in part {
+                let offset = e.key.offset();
                 if live.contains(&offset) {
                     continue;
                 }
@@ -267,8 +292,7 @@ impl Spool {
                 let gap = ranges.partition_point(|&(first, _)| first <= offset);
                 let inside = gap > 0 && offset <= ranges[gap - 1].1;
                 let kind = if inside { SINGLE } else { NORMAL };
-                let consumed = matches!(r.time, RecordTime::Consumed(_));
-                new.push(NewRecord { key, value: encode_value_with(r, self.options), kind, gap, consumed });
+                new.push(NewRecord { key: &e.key, value: &e.value, kind, gap, consumed: e.consumed });
             }
         }
         if new.is_empty() {
@@ -287,7 +311,7 @@ impl Spool {
             // Entries a failed insert left behind are flushed with this batch's.
             let unflushed = segments.unflushed;
             let mut written = Vec::with_capacity(new.len());
-            let values = new.iter().map(|n| n.value.as_slice());
+            let values = new.iter().map(|n| n.value);
             match segments.append_all(values, &mut written, must_sync, self.options.flush_bytes) {
                 Ok(to_sync) => Ok((written, to_sync, unflushed)),
                 Err(e) => {

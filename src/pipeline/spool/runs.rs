@@ -154,7 +154,7 @@ pub(super) struct Around {
 /// A record of a batch that the spool does not hold yet, encoded.
 pub(super) struct NewRecord<'a> {
     pub(super) key: &'a SpoolKey,
-    pub(super) value: Vec<u8>,
+    pub(super) value: &'a [u8],
     pub(super) kind: u8,
     /// See [`NewRun::gap`].
     pub(super) gap: usize,
@@ -166,7 +166,7 @@ pub(super) struct NewRecord<'a> {
 pub(super) struct NewRun {
     pub(super) key: SpoolKey,
     pub(super) kind: u8,
-    /// Which gap between existing normal runs its records lie in (see [`Spool::insert_batch`]).
+    /// Which gap between existing normal runs its records lie in (see [`Spool::insert`]).
     pub(super) gap: usize,
     /// Where its last value ends.
     pub(super) end: u64,
