@@ -129,6 +129,7 @@ def run_archiver(workdir, broker, server, topic, n, ends, workers, endpoint=None
         if a.metric("kafka_s3_archiver_records_consumed_total") > 0:
             first = time.time()
         time.sleep(0.05)
+    machine = Busy(broker)
     while True:
         assert a.proc.poll() is None, a.logs()
         if a.archived() >= n and oracle.committed(broker.bootstrap, group, topic, list(ends)) == ends:
@@ -137,6 +138,7 @@ def run_archiver(workdir, broker, server, topic, n, ends, workers, endpoint=None
     done = time.time()
     metrics = a.metrics()
     cpu = cpu_seconds(a.proc.pid)
+    busy = machine.done(n)
     assert a.stop() == 0, a.logs()
     seconds = done - first
     objects = sum(v for k, v in metrics.items() if k.startswith("kafka_s3_archiver_objects_uploaded_total"))
@@ -145,7 +147,29 @@ def run_archiver(workdir, broker, server, topic, n, ends, workers, endpoint=None
             "uploaded_bytes": metrics.get("kafka_s3_archiver_uploaded_bytes_total", 0),
             "cpu_us_per_record": 1e6 * cpu / n, "peak_rss_mib": a.peak_rss / 2**20, "peak_spool_mib": a.peak_spool / 2**20,
             "upload_p50_ms": 1e3 * quantile(metrics, "kafka_s3_archiver_upload_duration_seconds", 0.5),
-            "upload_p99_ms": 1e3 * quantile(metrics, "kafka_s3_archiver_upload_duration_seconds", 0.99)}
+            "upload_p99_ms": 1e3 * quantile(metrics, "kafka_s3_archiver_upload_duration_seconds", 0.99), **busy}
+
+
+class Busy:
+    """What else ran while the archiver or the fetch client worked: the broker's CPU per record and
+    the share of all CPUs busy (/proc/stat), from creation to done(). On the test bed the broker
+    shares the machine's CPUs with the archiver, so these say how near the machine is to its limit."""
+
+    def __init__(self, broker):
+        self.broker_pid = broker.proc.pid
+        self.broker_cpu = cpu_seconds(self.broker_pid)
+        self.stat = machine_cpu()
+
+    def done(self, records):
+        total, idle = (b - a for a, b in zip(self.stat, machine_cpu()))
+        return {"broker_cpu_us_per_record": 1e6 * (cpu_seconds(self.broker_pid) - self.broker_cpu) / records,
+                "machine_busy": 1 - idle / total if total else 0.0}
+
+
+def machine_cpu():
+    """All CPUs' time so far in /proc/stat's ticks: (total, idle and waiting for I/O)."""
+    ticks = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return sum(ticks), ticks[3] + ticks[4]
 
 
 def cpu_seconds(pid):
@@ -291,17 +315,18 @@ def fetch_ceiling(broker, topic, partitions, n):
     c = ck.Consumer({"bootstrap.servers": broker.bootstrap, "group.id": f"fetch-{uuid.uuid4().hex[:8]}",
                      "enable.auto.commit": False, "log_level": 2})
     c.assign([ck.TopicPartition(topic, q, ck.OFFSET_BEGINNING) for q in range(partitions)])
-    got, first = 0, None
+    got, first, machine = 0, None, None
     deadline = time.time() + 600
     while got < n and time.time() < deadline:
         msgs = c.consume(num_messages=10000, timeout=1.0)
         if msgs and first is None:
-            first = time.time()
+            first, machine = time.time(), Busy(broker)
         got += sum(1 for m in msgs if not m.error())
     seconds = time.time() - first
+    busy = machine.done(n)
     c.close()
     assert got >= n, f"fetched {got} of {n}"
-    return {"records": n, "seconds": seconds, "records_per_second": n / seconds}
+    return {"records": n, "seconds": seconds, "records_per_second": n / seconds, **busy}
 
 
 def parquet_section(args, broker, workdir, servers):
@@ -330,12 +355,16 @@ def parquet_section(args, broker, workdir, servers):
             "parquet_vs_connect": pq["records_per_second"] / connect["records_per_second"],
             "puts_per_1000_records": 1000 * pq["objects"] / args.parquet_records,
             "stored_over_produced": pq["uploaded_bytes"] / produced,
+            # What the machine's CPUs allow the archiver and the broker together per record at 0.8
+            # of the ceiling, against what they took.
+            "cpu_budget_us_per_record_at_0_8": (os.cpu_count() or 1) * 1e6 / (0.8 * fetch["records_per_second"]),
         }
         log(f"{name}: fetch {fetch['records_per_second']:.0f}, parquet {pq['records_per_second']:.0f} "
             f"({r['parquet_vs_fetch']:.2f} of fetch), connect {connect['records_per_second']:.0f} records/s "
             f"(parquet {r['parquet_vs_connect']:.1f}x); {r['puts_per_1000_records']:.2f} PUTs per 1,000 records; "
             f"stored/produced {r['stored_over_produced']:.3f}; peak RSS {pq['peak_rss_mib']:.0f} MiB, "
-            f"CPU {pq['cpu_us_per_record']:.0f} us/record")
+            f"CPU {pq['cpu_us_per_record']:.0f} us/record, broker {pq['broker_cpu_us_per_record']:.1f}, "
+            f"machine busy {pq['machine_busy']:.2f}")
     return out
 
 
@@ -535,11 +564,14 @@ def table(r):
     for name, p in r.get("parquet", {}).get("stores", {}).items():
         f, q, c = p["fetch_ceiling"], p["parquet"], p["connect"]
         rows.append((name, "Kafka fetch ceiling", f"{f['records_per_second']:.0f}", "", "1.00",
-                     "a librdkafka consumer discarding the records"))
+                     f"a librdkafka consumer discarding the records; broker CPU {f['broker_cpu_us_per_record']:.1f} "
+                     f"us/record; machine busy {f['machine_busy']:.2f}"))
         rows.append((name, "ARCHIVE_FORMAT=parquet", f"{q['records_per_second']:.0f}", f"{q['objects_per_second']:.1f}",
                      f"{p['parquet_vs_fetch']:.2f}", f"{p['puts_per_1000_records']:.2f} PUTs per 1,000 records; stored "
                      f"{p['stored_over_produced']:.3f} of the bytes produced; peak RSS {q['peak_rss_mib']:.0f} MiB; "
-                     f"CPU {q['cpu_us_per_record']:.0f} us/record"))
+                     f"CPU {q['cpu_us_per_record']:.1f} us/record, broker {q['broker_cpu_us_per_record']:.1f}; "
+                     f"machine busy {q['machine_busy']:.2f}; at 0.8 of the ceiling the CPUs allow both "
+                     f"{p['cpu_budget_us_per_record_at_0_8']:.1f} us/record"))
         rows.append((name, "ARCHIVE_FORMAT=connect", f"{c['records_per_second']:.0f}", f"{c['objects_per_second']:.0f}",
                      "", f"{c['records']} records; parquet {p['parquet_vs_connect']:.1f}x faster"))
     if "consumer_ingest" in r:
