@@ -104,12 +104,14 @@ fn hostname() -> String {
 
 async fn metrics(State(app): State<App>) -> String {
     let v = &app.view;
-    v.status.set_gauges(&v.ledger.lock().expect("ledger lock"), &v.spool);
+    let assigned = v.ledger.lock().expect("ledger lock").assigned();
+    v.status.set_gauges(&assigned, &v.spool);
     v.metrics.render()
 }
 
 async fn readyz(State(app): State<App>) -> Response {
-    let why = app.view.status.not_ready(&app.view.ledger.lock().expect("ledger lock"));
+    let assigned = app.view.ledger.lock().expect("ledger lock").assigned();
+    let why = app.view.status.not_ready(&assigned);
     if why.is_empty() {
         "ready\n".into_response()
     } else {
@@ -125,8 +127,7 @@ async fn root(State(app): State<App>, headers: HeaderMap) -> Response {
 
 async fn status(State(app): State<App>) -> Response {
     let v = &app.view;
-    // A file system call, kept out of the ledger's lock, which the consumer and uploaders take.
-    let disk = v.spool.disk_space();
-    let report = v.status.report(&v.ledger.lock().expect("ledger lock"), &v.spool, disk);
+    let assigned = v.ledger.lock().expect("ledger lock").assigned();
+    let report = v.status.report(&assigned, &v.spool, v.spool.disk_space());
     Json(report).into_response()
 }

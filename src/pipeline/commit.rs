@@ -448,14 +448,16 @@ impl Ledger {
         topics
     }
 
-    /// The partitions assigned to this process.
-    pub fn assigned(&self) -> impl Iterator<Item = PartitionView> + '_ {
-        self.partitions.iter().filter(|(_, p)| p.assigned).map(|(tp, p)| PartitionView {
+    /// The partitions assigned to this process, copied out: what the status page and the metrics
+    /// report is built from once the lock on the ledger is released.
+    pub fn assigned(&self) -> Vec<PartitionView> {
+        let views = self.partitions.iter().filter(|(_, p)| p.assigned).map(|(tp, p)| PartitionView {
             tp: tp.clone(),
             committed: p.acked,
             next_delivery: p.next_delivery,
             pending: p.slots.values().filter(|s| !s.done).count(),
-        })
+        });
+        views.collect()
     }
 }
 
@@ -796,7 +798,7 @@ mod tests {
             l.complete(&tp(), o);
         }
         assert_eq!(l.to_commit(), vec![(tp(), 60)]);
-        assert_eq!(l.assigned().next().unwrap().pending, 5, "5..9 are still in the spool");
+        assert_eq!(l.assigned()[0].pending, 5, "5..9 are still in the spool");
         // The topic is created again: offset 5 holds another record while the old 5 is unstored.
         assert_eq!(l.deliver(&tp(), 5, false, Some(9005)), Delivery::Held);
         for o in 5..10 {

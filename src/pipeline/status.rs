@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::config::{Config, SpoolLimits};
 use crate::metrics as m;
-use crate::pipeline::commit::{Ledger, Tp};
+use crate::pipeline::commit::{PartitionView, Tp};
 use crate::pipeline::spool::{DiskSpace, Spool};
 
 /// The pause reason while archiving is paused on request.
@@ -346,13 +346,13 @@ impl Status {
 
     /// Why the process is not ready to archive, if it is not: it must have partitions assigned,
     /// a reachable store, and not have stopped.
-    pub fn not_ready(&self, ledger: &Ledger) -> Vec<String> {
+    pub fn not_ready(&self, assigned: &[PartitionView]) -> Vec<String> {
         let n = self.notes();
         let mut why = Vec::new();
         if let Some(f) = &n.failure {
             why.push(format!("archiving stopped: {}", f.message));
         }
-        if ledger.assigned().next().is_none() {
+        if assigned.is_empty() {
             why.push(
                 "no partitions assigned (the group is still joining, the topic is missing, or there are \
                  more instances than partitions)"
@@ -370,10 +370,14 @@ impl Status {
         why
     }
 
-    /// A snapshot for `/status`; `disk` is read by the caller before it takes the ledger's lock.
-    pub fn report(&self, ledger: &Ledger, spool: &Spool, disk: Option<DiskSpace>) -> Report {
-        let partitions = self.partitions(ledger);
-        let not_ready = self.not_ready(ledger);
+    /// A snapshot for `/status`. `assigned` is copied out of the ledger under its lock
+    /// ([`Ledger::assigned`]), which the consumer and uploaders take: the report is built outside
+    /// it.
+    ///
+    /// [`Ledger::assigned`]: crate::pipeline::commit::Ledger::assigned
+    pub fn report(&self, assigned: &[PartitionView], spool: &Spool, disk: Option<DiskSpace>) -> Report {
+        let partitions = self.partitions(assigned);
+        let not_ready = self.not_ready(assigned);
         let limits = self.setup.spool_limits;
         let n = self.notes();
         Report {
@@ -411,10 +415,10 @@ impl Status {
     }
 
     /// The assigned partitions, in topic and partition order.
-    fn partitions(&self, ledger: &Ledger) -> Vec<PartitionReport> {
+    fn partitions(&self, assigned: &[PartitionView]) -> Vec<PartitionReport> {
         let n = self.notes();
-        let mut out: Vec<PartitionReport> = ledger
-            .assigned()
+        let mut out: Vec<PartitionReport> = assigned
+            .iter()
             .map(|v| {
                 // The consumer's watermark can lag what it has already delivered (and some brokers
                 // report it low); nothing before a delivered or committed offset can be missing.
@@ -434,9 +438,10 @@ impl Status {
         out
     }
 
-    /// Sets every gauge from the current state; called before each scrape of `/metrics`.
-    pub fn set_gauges(&self, ledger: &Ledger, spool: &Spool) {
-        let partitions = self.partitions(ledger);
+    /// Sets every gauge from the current state (`assigned` as for [`Status::report`]); called
+    /// before each scrape of `/metrics`.
+    pub fn set_gauges(&self, assigned: &[PartitionView], spool: &Spool) {
+        let partitions = self.partitions(assigned);
         metrics::gauge!(m::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
         metrics::gauge!(m::ASSIGNED_PARTITIONS).set(partitions.len() as f64);
         for p in &partitions {
@@ -460,6 +465,7 @@ impl Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::commit::Ledger;
 
     fn tp(p: i32) -> Tp {
         ("t".to_string(), p)
@@ -479,7 +485,7 @@ mod tests {
         // The broker's watermark (12) is behind what was delivered (up to 14).
         status.set_end(&tp(0), 12);
         status.error(Some(&tp(0)), "upload failed");
-        let ps = status.partitions(&ledger);
+        let ps = status.partitions(&ledger.assigned());
         assert_eq!(ps.len(), 2);
         assert_eq!((ps[0].committed, ps[0].end, ps[0].lag, ps[0].spool_records), (Some(11), Some(15), Some(4), 4));
         assert_eq!(ps[0].last_error.as_ref().unwrap().message, "upload failed");
@@ -489,16 +495,16 @@ mod tests {
     #[test]
     fn ready_needs_partitions_a_reachable_store_and_no_failure() {
         let (status, mut ledger) = (Status::new(), Ledger::new());
-        assert_eq!(status.not_ready(&ledger).len(), 2);
+        assert_eq!(status.not_ready(&ledger.assigned()).len(), 2);
         ledger.assign(&tp(0));
         status.store_error("refused (403): check AWS_ACCESS_KEY_ID");
-        let why = status.not_ready(&ledger);
+        let why = status.not_ready(&ledger.assigned());
         assert_eq!(why.len(), 1);
         assert!(why[0].contains("403"), "{why:?}");
         status.store_ok();
-        assert!(status.not_ready(&ledger).is_empty());
+        assert!(status.not_ready(&ledger.assigned()).is_empty());
         status.fail("archiving stopped (UNDECODABLE=stop)");
-        assert!(status.not_ready(&ledger)[0].starts_with("archiving stopped"));
+        assert!(status.not_ready(&ledger.assigned())[0].starts_with("archiving stopped"));
     }
 
     #[test]

@@ -334,7 +334,6 @@ mod tests {
     use object_store::memory::InMemory;
 
     use super::*;
-    use crate::pipeline::commit::Ledger;
     use crate::pipeline::spool::Spool;
 
     const OLD: &str = "AAAAAAAAAAAAAAAAAAAAAQ";
@@ -352,7 +351,7 @@ mod tests {
     fn status_error(status: &Status) -> Option<String> {
         let spool_dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(spool_dir.path(), crate::SPOOL_CACHE_BYTES).unwrap();
-        status.report(&Ledger::new(), &spool, None).last_error.map(|n| n.message)
+        status.report(&[], &spool, None).last_error.map(|n| n.message)
     }
 
     #[test]
