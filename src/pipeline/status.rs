@@ -3,8 +3,8 @@
 //! The stages note here what the commit ledger and the spool do not know: the end offset of each
 //! partition, the last error of each partition and of the store, whether consumption is paused,
 //! and whether archiving stopped. [`Status::report`] joins these notes with the ledger and the
-//! spool into the answer of `/status`; [`Status::set_gauges`] turns the same snapshot into the
-//! gauges of `/metrics`, so the two never disagree. It also keeps the last errors (a short list,
+//! spool into the answer of `/status`; [`Status::set_gauges`] turns the same figures, computed the
+//! same way, into the gauges of `/metrics`. It also keeps the last errors (a short list,
 //! repeats folded) and what the archiver was started with, for the status page.
 
 use std::collections::{HashMap, VecDeque};
