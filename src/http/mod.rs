@@ -27,7 +27,7 @@ use tower::Layer;
 use tower_http::normalize_path::NormalizePathLayer;
 
 use crate::connect;
-use crate::pipeline::commit::Ledger;
+use crate::pipeline::commit::{Ledger, PartitionView};
 use crate::pipeline::spool::Spool;
 use crate::pipeline::status::Status;
 
@@ -54,6 +54,14 @@ pub struct View {
 #[derive(Clone)]
 struct App {
     view: View,
+}
+
+impl View {
+    /// The assigned partitions' figures, copied out of the ledger: its lock, which the consumer
+    /// and the uploads take, is held for the copy alone.
+    fn assigned(&self) -> Vec<PartitionView> {
+        self.ledger.lock().expect("ledger lock").assigned()
+    }
 }
 
 /// Binds the listener now, so a port in use is a start-up error; serves until `shutdown`.
@@ -104,14 +112,13 @@ fn hostname() -> String {
 
 async fn metrics(State(app): State<App>) -> String {
     let v = &app.view;
-    let assigned = v.ledger.lock().expect("ledger lock").assigned();
-    v.status.set_gauges(&assigned, &v.spool);
+    v.status.set_gauges(&v.assigned(), &v.spool);
     v.metrics.render()
 }
 
 async fn readyz(State(app): State<App>) -> Response {
-    let assigned = app.view.ledger.lock().expect("ledger lock").assigned();
-    let why = app.view.status.not_ready(&assigned);
+    let any_assigned = app.view.ledger.lock().expect("ledger lock").any_assigned();
+    let why = app.view.status.not_ready(any_assigned);
     if why.is_empty() {
         "ready\n".into_response()
     } else {
@@ -127,7 +134,6 @@ async fn root(State(app): State<App>, headers: HeaderMap) -> Response {
 
 async fn status(State(app): State<App>) -> Response {
     let v = &app.view;
-    let assigned = v.ledger.lock().expect("ledger lock").assigned();
-    let report = v.status.report(&assigned, &v.spool, v.spool.disk_space());
+    let report = v.status.report(&v.assigned(), &v.spool, v.spool.disk_space());
     Json(report).into_response()
 }

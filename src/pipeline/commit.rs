@@ -448,6 +448,11 @@ impl Ledger {
         topics
     }
 
+    /// Whether any partition is assigned to this process.
+    pub fn any_assigned(&self) -> bool {
+        self.partitions.values().any(|p| p.assigned)
+    }
+
     /// The partitions assigned to this process, copied out: what the status page and the metrics
     /// report is built from once the lock on the ledger is released.
     pub fn assigned(&self) -> Vec<PartitionView> {

@@ -346,13 +346,13 @@ impl Status {
 
     /// Why the process is not ready to archive, if it is not: it must have partitions assigned,
     /// a reachable store, and not have stopped.
-    pub fn not_ready(&self, assigned: &[PartitionView]) -> Vec<String> {
+    pub fn not_ready(&self, any_assigned: bool) -> Vec<String> {
         let n = self.notes();
         let mut why = Vec::new();
         if let Some(f) = &n.failure {
             why.push(format!("archiving stopped: {}", f.message));
         }
-        if assigned.is_empty() {
+        if !any_assigned {
             why.push(
                 "no partitions assigned (the group is still joining, the topic is missing, or there are \
                  more instances than partitions)"
@@ -377,7 +377,7 @@ impl Status {
     /// [`Ledger::assigned`]: crate::pipeline::commit::Ledger::assigned
     pub fn report(&self, assigned: &[PartitionView], spool: &Spool, disk: Option<DiskSpace>) -> Report {
         let partitions = self.partitions(assigned);
-        let not_ready = self.not_ready(assigned);
+        let not_ready = self.not_ready(!assigned.is_empty());
         let limits = self.setup.spool_limits;
         let n = self.notes();
         Report {
@@ -495,16 +495,16 @@ mod tests {
     #[test]
     fn ready_needs_partitions_a_reachable_store_and_no_failure() {
         let (status, mut ledger) = (Status::new(), Ledger::new());
-        assert_eq!(status.not_ready(&ledger.assigned()).len(), 2);
+        assert_eq!(status.not_ready(ledger.any_assigned()).len(), 2);
         ledger.assign(&tp(0));
         status.store_error("refused (403): check AWS_ACCESS_KEY_ID");
-        let why = status.not_ready(&ledger.assigned());
+        let why = status.not_ready(ledger.any_assigned());
         assert_eq!(why.len(), 1);
         assert!(why[0].contains("403"), "{why:?}");
         status.store_ok();
-        assert!(status.not_ready(&ledger.assigned()).is_empty());
+        assert!(status.not_ready(ledger.any_assigned()).is_empty());
         status.fail("archiving stopped (UNDECODABLE=stop)");
-        assert!(status.not_ready(&ledger.assigned())[0].starts_with("archiving stopped"));
+        assert!(status.not_ready(ledger.any_assigned())[0].starts_with("archiving stopped"));
     }
 
     #[test]

@@ -608,7 +608,7 @@ mod tests {
         run.await.unwrap().unwrap();
         assert_eq!(spool.record_count(), 1, "the record stays in the spool");
         assert!(ledger.lock().unwrap().to_commit().is_empty(), "and nothing is committed");
-        let why = status.not_ready(&ledger.lock().unwrap().assigned());
+        let why = status.not_ready(ledger.lock().unwrap().any_assigned());
         assert!(why.iter().any(|w| w.starts_with("the object store is not reachable: upload of")), "{why:?}");
     }
 
@@ -749,7 +749,7 @@ mod tests {
         // Waits of 100-200 ms, 200-400, 400-800, 800-1600: at most 5 reads in 2 s (every 200 ms, 10).
         let gets = store.gets.load(SeqCst);
         assert!((2..=6).contains(&gets), "{gets} reads of the existing object in 2 s");
-        let why = status.not_ready(&ledger.lock().unwrap().assigned());
+        let why = status.not_ready(ledger.lock().unwrap().any_assigned());
         assert!(
             why.iter().any(|w| w.starts_with("the object store is not reachable: cannot read the existing")
                 && w.contains("S3_CONDITIONAL_PUT needs s3:GetObject")),
@@ -769,7 +769,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(ledger.lock().unwrap().to_commit(), vec![(("t".to_string(), 0), 1)]);
-        assert!(status.not_ready(&ledger.lock().unwrap().assigned()).is_empty(), "ready again");
+        assert!(status.not_ready(ledger.lock().unwrap().any_assigned()).is_empty(), "ready again");
         stop.cancel();
         run.await.unwrap().unwrap();
     }
