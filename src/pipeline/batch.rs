@@ -11,7 +11,6 @@
 use std::time::{Duration, Instant};
 
 use crate::archive::{Layout, hour_start_ms};
-use crate::record::Record;
 
 /// When a batch is sealed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,11 +94,10 @@ impl Batcher {
         self.open.as_ref()
     }
 
-    /// Takes the next record of the partition (offsets increasing) at `now`. When the open batch
-    /// must be sealed first, it is returned with the reason, and the record opens a new batch.
-    pub fn push(&mut self, record: &Record, now: Instant) -> Option<(Batch, Seal)> {
-        let ms = record.time.millis();
-        let bytes = record.value_bytes().len() as u64;
+    /// Takes the next record of the partition (offsets increasing) at `now`: its offset, path time
+    /// in ms and value length. When the open batch must be sealed first, it is returned with the
+    /// reason, and the record opens a new batch.
+    pub fn push(&mut self, offset: i64, ms: i64, bytes: u64, now: Instant) -> Option<(Batch, Seal)> {
         // The hour's path only where the record is not within the open batch's hour (a batch's
         // first record, an hour's end, a timestamp that went back).
         let other_hour = |b: &Batch| !b.hour_ms.contains(&ms) && b.hour != self.layout.hour_path(ms);
@@ -113,7 +111,7 @@ impl Batcher {
         let done = sealed.and_then(|why| self.open.take().map(|b| (b, why)));
         match &mut self.open {
             Some(b) => {
-                b.last_offset = record.offset;
+                b.last_offset = offset;
                 b.records += 1;
                 b.bytes += bytes;
             }
@@ -122,8 +120,8 @@ impl Batcher {
                 // No instant for the path (it cannot happen): every record then compares paths.
                 let hour_ms = hour_start_ms(&hour, &self.layout).map_or(0..0, |start| start..start + 3_600_000);
                 self.open = Some(Batch {
-                    first_offset: record.offset,
-                    last_offset: record.offset,
+                    first_offset: offset,
+                    last_offset: offset,
                     hour,
                     records: 1,
                     bytes,
@@ -160,26 +158,11 @@ impl Batcher {
 
 #[cfg(test)]
 mod tests {
-    use bytes::Bytes;
-
     use super::*;
-    use crate::record::RecordTime;
 
     const HOUR_MS: i64 = 3_600_000;
     /// 2022-04-18T11:00:00+09:00, the start of an hour folder in Asia/Tokyo.
     const T0: i64 = 1_650_247_200_000;
-
-    fn record(offset: i64, ms: i64, len: usize) -> Record {
-        Record {
-            topic: "t".into(),
-            partition: 0,
-            offset,
-            time: RecordTime::Kafka(ms),
-            key: None,
-            value: Some(Bytes::from(vec![0; len])),
-            headers: None,
-        }
-    }
 
     fn batcher(max_records: usize, max_bytes: u64) -> Batcher {
         Batcher::new(BatchLimits { max_records, max_bytes, max_age: Duration::from_secs(60) }, Layout::default())
@@ -188,9 +171,9 @@ mod tests {
     #[test]
     fn a_new_hour_seals_the_batch() {
         let (mut b, now) = (batcher(1000, 1 << 20), Instant::now());
-        assert_eq!(b.push(&record(0, T0, 10), now), None);
-        assert_eq!(b.push(&record(1, T0 + HOUR_MS - 1, 10), now), None);
-        let (sealed, why) = b.push(&record(2, T0 + HOUR_MS, 10), now).unwrap();
+        assert_eq!(b.push(0, T0, 10, now), None);
+        assert_eq!(b.push(1, T0 + HOUR_MS - 1, 10, now), None);
+        let (sealed, why) = b.push(2, T0 + HOUR_MS, 10, now).unwrap();
         assert_eq!((sealed.first_offset, sealed.last_offset, sealed.records, why), (0, 1, 2, Seal::Hour));
         assert_eq!(sealed.hour, "year=2022/month=04/day=18/hour=11");
         let open = b.open().unwrap();
@@ -200,16 +183,16 @@ mod tests {
     #[test]
     fn records_and_bytes_bound_a_batch_and_a_large_record_goes_alone() {
         let (mut b, now) = (batcher(3, 100), Instant::now());
-        let sealed: Vec<_> = (0..7).filter_map(|o| b.push(&record(o, T0, 10), now)).collect();
+        let sealed: Vec<_> = (0..7).filter_map(|o| b.push(o, T0, 10, now)).collect();
         assert_eq!(
             sealed.iter().map(|(s, w)| (s.first_offset, s.last_offset, *w)).collect::<Vec<_>>(),
             [(0, 2, Seal::Records), (3, 5, Seal::Records)]
         );
         let (mut b, now) = (batcher(1000, 100), Instant::now());
-        assert_eq!(b.push(&record(0, T0, 60), now), None);
-        let (s, why) = b.push(&record(1, T0, 60), now).unwrap();
+        assert_eq!(b.push(0, T0, 60, now), None);
+        let (s, why) = b.push(1, T0, 60, now).unwrap();
         assert_eq!((s.last_offset, s.bytes, why), (0, 60, Seal::Bytes));
-        let (s, why) = b.push(&record(2, T0, 500), now).unwrap();
+        let (s, why) = b.push(2, T0, 500, now).unwrap();
         assert_eq!((s.first_offset, s.last_offset, why), (1, 1, Seal::Bytes));
         let (s, why) = b.poll(now).unwrap();
         assert_eq!((s.first_offset, s.bytes, why), (2, 500, Seal::Bytes), "over max_bytes alone: sealed at once");
@@ -219,8 +202,8 @@ mod tests {
     fn a_quiet_partition_is_sealed_after_max_age_of_its_oldest_record() {
         let (mut b, start) = (batcher(1000, 1 << 20), Instant::now());
         assert_eq!(b.poll(start), None, "nothing open");
-        b.push(&record(0, T0, 10), start);
-        b.push(&record(1, T0, 10), start + Duration::from_secs(50));
+        b.push(0, T0, 10, start);
+        b.push(1, T0, 10, start + Duration::from_secs(50));
         assert_eq!(b.poll(start + Duration::from_secs(59)), None);
         let (s, why) = b.poll(start + Duration::from_secs(60)).unwrap();
         assert_eq!((s.first_offset, s.last_offset, why), (0, 1, Seal::Age));

@@ -193,6 +193,62 @@ pub(super) fn encode_fields(r: &Fields<'_>, options: SpoolOptions) -> Vec<u8> {
     out
 }
 
+/// What the dispatcher of the Parquet format needs of a spooled record to batch it, read without
+/// decoding the record ([`Spool::scan_from`](super::Spool::scan_from)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Glimpse {
+    pub offset: i64,
+    pub time: RecordTime,
+    /// The length of its value as [`decode_entry`] gives it back (0 for a tombstone).
+    pub value_len: u64,
+}
+
+/// The [`Glimpse`] of an encoded entry: what [`decode_entry`] would give for its time and value
+/// length, from the lengths in its header alone (nothing copied, nothing decompressed).
+pub(super) fn glimpse_entry(key: &SpoolKey, raw: &[u8]) -> Result<Glimpse, SpoolError> {
+    let corrupt = |why| SpoolError::Corrupt { key: key.describe(), why };
+    if raw.len() < 10 || !(raw[0] == FORMAT_VERSION || raw[0] == FORMAT_VERSION_WITHOUT_HEADERS) {
+        return Err(corrupt("unknown format"));
+    }
+    let flags = raw[1];
+    let ms = i64::from_be_bytes(raw[2..10].try_into().expect("8 bytes"));
+    let mut rest = &raw[10..];
+    let take_len = |rest: &mut &[u8]| rest.try_get_u32().map(|n| n as usize).map_err(|_| corrupt("cut short"));
+    let skip = |rest: &mut &[u8], n: usize, why| {
+        if rest.len() < n {
+            return Err(corrupt(why));
+        }
+        rest.advance(n);
+        Ok(())
+    };
+    if flags & FLAG_KEY != 0 {
+        let n = take_len(&mut rest)?;
+        skip(&mut rest, n, "key cut short")?;
+    }
+    if flags & FLAG_HEADERS != 0 {
+        for _ in 0..take_len(&mut rest)? {
+            let n = take_len(&mut rest)?;
+            skip(&mut rest, n, "header name cut short")?;
+            match take_len(&mut rest)? {
+                n if n == NULL_LEN as usize => {}
+                n => skip(&mut rest, n, "header value cut short")?,
+            }
+        }
+    }
+    let value_len = if flags & FLAG_NULL != 0 {
+        0
+    } else if flags & FLAG_ZSTD != 0 {
+        match take_len(&mut rest)? {
+            n if n > MAX_VALUE_BYTES => return Err(corrupt("value too large")),
+            n => n,
+        }
+    } else {
+        rest.len()
+    };
+    let time = if flags & FLAG_CONSUMED_TIME != 0 { RecordTime::Consumed(ms) } else { RecordTime::Kafka(ms) };
+    Ok(Glimpse { offset: key.offset(), time, value_len: value_len as u64 })
+}
+
 /// Decodes a spool entry back into a record. Its key, value and header values are slices of
 /// `raw` (a value stored compressed excepted), not copies: entries read together share one
 /// buffer, which lives as long as any of them.

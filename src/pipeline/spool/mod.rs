@@ -57,7 +57,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 
 use self::codec::encode_fields;
-pub use self::codec::{Fields, SpoolKey, SpoolOptions, decode_entry, encode_value, partition_prefix};
+pub use self::codec::{Fields, Glimpse, SpoolKey, SpoolOptions, decode_entry, encode_value, partition_prefix};
 use self::runs::{
     Around, Location, NORMAL, NewRecord, NewRun, RUNS_TREE, Run, SINGLE, build_runs, run_key, split_run_key,
 };

@@ -11,8 +11,9 @@ use std::os::unix::fs::FileExt;
 
 use bytes::Bytes;
 
+use super::codec::glimpse_entry;
 use super::runs::{Location, NORMAL, run_key, split_run_key};
-use super::{Spool, SpoolError, SpoolKey, decode_entry, partition_prefix};
+use super::{Glimpse, Spool, SpoolError, SpoolKey, decode_entry, partition_prefix};
 use crate::record::Record;
 
 /// The sled tree of sealed batches: key = the batch's first record's spool key, value = version
@@ -120,68 +121,103 @@ impl Spool {
         max: usize,
         max_bytes: u64,
     ) -> Result<Vec<(SpoolKey, Record)>, SpoolError> {
-        let mut wanted: Vec<(SpoolKey, Location)> = Vec::new();
-        {
-            // Under the lock that removals take, so that none removed is read; values outside it.
-            let segments = self.segments();
-            let lo = run_key(&SpoolKey::at(prefix, from), NORMAL);
-            let start = match self.normal_before(prefix, &lo)? {
-                Some((k, _)) => k.to_vec(),
-                None => lo,
-            };
-            // A single (a record delivered again after it was removed) comes after the normal run
-            // whose range holds its offset: the runs are read on while they may hold offsets
-            // below the highest one read.
-            let (mut covered, mut bytes) = (i64::MIN, 0u64);
-            for entry in self.index.range(start..) {
-                let (k, v) = entry?;
-                let (first, kind) = split_run_key(&k);
-                if first.prefix() != prefix || ((wanted.len() >= max || bytes >= max_bytes) && first.offset() > covered)
-                {
-                    break;
-                }
-                let run = self.run(&segments, &k, &v)?;
-                if kind == NORMAL {
-                    let last = first.offset() + i64::from(run.slots.last().expect("runs are not empty").delta);
-                    covered = covered.max(last);
-                }
-                for (_, key, location) in run.live_records(&first) {
-                    if key.offset() >= from {
-                        bytes += u64::from(location.len);
-                        wanted.push((key, location));
+        let wanted = self.locate(prefix, from, max, max_bytes)?;
+        let mut out = Vec::with_capacity(wanted.len());
+        for stretch in Stretches(&wanted) {
+            let mut buf = vec![0; stretch.len()];
+            let read = self.read_stretch(&stretch, &mut buf);
+            // The records' keys, values and header values are slices of the stretch, not copies.
+            let buf = Bytes::from(buf);
+            for (key, location) in stretch.records {
+                match stretch.at(location, read, &buf) {
+                    Some(range) => out.push((key.clone(), decode_entry(key, buf.slice(range))?)),
+                    None => {
+                        if let Some(raw) = self.value(key, *location)? {
+                            out.push((key.clone(), decode_entry(key, raw.into())?));
+                        }
                     }
                 }
             }
         }
-        wanted.sort_by_key(|(k, _)| k.offset());
+        Ok(out)
+    }
+
+    /// What [`Spool::read_from`] would return, each record only glimpsed: its offset, time and
+    /// value length, which is what batching needs. Nothing is decoded or kept, so the dispatcher
+    /// reads its partitions through one buffer instead of building every record it will read
+    /// again for its object.
+    pub fn scan_from(&self, prefix: &[u8], from: i64, max: usize, max_bytes: u64) -> Result<Vec<Glimpse>, SpoolError> {
+        let wanted = self.locate(prefix, from, max, max_bytes)?;
         let mut out = Vec::with_capacity(wanted.len());
-        // Values laid end to end in one file (a partition's records of one insert are) are read
-        // with one read, not one each: a read per record took the spool's lock and a system call
-        // every time, under the consumer's appends.
-        let mut rest = wanted.as_slice();
-        while !rest.is_empty() {
-            let n = contiguous(rest);
-            let (stretch, after) = rest.split_at(n);
-            rest = after;
-            let (first, last) = (stretch[0].1, stretch[n - 1].1);
-            let len = (last.position + u64::from(last.len) - first.position) as usize;
-            let file = self.segments().files.get(&first.segment).map(|s| s.file.clone());
-            let mut buf = vec![0; len];
-            let read = file.is_some_and(|f| f.read_exact_at(&mut buf, first.position).is_ok());
-            // The records' keys, values and header values are slices of the stretch, not copies.
-            let buf = Bytes::from(buf);
-            for (key, location) in stretch {
-                let at = (location.position - first.position) as usize;
-                let raw = buf.slice(at..at + location.len as usize);
-                if read && crc32fast::hash(&raw) == location.crc {
-                    out.push((key.clone(), decode_entry(key, raw)?));
-                } else if let Some(raw) = self.value(key, *location)? {
-                    // Moved by a compaction, or not whole on disk: looked up one by one.
-                    out.push((key.clone(), decode_entry(key, raw.into())?));
+        let mut buf = Vec::new();
+        for stretch in Stretches(&wanted) {
+            if buf.len() < stretch.len() {
+                buf.resize(stretch.len(), 0);
+            }
+            let read = self.read_stretch(&stretch, &mut buf[..stretch.len()]);
+            for (key, location) in stretch.records {
+                match stretch.at(location, read, &buf) {
+                    Some(range) => out.push(glimpse_entry(key, &buf[range])?),
+                    None => {
+                        if let Some(raw) = self.value(key, *location)? {
+                            out.push(glimpse_entry(key, &raw)?);
+                        }
+                    }
                 }
             }
         }
         Ok(out)
+    }
+
+    /// The keys and locations of the records [`Spool::read_from`] returns, in offset order.
+    fn locate(
+        &self,
+        prefix: &[u8],
+        from: i64,
+        max: usize,
+        max_bytes: u64,
+    ) -> Result<Vec<(SpoolKey, Location)>, SpoolError> {
+        let mut wanted: Vec<(SpoolKey, Location)> = Vec::new();
+        // Under the lock that removals take, so that none removed is read; values outside it.
+        let segments = self.segments();
+        let lo = run_key(&SpoolKey::at(prefix, from), NORMAL);
+        let start = match self.normal_before(prefix, &lo)? {
+            Some((k, _)) => k.to_vec(),
+            None => lo,
+        };
+        // A single (a record delivered again after it was removed) comes after the normal run
+        // whose range holds its offset: the runs are read on while they may hold offsets below
+        // the highest one read.
+        let (mut covered, mut bytes) = (i64::MIN, 0u64);
+        for entry in self.index.range(start..) {
+            let (k, v) = entry?;
+            let (first, kind) = split_run_key(&k);
+            if first.prefix() != prefix || ((wanted.len() >= max || bytes >= max_bytes) && first.offset() > covered) {
+                break;
+            }
+            let run = self.run(&segments, &k, &v)?;
+            if kind == NORMAL {
+                let last = first.offset() + i64::from(run.slots.last().expect("runs are not empty").delta);
+                covered = covered.max(last);
+            }
+            for (_, key, location) in run.live_records(&first) {
+                if key.offset() >= from {
+                    bytes += u64::from(location.len);
+                    wanted.push((key, location));
+                }
+            }
+        }
+        drop(segments);
+        wanted.sort_by_key(|(k, _)| k.offset());
+        Ok(wanted)
+    }
+
+    /// Reads `stretch` into `buf` (its length) with one read, not one per record: a read per
+    /// record took the spool's lock and a system call every time, under the consumer's appends.
+    /// False when it could not be read whole (the file is gone: compacted).
+    fn read_stretch(&self, stretch: &Stretch<'_>, buf: &mut [u8]) -> bool {
+        let file = self.segments().files.get(&stretch.first.segment).map(|s| s.file.clone());
+        file.is_some_and(|f| f.read_exact_at(buf, stretch.first.position).is_ok())
     }
 
     /// How many records of partition `prefix` the spool holds in `first..=last`.
@@ -239,21 +275,56 @@ impl Spool {
     }
 }
 
-/// How many of `wanted`'s first values lie end to end in one file (at least one, at most
-/// [`STRETCH_BYTES`] together).
-fn contiguous(wanted: &[(SpoolKey, Location)]) -> usize {
-    let mut n = 1;
-    let mut bytes = u64::from(wanted[0].1.len);
-    while let Some((_, next)) = wanted.get(n) {
-        let prev = wanted[n - 1].1;
-        bytes += u64::from(next.len);
-        if next.segment != prev.segment || next.position != prev.position + u64::from(prev.len) || bytes > STRETCH_BYTES
-        {
-            break;
-        }
-        n += 1;
+/// Records whose values lie end to end in one file (a partition's records of one insert do), at
+/// most [`STRETCH_BYTES`] together unless one alone is larger: read with one read.
+struct Stretch<'a> {
+    records: &'a [(SpoolKey, Location)],
+    first: Location,
+}
+
+impl Stretch<'_> {
+    /// Bytes from the first value's start to the last one's end.
+    fn len(&self) -> usize {
+        let last = self.records[self.records.len() - 1].1;
+        (last.position + u64::from(last.len) - self.first.position) as usize
     }
-    n
+
+    /// Where the value at `location` is in the stretch's buffer, when the stretch was `read` and
+    /// the bytes there are the value's (its CRC); otherwise it is looked up alone (moved by a
+    /// compaction, or not whole on disk).
+    fn at(&self, location: &Location, read: bool, buf: &[u8]) -> Option<std::ops::Range<usize>> {
+        let at = (location.position - self.first.position) as usize;
+        let range = at..at + location.len as usize;
+        (read && crc32fast::hash(&buf[range.clone()]) == location.crc).then_some(range)
+    }
+}
+
+/// Splits records in offset order into [`Stretch`]es.
+struct Stretches<'a>(&'a [(SpoolKey, Location)]);
+
+impl<'a> Iterator for Stretches<'a> {
+    type Item = Stretch<'a>;
+
+    fn next(&mut self) -> Option<Stretch<'a>> {
+        let wanted = self.0;
+        let first = wanted.first()?.1;
+        let mut n = 1;
+        let mut bytes = u64::from(first.len);
+        while let Some((_, next)) = wanted.get(n) {
+            let prev = wanted[n - 1].1;
+            bytes += u64::from(next.len);
+            if next.segment != prev.segment
+                || next.position != prev.position + u64::from(prev.len)
+                || bytes > STRETCH_BYTES
+            {
+                break;
+            }
+            n += 1;
+        }
+        let (records, rest) = wanted.split_at(n);
+        self.0 = rest;
+        Some(Stretch { records, first })
+    }
 }
 
 /// The most bytes read at once by [`Spool::read_from`]: under malloc's mmap threshold
@@ -296,10 +367,15 @@ mod tests {
         spool.insert_batch(&batch).unwrap();
         let read = spool.read_from(&partition_prefix("t", 0), 0, usize::MAX, u64::MAX).unwrap();
         assert_eq!(read.into_iter().map(|(_, r)| r).collect::<Vec<_>>(), batch);
+        let glimpsed = spool.scan_from(&partition_prefix("t", 0), 0, usize::MAX, u64::MAX).unwrap();
+        let want =
+            batch.iter().map(|r| Glimpse { offset: r.offset, time: r.time, value_len: r.value_bytes().len() as u64 });
+        assert_eq!(glimpsed, want.collect::<Vec<_>>(), "a scan glimpses what a read decodes");
     }
 
     #[test]
     fn a_read_takes_contiguous_values_up_to_a_stretch_and_a_larger_one_alone() {
+        let contiguous = |wanted: &[(SpoolKey, Location)]| Stretches(wanted).next().expect("one").records.len();
         let at = |segment, position, len| (SpoolKey::new("t", 0, 0), Location { segment, position, len, crc: 0 });
         let stretch = STRETCH_BYTES as u32;
         // 1 KiB values end to end: as many as fit in a stretch.
@@ -331,7 +407,12 @@ mod tests {
         spool.insert_batch(&[rec("t", 0, 701, vec![9]), rec("t", 0, 700, vec![9])]).unwrap();
         let prefix = partition_prefix("t", 0);
         let offsets = |from, max, bytes| -> Vec<i64> {
-            spool.read_from(&prefix, from, max, bytes).unwrap().iter().map(|(_, r)| r.offset).collect()
+            let read: Vec<i64> =
+                spool.read_from(&prefix, from, max, bytes).unwrap().iter().map(|(_, r)| r.offset).collect();
+            let scanned: Vec<i64> =
+                spool.scan_from(&prefix, from, max, bytes).unwrap().iter().map(|g| g.offset).collect();
+            assert_eq!(scanned, read, "a scan takes the records a read does");
+            read
         };
         // Whole runs are read: at least `max`, contiguous from `from`, every one in order.
         for (from, max) in [(0, 1), (600, 150), (650, 100), (1999, 10), (5, 10_000)] {

@@ -36,9 +36,14 @@ fn keys_sort_by_offset_within_a_partition() {
     assert_eq!(a.prefix(), partition_prefix("t", 1));
 }
 
-/// [`decode_entry`] of a copy of `raw`.
+/// [`decode_entry`] of a copy of `raw`; the entry's [`Glimpse`] agrees with what it decodes to.
 fn decode(key: &SpoolKey, raw: &[u8]) -> Result<Record, SpoolError> {
-    decode_entry(key, Bytes::copy_from_slice(raw))
+    let decoded = decode_entry(key, Bytes::copy_from_slice(raw));
+    if let Ok(r) = &decoded {
+        let glimpse = codec::glimpse_entry(key, raw).expect("an entry that decodes has a glimpse");
+        assert_eq!(glimpse, Glimpse { offset: r.offset, time: r.time, value_len: r.value_bytes().len() as u64 });
+    }
+    decoded
 }
 
 #[test]

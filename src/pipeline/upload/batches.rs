@@ -40,7 +40,6 @@ use crate::metrics as m;
 use crate::pipeline::batch::{Batch, BatchLimits, Batcher, Seal};
 use crate::pipeline::commit::Tp;
 use crate::pipeline::spool::{SealedBatch, Spool, SpoolError, SpoolKey};
-use crate::record::Record;
 use crate::store::watch_slow_downs;
 
 /// A row group holds at most this many records, or this many bytes of values (as spooled), so that
@@ -453,47 +452,49 @@ impl Partition {
         if self.cursor >= below || (self.probe_at.is_some() && waiting) {
             return Ok(());
         }
-        let records = spool.read_from(&self.prefix, self.cursor, READ_RECORDS, READ_BYTES)?;
-        for (key, record) in records.into_iter().take_while(|(_, r)| r.offset < below) {
+        let records = spool.scan_from(&self.prefix, self.cursor, READ_RECORDS, READ_BYTES)?;
+        for record in records.into_iter().take_while(|r| r.offset < below) {
+            let (offset, ms) = (record.offset, record.time.millis());
             if self.probe_at.is_some()
-                && self.sealed_holding(record.offset).is_none()
-                && !self.probed(up, &record, now, answers)?
+                && self.sealed_holding(offset).is_none()
+                && !self.probed(up, offset, ms, now, answers)?
             {
                 return Ok(());
             }
-            self.cursor = record.offset + 1;
-            if let Some(s) = self.sealed_holding(record.offset) {
+            self.cursor = offset + 1;
+            if let Some(s) = self.sealed_holding(offset) {
                 let stored = s.batch.stored;
                 if let Some(open) = self.batcher.seal() {
                     self.seal(spool, open, Seal::Boundary, now)?;
                 }
                 if stored {
                     // Delivered again after a crash: it is in a stored object already.
-                    spool.remove(&key)?;
-                    ledger.lock().expect("ledger lock").complete(&self.tp, record.offset);
+                    spool.remove(&SpoolKey::at(&self.prefix, offset))?;
+                    ledger.lock().expect("ledger lock").complete(&self.tp, offset);
                 }
                 continue;
             }
-            if let Some((batch, why)) = self.batcher.push(&record, now) {
+            if let Some((batch, why)) = self.batcher.push(offset, ms, record.value_len, now) {
                 self.seal(spool, batch, why, now)?;
             }
         }
         Ok(())
     }
 
-    /// `record` starts a batch (none is open while probing): whether an earlier owner's object
-    /// starts at it is known and dealt with (true), or the store is being asked (false).
+    /// The record at offset `at`, path time `ms`, starts a batch (none is open while probing):
+    /// whether an earlier owner's object starts at it is known and dealt with (true), or the
+    /// store is being asked (false).
     fn probed(
         &mut self,
         up: &super::Uploader,
-        record: &Record,
+        at: i64,
+        ms: i64,
         now: Instant,
         answers: &tokio::sync::mpsc::UnboundedSender<ProbeAnswer>,
     ) -> Result<bool, SpoolError> {
-        let at = record.offset;
         match std::mem::take(&mut self.probe) {
             Probe::Answered(asked, Some((last, rows))) if asked == at => {
-                self.adopt(&up.spool, at, record.time.millis(), last, rows)?;
+                self.adopt(&up.spool, at, ms, last, rows)?;
                 Ok(true)
             }
             Probe::Answered(asked, None) if asked == at => {
@@ -510,7 +511,7 @@ impl Partition {
             }
             _ => {
                 self.probe = Probe::Asking;
-                let key = parquet::key(&up.layout, &self.tp.0, self.tp.1, at, record.time.millis());
+                let key = parquet::key(&up.layout, &self.tp.0, self.tp.1, at, ms);
                 let (store, answers) = (up.store.clone(), answers.clone());
                 let (prefix, generation) = (self.prefix.clone(), self.generation);
                 tokio::spawn(async move {
@@ -893,7 +894,7 @@ mod tests {
     use crate::pipeline::commit::Ledger;
     use crate::pipeline::status::Status;
     use crate::pipeline::upload::Uploader;
-    use crate::record::RecordTime;
+    use crate::record::{Record, RecordTime};
 
     /// 2022-04-18T11:00:00+09:00, the start of an hour folder in Asia/Tokyo.
     const T0: i64 = 1_650_247_200_000;
