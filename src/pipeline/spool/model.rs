@@ -91,7 +91,7 @@ proptest! {
                     .read_from(&partition_prefix("t", p), from, usize::MAX, u64::MAX)
                     .unwrap()
                     .into_iter()
-                    .map(|(_, r)| (r.offset, r.value_bytes().to_vec()))
+                    .map(|r| (r.offset, r.value_bytes().to_vec()))
                     .collect();
                 let expected: Vec<(i64, Vec<u8>)> =
                     model.range((p, from)..(p + 1, i64::MIN)).map(|(&(_, o), v)| (o, v.clone())).collect();

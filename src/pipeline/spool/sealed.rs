@@ -114,13 +114,7 @@ impl Spool {
     /// records or `max_bytes` of values (as stored) when the spool holds that many, all of those
     /// up to the last one returned. Records read together share a buffer of up to
     /// [`STRETCH_BYTES`]: copy what is kept longer than the records themselves.
-    pub fn read_from(
-        &self,
-        prefix: &[u8],
-        from: i64,
-        max: usize,
-        max_bytes: u64,
-    ) -> Result<Vec<(SpoolKey, Record)>, SpoolError> {
+    pub fn read_from(&self, prefix: &[u8], from: i64, max: usize, max_bytes: u64) -> Result<Vec<Record>, SpoolError> {
         let wanted = self.locate(prefix, from, max, max_bytes)?;
         let mut out = Vec::with_capacity(wanted.len());
         for stretch in Stretches(&wanted) {
@@ -130,10 +124,10 @@ impl Spool {
             let buf = Bytes::from(buf);
             for (key, location) in stretch.records {
                 match stretch.at(location, read, &buf) {
-                    Some(range) => out.push((key.clone(), decode_entry(key, buf.slice(range))?)),
+                    Some(range) => out.push(decode_entry(key, buf.slice(range))?),
                     None => {
                         if let Some(raw) = self.value(key, *location)? {
-                            out.push((key.clone(), decode_entry(key, raw.into())?));
+                            out.push(decode_entry(key, raw.into())?);
                         }
                     }
                 }
@@ -366,7 +360,7 @@ mod tests {
             .collect();
         spool.insert_batch(&batch).unwrap();
         let read = spool.read_from(&partition_prefix("t", 0), 0, usize::MAX, u64::MAX).unwrap();
-        assert_eq!(read.into_iter().map(|(_, r)| r).collect::<Vec<_>>(), batch);
+        assert_eq!(read, batch);
         let glimpsed = spool.scan_from(&partition_prefix("t", 0), 0, usize::MAX, u64::MAX).unwrap();
         let want =
             batch.iter().map(|r| Glimpse { offset: r.offset, time: r.time, value_len: r.value_bytes().len() as u64 });
@@ -407,8 +401,7 @@ mod tests {
         spool.insert_batch(&[rec("t", 0, 701, vec![9]), rec("t", 0, 700, vec![9])]).unwrap();
         let prefix = partition_prefix("t", 0);
         let offsets = |from, max, bytes| -> Vec<i64> {
-            let read: Vec<i64> =
-                spool.read_from(&prefix, from, max, bytes).unwrap().iter().map(|(_, r)| r.offset).collect();
+            let read: Vec<i64> = spool.read_from(&prefix, from, max, bytes).unwrap().iter().map(|r| r.offset).collect();
             let scanned: Vec<i64> =
                 spool.scan_from(&prefix, from, max, bytes).unwrap().iter().map(|g| g.offset).collect();
             assert_eq!(scanned, read, "a scan takes the records a read does");
@@ -423,7 +416,7 @@ mod tests {
         assert!(offsets(2000, 10, u64::MAX).is_empty(), "nothing beyond the last");
         assert!(offsets(0, usize::MAX, 100).len() < 2000, "bounded by bytes");
         let read = spool.read_from(&prefix, 700, 2, u64::MAX).unwrap();
-        assert_eq!(read[0].1.value_bytes(), [9], "the record delivered again");
+        assert_eq!(read[0].value_bytes(), [9], "the record delivered again");
 
         assert_eq!(spool.count_between(&prefix, 650, 749).unwrap(), 100);
         assert_eq!(spool.count_between(&prefix, 1990, 3000).unwrap(), 10);

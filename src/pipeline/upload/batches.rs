@@ -739,7 +739,7 @@ impl RowGroups for BatchRows {
             .read_from(&self.prefix, self.next, ROW_GROUP_RECORDS, ROW_GROUP_BYTES)
             .map_err(|e| BatchError::Rows(e.into()))?;
         let mut rows = Vec::with_capacity(records.len());
-        for (_, record) in records.into_iter().take_while(|(_, r)| r.offset <= self.last) {
+        for record in records.into_iter().take_while(|r| r.offset <= self.last) {
             let (row, why) = Row::decoded(&record, self.sinetstream);
             if let Some(why) = why {
                 if self.policy == UndecodablePolicy::Stop {
