@@ -11,10 +11,10 @@
 //! they are, their CRCs, which were removed). sled keeps the nodes it works on in memory and
 //! rewrites a node on every change: values inline held the spool's records in memory, and an entry
 //! per record bounded the ingest at sled's per-entry cost (figures in `benches/results/HISTORY.md`,
-//! "Spool design notes"). A segment file is deleted once none of its records is left, and the oldest is rewritten when
-//! removed records would otherwise pile up on disk behind one that stays. A rewrite is all or
-//! nothing: one that fails (a full disk) leaves the file and its index entries as they were, and is
-//! tried again later.
+//! "Spool design notes"). A segment file is deleted once none of its records is left, and one that
+//! is mostly removed records is rewritten when they would otherwise pile up on disk behind records
+//! that stay. A rewrite is all or nothing: one that fails (a full disk) leaves the file and its
+//! index entries as they were, and is tried again later.
 //!
 //! Durability: sled makes the index durable on its periodic flush, and values reach the disk when
 //! the OS writes them, not at once. That is enough because Kafka still holds every record that is

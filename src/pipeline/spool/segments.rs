@@ -202,9 +202,12 @@ impl Segments {
         self.files.values().fold((0, 0), |(n, b), s| (n + s.live, b + s.live_bytes))
     }
 
-    /// The oldest file other than the current one, when removed records take more room on disk
-    /// than a quarter of the records left, and more than two files: so the files never take more
-    /// than 1.25 times the records plus 32 MiB.
+    /// A file other than the current one, when removed records take more room on disk than a
+    /// quarter of the records left, and more than two files: so the files never take more than
+    /// 1.25 times the records plus 32 MiB. The oldest file that is at least half removed records;
+    /// when none is, the one with the most. Moving a file of mostly live records frees little for
+    /// what it copies: in the Parquet format the records of the last seconds lie in every recent
+    /// file while their batches fill, and most of them are removed a moment later.
     pub(super) fn to_compact(&self) -> Option<u32> {
         let (_, live_bytes) = self.live();
         let garbage = self.disk_bytes() - live_bytes;
@@ -212,7 +215,11 @@ impl Segments {
             return None;
         }
         let current = self.writer.as_ref().map(|(id, _)| *id);
-        self.files.keys().copied().find(|id| Some(*id) != current)
+        let old = || self.files.iter().filter(move |(id, _)| Some(**id) != current);
+        old()
+            .find(|(_, s)| s.live_bytes * 2 <= s.len)
+            .or_else(|| old().max_by_key(|(id, s)| (s.len - s.live_bytes, std::cmp::Reverse(**id))))
+            .map(|(id, _)| *id)
     }
 }
 
@@ -228,7 +235,7 @@ pub(super) fn release_garbage() {
 
 // Compaction, under the spool's lock after an insert.
 impl Spool {
-    /// Compacts the oldest value file when it is due (see [`Segments::to_compact`]). One that
+    /// Compacts a value file when one is due (see [`Segments::to_compact`]). One that
     /// fails changed nothing: it is logged and tried again later (see [`COMPACT_RETRY`]).
     pub(super) fn compact_if_due(&self, segments: &mut Segments) {
         let Some(id) = segments.to_compact() else { return };

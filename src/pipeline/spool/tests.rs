@@ -470,6 +470,41 @@ fn a_spool_with_an_index_entry_per_record_is_moved_at_open() {
     assert!(value_files(dir.path()).is_empty(), "the old value file goes with its last record");
 }
 
+#[test]
+fn compaction_takes_a_file_mostly_of_removed_records_over_an_older_one_mostly_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Spool::open_in_test(dir.path());
+    // File 0: a partition whose batches are filling, three in four of its records still in.
+    // Values of 16,010 bytes, 1,048 to a file.
+    let filling: Vec<_> = (0..1048).map(|o| rec("t", 9, o, noise(o, 16_000))).collect();
+    for chunk in filling.chunks(64) {
+        s.insert_batch(chunk).unwrap();
+    }
+    for o in (0..1048).step_by(4) {
+        s.remove(&SpoolKey::new("t", 9, o)).unwrap();
+    }
+    let oldest = value_files(dir.path()).remove(0);
+    // Then another partition's records pass through, one in 500 staying, until compactions ran.
+    let mut stay = Vec::new();
+    for batch in 0..80 {
+        let records: Vec<_> = (batch * 64..batch * 64 + 64).map(|o| rec("t", 0, o, noise(o, 16_000))).collect();
+        s.insert_batch(&records).unwrap();
+        for r in &records {
+            if r.offset % 500 == 0 {
+                stay.push(r.clone());
+            } else {
+                s.remove(&SpoolKey::new("t", 0, r.offset)).unwrap();
+            }
+        }
+    }
+    let files = value_files(dir.path());
+    assert!(files.len() <= 4, "compacted: {files:?}");
+    assert!(files.contains(&oldest), "the mostly live file stays where it is, the passing ones went: {files:?}");
+    let mut want: Vec<_> = filling.into_iter().filter(|r| r.offset % 4 != 0).collect();
+    want.extend(stay);
+    assert_holds_once(&s, &want);
+}
+
 /// A spool whose oldest value file is due for compaction at the next insert. File 0 holds a run
 /// of 64 records of partition 9 whose odd ones were stored (their removals not yet written to
 /// the run's entry), then records of partition 0 pass through files 0 to 3, one in 500 staying;
