@@ -215,7 +215,8 @@ impl Segments {
             return None;
         }
         let current = self.writer.as_ref().map(|(id, _)| *id);
-        let old = || self.files.iter().filter(move |(id, _)| Some(**id) != current);
+        // Files with removed records in them: one without frees nothing for what it copies.
+        let old = || self.files.iter().filter(move |(id, s)| Some(**id) != current && s.len > s.live_bytes);
         old()
             .find(|(_, s)| s.live_bytes * 2 <= s.len)
             .or_else(|| old().max_by_key(|(id, s)| (s.len - s.live_bytes, std::cmp::Reverse(**id))))

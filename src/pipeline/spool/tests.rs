@@ -10,7 +10,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::faults::Point;
-use super::segments::SEGMENT_BYTES;
+use super::segments::{SEGMENT_BYTES, Segment};
 use super::upgrade::{LEGACY_TREE, LOCATION_VERSION, RECORD_INDEX_TREE};
 use super::*;
 
@@ -503,6 +503,35 @@ fn compaction_takes_a_file_mostly_of_removed_records_over_an_older_one_mostly_li
     let mut want: Vec<_> = filling.into_iter().filter(|r| r.offset % 4 != 0).collect();
     want.extend(stay);
     assert_holds_once(&s, &want);
+}
+
+#[test]
+fn compaction_takes_the_oldest_file_half_removed_else_the_one_most_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Spool::open_in_test(dir.path());
+    let mut segments = s.segments();
+    let file = Arc::new(tempfile::tempfile().unwrap());
+    // Files by (size, live bytes) in MiB, oldest first; the last is being written when `current`.
+    let mut due = |files: &[(u64, u64)], current: bool| {
+        segments.files = (0u32..)
+            .zip(files)
+            .map(|(id, &(len, live))| {
+                (id, Segment { file: file.clone(), len: len << 20, live: 1, live_bytes: live << 20 })
+            })
+            .collect();
+        let last = files.len() as u32 - 1;
+        segments.writer = current.then(|| (last, std::io::BufWriter::new(tempfile::tempfile().unwrap())));
+        segments.to_compact()
+    };
+    // 96 MiB on disk, 61 MiB live: due. No file is half removed: of files 1 and 3, which hold
+    // the most removed records, the older.
+    assert_eq!(due(&[(16, 10), (16, 9), (16, 11), (16, 9), (16, 12), (16, 10)], false), Some(1));
+    // File 4 (closed early) is half removed: it goes first, though files 1 and 3 hold more.
+    assert_eq!(due(&[(16, 10), (16, 9), (16, 11), (16, 9), (8, 4), (16, 10)], false), Some(4));
+    // Removed records under a quarter of the live ones and 32 MiB: nothing is due.
+    assert_eq!(due(&[(16, 16), (16, 16), (16, 16), (16, 16), (16, 16), (16, 1)], false), None);
+    // Due, but every removed record is in the file being written: nothing to gain elsewhere.
+    assert_eq!(due(&[(16, 16), (16, 16), (16, 16), (16, 16), (64, 1)], true), None);
 }
 
 /// A spool whose oldest value file is due for compaction at the next insert. File 0 holds a run
