@@ -204,7 +204,10 @@ pub struct Glimpse {
 }
 
 /// The [`Glimpse`] of an encoded entry: what [`decode_entry`] would give for its time and value
-/// length, from the lengths in its header alone (nothing copied, nothing decompressed).
+/// length, from the lengths in its header alone (nothing copied, nothing decompressed). It walks
+/// the entry as [`decode_entry`] does: a change to the format is made in both. It checks only the
+/// lengths, so an entry it accepts can still fail to decode (a header name not UTF-8, a value
+/// that does not decompress): the object's upload then fails on it.
 pub(super) fn glimpse_entry(key: &SpoolKey, raw: &[u8]) -> Result<Glimpse, SpoolError> {
     let corrupt = |why| SpoolError::Corrupt { key: key.describe(), why };
     if raw.len() < 10 || !(raw[0] == FORMAT_VERSION || raw[0] == FORMAT_VERSION_WITHOUT_HEADERS) {
@@ -249,9 +252,9 @@ pub(super) fn glimpse_entry(key: &SpoolKey, raw: &[u8]) -> Result<Glimpse, Spool
     Ok(Glimpse { offset: key.offset(), time, value_len: value_len as u64 })
 }
 
-/// Decodes a spool entry back into a record. Its key, value and header values are slices of
-/// `raw` (a value stored compressed excepted), not copies: entries read together share one
-/// buffer, which lives as long as any of them.
+/// Decodes a spool entry back into a record ([`glimpse_entry`] walks it the same way). Its key,
+/// value and header values are slices of `raw` (a value stored compressed excepted), not copies:
+/// entries read together share one buffer, which lives as long as any of them.
 pub fn decode_entry(key: &SpoolKey, raw: Bytes) -> Result<Record, SpoolError> {
     let corrupt = |why| SpoolError::Corrupt { key: key.describe(), why };
     let (topic, partition, offset) = key.parts().ok_or_else(|| corrupt("bad key"))?;

@@ -148,9 +148,10 @@ impl Spool {
             if buf.len() < stretch.len() {
                 buf.resize(stretch.len(), 0);
             }
-            let read = self.read_stretch(&stretch, &mut buf[..stretch.len()]);
+            let buf = &mut buf[..stretch.len()];
+            let read = self.read_stretch(&stretch, buf);
             for (key, location) in stretch.records {
-                match stretch.at(location, read, &buf) {
+                match stretch.at(location, read, buf) {
                     Some(range) => out.push(glimpse_entry(key, &buf[range])?),
                     None => {
                         if let Some(raw) = self.value(key, *location)? {
@@ -321,9 +322,10 @@ impl<'a> Iterator for Stretches<'a> {
     }
 }
 
-/// The most bytes read at once by [`Spool::read_from`]: under malloc's mmap threshold
-/// (`crate::malloc`), so that a read's buffer is heap the allocator reuses, not a new mapping
-/// whose every page faults in and is zeroed (a record larger than this is read alone).
+/// The most bytes read at once by [`Spool::read_from`] and [`Spool::scan_from`] (a record larger
+/// than this is read alone): under malloc's mmap threshold (`crate::malloc`), so that each of
+/// `read_from`'s buffers, which its records keep, is heap the allocator reuses, not a new mapping
+/// whose every page faults in and is zeroed.
 const STRETCH_BYTES: u64 = 64 << 10;
 const _: () = assert!((STRETCH_BYTES as usize) < crate::malloc::MMAP_THRESHOLD);
 

@@ -36,12 +36,17 @@ fn keys_sort_by_offset_within_a_partition() {
     assert_eq!(a.prefix(), partition_prefix("t", 1));
 }
 
-/// [`decode_entry`] of a copy of `raw`; the entry's [`Glimpse`] agrees with what it decodes to.
+/// [`decode_entry`] of a copy of `raw`; the entry's [`Glimpse`] agrees with what it decodes to,
+/// and an entry refused at a glimpse is refused by the decoder too.
 fn decode(key: &SpoolKey, raw: &[u8]) -> Result<Record, SpoolError> {
     let decoded = decode_entry(key, Bytes::copy_from_slice(raw));
-    if let Ok(r) = &decoded {
-        let glimpse = codec::glimpse_entry(key, raw).expect("an entry that decodes has a glimpse");
-        assert_eq!(glimpse, Glimpse { offset: r.offset, time: r.time, value_len: r.value_bytes().len() as u64 });
+    match (&decoded, codec::glimpse_entry(key, raw)) {
+        (Ok(r), Ok(glimpse)) => {
+            assert_eq!(glimpse, Glimpse { offset: r.offset, time: r.time, value_len: r.value_bytes().len() as u64 })
+        }
+        (Ok(_), Err(e)) => panic!("an entry refused at a glimpse decodes: {e}"),
+        // A glimpse checks only the lengths.
+        (Err(_), _) => {}
     }
     decoded
 }
@@ -83,6 +88,7 @@ fn headers_round_trip_and_entries_written_before_them_read_as_none() {
         assert_eq!(decode(&key, &encode_value(&r)).unwrap(), r);
         let cut = encode_value(&r);
         assert!(decode(&key, &cut[..16]).is_err(), "headers cut short are corrupt");
+        assert!(codec::glimpse_entry(&key, &cut[..16]).is_err(), "and refused at a glimpse");
     }
     // An entry as the spool wrote it before headers were kept (version 1): version, flags (a
     // key), time, key; its headers are not known.
@@ -532,6 +538,22 @@ fn compaction_takes_the_oldest_file_half_removed_else_the_one_most_removed() {
     assert_eq!(due(&[(16, 16), (16, 16), (16, 16), (16, 16), (16, 16), (16, 1)], false), None);
     // Due, but every removed record is in the file being written: nothing to gain elsewhere.
     assert_eq!(due(&[(16, 16), (16, 16), (16, 16), (16, 16), (64, 1)], true), None);
+}
+
+#[test]
+fn a_damaged_value_is_an_error_for_reads_and_scans_not_a_wrong_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Spool::open_in_test(dir.path());
+    s.insert_batch(&(0..3).map(|o| rec("t", 0, o, noise(o, 1000))).collect::<Vec<_>>()).unwrap();
+    s.flush().unwrap();
+    // A byte of the second record's value flipped on disk: its CRC no longer holds.
+    let file = std::fs::OpenOptions::new().write(true).open(&value_files(dir.path())[0]).unwrap();
+    file.write_at(&[0x55], 1010 + 500).unwrap();
+    let prefix = partition_prefix("t", 0);
+    for error in [s.read_from(&prefix, 0, 10, u64::MAX).map(drop), s.scan_from(&prefix, 0, 10, u64::MAX).map(drop)] {
+        let e = error.expect_err("a damaged value is not read as a record");
+        assert!(e.to_string().contains("value missing or damaged"), "{e}");
+    }
 }
 
 /// A spool whose oldest value file is due for compaction at the next insert. File 0 holds a run
