@@ -187,6 +187,20 @@ fn value_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
+/// A spool holding records 0..n of partition t/0, values of 1,000 bytes (1,010 spooled, end to
+/// end in the first value file), flushed.
+fn spool_of_small_values(dir: &Path, n: i64) -> Spool {
+    let s = Spool::open_in_test(dir);
+    s.insert_batch(&(0..n).map(|o| rec("t", 0, o, noise(o, 1000))).collect::<Vec<_>>()).unwrap();
+    s.flush().unwrap();
+    s
+}
+
+/// The first value file, open for writing: to damage it as a crash or a bad disk would.
+fn first_value_file(dir: &Path) -> File {
+    File::options().write(true).open(&value_files(dir)[0]).unwrap()
+}
+
 fn noise(seed: i64, n: usize) -> Vec<u8> {
     (0..n as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 ^ seed as u8).collect()
 }
@@ -235,17 +249,11 @@ fn a_record_that_stays_does_not_keep_removed_ones_on_disk() {
 #[test]
 fn entries_whose_value_did_not_reach_the_disk_are_dropped_at_open() {
     let dir = tempfile::tempdir().unwrap();
-    {
-        let s = Spool::open_in_test(dir.path());
-        s.insert_batch(&(0..4).map(|o| rec("t", 0, o, noise(o, 1000))).collect::<Vec<_>>()).unwrap();
-        s.flush().unwrap();
-    }
+    drop(spool_of_small_values(dir.path(), 4));
     // The host crashed while the last value was being written: its bytes are cut short; the
     // one before it holds other bytes.
-    let file = &value_files(dir.path())[0];
-    let len = std::fs::metadata(file).unwrap().len();
-    let f = File::options().write(true).open(file).unwrap();
-    f.set_len(len - 10).unwrap();
+    let f = first_value_file(dir.path());
+    f.set_len(f.metadata().unwrap().len() - 10).unwrap();
     f.write_all_at(&[0; 5], 2 * 1010 + 20).unwrap();
     let s = Spool::open_in_test(dir.path());
     let offsets: Vec<i64> = s
@@ -543,12 +551,9 @@ fn compaction_takes_the_oldest_file_half_removed_else_the_one_most_removed() {
 #[test]
 fn a_damaged_value_is_an_error_for_reads_and_scans_not_a_wrong_record() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Spool::open_in_test(dir.path());
-    s.insert_batch(&(0..3).map(|o| rec("t", 0, o, noise(o, 1000))).collect::<Vec<_>>()).unwrap();
-    s.flush().unwrap();
+    let s = spool_of_small_values(dir.path(), 3);
     // A byte of the second record's value flipped on disk: its CRC no longer holds.
-    let file = std::fs::OpenOptions::new().write(true).open(&value_files(dir.path())[0]).unwrap();
-    file.write_at(&[0x55], 1010 + 500).unwrap();
+    first_value_file(dir.path()).write_at(&[0x55], 1010 + 500).unwrap();
     let prefix = partition_prefix("t", 0);
     for error in [s.read_from(&prefix, 0, 10, u64::MAX).map(drop), s.scan_from(&prefix, 0, 10, u64::MAX).map(drop)] {
         let e = error.expect_err("a damaged value is not read as a record");
