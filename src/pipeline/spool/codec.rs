@@ -84,8 +84,6 @@ const FLAG_HEADERS: u8 = 16;
 const NULL_LEN: u32 = u32::MAX;
 /// Values at least this large are tried with zstd.
 const COMPRESS_MIN_BYTES: usize = 16 * 1024;
-/// See [`SpoolOptions::flush_bytes`].
-const FLUSH_BYTES: u64 = 4 << 20;
 /// Largest value the spool accepts back from disk (guards decompression against corruption).
 const MAX_VALUE_BYTES: usize = 1 << 31;
 
@@ -94,15 +92,12 @@ const MAX_VALUE_BYTES: usize = 1 << 31;
 pub struct SpoolOptions {
     /// Values at least this large are tried with zstd; `None` stores every value as is.
     pub compress_min_bytes: Option<usize>,
-    /// Inserts sync the values and the index once this many bytes were written since the last
-    /// sync, so that an OS crash loses (and Kafka delivers again) at most about this much.
-    pub flush_bytes: u64,
 }
 
 impl Default for SpoolOptions {
     /// Values of 16 KiB and more are tried with zstd.
     fn default() -> SpoolOptions {
-        SpoolOptions { compress_min_bytes: Some(COMPRESS_MIN_BYTES), flush_bytes: FLUSH_BYTES }
+        SpoolOptions { compress_min_bytes: Some(COMPRESS_MIN_BYTES) }
     }
 }
 

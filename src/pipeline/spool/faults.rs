@@ -8,7 +8,7 @@ use std::mem::discriminant;
 pub(super) enum Point {
     /// A value is appended.
     Append,
-    /// A value file is synced by a compaction.
+    /// A value file is synced (by an insert, a compaction or a flush).
     Sync(u32),
     /// A value file is deleted.
     Delete(u32),

@@ -25,7 +25,10 @@
 //! check) is dropped when the spool is opened, so it is fetched again. The exception is a record without a Kafka
 //! timestamp, whose path comes from the time it was consumed: [`Spool::insert`] syncs the
 //! values and the index before returning when a batch holds one, so a retry never sees another
-//! time.
+//! time. Syncing every few MiB as well held the consumer on the disk and wrote values that are
+//! uploaded and gone within seconds, for about a tenth of the Parquet format's rate (section 10 of
+//! `benches/results/parquet-2026-12-03.txt`). [`Spool::flush`], at shutdown, syncs every value
+//! file appended to since a flush last synced it.
 //!
 //! Large values are compressed with zstd when that saves at least an eighth of them
 //! ([`SpoolOptions::compress_min_bytes`]).
@@ -161,7 +164,7 @@ impl Spool {
             };
             let file = Arc::new(File::open(entry.path())?);
             let len = file.metadata()?.len();
-            files.insert(id, Segment { file, len, live: 0, live_bytes: 0 });
+            files.insert(id, Segment { file, len, live: 0, live_bytes: 0, unsynced: false });
         }
         let mut partitions = BTreeSet::new();
         let mut lost = 0;
@@ -209,7 +212,6 @@ impl Spool {
             files,
             writer: None,
             next_id,
-            unsynced: 0,
             removals: HashMap::new(),
             compact_failures: 0,
             compact_after: None,
@@ -303,8 +305,8 @@ impl Spool {
             }
             return Ok(());
         }
-        // Synced before they are indexed at least every `flush_bytes`, and at once when a record's
-        // path time is the time it was consumed (see the module doc).
+        // Synced before they are indexed when a record's path time is the time it was consumed;
+        // otherwise when the OS writes them (see the module doc).
         let must_sync = new.iter().any(|n| n.consumed);
         let appended = {
             let mut segments = self.segments();
@@ -312,7 +314,7 @@ impl Spool {
             let unflushed = segments.unflushed;
             let mut written = Vec::with_capacity(new.len());
             let values = new.iter().map(|n| n.value);
-            match segments.append_all(values, &mut written, must_sync, self.options.flush_bytes) {
+            match segments.append_all(values, &mut written, must_sync) {
                 Ok(to_sync) => Ok((written, to_sync, unflushed)),
                 Err(e) => {
                     // A failed write (a full disk) can leave part of a value in the file: append no
@@ -338,8 +340,8 @@ impl Spool {
         }
         let mut applied = false;
         let indexed = (|| -> Result<(), SpoolError> {
-            for file in &to_sync {
-                file.sync_data()?;
+            for (id, file) in &to_sync {
+                segments::sync_file(*id, file)?;
             }
             self.apply(batch)?;
             applied = true;

@@ -33,6 +33,16 @@ pub(super) struct Segment {
     pub(super) len: u64,
     pub(super) live: u64,
     pub(super) live_bytes: u64,
+    /// Appended to since a flush last synced it.
+    pub(super) unsynced: bool,
+}
+
+/// Makes value file `id` durable.
+#[cfg_attr(not(test), allow(unused_variables))]
+pub(super) fn sync_file(id: u32, file: &File) -> std::io::Result<()> {
+    #[cfg(test)]
+    faults::hit(faults::Point::Sync(id))?;
+    file.sync_data()
 }
 
 /// The value files, and the one being appended to. Removals and compactions change the index under
@@ -45,8 +55,6 @@ pub(super) struct Segments {
     /// The file being appended to, with its id.
     pub(super) writer: Option<(u32, BufWriter<File>)>,
     pub(super) next_id: u32,
-    /// Value bytes written since the last sync.
-    pub(super) unsynced: u64,
     /// Runs with removals not yet written to their entry, by run key.
     pub(super) removals: HashMap<Vec<u8>, Removals>,
     /// Compactions that failed in a row, and when the next may be tried.
@@ -84,7 +92,7 @@ impl Segments {
             let path = Segments::path(&self.dir, id);
             let out = File::options().create_new(true).append(true).open(&path)?;
             let file = Arc::new(File::open(&path)?);
-            self.files.insert(id, Segment { file, len: 0, live: 0, live_bytes: 0 });
+            self.files.insert(id, Segment { file, len: 0, live: 0, live_bytes: 0, unsynced: false });
             self.writer = Some((id, BufWriter::with_capacity(WRITE_BUFFER_BYTES, out)));
         }
         let (id, out) = self.writer.as_mut().expect("a writer was just opened");
@@ -95,31 +103,29 @@ impl Segments {
         segment.len += value.len() as u64;
         segment.live += 1;
         segment.live_bytes += value.len() as u64;
-        self.unsynced += value.len() as u64;
+        segment.unsynced = true;
         Ok(location)
     }
 
     /// Appends a batch's values and makes them readable; `written` gets their locations. Returns
-    /// the files to sync before they are indexed: those the batch wrote to, when `sync` is asked
-    /// or `flush_bytes` were written since the last sync; none otherwise.
+    /// the files to sync before they are indexed, with their ids: those the batch wrote to when
+    /// `sync` is asked, none otherwise.
     pub(super) fn append_all<'a>(
         &mut self,
         values: impl Iterator<Item = &'a [u8]>,
         written: &mut Vec<Location>,
         sync: bool,
-        flush_bytes: u64,
-    ) -> Result<Vec<Arc<File>>, SpoolError> {
+    ) -> Result<Vec<(u32, Arc<File>)>, SpoolError> {
         for value in values {
             written.push(self.append(value)?);
         }
         self.finish(false)?;
-        if !sync && self.unsynced < flush_bytes {
+        if !sync {
             return Ok(Vec::new());
         }
-        self.unsynced = 0;
         let mut ids: Vec<u32> = written.iter().map(|l| l.segment).collect();
         ids.dedup();
-        Ok(ids.iter().filter_map(|id| self.files.get(id)).map(|s| s.file.clone()).collect())
+        Ok(ids.into_iter().filter_map(|id| Some((id, self.files.get(&id)?.file.clone()))).collect())
     }
 
     /// Takes back values that were appended but will not be indexed; deletes the files left empty.
@@ -139,24 +145,23 @@ impl Segments {
         ids.dedup();
         for id in ids {
             if let Some(segment) = self.files.get(&id) {
-                #[cfg(test)]
-                faults::hit(faults::Point::Sync(id))?;
-                segment.file.sync_data()?;
+                sync_file(id, &segment.file)?;
             }
         }
         Ok(())
     }
 
-    /// Makes what was appended readable; with `sync`, durable.
+    /// Makes what was appended readable; with `sync`, durable: every file appended to since it
+    /// was last synced so.
     pub(super) fn finish(&mut self, sync: bool) -> Result<(), SpoolError> {
         if let Some((_, out)) = &mut self.writer {
             out.flush()?;
-            if sync {
-                out.get_ref().sync_data()?;
-            }
         }
         if sync {
-            self.unsynced = 0;
+            for (id, segment) in self.files.iter_mut().filter(|(_, s)| s.unsynced) {
+                sync_file(*id, &segment.file)?;
+                segment.unsynced = false;
+            }
         }
         Ok(())
     }

@@ -106,7 +106,7 @@ fn headers_round_trip_and_entries_written_before_them_read_as_none() {
 #[test]
 fn uncompressed_spools_store_large_values_as_they_are() {
     let dir = tempfile::tempdir().unwrap();
-    let off = SpoolOptions { compress_min_bytes: None, ..SpoolOptions::default() };
+    let off = SpoolOptions { compress_min_bytes: None };
     let s = Spool::open_with(dir.path(), 1 << 20, off).unwrap();
     // Compressible, so only the option keeps it from being compressed.
     let big = rec("t", 0, 1, b"{\"sensor\":\"s-1\",\"temperature\":23.5}\n".repeat(2048)[..64 * 1024].to_vec());
@@ -171,14 +171,23 @@ fn pending_stops_at_the_byte_budget_but_returns_at_least_one_record() {
 }
 
 #[test]
-fn inserts_sync_once_the_unsynced_bytes_reach_the_bound() {
+fn inserts_leave_syncing_to_the_os_and_a_flush_syncs_every_file_appended_to() {
     let dir = tempfile::tempdir().unwrap();
-    let options = SpoolOptions { flush_bytes: 10_000, ..SpoolOptions::default() };
-    let s = Spool::open_with(dir.path(), 1 << 20, options).unwrap();
-    s.insert_batch(&[rec("t", 0, 0, vec![1; 6_000])]).unwrap();
-    assert!(s.segments().unsynced >= 6_000, "below the bound: not synced yet");
-    s.insert_batch(&[rec("t", 0, 1, vec![2; 6_000])]).unwrap();
-    assert_eq!(s.segments().unsynced, 0, "the bound was passed: synced");
+    let s = Spool::open_with(dir.path(), 1 << 20, SpoolOptions { compress_min_bytes: None }).unwrap();
+    // Values of 1 MiB and 10 bytes: 16 fill a file.
+    let batch =
+        |from: i64, n: i64| (from..from + n).map(|o| rec("t", 0, o, vec![o as u8; 1 << 20])).collect::<Vec<_>>();
+    let synced = || faults::passed().into_iter().filter(|p| matches!(p, Point::Sync(_))).collect::<Vec<_>>();
+    faults::clear();
+    s.insert_batch(&batch(0, 16)).unwrap();
+    s.insert_batch(&batch(16, 9)).unwrap();
+    assert_eq!(synced(), [], "25 MiB in files 0 and 1, none synced");
+    s.flush().unwrap();
+    assert_eq!(synced(), [Point::Sync(0), Point::Sync(1)]);
+    faults::clear();
+    s.insert_batch(&batch(25, 10)).unwrap();
+    s.flush().unwrap();
+    assert_eq!(synced(), [Point::Sync(1), Point::Sync(2)], "only what was appended to since");
 }
 
 fn value_files(dir: &Path) -> Vec<PathBuf> {
@@ -303,14 +312,19 @@ fn records_inserted_while_others_are_removed_are_each_read_once() {
     // An insert indexes its batch outside the lock that removals take: the counts and the
     // index must still agree, and every record must come out exactly once.
     let dir = tempfile::tempdir().unwrap();
-    let options = SpoolOptions { flush_bytes: 64 << 10, ..SpoolOptions::default() };
-    let s = Arc::new(Spool::open_with(dir.path(), 1 << 20, options).unwrap());
+    let s = Arc::new(Spool::open_in_test(dir.path()));
     const N: i64 = 20_000;
     let writer = {
         let s = s.clone();
         std::thread::spawn(move || {
             for from in (0..N).step_by(100) {
-                let batch: Vec<_> = (from..from + 100).map(|o| rec("t", (o % 4) as i32, o, noise(o, 1000))).collect();
+                let mut batch: Vec<_> =
+                    (from..from + 100).map(|o| rec("t", (o % 4) as i32, o, noise(o, 1000))).collect();
+                // Every tenth batch is synced and its index flushed before it returns, as
+                // records without a Kafka timestamp are, while the removals go on.
+                if from % 1000 == 0 {
+                    batch[0].time = RecordTime::Consumed(1_650_000_000_000);
+                }
                 s.insert_batch(&batch).unwrap();
             }
         })
@@ -530,7 +544,7 @@ fn compaction_takes_the_oldest_file_half_removed_else_the_one_most_removed() {
         segments.files = (0u32..)
             .zip(files)
             .map(|(id, &(len, live))| {
-                (id, Segment { file: file.clone(), len: len << 20, live: 1, live_bytes: live << 20 })
+                (id, Segment { file: file.clone(), len: len << 20, live: 1, live_bytes: live << 20, unsynced: false })
             })
             .collect();
         let last = files.len() as u32 - 1;
@@ -567,8 +581,7 @@ fn a_damaged_value_is_an_error_for_reads_and_scans_not_a_wrong_record() {
 /// file 3, the one written to, is ten values short of full. Returns the records it holds.
 fn due_for_compaction(dir: &Path) -> (Spool, Vec<Record>) {
     // Inserts never sync on their own: the syncs seen are the compaction's.
-    let options = SpoolOptions { flush_bytes: u64::MAX, ..SpoolOptions::default() };
-    let s = Spool::open_with(dir, 1 << 20, options).unwrap();
+    let s = Spool::open_in_test(dir);
     let stuck: Vec<_> = (0..64).map(|o| rec("t", 9, o, noise(o, 16_000))).collect();
     s.insert_batch(&stuck).unwrap();
     for o in (1..64).step_by(2) {
@@ -705,6 +718,16 @@ fn consumed_batch() -> Vec<Record> {
     (0..10)
         .map(|o| Record { time: RecordTime::Consumed(1_650_000_000_000 + o), ..rec("t", 0, o, noise(o, 1000)) })
         .collect()
+}
+
+#[test]
+fn a_batch_with_a_record_without_a_kafka_timestamp_is_synced_before_it_is_indexed() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Spool::open_in_test(dir.path());
+    faults::clear();
+    s.insert_batch(&consumed_batch()).unwrap();
+    let passed: Vec<_> = faults::passed().into_iter().filter(|p| *p != Point::Append).collect();
+    assert_eq!(passed, [Point::Sync(0), Point::ApplyIndex, Point::FlushIndex]);
 }
 
 /// The consumer retries a batch whose insert failed: afterwards, and after a reopening, the
