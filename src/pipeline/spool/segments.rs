@@ -151,8 +151,8 @@ impl Segments {
         Ok(())
     }
 
-    /// Makes what was appended readable; with `sync`, durable: every file appended to since it
-    /// was last synced so.
+    /// Makes what was appended readable; with `sync`, durable: syncs every file appended to since
+    /// a flush last synced it.
     pub(super) fn finish(&mut self, sync: bool) -> Result<(), SpoolError> {
         if let Some((_, out)) = &mut self.writer {
             out.flush()?;
