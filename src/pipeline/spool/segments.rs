@@ -120,12 +120,15 @@ impl Segments {
             written.push(self.append(value)?);
         }
         self.finish(false)?;
-        if !sync {
-            return Ok(Vec::new());
-        }
+        Ok(if sync { self.files_of(written) } else { Vec::new() })
+    }
+
+    /// The files the values at `written` lie in, with their ids (appends that went past
+    /// [`SEGMENT_BYTES`] lie in two).
+    fn files_of(&self, written: &[Location]) -> Vec<(u32, Arc<File>)> {
         let mut ids: Vec<u32> = written.iter().map(|l| l.segment).collect();
         ids.dedup();
-        Ok(ids.into_iter().filter_map(|id| Some((id, self.files.get(&id)?.file.clone()))).collect())
+        ids.into_iter().filter_map(|id| Some((id, self.files.get(&id)?.file.clone()))).collect()
     }
 
     /// Takes back values that were appended but will not be indexed; deletes the files left empty.
@@ -137,16 +140,11 @@ impl Segments {
         empty.into_iter().map(|id| self.delete(id)).fold(Ok(()), Result::and)
     }
 
-    /// Makes the values at `written` durable: syncs every file they lie in (appends that went past
-    /// [`SEGMENT_BYTES`] lie in two).
+    /// Makes the values at `written` durable: syncs every file they lie in.
     fn sync(&mut self, written: &[Location]) -> Result<(), SpoolError> {
         self.finish(false)?;
-        let mut ids: Vec<u32> = written.iter().map(|l| l.segment).collect();
-        ids.dedup();
-        for id in ids {
-            if let Some(segment) = self.files.get(&id) {
-                sync_file(id, &segment.file)?;
-            }
+        for (id, file) in self.files_of(written) {
+            sync_file(id, &file)?;
         }
         Ok(())
     }
