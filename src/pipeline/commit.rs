@@ -13,6 +13,7 @@
 //! in the spool or already stored is not spooled twice.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Deref;
 
 /// A topic-partition.
 pub type Tp = (String, i32);
@@ -28,10 +29,68 @@ struct Slot {
     stale: bool,
 }
 
+/// A partition's slots by offset, and how many of them are not done. The status page and every
+/// metrics scrape report that count under the ledger's lock, which the consumer and the uploaders
+/// take for every batch: counting the slots there took a scrape a few milliseconds of walking tens
+/// of thousands of them. Reads go to the map; changes go through the methods, which keep the count.
+#[derive(Debug, Default)]
+struct Slots {
+    map: BTreeMap<i64, Slot>,
+    open: usize,
+}
+
+impl Deref for Slots {
+    type Target = BTreeMap<i64, Slot>;
+
+    fn deref(&self) -> &BTreeMap<i64, Slot> {
+        &self.map
+    }
+}
+
+impl Slots {
+    /// Slots not done.
+    fn open(&self) -> usize {
+        self.open
+    }
+
+    /// Inserts a slot at an offset that has none; an existing one stays as it is.
+    fn insert_new(&mut self, offset: i64, slot: Slot) {
+        if let std::collections::btree_map::Entry::Vacant(e) = self.map.entry(offset) {
+            self.open += usize::from(!slot.done);
+            e.insert(slot);
+        }
+    }
+
+    /// Changes the slot at `offset`, if there is one; returns what `f` returns.
+    fn update<R>(&mut self, offset: i64, f: impl FnOnce(&mut Slot) -> R) -> Option<R> {
+        let slot = self.map.get_mut(&offset)?;
+        let was_open = !slot.done;
+        let r = f(slot);
+        self.open = self.open + usize::from(!slot.done) - usize::from(was_open);
+        Some(r)
+    }
+
+    /// Changes every slot.
+    fn update_all(&mut self, mut f: impl FnMut(&mut Slot)) {
+        self.map.values_mut().for_each(&mut f);
+        self.open = self.map.values().filter(|s| !s.done).count();
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(i64, &Slot) -> bool) {
+        self.map.retain(|&o, s| keep(o, s));
+        self.open = self.map.values().filter(|s| !s.done).count();
+    }
+
+    fn clear(&mut self) {
+        self.map.clear();
+        self.open = 0;
+    }
+}
+
 #[derive(Debug, Default)]
 struct PartitionState {
     assigned: bool,
-    slots: BTreeMap<i64, Slot>,
+    slots: Slots,
     /// The last position sent to Kafka for this assignment.
     committed: Option<i64>,
     /// The last position Kafka confirmed; a failed commit falls back to it, so the position is
@@ -166,9 +225,7 @@ impl Ledger {
             p.held_from = None;
             p.reset = false;
             p.slots.retain(|_, s| !s.done);
-            for s in p.slots.values_mut() {
-                s.delivered = false;
-            }
+            p.slots.update_all(|s| s.delivered = false);
         }
     }
 
@@ -177,7 +234,7 @@ impl Ledger {
     pub fn recover(&mut self, tp: &Tp, offset: i64) {
         let p = self.partitions.entry(tp.clone()).or_default();
         p.seen = true;
-        p.slots.entry(offset).or_insert(Slot { delivered: false, done: false, time_ms: None, stale: false });
+        p.slots.insert_new(offset, Slot { delivered: false, done: false, time_ms: None, stale: false });
     }
 
     /// The topic was deleted and created again since the records of it found in the spool were
@@ -186,7 +243,7 @@ impl Ledger {
     pub fn topic_recreated(&mut self, topic: &str) {
         for ((t, _), p) in &mut self.partitions {
             if t == topic {
-                p.slots.values_mut().for_each(|s| s.stale = true);
+                p.slots.update_all(|s| s.stale = true);
             }
         }
     }
@@ -194,13 +251,12 @@ impl Ledger {
     /// The consumer delivered a record; `done` is true for one that needs no upload (a tombstone).
     /// `time_ms` is its Kafka timestamp, if it has one.
     pub fn deliver(&mut self, tp: &Tp, offset: i64, done: bool, time_ms: Option<i64>) -> Delivery {
-        let p = self.partitions.entry(tp.clone()).or_default();
-        if !p.assigned {
+        let Some(p) = self.partitions.get_mut(tp).filter(|p| p.assigned) else {
             // Polled before a revocation, registered after it: rust-rdkafka's poll returns at a
             // rebalance, so a batch can end there. Counted as delivered, it would let a commit of
             // a later assignment pass the records still in the spool.
             return Delivery::Revoked;
-        }
+        };
         p.seen = true;
         if p.held_from.is_some() {
             return Delivery::Held;
@@ -217,7 +273,7 @@ impl Ledger {
         if went_back.is_some() || other {
             // What was seen from here on is of the old records: the stored ones are forgotten; the
             // new records wait for the others to be stored, or they would be taken for them.
-            p.slots.retain(|&o, s| o < offset || !s.done);
+            p.slots.retain(|o, s| o < offset || !s.done);
             let held = p.slots.range(offset..).next().is_some();
             self.resets.push(OffsetsReset { tp: tp.clone(), was: went_back, now: offset, held });
             if held {
@@ -225,32 +281,28 @@ impl Ledger {
                 self.holding = true;
                 return Delivery::Held;
             }
-            for s in p.slots.values_mut() {
-                s.delivered = false;
-            }
+            p.slots.update_all(|s| s.delivered = false);
             (p.committed, p.acked, p.next_delivery, p.start) = (None, None, None, None);
             p.reset = true;
         }
         p.next_delivery = Some(p.next_delivery.map_or(offset + 1, |n| n.max(offset + 1)));
         p.start.get_or_insert(offset);
-        match p.slots.get_mut(&offset) {
-            Some(slot) => {
-                slot.delivered = true;
-                slot.done |= done;
-                slot.time_ms = time_ms;
-                if slot.done { Delivery::Done } else { Delivery::Pending }
-            }
-            None => {
-                p.slots.insert(offset, Slot { delivered: true, done, time_ms, stale: false });
-                if done { Delivery::Done } else { Delivery::Spool }
-            }
-        }
+        let known = p.slots.update(offset, |slot| {
+            slot.delivered = true;
+            slot.done |= done;
+            slot.time_ms = time_ms;
+            if slot.done { Delivery::Done } else { Delivery::Pending }
+        });
+        known.unwrap_or_else(|| {
+            p.slots.insert_new(offset, Slot { delivered: true, done, time_ms, stale: false });
+            if done { Delivery::Done } else { Delivery::Spool }
+        })
     }
 
     /// All objects of the record are stored.
     pub fn complete(&mut self, tp: &Tp, offset: i64) {
-        if let Some(slot) = self.partitions.get_mut(tp).and_then(|p| p.slots.get_mut(&offset)) {
-            slot.done = true;
+        if let Some(p) = self.partitions.get_mut(tp) {
+            p.slots.update(offset, |slot| slot.done = true);
         }
     }
 
@@ -272,7 +324,7 @@ impl Ledger {
             self.committed_times.extend(passed);
             // Records below where the assignment started that are not stored yet (left from an
             // earlier one) stay known while they are in the spool.
-            p.slots.retain(|&o, s| o >= position || !s.done);
+            p.slots.retain(|o, s| o >= position || !s.done);
             p.committed = Some(position);
             p.reset = false;
             out.push((tp.clone(), position));
@@ -340,10 +392,8 @@ impl Ledger {
             if p.slots.range(from..).any(|(_, s)| !s.done) {
                 continue;
             }
-            p.slots.retain(|&o, _| o < from);
-            for s in p.slots.values_mut() {
-                s.delivered = false;
-            }
+            p.slots.retain(|o, _| o < from);
+            p.slots.update_all(|s| s.delivered = false);
             (p.held_from, p.committed, p.acked, p.next_delivery, p.start) = (None, None, None, None, None);
             p.reset = true;
             out.push((tp.clone(), from));
@@ -460,7 +510,7 @@ impl Ledger {
             tp: tp.clone(),
             committed: p.acked,
             next_delivery: p.next_delivery,
-            pending: p.slots.values().filter(|s| !s.done).count(),
+            pending: p.slots.open(),
         });
         views.collect()
     }
@@ -863,5 +913,69 @@ mod tests {
             l.complete(&tp(), o);
         }
         assert_eq!(l.to_commit(), vec![(tp(), 10)]);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Assign,
+        Revoke,
+        Forget,
+        Deliver(i64, bool, i64),
+        Recover(i64),
+        Complete(i64),
+        Commit,
+        Refetch,
+        Recreated,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(Op::Assign),
+            Just(Op::Revoke),
+            Just(Op::Forget),
+            (0..24i64, any::<bool>(), 0..2i64).prop_map(|(o, done, t)| Op::Deliver(o, done, t)),
+            (0..24i64).prop_map(Op::Recover),
+            (0..24i64).prop_map(Op::Complete),
+            Just(Op::Commit),
+            Just(Op::Refetch),
+            Just(Op::Recreated),
+        ]
+    }
+
+    proptest::proptest! {
+        /// The status page's count of records not stored yet is kept as the slots change, not
+        /// counted when asked: after every change it is what counting them gives.
+        #[test]
+        fn the_count_of_records_not_stored_follows_every_change(ops in proptest::collection::vec(op(), 1..200)) {
+            let mut l = Ledger::new();
+            l.assign(&tp());
+            for op in ops {
+                match op {
+                    Op::Assign => l.assign(&tp()),
+                    Op::Revoke => l.revoke(&tp()),
+                    Op::Forget => l.forget(&tp()),
+                    // Two timestamps per offset, so that some deliveries are other records.
+                    Op::Deliver(o, done, t) => {
+                        l.deliver(&tp(), o, done, Some(t));
+                    }
+                    Op::Recover(o) => l.recover(&tp(), o),
+                    Op::Complete(o) => l.complete(&tp(), o),
+                    Op::Commit => {
+                        l.to_commit();
+                    }
+                    Op::Refetch => {
+                        l.refetch();
+                    }
+                    Op::Recreated => l.topic_recreated("t"),
+                }
+                let p = &l.partitions[&tp()];
+                let counted = p.slots.values().filter(|s| !s.done).count();
+                proptest::prop_assert_eq!(p.slots.open(), counted);
+                if p.assigned {
+                    proptest::prop_assert_eq!(l.assigned()[0].pending, counted);
+                }
+            }
+        }
     }
 }
