@@ -189,6 +189,9 @@ fn kafka(config: &Config) -> Vec<Line> {
     };
     let mut lines = Vec::new();
     let mut topics = config.topics.names();
+    // With patterns, every topic's metadata: the topics checked below are looked up in it, not
+    // asked for again one by one.
+    let mut all_metadata = None;
     if config.topics.has_patterns() {
         let metadata = match consumer.fetch_metadata(None, TIMEOUT) {
             Ok(m) => m,
@@ -208,11 +211,22 @@ fn kafka(config: &Config) -> Vec<Line> {
             Line::new(Outcome::Ok, what, format!("{} topic(s): {}", matched.len(), matched.join(", ")))
         });
         topics = all;
+        all_metadata = Some(metadata);
     }
+    let listed = |topic: &str| all_metadata.as_ref().filter(|m| m.topics().iter().any(|t| t.name() == topic));
     for topic in &topics {
-        let metadata = match consumer.fetch_metadata(Some(topic), TIMEOUT) {
-            Ok(m) => m,
-            Err(e) => return vec![no_answer(&consumer, brokers, e)],
+        // A named topic missing from the whole list is asked for alone, so that the brokers say
+        // why (it does not exist, or this client may not see it).
+        let single;
+        let metadata = match listed(topic) {
+            Some(m) => m,
+            None => match consumer.fetch_metadata(Some(topic), TIMEOUT) {
+                Ok(m) => {
+                    single = m;
+                    &single
+                }
+                Err(e) => return vec![no_answer(&consumer, brokers, e)],
+            },
         };
         if lines.is_empty() {
             lines.push(Line::new(
