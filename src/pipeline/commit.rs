@@ -70,15 +70,26 @@ impl Slots {
         Some(r)
     }
 
-    /// Changes every slot.
+    /// Changes every slot, counting again in the same pass.
     fn update_all(&mut self, mut f: impl FnMut(&mut Slot)) {
-        self.map.values_mut().for_each(&mut f);
-        self.open = self.map.values().filter(|s| !s.done).count();
+        let mut open = 0;
+        for s in self.map.values_mut() {
+            f(s);
+            open += usize::from(!s.done);
+        }
+        self.open = open;
     }
 
+    /// Keeps the slots `keep` says to, counting again in the same pass (a commit drops the done
+    /// slots it passed every time).
     fn retain(&mut self, mut keep: impl FnMut(i64, &Slot) -> bool) {
-        self.map.retain(|&o, s| keep(o, s));
-        self.open = self.map.values().filter(|s| !s.done).count();
+        let mut open = 0;
+        self.map.retain(|&o, s| {
+            let kept = keep(o, s);
+            open += usize::from(kept && !s.done);
+            kept
+        });
+        self.open = open;
     }
 
     fn clear(&mut self) {
