@@ -12,6 +12,7 @@
 //! The ledger also tells the consumer whether a delivered record needs to be spooled: one already
 //! in the spool or already stored is not spooled twice.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Deref;
 
@@ -55,7 +56,7 @@ impl Slots {
 
     /// Inserts a slot at an offset that has none; an existing one stays as it is.
     fn insert_new(&mut self, offset: i64, slot: Slot) {
-        if let std::collections::btree_map::Entry::Vacant(e) = self.map.entry(offset) {
+        if let Entry::Vacant(e) = self.map.entry(offset) {
             self.open += usize::from(!slot.done);
             e.insert(slot);
         }
@@ -64,10 +65,21 @@ impl Slots {
     /// Changes the slot at `offset`, if there is one; returns what `f` returns.
     fn update<R>(&mut self, offset: i64, f: impl FnOnce(&mut Slot) -> R) -> Option<R> {
         let slot = self.map.get_mut(&offset)?;
-        let was_open = !slot.done;
-        let r = f(slot);
-        self.open = self.open + usize::from(!slot.done) - usize::from(was_open);
-        Some(r)
+        Some(change(&mut self.open, slot, f))
+    }
+
+    /// Changes the slot at `offset` with `f`, or inserts `new` there when there is none (one
+    /// lookup: the consumer does this for every record). Returns what `f` returns, None for an
+    /// insert.
+    fn upsert<R>(&mut self, offset: i64, new: Slot, f: impl FnOnce(&mut Slot) -> R) -> Option<R> {
+        match self.map.entry(offset) {
+            Entry::Occupied(mut e) => Some(change(&mut self.open, e.get_mut(), f)),
+            Entry::Vacant(e) => {
+                self.open += usize::from(!new.done);
+                e.insert(new);
+                None
+            }
+        }
     }
 
     /// Changes every slot, counting again in the same pass.
@@ -96,6 +108,14 @@ impl Slots {
         self.map.clear();
         self.open = 0;
     }
+}
+
+/// `f` applied to `slot`, and `open` adjusted if it changed whether the slot is done.
+fn change<R>(open: &mut usize, slot: &mut Slot, f: impl FnOnce(&mut Slot) -> R) -> R {
+    let was_open = !slot.done;
+    let r = f(slot);
+    *open = *open + usize::from(!slot.done) - usize::from(was_open);
+    r
 }
 
 #[derive(Debug, Default)]
@@ -298,16 +318,14 @@ impl Ledger {
         }
         p.next_delivery = Some(p.next_delivery.map_or(offset + 1, |n| n.max(offset + 1)));
         p.start.get_or_insert(offset);
-        let known = p.slots.update(offset, |slot| {
+        let new = Slot { delivered: true, done, time_ms, stale: false };
+        let known = p.slots.upsert(offset, new, |slot| {
             slot.delivered = true;
             slot.done |= done;
             slot.time_ms = time_ms;
             if slot.done { Delivery::Done } else { Delivery::Pending }
         });
-        known.unwrap_or_else(|| {
-            p.slots.insert_new(offset, Slot { delivered: true, done, time_ms, stale: false });
-            if done { Delivery::Done } else { Delivery::Spool }
-        })
+        known.unwrap_or(if done { Delivery::Done } else { Delivery::Spool })
     }
 
     /// All objects of the record are stored.
