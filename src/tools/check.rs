@@ -213,30 +213,27 @@ fn kafka(config: &Config) -> Vec<Line> {
         topics = all;
         all_metadata = Some(metadata);
     }
-    let listed = |topic: &str| all_metadata.as_ref().filter(|m| m.topics().iter().any(|t| t.name() == topic));
     for topic in &topics {
-        // A named topic missing from the whole list is asked for alone, so that the brokers say
-        // why (it does not exist, or this client may not see it).
+        // Without patterns, and for a named topic missing from the whole list, the topic is asked
+        // for alone, so that the brokers say why one is missing (it does not exist, or this client
+        // may not see it).
         let single;
-        let metadata = match listed(topic) {
-            Some(m) => m,
-            None => match consumer.fetch_metadata(Some(topic), TIMEOUT) {
-                Ok(m) => {
-                    single = m;
-                    &single
+        let found = match all_metadata.as_ref().and_then(|m| m.topics().iter().find(|t| t.name() == topic)) {
+            Some(t) => Some(t),
+            None => {
+                single = match consumer.fetch_metadata(Some(topic), TIMEOUT) {
+                    Ok(m) => m,
+                    Err(e) => return vec![no_answer(&consumer, brokers, e)],
+                };
+                if lines.is_empty() {
+                    let answered = format!("{} broker(s) answered", single.brokers().len());
+                    lines.push(Line::new(Outcome::Ok, brokers.clone(), answered));
                 }
-                Err(e) => return vec![no_answer(&consumer, brokers, e)],
-            },
+                single.topics().iter().find(|t| t.name() == topic)
+            }
         };
-        if lines.is_empty() {
-            lines.push(Line::new(
-                Outcome::Ok,
-                brokers.clone(),
-                format!("{} broker(s) answered", metadata.brokers().len()),
-            ));
-        }
         let what = format!("topic {topic}");
-        let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
+        let Some(t) = found else {
             lines.push(Line::new(Outcome::Fail, what, "not in the brokers' answer: check KAFKA_TOPIC"));
             continue;
         };
