@@ -54,14 +54,6 @@ impl Slots {
         self.open
     }
 
-    /// Inserts a slot at an offset that has none; an existing one stays as it is.
-    fn insert_new(&mut self, offset: i64, slot: Slot) {
-        if let Entry::Vacant(e) = self.map.entry(offset) {
-            self.open += usize::from(!slot.done);
-            e.insert(slot);
-        }
-    }
-
     /// Changes the slot at `offset`, if there is one; returns what `f` returns.
     fn update<R>(&mut self, offset: i64, f: impl FnOnce(&mut Slot) -> R) -> Option<R> {
         let slot = self.map.get_mut(&offset)?;
@@ -82,19 +74,9 @@ impl Slots {
         }
     }
 
-    /// Changes every slot, counting again in the same pass.
-    fn update_all(&mut self, mut f: impl FnMut(&mut Slot)) {
-        let mut open = 0;
-        for s in self.map.values_mut() {
-            f(s);
-            open += usize::from(!s.done);
-        }
-        self.open = open;
-    }
-
-    /// Keeps the slots `keep` says to, counting again in the same pass (a commit drops the done
-    /// slots it passed every time).
-    fn retain(&mut self, mut keep: impl FnMut(i64, &Slot) -> bool) {
+    /// Keeps the slots `keep` says to, which may change them too, counting again in the same
+    /// pass (a commit drops the done slots it passed every time).
+    fn retain(&mut self, mut keep: impl FnMut(i64, &mut Slot) -> bool) {
         let mut open = 0;
         self.map.retain(|&o, s| {
             let kept = keep(o, s);
@@ -102,6 +84,14 @@ impl Slots {
             kept
         });
         self.open = open;
+    }
+
+    /// Changes every slot.
+    fn update_all(&mut self, mut f: impl FnMut(&mut Slot)) {
+        self.retain(|_, s| {
+            f(s);
+            true
+        });
     }
 
     fn clear(&mut self) {
@@ -255,8 +245,10 @@ impl Ledger {
             p.start = None;
             p.held_from = None;
             p.reset = false;
-            p.slots.retain(|_, s| !s.done);
-            p.slots.update_all(|s| s.delivered = false);
+            p.slots.retain(|_, s| {
+                s.delivered = false;
+                !s.done
+            });
         }
     }
 
@@ -265,7 +257,7 @@ impl Ledger {
     pub fn recover(&mut self, tp: &Tp, offset: i64) {
         let p = self.partitions.entry(tp.clone()).or_default();
         p.seen = true;
-        p.slots.insert_new(offset, Slot { delivered: false, done: false, time_ms: None, stale: false });
+        p.slots.upsert(offset, Slot { delivered: false, done: false, time_ms: None, stale: false }, |_| ());
     }
 
     /// The topic was deleted and created again since the records of it found in the spool were
@@ -421,8 +413,10 @@ impl Ledger {
             if p.slots.range(from..).any(|(_, s)| !s.done) {
                 continue;
             }
-            p.slots.retain(|o, _| o < from);
-            p.slots.update_all(|s| s.delivered = false);
+            p.slots.retain(|o, s| {
+                s.delivered = false;
+                o < from
+            });
             (p.held_from, p.committed, p.acked, p.next_delivery, p.start) = (None, None, None, None, None);
             p.reset = true;
             out.push((tp.clone(), from));
