@@ -53,7 +53,7 @@ fn bench_insert(c: &mut Criterion) {
     g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
     const BATCH: usize = 100;
     for (kind, value) in [("random", random_value(64 * 1024)), ("json", json_value(64 * 1024))] {
-        let plain = SpoolOptions { compress_min_bytes: None };
+        let plain = SpoolOptions { compress_min_bytes: None, ..SpoolOptions::default() };
         for (zstd, options) in [("zstd", SpoolOptions::default()), ("plain", plain)] {
             let dir = tempfile::tempdir().expect("temporary directory");
             let spool = Spool::open_with(dir.path(), SPOOL_CACHE_BYTES, options).expect("open the spool");

@@ -59,7 +59,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::pipeline::commit::Ledger;
-use crate::pipeline::spool::Spool;
+use crate::pipeline::spool::{Spool, SpoolOptions};
 use crate::pipeline::status::{Setup, Status};
 use crate::pipeline::{consumer, spool, topic_id, upload};
 
@@ -136,7 +136,8 @@ struct Opened {
 /// down in the spool while open, and those a stopped run left are aborted in step 3).
 fn open(config: &Config) -> Result<Opened, RunError> {
     let client = kafka::client_config(config)?;
-    let spool = Arc::new(Spool::open(&config.spool_dir, SPOOL_CACHE_BYTES)?);
+    let options = SpoolOptions { max_bytes: config.spool_limits.max_bytes, ..SpoolOptions::default() };
+    let spool = Arc::new(Spool::open_with(&config.spool_dir, SPOOL_CACHE_BYTES, options)?);
     let store::Built { mut store, multipart } = store::build_with_multipart(&config.store)?;
     if let Some(multipart) = &multipart {
         store = Arc::new(upload::RecordedUploads::new(store, multipart.clone(), spool.clone()));

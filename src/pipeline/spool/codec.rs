@@ -92,12 +92,15 @@ const MAX_VALUE_BYTES: usize = 1 << 31;
 pub struct SpoolOptions {
     /// Values at least this large are tried with zstd; `None` stores every value as is.
     pub compress_min_bytes: Option<usize>,
+    /// The bound the records' bytes are held to (SPOOL_MAX_BYTES), which the value files may
+    /// exceed by a quarter in removed records before one is compacted; 0 when there is none.
+    pub max_bytes: u64,
 }
 
 impl Default for SpoolOptions {
-    /// Values of 16 KiB and more are tried with zstd.
+    /// Values of 16 KiB and more are tried with zstd; no bound.
     fn default() -> SpoolOptions {
-        SpoolOptions { compress_min_bytes: Some(COMPRESS_MIN_BYTES) }
+        SpoolOptions { compress_min_bytes: Some(COMPRESS_MIN_BYTES), max_bytes: 0 }
     }
 }
 

@@ -130,9 +130,15 @@ impl Spool {
     /// later).
     #[cfg(test)]
     pub(crate) fn open_in_test(dir: &Path) -> Spool {
+        Spool::open_in_test_with(dir, SpoolOptions::default())
+    }
+
+    /// [`Spool::open_in_test`] with the given options.
+    #[cfg(test)]
+    pub(crate) fn open_in_test_with(dir: &Path, options: SpoolOptions) -> Spool {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
-            match Spool::open(dir, 1 << 20) {
+            match Spool::open_with(dir, 1 << 20, options) {
                 Err(SpoolError::Sled(sled::Error::Io(e)))
                     if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline =>
                 {
@@ -143,8 +149,8 @@ impl Spool {
         }
     }
 
-    /// [`Spool::open`] with the given options. They apply to the records inserted from now on;
-    /// records already in the spool are read back whatever options wrote them.
+    /// [`Spool::open`] with the given options. Those of the encoding apply to the records inserted
+    /// from now on; records already in the spool are read back whatever options wrote them.
     ///
     /// Records whose value is not on disk whole (the OS crashed before writing it) are dropped:
     /// they were never committed, so Kafka delivers them again.

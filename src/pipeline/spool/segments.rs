@@ -206,15 +206,16 @@ impl Segments {
     }
 
     /// A file other than the current one, when removed records take more room on disk than a
-    /// quarter of the records left, and more than two files: so the files never take more than
-    /// 1.25 times the records plus 32 MiB. The oldest file that is at least half removed records;
-    /// when none is, the one with the most. Moving a file of mostly live records frees little for
-    /// what it copies: in the Parquet format the records of the last seconds lie in every recent
-    /// file while their batches fill, and most of them are removed a moment later.
-    pub(super) fn to_compact(&self) -> Option<u32> {
+    /// quarter of `max_bytes` (the spool's bound) or of the records left, whichever is more, and
+    /// more than two files: so the files never take more than 1.25 times that plus 32 MiB. Below
+    /// that nothing is moved, as the disk is sized for the bound: in the Parquet format the records
+    /// of the last seconds lie in every recent file while their batches fill, and whole files go a
+    /// moment later without a record copied. The oldest file that is at least half removed
+    /// records; when none is, the one with the most (moving mostly live records frees little).
+    pub(super) fn to_compact(&self, max_bytes: u64) -> Option<u32> {
         let (_, live_bytes) = self.live();
         let garbage = self.disk_bytes() - live_bytes;
-        if garbage <= (live_bytes / 4).max(2 * SEGMENT_BYTES) {
+        if garbage <= (live_bytes.max(max_bytes) / 4).max(2 * SEGMENT_BYTES) {
             return None;
         }
         let current = self.writer.as_ref().map(|(id, _)| *id);
@@ -242,7 +243,7 @@ impl Spool {
     /// Compacts a value file when one is due (see [`Segments::to_compact`]). One that
     /// fails changed nothing: it is logged and tried again later (see [`COMPACT_RETRY`]).
     pub(super) fn compact_if_due(&self, segments: &mut Segments) {
-        let Some(id) = segments.to_compact() else { return };
+        let Some(id) = segments.to_compact(self.options.max_bytes) else { return };
         if segments.compact_after.is_some_and(|at| Instant::now() < at) {
             return;
         }

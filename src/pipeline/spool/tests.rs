@@ -106,7 +106,7 @@ fn headers_round_trip_and_entries_written_before_them_read_as_none() {
 #[test]
 fn uncompressed_spools_store_large_values_as_they_are() {
     let dir = tempfile::tempdir().unwrap();
-    let off = SpoolOptions { compress_min_bytes: None };
+    let off = SpoolOptions { compress_min_bytes: None, ..SpoolOptions::default() };
     let s = Spool::open_with(dir.path(), 1 << 20, off).unwrap();
     // Compressible, so only the option keeps it from being compressed.
     let big = rec("t", 0, 1, b"{\"sensor\":\"s-1\",\"temperature\":23.5}\n".repeat(2048)[..64 * 1024].to_vec());
@@ -173,7 +173,8 @@ fn pending_stops_at_the_byte_budget_but_returns_at_least_one_record() {
 #[test]
 fn inserts_leave_syncing_to_the_os_and_a_flush_syncs_every_file_appended_to() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Spool::open_with(dir.path(), 1 << 20, SpoolOptions { compress_min_bytes: None }).unwrap();
+    let s = Spool::open_with(dir.path(), 1 << 20, SpoolOptions { compress_min_bytes: None, ..SpoolOptions::default() })
+        .unwrap();
     // Values of 1 MiB and 10 bytes: 16 fill a file.
     let batch =
         |from: i64, n: i64| (from..from + n).map(|o| rec("t", 0, o, vec![o as u8; 1 << 20])).collect::<Vec<_>>();
@@ -540,7 +541,8 @@ fn compaction_takes_the_oldest_file_half_removed_else_the_one_most_removed() {
     let mut segments = s.segments();
     let file = Arc::new(tempfile::tempfile().unwrap());
     // Files by (size, live bytes) in MiB, oldest first; the last is being written when `current`.
-    let mut due = |files: &[(u64, u64)], current: bool| {
+    // `bound`: the spool's bound (SPOOL_MAX_BYTES) in MiB.
+    let mut due = |files: &[(u64, u64)], current: bool, bound: u64| {
         segments.files = (0u32..)
             .zip(files)
             .map(|(id, &(len, live))| {
@@ -549,17 +551,23 @@ fn compaction_takes_the_oldest_file_half_removed_else_the_one_most_removed() {
             .collect();
         let last = files.len() as u32 - 1;
         segments.writer = current.then(|| (last, std::io::BufWriter::new(tempfile::tempfile().unwrap())));
-        segments.to_compact()
+        segments.to_compact(bound << 20)
     };
     // 96 MiB on disk, 61 MiB live: due. No file is half removed: of files 1 and 3, which hold
     // the most removed records, the older.
-    assert_eq!(due(&[(16, 10), (16, 9), (16, 11), (16, 9), (16, 12), (16, 10)], false), Some(1));
+    assert_eq!(due(&[(16, 10), (16, 9), (16, 11), (16, 9), (16, 12), (16, 10)], false, 0), Some(1));
     // File 4 (closed early) is half removed: it goes first, though files 1 and 3 hold more.
-    assert_eq!(due(&[(16, 10), (16, 9), (16, 11), (16, 9), (8, 4), (16, 10)], false), Some(4));
+    assert_eq!(due(&[(16, 10), (16, 9), (16, 11), (16, 9), (8, 4), (16, 10)], false, 0), Some(4));
     // Removed records under a quarter of the live ones and 32 MiB: nothing is due.
-    assert_eq!(due(&[(16, 16), (16, 16), (16, 16), (16, 16), (16, 16), (16, 1)], false), None);
+    assert_eq!(due(&[(16, 16), (16, 16), (16, 16), (16, 16), (16, 16), (16, 1)], false, 0), None);
+    // Under a bound, removed records may take a quarter of it: 35 MiB of them are due at a bound
+    // of 128 MiB (a quarter: 32 MiB), not at 160 MiB (40 MiB), nor at the default 1 GiB.
+    let six = [(16, 10), (16, 9), (16, 11), (16, 9), (16, 12), (16, 10)];
+    assert_eq!(due(&six, false, 128), Some(1));
+    assert_eq!(due(&six, false, 160), None);
+    assert_eq!(due(&six, false, 1024), None);
     // Due, but every removed record is in the file being written: nothing to gain elsewhere.
-    assert_eq!(due(&[(16, 16), (16, 16), (16, 16), (16, 16), (64, 1)], true), None);
+    assert_eq!(due(&[(16, 16), (16, 16), (16, 16), (16, 16), (64, 1)], true, 0), None);
 }
 
 #[test]
@@ -619,10 +627,35 @@ fn assert_holds_once(s: &Spool, want: &[Record]) {
     assert_eq!(s.keys().unwrap().len(), want.len());
 }
 
+#[test]
+fn under_its_bound_the_spool_leaves_removed_records_where_they_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, mut want) = due_for_compaction(dir.path());
+    s.flush().unwrap();
+    drop(s);
+    // About 63 MiB of removed records: due with no bound, not under a bound of 1 GiB (a quarter
+    // of it, 256 MiB, may be removed records).
+    let s = Spool::open_in_test_with(dir.path(), SpoolOptions { max_bytes: 1 << 30, ..SpoolOptions::default() });
+    let first_file = Segments::path(&dir.path().join("values"), 0);
+    let trigger = rec("t", 1, 0, noise(1, 16_000));
+    want.push(trigger.clone());
+    s.insert_batch(std::slice::from_ref(&trigger)).unwrap();
+    assert!(value_files(dir.path()).contains(&first_file), "no record moved");
+    assert_holds_once(&s, &want);
+    // The same spool without a bound compacts at the next insert.
+    drop(s);
+    let s = Spool::open_in_test(dir.path());
+    let trigger = rec("t", 1, 1, noise(2, 16_000));
+    want.push(trigger.clone());
+    s.insert_batch(std::slice::from_ref(&trigger)).unwrap();
+    assert!(!value_files(dir.path()).contains(&first_file), "compacted");
+    assert_holds_once(&s, &want);
+}
+
 /// Compacts the file due for it now (after a failure, the inserts wait before they try again).
 fn compact_now(s: &Spool) {
     let mut segments = s.segments();
-    let id = segments.to_compact().expect("a file is due for compaction");
+    let id = segments.to_compact(0).expect("a file is due for compaction");
     s.compact(&mut segments, id).unwrap();
     s.publish(&segments);
 }
