@@ -87,7 +87,7 @@ const COMPRESS_MIN_BYTES: usize = 16 * 1024;
 /// Largest value the spool accepts back from disk (guards decompression against corruption).
 const MAX_VALUE_BYTES: usize = 1 << 31;
 
-/// How the spool stores records.
+/// How the spool stores records, and the bound it is held to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SpoolOptions {
     /// Values at least this large are tried with zstd; `None` stores every value as is.

@@ -1,7 +1,7 @@
 //! The value files (segments): records' encoded values appended one after another, counted per
 //! file so that a file is deleted once none of its records is left, and compacted (its records
-//! left rewritten at the end of the current file) when removed ones would pile up behind one that
-//! stays.
+//! left rewritten at the end of the current file) when removed ones pile up behind ones that stay,
+//! past a quarter of the spool's bound.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
