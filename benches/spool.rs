@@ -6,6 +6,8 @@
 //!   zstd (the default, values of 16 KiB and more) and without (bytes/s).
 //! - `spool_drain`: `pending` + `remove` of 1000 spooled 1 KB records, `pending` asking for 32 at a
 //!   time (UPLOAD_WORKERS' default, as the dispatcher does when all workers are free) or all 1000.
+//! - `spool_read_from`: 4096 spooled 1 KB records of a partition read back whole (`read_from`, the
+//!   Parquet format's row groups) and glimpsed (`scan_from`, its batching).
 //!
 //! Each benchmark has a fresh spool in a temporary directory with the daemon's page cache
 //! (`SPOOL_CACHE_BYTES`); every insert is of new offsets, so the spool grows while an insert
@@ -154,6 +156,13 @@ fn bench_read_from(c: &mut Criterion) {
     g.bench_function(BenchmarkId::new("1KB", N), |b| {
         b.iter(|| {
             let read = spool.read_from(&prefix, 0, usize::MAX, u64::MAX).expect("read");
+            assert_eq!(read.len(), N);
+        })
+    });
+    // What the Parquet format's dispatcher reads to batch the records: offset, time and length.
+    g.bench_function(BenchmarkId::new("scan_1KB", N), |b| {
+        b.iter(|| {
+            let read = spool.scan_from(&prefix, 0, usize::MAX, u64::MAX).expect("scan");
             assert_eq!(read.len(), N);
         })
     });
