@@ -53,10 +53,15 @@ impl SpoolKey {
 
     pub(super) fn describe(&self) -> String {
         match self.parts() {
-            Some((t, p, o)) => format!("{t}+{p}+{o}"),
+            Some((t, p, o)) => describe(t, p, o),
             None => format!("{:02x?}", self.0),
         }
     }
+}
+
+/// How errors name a record.
+fn describe(topic: &str, partition: i32, offset: i64) -> String {
+    format!("{topic}+{partition}+{offset}")
 }
 
 /// The key prefix shared by all records of one partition.
@@ -206,8 +211,9 @@ pub struct Glimpse {
 /// the entry as [`decode_entry`] does: a change to the format is made in both. It checks only the
 /// lengths, so an entry it accepts can still fail to decode (a header name not UTF-8, a value
 /// that does not decompress): the object's upload then fails on it.
-pub(super) fn glimpse_entry(key: &SpoolKey, raw: &[u8]) -> Result<Glimpse, SpoolError> {
-    let corrupt = |why| SpoolError::Corrupt { key: key.describe(), why };
+/// `offset` is the record's, in the partition of `prefix`.
+pub(super) fn glimpse_entry(prefix: &[u8], offset: i64, raw: &[u8]) -> Result<Glimpse, SpoolError> {
+    let corrupt = |why| SpoolError::Corrupt { key: SpoolKey::at(prefix, offset).describe(), why };
     if raw.len() < 10 || !(raw[0] == FORMAT_VERSION || raw[0] == FORMAT_VERSION_WITHOUT_HEADERS) {
         return Err(corrupt("unknown format"));
     }
@@ -247,15 +253,22 @@ pub(super) fn glimpse_entry(key: &SpoolKey, raw: &[u8]) -> Result<Glimpse, Spool
         rest.len()
     };
     let time = if flags & FLAG_CONSUMED_TIME != 0 { RecordTime::Consumed(ms) } else { RecordTime::Kafka(ms) };
-    Ok(Glimpse { offset: key.offset(), time, value_len: value_len as u64 })
+    Ok(Glimpse { offset, time, value_len: value_len as u64 })
 }
 
 /// Decodes a spool entry back into a record ([`glimpse_entry`] walks it the same way). Its key,
 /// value and header values are slices of `raw` (a value stored compressed excepted), not copies:
 /// entries read together share one buffer, which lives as long as any of them.
 pub fn decode_entry(key: &SpoolKey, raw: Bytes) -> Result<Record, SpoolError> {
-    let corrupt = |why| SpoolError::Corrupt { key: key.describe(), why };
-    let (topic, partition, offset) = key.parts().ok_or_else(|| corrupt("bad key"))?;
+    let (topic, partition, offset) =
+        key.parts().ok_or_else(|| SpoolError::Corrupt { key: key.describe(), why: "bad key" })?;
+    decode_value(topic, partition, offset, raw)
+}
+
+/// [`decode_entry`] of the record at `offset` of `topic` and `partition`: for reads of many
+/// records of one partition, which take the topic and partition from its key once.
+pub(super) fn decode_value(topic: &str, partition: i32, offset: i64, raw: Bytes) -> Result<Record, SpoolError> {
+    let corrupt = |why| SpoolError::Corrupt { key: describe(topic, partition, offset), why };
     if raw.len() < 10 || !(raw[0] == FORMAT_VERSION || raw[0] == FORMAT_VERSION_WITHOUT_HEADERS) {
         return Err(corrupt("unknown format"));
     }

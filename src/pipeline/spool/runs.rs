@@ -110,17 +110,24 @@ impl Run {
         self.removed.iter().filter(|r| !**r).count()
     }
 
-    /// The records not removed: slot, record key and where the value is. `first` is the key of the
-    /// run's first offset.
+    /// The records not removed: slot, offset and where the value is. `first` is the run's first
+    /// offset.
+    pub(super) fn live_offsets(&self, first: i64) -> impl Iterator<Item = (usize, i64, Location)> + '_ {
+        self.slots
+            .iter()
+            .zip(self.locations())
+            .enumerate()
+            .filter(|(i, _)| !self.removed[*i])
+            .map(move |(i, (slot, location))| (i, first + i64::from(slot.delta), location))
+    }
+
+    /// [`Run::live_offsets`] with each record's key. `first` is the key of the run's first offset.
     pub(super) fn live_records<'a>(
         &'a self,
         first: &'a SpoolKey,
     ) -> impl Iterator<Item = (usize, SpoolKey, Location)> + 'a {
-        self.slots.iter().zip(self.locations()).enumerate().filter(|(i, _)| !self.removed[*i]).map(
-            move |(i, (slot, location))| {
-                (i, SpoolKey::at(first.prefix(), first.offset() + i64::from(slot.delta)), location)
-            },
-        )
+        self.live_offsets(first.offset())
+            .map(|(i, offset, location)| (i, SpoolKey::at(first.prefix(), offset), location))
     }
 
     /// The slot holding `delta`, if any.

@@ -11,9 +11,9 @@ use std::os::unix::fs::FileExt;
 
 use bytes::Bytes;
 
-use super::codec::glimpse_entry;
+use super::codec::{decode_value, glimpse_entry};
 use super::runs::{Location, NORMAL, run_key, split_run_key};
-use super::{Glimpse, Spool, SpoolError, SpoolKey, decode_entry, partition_prefix};
+use super::{Glimpse, Spool, SpoolError, SpoolKey, partition_prefix};
 use crate::record::Record;
 
 /// The sled tree of sealed batches: key = the batch's first record's spool key, value = version
@@ -116,18 +116,21 @@ impl Spool {
     /// [`STRETCH_BYTES`]: copy what is kept longer than the records themselves.
     pub fn read_from(&self, prefix: &[u8], from: i64, max: usize, max_bytes: u64) -> Result<Vec<Record>, SpoolError> {
         let wanted = self.locate(prefix, from, max, max_bytes)?;
+        let first = SpoolKey::at(prefix, from);
+        let (topic, partition, _) =
+            first.parts().ok_or_else(|| SpoolError::Corrupt { key: first.describe(), why: "bad key" })?;
         let mut out = Vec::with_capacity(wanted.len());
         for stretch in Stretches(&wanted) {
             let mut buf = vec![0; stretch.len()];
             let read = self.read_stretch(&stretch, &mut buf);
             // The records' keys, values and header values are slices of the stretch, not copies.
             let buf = Bytes::from(buf);
-            for (key, location) in stretch.records {
-                match stretch.at(location, read, &buf) {
-                    Some(range) => out.push(decode_entry(key, buf.slice(range))?),
+            for &(offset, location) in stretch.records {
+                match stretch.at(&location, read, &buf) {
+                    Some(range) => out.push(decode_value(topic, partition, offset, buf.slice(range))?),
                     None => {
-                        if let Some(raw) = self.value(key, *location)? {
-                            out.push(decode_entry(key, raw.into())?);
+                        if let Some(raw) = self.value(&SpoolKey::at(prefix, offset), location)? {
+                            out.push(decode_value(topic, partition, offset, raw.into())?);
                         }
                     }
                 }
@@ -150,12 +153,12 @@ impl Spool {
             }
             let buf = &mut buf[..stretch.len()];
             let read = self.read_stretch(&stretch, buf);
-            for (key, location) in stretch.records {
-                match stretch.at(location, read, buf) {
-                    Some(range) => out.push(glimpse_entry(key, &buf[range])?),
+            for &(offset, location) in stretch.records {
+                match stretch.at(&location, read, buf) {
+                    Some(range) => out.push(glimpse_entry(prefix, offset, &buf[range])?),
                     None => {
-                        if let Some(raw) = self.value(key, *location)? {
-                            out.push(glimpse_entry(key, &raw)?);
+                        if let Some(raw) = self.value(&SpoolKey::at(prefix, offset), location)? {
+                            out.push(glimpse_entry(prefix, offset, &raw)?);
                         }
                     }
                 }
@@ -164,15 +167,9 @@ impl Spool {
         Ok(out)
     }
 
-    /// The keys and locations of the records [`Spool::read_from`] returns, in offset order.
-    fn locate(
-        &self,
-        prefix: &[u8],
-        from: i64,
-        max: usize,
-        max_bytes: u64,
-    ) -> Result<Vec<(SpoolKey, Location)>, SpoolError> {
-        let mut wanted: Vec<(SpoolKey, Location)> = Vec::new();
+    /// The offsets and locations of the records [`Spool::read_from`] returns, in offset order.
+    fn locate(&self, prefix: &[u8], from: i64, max: usize, max_bytes: u64) -> Result<Vec<(i64, Location)>, SpoolError> {
+        let mut wanted: Vec<(i64, Location)> = Vec::new();
         // Under the lock that removals take, so that none removed is read; values outside it.
         let segments = self.segments();
         let lo = run_key(&SpoolKey::at(prefix, from), NORMAL);
@@ -195,15 +192,15 @@ impl Spool {
                 let last = first.offset() + i64::from(run.slots.last().expect("runs are not empty").delta);
                 covered = covered.max(last);
             }
-            for (_, key, location) in run.live_records(&first) {
-                if key.offset() >= from {
+            for (_, offset, location) in run.live_offsets(first.offset()) {
+                if offset >= from {
                     bytes += u64::from(location.len);
-                    wanted.push((key, location));
+                    wanted.push((offset, location));
                 }
             }
         }
         drop(segments);
-        wanted.sort_by_key(|(k, _)| k.offset());
+        wanted.sort_by_key(|&(offset, _)| offset);
         Ok(wanted)
     }
 
@@ -273,7 +270,7 @@ impl Spool {
 /// Records whose values lie end to end in one file (a partition's records of one insert do), at
 /// most [`STRETCH_BYTES`] together unless one alone is larger: read with one read.
 struct Stretch<'a> {
-    records: &'a [(SpoolKey, Location)],
+    records: &'a [(i64, Location)],
     first: Location,
 }
 
@@ -295,7 +292,7 @@ impl Stretch<'_> {
 }
 
 /// Splits records in offset order into [`Stretch`]es.
-struct Stretches<'a>(&'a [(SpoolKey, Location)]);
+struct Stretches<'a>(&'a [(i64, Location)]);
 
 impl<'a> Iterator for Stretches<'a> {
     type Item = Stretch<'a>;
@@ -371,8 +368,8 @@ mod tests {
 
     #[test]
     fn a_read_takes_contiguous_values_up_to_a_stretch_and_a_larger_one_alone() {
-        let contiguous = |wanted: &[(SpoolKey, Location)]| Stretches(wanted).next().expect("one").records.len();
-        let at = |segment, position, len| (SpoolKey::new("t", 0, 0), Location { segment, position, len, crc: 0 });
+        let contiguous = |wanted: &[(i64, Location)]| Stretches(wanted).next().expect("one").records.len();
+        let at = |segment, position, len| (0, Location { segment, position, len, crc: 0 });
         let stretch = STRETCH_BYTES as u32;
         // 1 KiB values end to end: as many as fit in a stretch.
         let small: Vec<_> = (0..200u64).map(|i| at(0, i * 1024, 1024)).collect();

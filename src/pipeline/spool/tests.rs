@@ -40,7 +40,7 @@ fn keys_sort_by_offset_within_a_partition() {
 /// and an entry refused at a glimpse is refused by the decoder too.
 fn decode(key: &SpoolKey, raw: &[u8]) -> Result<Record, SpoolError> {
     let decoded = decode_entry(key, Bytes::copy_from_slice(raw));
-    match (&decoded, codec::glimpse_entry(key, raw)) {
+    match (&decoded, codec::glimpse_entry(key.prefix(), key.offset(), raw)) {
         (Ok(r), Ok(glimpse)) => {
             assert_eq!(glimpse, Glimpse { offset: r.offset, time: r.time, value_len: r.value_bytes().len() as u64 })
         }
@@ -88,7 +88,7 @@ fn headers_round_trip_and_entries_written_before_them_read_as_none() {
         assert_eq!(decode(&key, &encode_value(&r)).unwrap(), r);
         let cut = encode_value(&r);
         assert!(decode(&key, &cut[..16]).is_err(), "headers cut short are corrupt");
-        assert!(codec::glimpse_entry(&key, &cut[..16]).is_err(), "and refused at a glimpse");
+        assert!(codec::glimpse_entry(key.prefix(), key.offset(), &cut[..16]).is_err(), "and refused at a glimpse");
     }
     // An entry as the spool wrote it before headers were kept (version 1): version, flags (a
     // key), time, key; its headers are not known.
