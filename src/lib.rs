@@ -136,7 +136,9 @@ struct Opened {
 /// down in the spool while open, and those a stopped run left are aborted in step 3).
 fn open(config: &Config) -> Result<Opened, RunError> {
     let client = kafka::client_config(config)?;
-    let options = SpoolOptions { max_bytes: config.spool_limits.max_bytes, ..SpoolOptions::default() };
+    let limits = &config.spool_limits;
+    let options =
+        SpoolOptions { max_bytes: limits.max_bytes, min_free_bytes: limits.min_free_bytes, ..SpoolOptions::default() };
     let spool = Arc::new(Spool::open_with(&config.spool_dir, SPOOL_CACHE_BYTES, options)?);
     let store::Built { mut store, multipart } = store::build_with_multipart(&config.store)?;
     if let Some(multipart) = &multipart {

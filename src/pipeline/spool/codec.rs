@@ -100,12 +100,16 @@ pub struct SpoolOptions {
     /// The bound the records' bytes are held to (SPOOL_MAX_BYTES), which the value files may
     /// exceed by a quarter in removed records before one is compacted; 0 when there is none.
     pub max_bytes: u64,
+    /// The free space consumption pauses under (SPOOL_MIN_FREE_BYTES): under twice as much, removed
+    /// records are compacted away as soon as they take a quarter of the live ones, whatever
+    /// `max_bytes` allows, so that they are not what keeps the consumer paused.
+    pub min_free_bytes: u64,
 }
 
 impl Default for SpoolOptions {
-    /// Values of 16 KiB and more are tried with zstd; no bound.
+    /// Values of 16 KiB and more are tried with zstd; no bounds.
     fn default() -> SpoolOptions {
-        SpoolOptions { compress_min_bytes: Some(COMPRESS_MIN_BYTES), max_bytes: 0 }
+        SpoolOptions { compress_min_bytes: Some(COMPRESS_MIN_BYTES), max_bytes: 0, min_free_bytes: 0 }
     }
 }
 
@@ -211,6 +215,7 @@ pub struct Glimpse {
 /// the entry as [`decode_entry`] does: a change to the format is made in both. It checks only the
 /// lengths, so an entry it accepts can still fail to decode (a header name not UTF-8, a value
 /// that does not decompress): the object's upload then fails on it.
+///
 /// `offset` is the record's, in the partition of `prefix`.
 pub(super) fn glimpse_entry(prefix: &[u8], offset: i64, raw: &[u8]) -> Result<Glimpse, SpoolError> {
     let corrupt = |why| SpoolError::Corrupt { key: SpoolKey::at(prefix, offset).describe(), why };

@@ -12,9 +12,10 @@
 //! rewrites a node on every change: values inline held the spool's records in memory, and an entry
 //! per record bounded the ingest at sled's per-entry cost (figures in `benches/results/HISTORY.md`,
 //! "Spool design notes"). A segment file is deleted once none of its records is left, and one that
-//! is mostly removed records is rewritten when they would otherwise pile up on disk behind records
-//! that stay. A rewrite is all or nothing: one that fails (a full disk) leaves the file and its
-//! index entries as they were, and is tried again later.
+//! is mostly removed records is rewritten when they pile up on disk behind records that stay, past
+//! a quarter of SPOOL_MAX_BYTES (sooner on a disk short of room). A rewrite is all or nothing: one
+//! that fails (a full disk) leaves the file and its index entries as they were, and is tried again
+//! later.
 //!
 //! Durability: sled makes the index durable on its periodic flush, and values reach the disk when
 //! the OS writes them, not at once. That is enough because Kafka still holds every record that is
@@ -624,8 +625,8 @@ impl Spool {
         self.count.load(Ordering::Relaxed)
     }
 
-    /// Bytes of the records in the spool, as stored (the value files take at most a quarter more,
-    /// plus 32 MiB).
+    /// Bytes of the records in the spool, as stored (the value files take at most a quarter of the
+    /// spool's bound more, plus 32 MiB).
     pub fn byte_count(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
     }

@@ -210,12 +210,14 @@ impl Segments {
     /// more than two files: so the files never take more than 1.25 times that plus 32 MiB. Below
     /// that nothing is moved, as the disk is sized for the bound: in the Parquet format the records
     /// of the last seconds lie in every recent file while their batches fill, and whole files go a
-    /// moment later without a record copied. The oldest file that is at least half removed
-    /// records; when none is, the one with the most (moving mostly live records frees little).
-    pub(super) fn to_compact(&self, max_bytes: u64) -> Option<u32> {
+    /// moment later without a record copied. Unless the disk is `short_of_room` (asked only then):
+    /// a quarter of the records left is the limit again. The oldest file that is at least half
+    /// removed records; when none is, the one with the most (moving mostly live records frees
+    /// little).
+    pub(super) fn to_compact(&self, max_bytes: u64, short_of_room: impl FnOnce() -> bool) -> Option<u32> {
         let (_, live_bytes) = self.live();
         let garbage = self.disk_bytes() - live_bytes;
-        if garbage <= (live_bytes.max(max_bytes) / 4).max(2 * SEGMENT_BYTES) {
+        if garbage <= (live_bytes / 4).max(2 * SEGMENT_BYTES) || (garbage <= max_bytes / 4 && !short_of_room()) {
             return None;
         }
         let current = self.writer.as_ref().map(|(id, _)| *id);
@@ -243,7 +245,8 @@ impl Spool {
     /// Compacts a value file when one is due (see [`Segments::to_compact`]). One that
     /// fails changed nothing: it is logged and tried again later (see [`COMPACT_RETRY`]).
     pub(super) fn compact_if_due(&self, segments: &mut Segments) {
-        let Some(id) = segments.to_compact(self.options.max_bytes) else { return };
+        let short_of_room = || self.available_space() < self.options.min_free_bytes.saturating_mul(2);
+        let Some(id) = segments.to_compact(self.options.max_bytes, short_of_room) else { return };
         if segments.compact_after.is_some_and(|at| Instant::now() < at) {
             return;
         }

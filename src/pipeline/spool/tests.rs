@@ -541,8 +541,8 @@ fn compaction_takes_the_oldest_file_half_removed_else_the_one_most_removed() {
     let mut segments = s.segments();
     let file = Arc::new(tempfile::tempfile().unwrap());
     // Files by (size, live bytes) in MiB, oldest first; the last is being written when `current`.
-    // `bound`: the spool's bound (SPOOL_MAX_BYTES) in MiB.
-    let mut due = |files: &[(u64, u64)], current: bool, bound: u64| {
+    // `bound`: the spool's bound (SPOOL_MAX_BYTES) in MiB; `short`: the disk is short of room.
+    let mut due = |files: &[(u64, u64)], current: bool, bound: u64, short: bool| {
         segments.files = (0u32..)
             .zip(files)
             .map(|(id, &(len, live))| {
@@ -551,23 +551,25 @@ fn compaction_takes_the_oldest_file_half_removed_else_the_one_most_removed() {
             .collect();
         let last = files.len() as u32 - 1;
         segments.writer = current.then(|| (last, std::io::BufWriter::new(tempfile::tempfile().unwrap())));
-        segments.to_compact(bound << 20)
+        segments.to_compact(bound << 20, || short)
     };
     // 96 MiB on disk, 61 MiB live: due. No file is half removed: of files 1 and 3, which hold
     // the most removed records, the older.
-    assert_eq!(due(&[(16, 10), (16, 9), (16, 11), (16, 9), (16, 12), (16, 10)], false, 0), Some(1));
+    let six = [(16, 10), (16, 9), (16, 11), (16, 9), (16, 12), (16, 10)];
+    assert_eq!(due(&six, false, 0, false), Some(1));
     // File 4 (closed early) is half removed: it goes first, though files 1 and 3 hold more.
-    assert_eq!(due(&[(16, 10), (16, 9), (16, 11), (16, 9), (8, 4), (16, 10)], false, 0), Some(4));
+    assert_eq!(due(&[(16, 10), (16, 9), (16, 11), (16, 9), (8, 4), (16, 10)], false, 0, false), Some(4));
     // Removed records under a quarter of the live ones and 32 MiB: nothing is due.
-    assert_eq!(due(&[(16, 16), (16, 16), (16, 16), (16, 16), (16, 16), (16, 1)], false, 0), None);
+    assert_eq!(due(&[(16, 16), (16, 16), (16, 16), (16, 16), (16, 16), (16, 1)], false, 0, false), None);
     // Under a bound, removed records may take a quarter of it: 35 MiB of them are due at a bound
     // of 128 MiB (a quarter: 32 MiB), not at 160 MiB (40 MiB), nor at the default 1 GiB.
-    let six = [(16, 10), (16, 9), (16, 11), (16, 9), (16, 12), (16, 10)];
-    assert_eq!(due(&six, false, 128), Some(1));
-    assert_eq!(due(&six, false, 160), None);
-    assert_eq!(due(&six, false, 1024), None);
+    assert_eq!(due(&six, false, 128, false), Some(1));
+    assert_eq!(due(&six, false, 160, false), None);
+    assert_eq!(due(&six, false, 1024, false), None);
+    // Unless the disk is short of room: then a quarter of the live records is the limit again.
+    assert_eq!(due(&six, false, 1024, true), Some(1));
     // Due, but every removed record is in the file being written: nothing to gain elsewhere.
-    assert_eq!(due(&[(16, 16), (16, 16), (16, 16), (16, 16), (64, 1)], true, 0), None);
+    assert_eq!(due(&[(16, 16), (16, 16), (16, 16), (16, 16), (64, 1)], true, 0, false), None);
 }
 
 #[test]
@@ -628,7 +630,7 @@ fn assert_holds_once(s: &Spool, want: &[Record]) {
 }
 
 #[test]
-fn under_its_bound_the_spool_leaves_removed_records_where_they_are() {
+fn under_its_bound_the_spool_leaves_removed_records_where_they_are_unless_short_of_room() {
     let dir = tempfile::tempdir().unwrap();
     let (s, mut want) = due_for_compaction(dir.path());
     s.flush().unwrap();
@@ -642,9 +644,11 @@ fn under_its_bound_the_spool_leaves_removed_records_where_they_are() {
     s.insert_batch(std::slice::from_ref(&trigger)).unwrap();
     assert!(value_files(dir.path()).contains(&first_file), "no record moved");
     assert_holds_once(&s, &want);
-    // The same spool without a bound compacts at the next insert.
+    // Under the same bound, on a disk short of room (less than twice the minimum free), the next
+    // insert compacts.
     drop(s);
-    let s = Spool::open_in_test(dir.path());
+    let short = SpoolOptions { max_bytes: 1 << 30, min_free_bytes: u64::MAX / 4, ..SpoolOptions::default() };
+    let s = Spool::open_in_test_with(dir.path(), short);
     let trigger = rec("t", 1, 1, noise(2, 16_000));
     want.push(trigger.clone());
     s.insert_batch(std::slice::from_ref(&trigger)).unwrap();
@@ -655,7 +659,7 @@ fn under_its_bound_the_spool_leaves_removed_records_where_they_are() {
 /// Compacts the file due for it now (after a failure, the inserts wait before they try again).
 fn compact_now(s: &Spool) {
     let mut segments = s.segments();
-    let id = segments.to_compact(0).expect("a file is due for compaction");
+    let id = segments.to_compact(0, || false).expect("a file is due for compaction");
     s.compact(&mut segments, id).unwrap();
     s.publish(&segments);
 }
