@@ -228,7 +228,7 @@ impl Spool {
                 break;
             }
             let run = self.run(&segments, &k, &v)?;
-            n += run.live_records(&run_first).filter(|(_, key, _)| (first..=last).contains(&key.offset())).count()
+            n += run.live_offsets(run_first.offset()).filter(|(_, offset, _)| (first..=last).contains(offset)).count()
                 as u64;
         }
         Ok(n)
