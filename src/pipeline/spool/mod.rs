@@ -424,7 +424,7 @@ impl Spool {
         for k in &keys {
             if let Some(v) = self.index.get(k)? {
                 let run = self.run(segments, k, &v)?;
-                live.extend(run.live_records(&split_run_key(k).0).map(|(_, _, location)| location));
+                live.extend(run.live_offsets(split_run_key(k).0.offset()).map(|(_, location)| location));
             }
             undo.remove(k.as_slice());
         }
@@ -461,7 +461,7 @@ impl Spool {
                 let (k, v) = entry?;
                 let run = self.run(&segments, &k, &v)?;
                 let first = split_run_key(&k).0;
-                for (_, key, location) in run.live_records(&first) {
+                for (key, location) in run.live_records(&first) {
                     if skip(&key) {
                         continue;
                     }
@@ -516,7 +516,7 @@ impl Spool {
         for entry in self.index.iter() {
             let (k, v) = entry?;
             let run = self.run(&segments, &k, &v)?;
-            keys.extend(run.live_records(&split_run_key(&k).0).map(|(_, key, _)| key));
+            keys.extend(run.live_records(&split_run_key(&k).0).map(|(key, _)| key));
         }
         Ok(keys)
     }

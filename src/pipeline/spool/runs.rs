@@ -110,24 +110,19 @@ impl Run {
         self.removed.iter().filter(|r| !**r).count()
     }
 
-    /// The records not removed: slot, offset and where the value is. `first` is the run's first
-    /// offset.
-    pub(super) fn live_offsets(&self, first: i64) -> impl Iterator<Item = (usize, i64, Location)> + '_ {
+    /// The records not removed: offset and where the value is. `first` is the run's first offset.
+    pub(super) fn live_offsets(&self, first: i64) -> impl Iterator<Item = (i64, Location)> + '_ {
         self.slots
             .iter()
             .zip(self.locations())
-            .enumerate()
-            .filter(|(i, _)| !self.removed[*i])
-            .map(move |(i, (slot, location))| (i, first + i64::from(slot.delta), location))
+            .zip(&self.removed)
+            .filter(|(_, removed)| !**removed)
+            .map(move |((slot, location), _)| (first + i64::from(slot.delta), location))
     }
 
     /// [`Run::live_offsets`] with each record's key. `first` is the key of the run's first offset.
-    pub(super) fn live_records<'a>(
-        &'a self,
-        first: &'a SpoolKey,
-    ) -> impl Iterator<Item = (usize, SpoolKey, Location)> + 'a {
-        self.live_offsets(first.offset())
-            .map(|(i, offset, location)| (i, SpoolKey::at(first.prefix(), offset), location))
+    pub(super) fn live_records<'a>(&'a self, first: &'a SpoolKey) -> impl Iterator<Item = (SpoolKey, Location)> + 'a {
+        self.live_offsets(first.offset()).map(|(offset, location)| (SpoolKey::at(first.prefix(), offset), location))
     }
 
     /// The slot holding `delta`, if any.

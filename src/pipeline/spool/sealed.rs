@@ -192,7 +192,7 @@ impl Spool {
                 let last = first.offset() + i64::from(run.slots.last().expect("runs are not empty").delta);
                 covered = covered.max(last);
             }
-            for (_, offset, location) in run.live_offsets(first.offset()) {
+            for (offset, location) in run.live_offsets(first.offset()) {
                 if offset >= from {
                     bytes += u64::from(location.len);
                     wanted.push((offset, location));
@@ -228,7 +228,7 @@ impl Spool {
                 break;
             }
             let run = self.run(&segments, &k, &v)?;
-            n += run.live_offsets(run_first.offset()).filter(|(_, offset, _)| (first..=last).contains(offset)).count()
+            n += run.live_offsets(run_first.offset()).filter(|(offset, _)| (first..=last).contains(offset)).count()
                 as u64;
         }
         Ok(n)
@@ -257,7 +257,7 @@ impl Spool {
                     break;
                 }
                 let run = self.run(&segments, &k, &v)?;
-                keys.extend(run.live_records(&first).map(|(_, key, _)| key).filter(|k| k.offset() < below));
+                keys.extend(run.live_records(&first).map(|(key, _)| key).filter(|k| k.offset() < below));
             }
         }
         for key in &keys {

@@ -298,7 +298,7 @@ impl Spool {
                 }
                 let (first, kind) = split_run_key(&k);
                 let mut moved = Vec::with_capacity(run.slots.len());
-                for (_, key, location) in run.live_records(&first) {
+                for (key, location) in run.live_records(&first) {
                     let value = Segments::read(&file, location)?.ok_or_else(|| SpoolError::Corrupt {
                         key: key.describe(),
                         why: "value failed its check while the spool was compacted",
