@@ -125,16 +125,14 @@ impl Spool {
             let read = self.read_stretch(&stretch, &mut buf);
             // The records' keys, values and header values are slices of the stretch, not copies.
             let buf = Bytes::from(buf);
-            for &(offset, location) in stretch.records {
-                match stretch.at(&location, read, &buf) {
-                    Some(range) => out.push(decode_value(topic, partition, offset, buf.slice(range))?),
-                    None => {
-                        if let Some(raw) = self.value(&SpoolKey::at(prefix, offset), location)? {
-                            out.push(decode_value(topic, partition, offset, raw.into())?);
-                        }
-                    }
-                }
-            }
+            self.each_value(prefix, &stretch, &buf, read, |offset, value| {
+                let raw = match value {
+                    Value::In(range) => buf.slice(range),
+                    Value::Alone(raw) => raw.into(),
+                };
+                out.push(decode_value(topic, partition, offset, raw)?);
+                Ok(())
+            })?;
         }
         Ok(out)
     }
@@ -151,20 +149,42 @@ impl Spool {
             if buf.len() < stretch.len() {
                 buf.resize(stretch.len(), 0);
             }
-            let buf = &mut buf[..stretch.len()];
-            let read = self.read_stretch(&stretch, buf);
-            for &(offset, location) in stretch.records {
-                match stretch.at(&location, read, buf) {
-                    Some(range) => out.push(glimpse_entry(prefix, offset, &buf[range])?),
-                    None => {
-                        if let Some(raw) = self.value(&SpoolKey::at(prefix, offset), location)? {
-                            out.push(glimpse_entry(prefix, offset, &raw)?);
-                        }
+            let read = self.read_stretch(&stretch, &mut buf[..stretch.len()]);
+            let buf = &buf[..stretch.len()];
+            self.each_value(prefix, &stretch, buf, read, |offset, value| {
+                let raw = match &value {
+                    Value::In(range) => &buf[range.clone()],
+                    Value::Alone(raw) => raw,
+                };
+                out.push(glimpse_entry(prefix, offset, raw)?);
+                Ok(())
+            })?;
+        }
+        Ok(out)
+    }
+
+    /// Hands each record of `stretch` (partition `prefix`) to `each` with where its value is: in
+    /// `buf`, the stretch as read when `read`, or, when the bytes there fail their check (moved by
+    /// a compaction, or not whole on disk), looked up alone. A record gone meanwhile is skipped.
+    fn each_value(
+        &self,
+        prefix: &[u8],
+        stretch: &Stretch<'_>,
+        buf: &[u8],
+        read: bool,
+        mut each: impl FnMut(i64, Value) -> Result<(), SpoolError>,
+    ) -> Result<(), SpoolError> {
+        for &(offset, location) in stretch.records {
+            match stretch.at(&location, read, buf) {
+                Some(range) => each(offset, Value::In(range))?,
+                None => {
+                    if let Some(raw) = self.value(&SpoolKey::at(prefix, offset), location)? {
+                        each(offset, Value::Alone(raw))?;
                     }
                 }
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// The offsets and locations of the records [`Spool::read_from`] returns, in offset order.
@@ -289,6 +309,14 @@ impl Stretch<'_> {
         let range = at..at + location.len as usize;
         (read && crc32fast::hash(&buf[range.clone()]) == location.crc).then_some(range)
     }
+}
+
+/// Where [`Spool::each_value`] found a record's value.
+enum Value {
+    /// This range of the stretch's buffer.
+    In(std::ops::Range<usize>),
+    /// Read alone.
+    Alone(Vec<u8>),
 }
 
 /// Splits records in offset order into [`Stretch`]es.
