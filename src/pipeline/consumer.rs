@@ -568,6 +568,10 @@ impl KafkaConsumer {
         // Paused on request through the REST API, too: the partitions are paused and polled.
         let paused = state.backpressure.paused() || self.status.paused_on_request();
         consumer.context().paused.store(paused, Ordering::Relaxed);
+        if paused {
+            // A paused consumer inserts nothing, so no insert checks for compaction.
+            self.spool.compact_if_short_of_room();
+        }
         // Assigned partitions take the state on assignment; setting it again every second
         // covers a pause or resume that failed there or here.
         if change.is_some() || paused != state.pause_applied || state.last_pause.elapsed() >= Duration::from_secs(1) {

@@ -240,13 +240,29 @@ pub(super) fn release_garbage() {
     crossbeam_epoch::pin().flush();
 }
 
-// Compaction, under the spool's lock after an insert.
+// Compaction, under the spool's lock, on the consumer's thread: after an insert, and while the
+// consumer is paused. Only there: an insert appends its values, then indexes them outside the
+// lock, and a compaction in between would delete a file whose new records it did not see.
 impl Spool {
     /// Compacts a value file when one is due (see [`Segments::to_compact`]). One that
     /// fails changed nothing: it is logged and tried again later (see [`COMPACT_RETRY`]).
     pub(super) fn compact_if_due(&self, segments: &mut Segments) {
+        self.compact_beyond(segments, self.options.max_bytes);
+    }
+
+    /// For the consumer while it is paused, which inserts nothing: compacts as an insert would
+    /// on a disk short of room, so that room comes back while it waits for room (a record that
+    /// stays, such as a batch whose upload keeps failing, pins every file it is in). Nothing
+    /// otherwise. Only the consumer may call it (see above).
+    pub fn compact_if_short_of_room(&self) {
+        let mut segments = self.segments();
+        self.compact_beyond(&mut segments, u64::MAX);
+        self.publish(&segments);
+    }
+
+    fn compact_beyond(&self, segments: &mut Segments, max_bytes: u64) {
         let short_of_room = || self.available_space() < self.options.min_free_bytes.saturating_mul(2);
-        let Some(id) = segments.to_compact(self.options.max_bytes, short_of_room) else { return };
+        let Some(id) = segments.to_compact(max_bytes, short_of_room) else { return };
         if segments.compact_after.is_some_and(|at| Instant::now() < at) {
             return;
         }

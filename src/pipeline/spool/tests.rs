@@ -656,6 +656,37 @@ fn under_its_bound_the_spool_leaves_removed_records_where_they_are_unless_short_
     assert_holds_once(&s, &want);
 }
 
+#[test]
+fn a_paused_consumer_compacts_on_a_disk_short_of_room_as_an_insert_would() {
+    // A consumer paused for free space inserts nothing, so no insert checks for compaction: it
+    // asks the spool itself while it waits.
+    let dir = tempfile::tempdir().unwrap();
+    let (s, mut want) = due_for_compaction(dir.path());
+    s.flush().unwrap();
+    drop(s);
+    let first_file = Segments::path(&dir.path().join("values"), 0);
+    let key = |r: &Record| SpoolKey::new(&r.topic, r.partition, r.offset);
+    // Under a bound of 1 GiB with room on the disk, nothing moves.
+    let s = Spool::open_in_test_with(dir.path(), SpoolOptions { max_bytes: 1 << 30, ..SpoolOptions::default() });
+    s.compact_if_short_of_room();
+    assert!(value_files(dir.path()).contains(&first_file), "no record moved");
+    assert_holds_once(&s, &want);
+    drop(s);
+    // Short of room: a removal (the uploads go on) does not compact, the paused consumer's call
+    // does, with the removal not yet in the index.
+    let short = SpoolOptions { max_bytes: 1 << 30, min_free_bytes: u64::MAX / 4, ..SpoolOptions::default() };
+    let s = Spool::open_in_test_with(dir.path(), short);
+    let gone = want.pop().expect("a record held");
+    s.remove(&key(&gone)).unwrap();
+    assert!(value_files(dir.path()).contains(&first_file), "a removal compacts nothing");
+    s.compact_if_short_of_room();
+    assert!(!value_files(dir.path()).contains(&first_file), "compacted");
+    assert_holds_once(&s, &want);
+    s.flush().unwrap();
+    drop(s);
+    assert_holds_once(&Spool::open_in_test(dir.path()), &want);
+}
+
 /// Compacts the file due for it now (after a failure, the inserts wait before they try again).
 fn compact_now(s: &Spool) {
     let mut segments = s.segments();
