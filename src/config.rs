@@ -447,7 +447,7 @@ pub enum LogFormat {
 /// Bounds of the spool (SPOOL_MAX_BYTES, SPOOL_MAX_RECORDS, SPOOL_MIN_FREE_BYTES); the
 /// watermarks derived from them and what the consumer does at each are in
 /// `pipeline::backpressure`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SpoolLimits {
     pub max_bytes: u64,
     pub max_records: u64,

@@ -19,24 +19,37 @@ use std::time::{Duration, Instant};
 
 use crate::config::SpoolLimits;
 
+/// The high watermark, in percent of SPOOL_MAX_BYTES and SPOOL_MAX_RECORDS (the status page
+/// shows both watermarks from the report).
+pub const PAUSE_AT_PERCENT: u64 = 90;
+
+/// The low watermark, in percent.
+pub const WAIT_ABOVE_PERCENT: u64 = 80;
+
 /// At or above either high watermark: pause.
 fn is_full(l: &SpoolLimits, bytes: u64, records: u64) -> bool {
-    bytes >= l.max_bytes / 10 * 9 || records >= l.max_records / 10 * 9
+    bytes >= share(l.max_bytes, PAUSE_AT_PERCENT) || records >= share(l.max_records, PAUSE_AT_PERCENT)
 }
 
 /// At or below both low watermarks: take records, resume.
 fn has_room(l: &SpoolLimits, bytes: u64, records: u64) -> bool {
-    at_most(l, bytes, records, 16)
+    at_most(l, bytes, records, WAIT_ABOVE_PERCENT)
 }
 
 /// At or below half of both maxima: a consumer that waited for room takes records again.
 fn has_room_for_more(l: &SpoolLimits, bytes: u64, records: u64) -> bool {
-    at_most(l, bytes, records, 10)
+    at_most(l, bytes, records, 50)
 }
 
-/// Both sizes at or below `twentieths` / 20 of their maxima.
-fn at_most(l: &SpoolLimits, bytes: u64, records: u64, twentieths: u64) -> bool {
-    bytes <= l.max_bytes / 20 * twentieths && records <= l.max_records / 20 * twentieths
+/// Both sizes at or below `percent` of their maxima.
+fn at_most(l: &SpoolLimits, bytes: u64, records: u64, percent: u64) -> bool {
+    bytes <= share(l.max_bytes, percent) && records <= share(l.max_records, percent)
+}
+
+/// `percent` of `max`, rounded down: multiplied first, or a bound under 100 (SPOOL_MAX_RECORDS
+/// may be 10) would have watermarks of 0.
+fn share(max: u64, percent: u64) -> u64 {
+    (u128::from(max) * u128::from(percent) / 100) as u64
 }
 
 /// What the spool looks like to the backpressure decision.
@@ -211,6 +224,20 @@ mod tests {
         assert!(has_room(&l, 400_000_000, 0) && !has_room(&l, 400_000_001, 0));
         assert!(is_full(&l, 0, 450_000) && !has_room(&l, 0, 400_001));
         assert!(has_room_for_more(&l, 250_000_000, 250_000) && !has_room_for_more(&l, 250_000_001, 0));
+    }
+
+    #[test]
+    fn watermarks_of_the_smallest_bound() {
+        // SPOOL_MAX_RECORDS=10, the least allowed: pause at 9 records, resume at 8, take records
+        // again after a wait at 5. Divided before the multiplication, a bound under 100 had
+        // watermarks of 0: one record in the spool made the consumer wait until it was empty.
+        let l = SpoolLimits { max_bytes: u64::MAX, max_records: 10, min_free_bytes: 0 };
+        assert!(is_full(&l, 0, 9) && !is_full(&l, 0, 8));
+        assert!(has_room(&l, 0, 8) && !has_room(&l, 0, 9));
+        assert!(has_room_for_more(&l, 0, 5) && !has_room_for_more(&l, 0, 6));
+        let mut b = Backpressure::new(l, Duration::from_secs(60));
+        assert_eq!(b.update(&state(0, 1, u64::MAX), now()), None);
+        assert!(!b.pacing(), "one record is no reason to wait for room");
     }
 
     #[test]

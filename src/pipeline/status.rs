@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use crate::config::{Config, SpoolLimits};
 use crate::metrics as m;
+use crate::pipeline::backpressure;
 use crate::pipeline::commit::{PartitionView, Tp};
 use crate::pipeline::spool::{DiskSpace, Spool};
 
@@ -91,7 +92,7 @@ pub struct Setup {
     pub format: String,
     pub spool_dir: String,
     #[serde(skip)]
-    pub spool_limits: Option<SpoolLimits>,
+    pub spool_limits: SpoolLimits,
 }
 
 impl Setup {
@@ -102,7 +103,7 @@ impl Setup {
             store: config.store.location(),
             format: config.format.describe(),
             spool_dir: crate::config::absolute(&config.spool_dir).display().to_string(),
-            spool_limits: Some(config.spool_limits),
+            spool_limits: config.spool_limits,
         }
     }
 }
@@ -195,11 +196,14 @@ pub struct ConsumerReport {
 pub struct SpoolReport {
     pub records: u64,
     pub bytes: u64,
-    /// SPOOL_MAX_RECORDS, SPOOL_MAX_BYTES, SPOOL_MIN_FREE_BYTES: above 80 % of either bound the
-    /// consumer waits for the uploads, at 90 % (or under the minimum free space) it pauses.
-    pub max_records: Option<u64>,
-    pub max_bytes: Option<u64>,
-    pub min_free_bytes: Option<u64>,
+    /// SPOOL_MAX_RECORDS, SPOOL_MAX_BYTES, SPOOL_MIN_FREE_BYTES: above `wait_above_percent` of
+    /// either bound the consumer waits for the uploads, at `pause_at_percent` (or under the
+    /// minimum free space) it pauses.
+    pub max_records: u64,
+    pub max_bytes: u64,
+    pub min_free_bytes: u64,
+    pub wait_above_percent: u64,
+    pub pause_at_percent: u64,
     /// The spool's file system: space free for the archiver, and its size.
     pub disk_free_bytes: Option<u64>,
     pub disk_total_bytes: Option<u64>,
@@ -399,9 +403,11 @@ impl Status {
             spool: SpoolReport {
                 records: spool.record_count(),
                 bytes: spool.byte_count(),
-                max_records: limits.map(|l| l.max_records),
-                max_bytes: limits.map(|l| l.max_bytes),
-                min_free_bytes: limits.map(|l| l.min_free_bytes),
+                max_records: limits.max_records,
+                max_bytes: limits.max_bytes,
+                min_free_bytes: limits.min_free_bytes,
+                wait_above_percent: backpressure::WAIT_ABOVE_PERCENT,
+                pause_at_percent: backpressure::PAUSE_AT_PERCENT,
                 disk_free_bytes: disk.map(|d| d.free),
                 disk_total_bytes: disk.map(|d| d.total),
             },

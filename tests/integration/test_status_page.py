@@ -129,6 +129,13 @@ def test_the_page_under_load_down_and_back(broker, run_archiver, browser, tmp_pa
             assert number(row[2]) == p["committed"] == ends[p["partition"]], (row, p)
             assert number(row[3]) == p["end"] and number(row[4]) == p["lag"] == 0 and number(row[5]) == 0, (row, p)
         assert number(page.inner_text("#archived")) == a.archived()
+        # The spool against its bounds, marked where the consumer waits, as /status gives them.
+        sp = status["spool"]
+        assert page.inner_text("#t-records") == f"0 of {sp['max_records']:,} (0 %)", page.inner_text("#t-records")
+        meter = page.eval_on_selector("#m-records", "m => [m.max, m.high]")
+        assert meter == [sp["max_records"], sp["max_records"] * sp["wait_above_percent"] / 100], (meter, sp)
+        note = page.inner_text("#spool-note")
+        assert f"Above {sp['wait_above_percent']} % of a bound" in note and f"at {sp['pause_at_percent']} %" in note, note
         # And what is in the archive: a payload and a timestamp object per record.
         objects = [f for f in (tmp_path / "data" / "archive" / "topics" / topic).rglob("*") if f.is_file()]
         assert len(objects) == 2 * produced, (len(objects), produced)
