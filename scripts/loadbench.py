@@ -129,9 +129,12 @@ def run_archiver(workdir, broker, server, topic, n, ends, workers, endpoint=None
         if a.metric("kafka_s3_archiver_records_consumed_total") > 0:
             first, machine = time.time(), Busy(broker)
         time.sleep(0.05)
+    progress = [(first, 0)]
     while True:
         assert a.proc.poll() is None, a.logs()
-        if a.archived() >= n and oracle.committed(broker.bootstrap, group, topic, list(ends)) == ends:
+        archived = a.archived()
+        progress.append((time.time(), archived))
+        if archived >= n and oracle.committed(broker.bootstrap, group, topic, list(ends)) == ends:
             break
         time.sleep(0.2)
     done = time.time()
@@ -142,11 +145,23 @@ def run_archiver(workdir, broker, server, topic, n, ends, workers, endpoint=None
     seconds = done - first
     objects = sum(v for k, v in metrics.items() if k.startswith("kafka_s3_archiver_objects_uploaded_total"))
     return {"records": n, "workers": workers, "seconds": seconds, "from_start_seconds": done - started,
-            "records_per_second": n / seconds, "objects_per_second": objects / seconds, "objects": objects,
+            "records_per_second": n / seconds, "steady_records_per_second": steady_rate(progress, n),
+            "objects_per_second": objects / seconds, "objects": objects,
             "uploaded_bytes": metrics.get("kafka_s3_archiver_uploaded_bytes_total", 0),
             "cpu_us_per_record": 1e6 * cpu / n, "peak_rss_mib": a.peak_rss / 2**20, "peak_spool_mib": a.peak_spool / 2**20,
             "upload_p50_ms": 1e3 * quantile(metrics, "kafka_s3_archiver_upload_duration_seconds", 0.5),
             "upload_p99_ms": 1e3 * quantile(metrics, "kafka_s3_archiver_upload_duration_seconds", 0.99), **busy}
+
+
+def steady_rate(progress, n):
+    """Records/s from 10 % to 90 % of `n` archived, from (time, archived) samples (linear between
+    them): the rate without the start and the fixed tail (the last batches' age, the last commit)."""
+    def when(count):
+        for (t0, a0), (t1, a1) in zip(progress, progress[1:]):
+            if a1 >= count:
+                return t1 if a1 == a0 else t0 + (t1 - t0) * (count - a0) / (a1 - a0)
+        return math.nan
+    return 0.8 * n / (when(0.9 * n) - when(0.1 * n))
 
 
 class Busy:
@@ -354,6 +369,8 @@ def parquet_section(args, broker, workdir, servers):
         r = out["stores"][name] = {
             "fetch_ceiling": fetch, "parquet": pq, "connect": connect,
             "parquet_vs_fetch": pq["records_per_second"] / fetch["records_per_second"],
+            # Without the fixed tail, which a longer backlog would make a smaller share.
+            "parquet_steady_vs_fetch": pq["steady_records_per_second"] / fetch["records_per_second"],
             "parquet_vs_connect": pq["records_per_second"] / connect["records_per_second"],
             "puts_per_1000_records": 1000 * pq["objects"] / args.parquet_records,
             "stored_over_produced": pq["uploaded_bytes"] / produced,
@@ -362,7 +379,8 @@ def parquet_section(args, broker, workdir, servers):
             "cpu_budget_us_per_record_at_0_8": (os.cpu_count() or 1) * 1e6 / (0.8 * fetch["records_per_second"]),
         }
         log(f"{name}: fetch {fetch['records_per_second']:.0f}, parquet {pq['records_per_second']:.0f} "
-            f"({r['parquet_vs_fetch']:.2f} of fetch), connect {connect['records_per_second']:.0f} records/s "
+            f"({r['parquet_vs_fetch']:.2f} of fetch; from 10 % to 90 % archived {pq['steady_records_per_second']:.0f}, "
+            f"{r['parquet_steady_vs_fetch']:.2f}), connect {connect['records_per_second']:.0f} records/s "
             f"(parquet {r['parquet_vs_connect']:.1f}x); {r['puts_per_1000_records']:.2f} PUTs per 1,000 records; "
             f"stored/produced {r['stored_over_produced']:.3f}; peak RSS {pq['peak_rss_mib']:.0f} MiB, "
             f"CPU {pq['cpu_us_per_record']:.1f} us/record, broker {pq['broker_cpu_us_per_record']:.1f}, "
@@ -569,7 +587,9 @@ def table(r):
                      f"a librdkafka consumer discarding the records; broker CPU {f['broker_cpu_us_per_record']:.1f} "
                      f"us/record; machine busy {f['machine_busy']:.2f}"))
         rows.append((name, "ARCHIVE_FORMAT=parquet", f"{q['records_per_second']:.0f}", f"{q['objects_per_second']:.1f}",
-                     f"{p['parquet_vs_fetch']:.2f}", f"{p['puts_per_1000_records']:.2f} PUTs per 1,000 records; stored "
+                     f"{p['parquet_vs_fetch']:.2f}", f"from 10 % to 90 % archived {q['steady_records_per_second']:.0f} "
+                     f"records/s ({p['parquet_steady_vs_fetch']:.2f} of the ceiling); "
+                     f"{p['puts_per_1000_records']:.2f} PUTs per 1,000 records; stored "
                      f"{p['stored_over_produced']:.3f} of the bytes produced; peak RSS {q['peak_rss_mib']:.0f} MiB; "
                      f"CPU {q['cpu_us_per_record']:.1f} us/record, broker {q['broker_cpu_us_per_record']:.1f}; "
                      f"machine busy {q['machine_busy']:.2f}; at 0.8 of the ceiling the CPUs allow both "
