@@ -570,7 +570,7 @@ impl KafkaConsumer {
         consumer.context().paused.store(paused, Ordering::Relaxed);
         if paused {
             // A paused consumer inserts nothing, so no insert checks for compaction.
-            self.spool.compact_if_short_of_room();
+            self.spool.compact_if_short_of_room(spool.free);
         }
         // Assigned partitions take the state on assignment; setting it again every second
         // covers a pause or resume that failed there or here.

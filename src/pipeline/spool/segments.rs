@@ -247,22 +247,31 @@ impl Spool {
     /// Compacts a value file when one is due (see [`Segments::to_compact`]). One that
     /// fails changed nothing: it is logged and tried again later (see [`COMPACT_RETRY`]).
     pub(super) fn compact_if_due(&self, segments: &mut Segments) {
-        self.compact_beyond(segments, self.options.max_bytes);
+        self.compact_when(segments, || self.short_of_room(self.available_space()));
     }
 
-    /// For the consumer while it is paused, which inserts nothing: compacts as an insert would
-    /// on a disk short of room, so that room comes back while it waits for room (a record that
-    /// stays, such as a batch whose upload keeps failing, pins every file it is in). Nothing
-    /// otherwise. Only the consumer may call it (see above).
-    pub fn compact_if_short_of_room(&self) {
+    /// For the consumer while it is paused, which inserts nothing: with `free` bytes free on the
+    /// spool's disk (as it just read them), compacts as an insert would on a disk short of room,
+    /// so that room comes back while it waits for room (a record that stays, such as a batch
+    /// whose upload keeps failing, pins every file it is in). Nothing otherwise, without taking
+    /// the lock. Only the consumer may call it (see above).
+    pub fn compact_if_short_of_room(&self, free: u64) {
+        if !self.short_of_room(free) {
+            return;
+        }
         let mut segments = self.segments();
-        self.compact_beyond(&mut segments, u64::MAX);
+        self.compact_when(&mut segments, || true);
         self.publish(&segments);
     }
 
-    fn compact_beyond(&self, segments: &mut Segments, max_bytes: u64) {
-        let short_of_room = || self.available_space() < self.options.min_free_bytes.saturating_mul(2);
-        let Some(id) = segments.to_compact(max_bytes, short_of_room) else { return };
+    /// Less than twice SPOOL_MIN_FREE_BYTES free: removed records may no longer wait for the bound.
+    fn short_of_room(&self, free: u64) -> bool {
+        free < self.options.min_free_bytes.saturating_mul(2)
+    }
+
+    /// [`Spool::compact_if_due`], `short_of_room` asked only when the answer matters.
+    fn compact_when(&self, segments: &mut Segments, short_of_room: impl FnOnce() -> bool) {
+        let Some(id) = segments.to_compact(self.options.max_bytes, short_of_room) else { return };
         if segments.compact_after.is_some_and(|at| Instant::now() < at) {
             return;
         }

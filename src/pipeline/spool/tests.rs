@@ -629,16 +629,27 @@ fn assert_holds_once(s: &Spool, want: &[Record]) {
     assert_eq!(s.keys().unwrap().len(), want.len());
 }
 
+/// [`due_for_compaction`], flushed and closed: the records it holds, and its oldest value file.
+fn closed_due_for_compaction(dir: &Path) -> (Vec<Record>, PathBuf) {
+    let (s, want) = due_for_compaction(dir);
+    s.flush().unwrap();
+    drop(s);
+    (want, Segments::path(&dir.join("values"), 0))
+}
+
+/// A bound (SPOOL_MAX_BYTES) of 1 GiB, on a disk with room or, `short`, with less than twice the
+/// minimum free.
+fn bound_of_1_gib(short: bool) -> SpoolOptions {
+    SpoolOptions { max_bytes: 1 << 30, min_free_bytes: if short { u64::MAX / 4 } else { 0 }, ..SpoolOptions::default() }
+}
+
 #[test]
 fn under_its_bound_the_spool_leaves_removed_records_where_they_are_unless_short_of_room() {
     let dir = tempfile::tempdir().unwrap();
-    let (s, mut want) = due_for_compaction(dir.path());
-    s.flush().unwrap();
-    drop(s);
+    let (mut want, first_file) = closed_due_for_compaction(dir.path());
     // About 63 MiB of removed records: due with no bound, not under a bound of 1 GiB (a quarter
     // of it, 256 MiB, may be removed records).
-    let s = Spool::open_in_test_with(dir.path(), SpoolOptions { max_bytes: 1 << 30, ..SpoolOptions::default() });
-    let first_file = Segments::path(&dir.path().join("values"), 0);
+    let s = Spool::open_in_test_with(dir.path(), bound_of_1_gib(false));
     let trigger = rec("t", 1, 0, noise(1, 16_000));
     want.push(trigger.clone());
     s.insert_batch(std::slice::from_ref(&trigger)).unwrap();
@@ -647,8 +658,7 @@ fn under_its_bound_the_spool_leaves_removed_records_where_they_are_unless_short_
     // Under the same bound, on a disk short of room (less than twice the minimum free), the next
     // insert compacts.
     drop(s);
-    let short = SpoolOptions { max_bytes: 1 << 30, min_free_bytes: u64::MAX / 4, ..SpoolOptions::default() };
-    let s = Spool::open_in_test_with(dir.path(), short);
+    let s = Spool::open_in_test_with(dir.path(), bound_of_1_gib(true));
     let trigger = rec("t", 1, 1, noise(2, 16_000));
     want.push(trigger.clone());
     s.insert_batch(std::slice::from_ref(&trigger)).unwrap();
@@ -661,25 +671,20 @@ fn a_paused_consumer_compacts_on_a_disk_short_of_room_as_an_insert_would() {
     // A consumer paused for free space inserts nothing, so no insert checks for compaction: it
     // asks the spool itself while it waits.
     let dir = tempfile::tempdir().unwrap();
-    let (s, mut want) = due_for_compaction(dir.path());
-    s.flush().unwrap();
-    drop(s);
-    let first_file = Segments::path(&dir.path().join("values"), 0);
-    let key = |r: &Record| SpoolKey::new(&r.topic, r.partition, r.offset);
+    let (mut want, first_file) = closed_due_for_compaction(dir.path());
     // Under a bound of 1 GiB with room on the disk, nothing moves.
-    let s = Spool::open_in_test_with(dir.path(), SpoolOptions { max_bytes: 1 << 30, ..SpoolOptions::default() });
-    s.compact_if_short_of_room();
+    let s = Spool::open_in_test_with(dir.path(), bound_of_1_gib(false));
+    s.compact_if_short_of_room(s.available_space());
     assert!(value_files(dir.path()).contains(&first_file), "no record moved");
     assert_holds_once(&s, &want);
     drop(s);
     // Short of room: a removal (the uploads go on) does not compact, the paused consumer's call
     // does, with the removal not yet in the index.
-    let short = SpoolOptions { max_bytes: 1 << 30, min_free_bytes: u64::MAX / 4, ..SpoolOptions::default() };
-    let s = Spool::open_in_test_with(dir.path(), short);
+    let s = Spool::open_in_test_with(dir.path(), bound_of_1_gib(true));
     let gone = want.pop().expect("a record held");
-    s.remove(&key(&gone)).unwrap();
+    s.remove(&SpoolKey::new(&gone.topic, gone.partition, gone.offset)).unwrap();
     assert!(value_files(dir.path()).contains(&first_file), "a removal compacts nothing");
-    s.compact_if_short_of_room();
+    s.compact_if_short_of_room(s.available_space());
     assert!(!value_files(dir.path()).contains(&first_file), "compacted");
     assert_holds_once(&s, &want);
     s.flush().unwrap();
